@@ -1,0 +1,424 @@
+"""Generation: the cache is exact, batches and padding are exact, sampling is controlled and reproducible, streaming
+never splits characters or stop strings, and the inference dtypes stay close to float32.
+
+Oracles: decoding without the cache (the model's plain forward), and `transformers`' `generate` on the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gpt2lab import GPT, GPTConfig
+from gpt2lab.generate import (Decoder, KVCache, SamplingParams, TokenEvent, apply_repetition_penalty, apply_top_k,
+                              apply_top_p, decode_steps, generate, prepare_for_inference, process_logits,
+                              stream_text, text_pieces)
+from gpt2lab.quantize import Int8Linear, quantize_per_channel
+
+CONFIGS = {
+    "tiny": GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16),
+    "wide": GPTConfig(vocab_size=211, n_ctx=48, n_layer=3, n_head=4, n_embd=32, activation="gelu"),
+    "relu-nobias": GPTConfig(vocab_size=64, n_ctx=40, n_layer=2, n_head=1, n_embd=24, activation="relu", bias=False),
+    "sinusoidal": GPTConfig(vocab_size=80, n_ctx=24, n_layer=2, n_head=2, n_embd=16, pos_encoding="sinusoidal"),
+}
+
+
+def make_model(cfg: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init make sharper, more varied distributions
+        for p in model.parameters():
+            p.mul_(8.0)
+    return model
+
+
+def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int, keep: int | None = None) -> torch.Tensor:
+    """The definition: run the whole sequence through the model for every token; slide the window like Decoder."""
+    n_ctx = model.config.n_ctx
+    keep = keep if keep is not None else max(1, 3 * n_ctx // 4)
+    seq, start = idx.clone(), 0
+    with torch.no_grad():
+        for _ in range(n):
+            if seq.size(1) - start > n_ctx:
+                start = seq.size(1) - keep
+            nxt = model(seq[:, start:])[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            if seq.size(1) - start > n_ctx:  # the token just added overflowed: the next step slides first
+                pass
+    return seq
+
+
+def to_transformers(model: GPT, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    model.save_pretrained(tmp_path / "m")
+    return GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+
+
+# ------------------------------------------------------------------------------------------------------- KV cache
+def test_kv_cache_writes_columns_and_returns_views():
+    cache = KVCache(n_layer=2, batch_size=2, n_head=3, max_length=6, head_dim=4)
+    k1, v1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    k, v = cache.update(1, k1, v1)
+    assert k.shape == (2, 3, 4, 4) and torch.equal(k, k1) and torch.equal(v, v1)
+    cache.advance(4)
+    k2 = torch.randn(2, 3, 1, 4)
+    k, _ = cache.update(1, k2, k2)
+    assert k.shape == (2, 3, 5, 4) and torch.equal(k[:, :, 4:], k2) and torch.equal(k[:, :, :4], k1)
+    assert k.data_ptr() == cache.k[1].data_ptr()  # a view of the preallocated buffer, not a copy
+    cache.advance(1)
+    with pytest.raises(ValueError, match="overflow"):
+        cache.update(0, torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4))
+
+
+def test_kv_cache_keep_rows_moves_rows_to_front():
+    cache = KVCache(n_layer=1, batch_size=3, n_head=1, max_length=4, head_dim=2)
+    k = torch.arange(3 * 2 * 2, dtype=torch.float32).view(3, 1, 2, 2)
+    cache.update(0, k, -k)
+    cache.advance(2)
+    cache.keep_rows(torch.tensor([2, 0]))
+    assert cache.batch_size == 2
+    assert torch.equal(cache.k[0, :2, :, :2], k[[2, 0]]) and torch.equal(cache.v[0, :2, :, :2], -k[[2, 0]])
+
+
+# ----------------------------------------------------------------------------------------- greedy is exact
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_with_cache_equals_without(name):
+    model = make_model(CONFIGS[name])
+    idx = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    out = generate(model, idx, 12, temperature=0)
+    assert out.shape == (3, 17) and torch.equal(out[:, :5], idx)
+    assert torch.equal(out, greedy_without_cache(model, idx, 12))
+
+
+@pytest.mark.parametrize("name", ["tiny", "wide", "relu-nobias"])
+def test_greedy_equals_transformers(name, tmp_path):
+    model = make_model(CONFIGS[name])
+    hf = to_transformers(model, tmp_path)
+    idx = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
+    ours = model.generate(idx, 15, temperature=0)
+    theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=15, min_new_tokens=15,
+                         do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+def test_left_padded_batch_equals_transformers_and_rows_alone(tmp_path):
+    model = make_model(CONFIGS["wide"], seed=3)
+    hf = to_transformers(model, tmp_path)
+    g = torch.Generator().manual_seed(4)
+    lengths = [7, 3, 5, 1]
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in lengths]
+    T = max(lengths)
+    pad = 5
+    idx = torch.full((len(prompts), T), pad)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = p
+        mask[i, T - len(p):] = 1
+    ours = generate(model, idx, 10, temperature=0, attention_mask=mask)
+    theirs = hf.generate(idx, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                         pad_token_id=pad, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+    for i, p in enumerate(prompts):  # padding changes nothing: each row decodes as it would alone
+        alone = generate(model, p[None], 10, temperature=0)
+        assert torch.equal(ours[i, T:], alone[0, len(p):])
+
+
+def test_each_row_stops_at_its_own_eos_like_transformers(tmp_path):
+    model = make_model(CONFIGS["tiny"], seed=5)
+    hf = to_transformers(model, tmp_path)
+    idx = torch.randint(0, 97, (4, 4), generator=torch.Generator().manual_seed(6))
+    free = generate(model, idx, 12, temperature=0)
+    eos = int(free[0, 4 + 3])  # row 0 produces this token at its 4th step; other rows may later or never
+    ours = generate(model, idx, 12, temperature=0, eos_token_id=eos)
+    theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False,
+                         pad_token_id=eos, eos_token_id=eos)
+    assert torch.equal(ours[:, :theirs.size(1)], theirs)
+    assert torch.equal(ours[0, 8:], torch.full((8,), eos))  # after its end a row holds eos only
+    for row in range(4):
+        gen, ref = ours[row, 4:], free[row, 4:]
+        stop = int((ref == eos).nonzero()[0]) + 1 if bool((ref == eos).any()) else 12
+        assert torch.equal(gen[:stop], ref[:stop]) and bool((gen[stop:] == eos).all())
+
+
+@pytest.mark.parametrize("name", ["tiny", "sinusoidal"])
+def test_generation_past_n_ctx_slides_the_window(name):
+    model = make_model(CONFIGS[name], seed=7)
+    n_ctx = model.config.n_ctx
+    idx = torch.randint(0, model.config.vocab_size, (2, n_ctx - 3), generator=torch.Generator().manual_seed(8))
+    n = 2 * n_ctx
+    out = generate(model, idx, n, temperature=0)
+    assert out.shape == (2, n_ctx - 3 + n)
+    assert torch.equal(out, greedy_without_cache(model, idx, n))
+
+
+def test_sliding_window_with_padding_matches_rows_alone():
+    model = make_model(CONFIGS["tiny"], seed=9)
+    a, b = [3, 1, 4, 1, 5, 9, 2, 6], [5, 3]
+    events = list(decode_steps(model, [a, b], 40, SamplingParams(temperature=0)))
+    for i, p in enumerate([a, b]):
+        got = [e[i].token for e in events]
+        alone = generate(model, torch.tensor([p]), 40, temperature=0)[0, len(p):].tolist()
+        assert got == alone
+
+
+def test_decoder_keep_controls_the_slide():
+    model = make_model(CONFIGS["tiny"], seed=10)
+    idx = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(11))
+    decoder = Decoder(model, idx, max_new_tokens=10, keep=8)
+    with torch.no_grad():
+        logits = decoder.prefill()
+        for _ in range(5):
+            logits = decoder.step(logits.argmax(-1))
+    assert decoder.length == 35 and decoder.start == 35 - 8 - 2  # slid at 33 tokens, then 2 cached steps
+    with pytest.raises(ValueError, match="keep"):
+        Decoder(model, idx, keep=0)
+
+
+# ------------------------------------------------------------------------------------------------------- sampling
+def test_sampling_is_reproducible_with_a_seed_and_varies_without():
+    model = make_model(CONFIGS["tiny"])
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    kw = dict(temperature=1.3, top_k=40, top_p=0.95)
+    a = generate(model, idx, 20, generator=torch.Generator().manual_seed(0), **kw)
+    b = generate(model, idx, 20, generator=torch.Generator().manual_seed(0), **kw)
+    c = generate(model, idx, 20, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_top_k_one_is_greedy_and_low_temperature_approaches_it():
+    model = make_model(CONFIGS["wide"])
+    idx = torch.randint(0, 211, (2, 4), generator=torch.Generator().manual_seed(3))
+    greedy = generate(model, idx, 10, temperature=0)
+    assert torch.equal(generate(model, idx, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0)), greedy)
+    assert torch.equal(generate(model, idx, 10, temperature=1e-4, generator=torch.Generator().manual_seed(0)), greedy)
+
+
+def test_filters_match_transformers_logits_processors():
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    ids = torch.randint(0, 50, (4, 7), generator=g)
+    seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, ids, True)
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.7), RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone()))
+    assert torch.equal(apply_top_k(logits, 5), TopKLogitsWarper(5)(ids, logits.clone()))
+    for p in (0.1, 0.5, 0.9, 0.999):
+        ours, theirs = apply_top_p(logits, p), TopPLogitsWarper(p)(ids, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), p
+    params = SamplingParams(temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3)
+    expected = ids, logits.clone()
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(*expected)
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+        expected = warper(ids, expected)
+    assert torch.allclose(process_logits(logits, params, seen), expected)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: (~torch.isinf(apply_top_p(logits, p))).sum().item()  # noqa: E731
+    assert [kept(p) for p in (0.1, 0.5, 0.6, 0.8, 0.85, 0.96, 1.0)] == [1, 1, 2, 2, 3, 4, 4]
+
+
+def test_repetition_penalty_discourages_repeats():
+    model = make_model(CONFIGS["tiny"], seed=1)
+    idx = torch.tensor([[1, 2, 3]])
+    plain = generate(model, idx, 30, temperature=0)[0, 3:]
+    penalized = generate(model, idx, 30, temperature=0, repetition_penalty=1e4)[0, 3:]
+    assert len(set(penalized.tolist())) == 30 > len(set(plain.tolist()))  # nothing repeats, not even the prompt
+    assert not set(penalized.tolist()) & {1, 2, 3}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_sampling_params_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_generate_rejects_bad_input():
+    model = make_model(CONFIGS["tiny"])
+    with pytest.raises(ValueError, match="n_ctx"):
+        generate(model, torch.zeros(1, 33, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), -1)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 2, eos_token_id=97)
+    with pytest.raises(ValueError, match="T >= 1"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 2, temperature=-1)
+
+
+def test_generate_restores_training_mode_and_zero_tokens():
+    model = make_model(CONFIGS["tiny"]).train()
+    idx = torch.tensor([[4, 5]])
+    assert torch.equal(generate(model, idx, 0), idx)
+    generate(model, idx, 2)
+    assert model.training
+
+
+# --------------------------------------------------------------------------------------------------- decode_steps
+def test_decode_steps_events_logprobs_and_finish_reasons():
+    model = make_model(CONFIGS["wide"], seed=2)
+    prompts = [[1, 2, 3, 4], [7], [9, 9]]
+    events = list(decode_steps(model, prompts, [5, 2, 3], SamplingParams(temperature=0), top_logprobs=3))
+    assert len(events) == 5
+    assert [sum(e is not None for e in step) for step in events] == [3, 3, 2, 1, 1]
+    for i, p in enumerate(prompts):
+        mine = [step[i] for step in events if step[i] is not None]
+        assert [e.finish_reason for e in mine] == [None] * (len(mine) - 1) + ["length"]
+        tokens = [e.token for e in mine]
+        assert tokens == generate(model, torch.tensor([p]), len(mine), temperature=0)[0, len(p):].tolist()
+        with torch.no_grad():  # log-probs are log-softmax of the model's own logits at each step
+            logits = model(torch.tensor([p + tokens]))[0, len(p) - 1:-1]
+        ref = torch.log_softmax(logits, -1)
+        for t, e in enumerate(mine):
+            assert e.logprob == pytest.approx(ref[t, e.token].item(), abs=1e-4)
+            top = torch.topk(ref[t], 3)
+            assert [a for a, _ in e.top_logprobs] == top.indices.tolist()
+            assert e.top_logprobs[0][0] == e.token  # greedy picks the most likely
+
+
+def test_decode_steps_stop_reason_should_stop_and_per_row_settings():
+    model = make_model(CONFIGS["tiny"], seed=4)
+    prompts = [[1, 2], [3, 4], [5, 6]]
+    free = list(decode_steps(model, prompts, 8, SamplingParams(temperature=0)))
+    eos = free[2][0].token
+    row0 = [s[0].token for s in free]
+    polls: list[int] = []
+
+    def should_stop(row: int) -> bool:  # row 1's client goes away before its third step
+        polls.append(row)
+        return row == 1 and polls.count(1) > 2
+
+    stopped = list(decode_steps(model, prompts, 8, SamplingParams(temperature=0), eos_token_id=eos,
+                                should_stop=should_stop))
+    first = [s[0] for s in stopped if s[0] is not None]
+    assert first[-1].token == eos and first[-1].finish_reason == "stop" and len(first) == row0.index(eos) + 1
+    assert all(e.finish_reason is None for e in first[:-1])
+    assert sum(s[1] is not None for s in stopped) == 2  # retired after two events, without a final event
+    sampled = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=3), SamplingParams(temperature=0)]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    together = list(decode_steps(model, prompts, 6, sampled, generators=gens()))
+    for i in range(3):  # a row with its own generator samples the same tokens whatever else is in the batch
+        alone = list(decode_steps(model, [prompts[i]], 6, sampled[i], generators=[gens()[i]]))
+        assert [s[i].token for s in together] == [s[0].token for s in alone]
+
+
+def test_decode_steps_validates():
+    model = make_model(CONFIGS["tiny"])
+    with pytest.raises(ValueError, match="empty"):
+        decode_steps(model, [[1], []], 3, SamplingParams())
+    with pytest.raises(ValueError, match="outside"):
+        decode_steps(model, [[1, 200]], 3, SamplingParams())
+    with pytest.raises(ValueError, match="2 entries"):
+        decode_steps(model, [[1]], [3, 4], SamplingParams())
+    with pytest.raises(TypeError, match="SamplingParams"):
+        decode_steps(model, [[1]], 3, {"temperature": 0})
+    assert list(decode_steps(model, [[1]], 0, SamplingParams())) == []
+
+
+# ----------------------------------------------------------------------------------------------------- streaming
+def test_text_pieces_never_split_characters():
+    emoji = "🙂".encode()
+    chunks = [b"Hi ", emoji[:1], emoji[1:3], emoji[3:] + b" caf\xc3", b"\xa9"]
+    pieces = list(text_pieces(chunks))
+    assert "".join(pieces) == "Hi 🙂 café" and "\ufffd" not in "".join(pieces)
+    assert pieces == ["Hi ", "🙂 caf", "é"]
+    assert list(text_pieces([b"ok\xe2\x82"])) == ["ok", "\ufffd"]  # incomplete at the very end
+
+
+def test_text_pieces_cut_stop_strings_cleanly():
+    chunks = [b"one\n", b"two\n\n", b"three"]
+    assert "".join(text_pieces(chunks, stops=["\n\n"])) == "one\ntwo"
+    chunks = [b"Hello W", b"or", b"ld and more"]
+    pieces = list(text_pieces(chunks, stops=["World"]))
+    assert pieces == ["Hello "]
+    assert "".join(text_pieces([b"a Wor", b"k"], stops=["World"])) == "a Work"  # a false start is released
+    read = []
+
+    def chunks_read():
+        for c in [b"xSTO", b"P", b"never"]:
+            read.append(c)
+            yield c
+    assert list(text_pieces(chunks_read(), stops=["STOP", "x"])) == []
+    assert read == [b"xSTO"]  # stops reading at the first stop string
+
+
+class ByteTokenizer:
+    """Tokens 0..255 are bytes, 256 is end-of-text: enough to exercise stream_text without GPT-2's vocabulary."""
+
+    eot_token = 256
+
+    def encode(self, text, allowed_special=frozenset()):
+        return list(text.encode("utf-8"))
+
+    def decode_bytes(self, ids):
+        return bytes(i for i in ids if i < 256)
+
+
+def test_stream_text_equals_generate_and_stops():
+    model = make_model(GPTConfig(vocab_size=257, n_ctx=64, n_layer=2, n_head=2, n_embd=32), seed=12)
+    tok = ByteTokenizer()
+    prompt = "héllo"
+    ids = torch.tensor([tok.encode(prompt)])
+    out = generate(model, ids, 20, temperature=0, eos_token_id=256)[0, ids.size(1):].tolist()
+    body = out[:out.index(256)] if 256 in out else out
+    expected = tok.decode_bytes(body).decode("utf-8", errors="replace")
+    pieces = list(stream_text(model, tok, prompt, 20, temperature=0))
+    assert "".join(pieces) == expected
+    if len(expected) > 3:
+        stop = expected[2:4]
+        cut = "".join(stream_text(model, tok, prompt, 20, stop=[stop], temperature=0))
+        assert cut == expected[:expected.index(stop)]
+    with pytest.raises(ValueError, match="n_ctx"):
+        list(stream_text(model, tok, "x" * 65, 3))
+
+
+# ------------------------------------------------------------------------------------------ inference dtypes
+def test_int8_linear_matches_its_dequantized_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    q, s = quantize_per_channel(linear.weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert torch.allclose(q.float() * s[:, None], linear.weight, atol=float(s.max()) / 2 + 1e-7)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(2, 3, 64)
+    ref = x @ layer.dequantized().t() + linear.bias
+    assert torch.allclose(layer(x), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_prepare_for_inference_stays_close_to_fp32(dtype):
+    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    ref = GPT(cfg).eval()
+    model = GPT(cfg)
+    model.load_state_dict(ref.state_dict())
+    prepare_for_inference(model, dtype)
+    idx = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        a, b = ref(idx), model(idx).float()
+    err = (a - b).abs().max() / a.abs().max()
+    assert err < {"fp32": 1e-6, "bf16": 0.05, "int8": 0.05}[dtype]
+    out = generate(model, idx, 5, temperature=0)
+    assert out.shape == (2, 15)
+    if dtype == "fp32":
+        assert torch.equal(out, generate(ref, idx, 5, temperature=0))
+
+
+def test_prepare_for_inference_rejects_unknown_dtype():
+    with pytest.raises(ValueError, match="fp16"):
+        prepare_for_inference(make_model(CONFIGS["tiny"]), "fp16")
+
+
+def test_token_event_fields():
+    e = TokenEvent(3, -0.5, [(3, -0.5)], "stop")
+    assert dataclasses.astuple(e) == (3, -0.5, [(3, -0.5)], "stop")
