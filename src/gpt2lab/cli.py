@@ -30,10 +30,64 @@ def _run_info(args: argparse.Namespace) -> None:
     print(describe(args.model, seq_len=args.seq_len, threads=args.threads))
 
 
+# ------------------------------------------------------------------------------------------------------------ tokenize
+def _add_tokenize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenize", help="print the token ids (or with --show the pieces) of a text")
+    p.add_argument("text", nargs="?", help="the text to tokenize (or use --file)")
+    p.add_argument("--file", help="read the text from this UTF-8 file instead")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2, a tokenizer or model directory, or a .tiktoken file")
+    p.add_argument("--show", action="store_true", help="print one token per line: id and the text it stands for")
+    p.add_argument("--special", action="store_true", help="map special-token text such as <|endoftext|> to its id")
+    p.set_defaults(run=_run_tokenize)
+
+
+def _run_tokenize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from gpt2lab.tokenizer import load_tokenizer
+
+    if (args.text is None) == (args.file is None):
+        raise ValueError("give the text either as an argument or with --file, not both and not neither")
+    text = args.text if args.file is None else Path(args.file).read_text(encoding="utf-8")
+    tok = load_tokenizer(args.tokenizer)
+    ids = tok.encode(text, allowed_special="all" if args.special else ())
+    if not args.show:
+        print(" ".join(map(str, ids)))
+        return
+    for i in ids:
+        piece = tok.decode_bytes([i])
+        try:
+            shown = repr(piece.decode("utf-8"))
+        except UnicodeDecodeError:  # part of a multi-byte character
+            shown = repr(piece)
+        print(f"{i}\t{shown}")
+
+
+# ----------------------------------------------------------------------------------------------------- train-tokenizer
+def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to learn from")
+    p.add_argument("--vocab-size", type=int, required=True, help="ids in the result: 256 bytes + merges + specials")
+    p.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer_config.json")
+    p.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
+                   help="special tokens, given the last ids (default: <|endoftext|>)")  # fmt: skip
+    p.set_defaults(run=_run_train_tokenizer)
+
+
+def _run_train_tokenizer(args: argparse.Namespace) -> None:
+    from gpt2lab.tokenizer import train_bpe
+
+    tok = train_bpe(files=args.input, vocab_size=args.vocab_size, special_tokens=args.special, progress=True)
+    out = tok.save_pretrained(args.out)
+    print(f"saved {tok.vocab_size} ids ({len(tok.merges)} merges, specials {tok.special_tokens}) to {out}")
+
+
 # ------------------------------------------------------------------------------------------------------------- parsing
 # One entry per subcommand, in the order `gpt2lab --help` lists them. Each adds its parser and sets `run`.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
+    _add_tokenize,
+    _add_train_tokenizer,
 ]
 
 
