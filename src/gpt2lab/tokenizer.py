@@ -30,15 +30,24 @@ import json
 import os
 import tempfile
 from collections import Counter, defaultdict
-from itertools import repeat
-from multiprocessing import get_context
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from itertools import pairwise, repeat
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import AbstractSet, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from typing import Literal
 
 import regex
 
-from gpt2lab.download import cache_dir, file_source, obtain, pypi_sdist_source, sha256_file, url_source
-from gpt2lab.download import write_file_atomic
+from gpt2lab.download import (
+    cache_dir,
+    file_source,
+    obtain,
+    pypi_sdist_source,
+    sha256_file,
+    url_source,
+    write_file_atomic,
+)
 
 __all__ = [
     "CharTokenizer",
@@ -70,7 +79,7 @@ CHAR_FILE = "char_tokenizer.json"
 CHAR_FORMAT = "gpt2lab-char-tokenizer"
 CHAR_FORMAT_VERSION = 1
 
-AllowedSpecial = Union[Literal["all"], AbstractSet[str], Sequence[str]]
+AllowedSpecial = Literal["all"] | AbstractSet[str] | Sequence[str]
 
 _LONG_PIECE = 256  # pieces longer than this are merged with a heap: O(n log n) instead of O(n^2)
 _CHUNK_CHARS = 1 << 16  # encode long texts in chunks so the regex's list of pieces stays small
@@ -174,7 +183,7 @@ def bpe(ids: list[int], ranks: Ranks, merged: Sequence[int]) -> list[int]:
 def _bpe_scan(ids: list[int], ranks: Ranks, merged: Sequence[int]) -> list[int]:
     ids = list(ids)
     get = ranks.get
-    found = list(map(get, zip(ids, ids[1:]), repeat(_NO_RANK, len(ids))))
+    found = list(map(get, pairwise(ids), repeat(_NO_RANK, len(ids))))
     while found:
         rank = min(found)
         if rank == _NO_RANK:
@@ -198,7 +207,7 @@ def _bpe_heap(ids: list[int], ranks: Ranks, merged: Sequence[int]) -> list[int]:
     n = len(ids)
     tokens = list(ids)
     nxt, prv, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
-    heap = [(ranks[p], i) for i, p in enumerate(zip(ids, ids[1:])) if p in ranks]
+    heap = [(ranks[p], i) for i, p in enumerate(pairwise(ids)) if p in ranks]
     heapq.heapify(heap)
     while heap:
         rank, i = heapq.heappop(heap)
@@ -325,7 +334,7 @@ def _check_text(text: object) -> None:
 _WORKER_TOKENIZER = None
 
 
-def _init_worker(tokenizer: "_TokenizerBase") -> None:
+def _init_worker(tokenizer: _TokenizerBase) -> None:
     global _WORKER_TOKENIZER
     _WORKER_TOKENIZER = tokenizer
 
@@ -336,8 +345,6 @@ def _encode_in_worker(text: str, allowed_special: AllowedSpecial) -> list[int]:
 
 def _pool_context():
     # fork shares the parent's tokenizer without pickling or re-importing anything; the workers run pure Python.
-    from multiprocessing import get_all_start_methods
-
     return get_context("fork" if "fork" in get_all_start_methods() else None)
 
 
@@ -498,7 +505,7 @@ class Tokenizer(_TokenizerBase):
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def gpt2(cls, ranks_file: str | os.PathLike | None = None) -> "Tokenizer":
+    def gpt2(cls, ranks_file: str | os.PathLike | None = None) -> Tokenizer:
         """GPT-2's tokenizer (r50k_base), from its vocabulary file checked by sha256.
 
         Looked up in turn: our cache ($GPT2LAB_CACHE or ~/.cache/gpt2lab), tiktoken's cache, OpenAI's public URL,
@@ -518,7 +525,7 @@ class Tokenizer(_TokenizerBase):
         return cls.from_tiktoken(path, special_tokens={EOT: 50256})
 
     @classmethod
-    def from_tiktoken(cls, path: str | os.PathLike, special_tokens: Mapping[str, int] | None = None) -> "Tokenizer":
+    def from_tiktoken(cls, path: str | os.PathLike, special_tokens: Mapping[str, int] | None = None) -> Tokenizer:
         """Load a tiktoken ranks file (`<base64 token> <rank>` per line); ids are the ranks.
 
         Without `special_tokens`, `<|endoftext|>` gets the id after the last rank.
@@ -530,7 +537,7 @@ class Tokenizer(_TokenizerBase):
         return cls({rank: token for token, rank in ranks.items()}, merges, special_tokens)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike) -> Tokenizer:
         """Load Hugging Face files from `directory`: `vocab.json` + `merges.txt`, else `tokenizer.json`.
 
         Special tokens come from `tokenizer_config.json` (`added_tokens_decoder`) when present; otherwise
@@ -595,7 +602,7 @@ def _hf_config(special_tokens: Mapping[str, int]) -> dict:
         "errors": "replace",
         "added_tokens_decoder": {
             str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                     "special": True}  # fmt: skip
+                     "special": True}
             for s, i in sorted(special_tokens.items(), key=lambda item: item[1])
         },
     }
@@ -726,7 +733,7 @@ def _read_tokenizer_json(path: Path):
     return vocab, _parse_merges(merges, vocab, path, label), label, specials, path
 
 
-def _build(vocab, merges, label: Callable[[int], str], specials, path: Path) -> "Tokenizer":
+def _build(vocab, merges, label: Callable[[int], str], specials, path: Path) -> Tokenizer:
     """A Tokenizer from parsed files; a merge out of order is reported with its file and line."""
     try:
         return Tokenizer(vocab, merges, specials)
@@ -837,7 +844,7 @@ def learn_merges(counts: Mapping[str, int], n_merges: int, base: Sequence[bytes]
     pair_counts: defaultdict[tuple[int, int], int] = defaultdict(int)
     where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
     for w, (word, freq) in enumerate(zip(words, freqs)):
-        for pair in zip(word, word[1:]):
+        for pair in pairwise(word):
             pair_counts[pair] += freq
             where[pair].add(w)
 
@@ -882,10 +889,10 @@ def _apply_merge(pair, new_id, words, freqs, pair_counts, where) -> set:
         if len(new) == n:
             continue  # the index is allowed to be stale: this piece no longer has the pair
         freq = freqs[w]
-        for p in zip(word, word[1:]):
+        for p in pairwise(word):
             pair_counts[p] -= freq
             changed.add(p)
-        for p in zip(new, new[1:]):
+        for p in pairwise(new):
             pair_counts[p] += freq
             changed.add(p)
             where[p].add(w)
@@ -924,7 +931,7 @@ class CharTokenizer(_TokenizerBase):
         self._decoder = {**dict(enumerate(self.chars)), **{i: s for s, i in self.special_tokens.items()}}
 
     @classmethod
-    def from_text(cls, text: str, special_tokens: Sequence[str] = (EOT,)) -> "CharTokenizer":
+    def from_text(cls, text: str, special_tokens: Sequence[str] = (EOT,)) -> CharTokenizer:
         """The sorted set of characters in `text` (special-token strings in it are not counted as characters)."""
         _check_text(text)
         for special in special_tokens:
@@ -969,7 +976,7 @@ class CharTokenizer(_TokenizerBase):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "CharTokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike) -> CharTokenizer:
         path = Path(directory) / CHAR_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no {CHAR_FILE} in {directory}")
