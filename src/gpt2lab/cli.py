@@ -82,12 +82,57 @@ def _run_train_tokenizer(args: argparse.Namespace) -> None:
     print(f"saved {tok.vocab_size} ids ({len(tok.merges)} merges, specials {tok.special_tokens}) to {out}")
 
 
+# --------------------------------------------------------------------------------------------------------------- serve
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground page at /")
+    p.add_argument("--model", default="gpt2", help="a model directory (config.json + model.safetensors + tokenizer "
+                   "files) or a hub name such as gpt2 (default: gpt2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
+    p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16 or int8 (default: fp32)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: the "
+                   "GPT2LAB_API_KEY environment variable, else no key)")
+    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the directory name)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="completions decoded together (default: 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="how long a lone request waits for company "
+                   "before its batch starts (default: 5)")
+    p.add_argument("--max-tokens", type=int, default=None, help="the largest max_tokens a request may ask for "
+                   "(default: the model's context)")
+    p.add_argument("--max-request-bytes", type=int, default=None, help="largest request body (default: 1000000)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level: critical, error, warning, info, debug")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    import os
+
+    try:
+        from gpt2lab.server import LOOPBACK_HOSTS, ServerConfig, serve
+    except ImportError as e:  # the `serve` extra is not installed
+        raise OSError(str(e)) from None
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    limits = {"api_key": args.api_key or os.environ.get("GPT2LAB_API_KEY") or None,
+              "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+              "max_tokens": args.max_tokens, "max_request_bytes": args.max_request_bytes}
+    config = ServerConfig(**{k: v for k, v in limits.items() if v is not None})
+    if args.host not in LOOPBACK_HOSTS and config.api_key is None:
+        print(f"gpt2lab serve: warning: listening on {args.host} without --api-key; anyone who can reach this "
+              "address can use the model", file=sys.stderr)
+    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, config=config, model_name=args.model_name,
+          log_level=args.log_level)
+
+
 # ------------------------------------------------------------------------------------------------------------- parsing
 # One entry per subcommand, in the order `gpt2lab --help` lists them. Each adds its parser and sets `run`.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_tokenize,
     _add_train_tokenizer,
+    _add_serve,
 ]
 
 

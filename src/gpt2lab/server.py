@@ -1,0 +1,960 @@
+"""The HTTP face: an OpenAI-compatible completions API and a playground page, a thin layer over generate.py.
+
+    client ──HTTP──► Starlette app (event loop)           one decode thread
+                     parse + validate the request  ─rows─►  waits a few ms for company, then
+                     stream deltas back (SSE)      ◄─deltas─ decode_steps(batch of rows) ─► text, stop strings
+
+Every completion choice becomes a *row*. Rows that arrive together are decoded together in one left-padded batch by
+`generate.decode_steps` (up to `max_batch_size` rows), so sixteen clients cost far less than sixteen one-by-one
+decodes: at batch 1 a CPU spends its time reading the weights, and a batch reads them once for all its rows. The
+decode thread also turns tokens into text (never splitting a UTF-8 character, holding back what might be the start
+of a stop string), so a stop string or a disconnected client retires its row at the very next step.
+
+Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions` (OpenAI's legacy completions, the right
+API for a base model; GPT-2 is not a chat model), `GET /health`, and the playground at `/`. Errors are OpenAI-style
+objects, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status that fits (see docs/serving.md).
+
+    >>> app = create_app(model, tokenizer, ServerConfig(model_id="tiny"))
+    >>> with BackgroundServer(app) as server:           # uvicorn on 127.0.0.1, a free port
+    ...     openai.OpenAI(base_url=server.url + "/v1", api_key="-").completions.create(model="tiny", prompt="Hi")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import dataclasses
+import hmac
+import json
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+try:
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+except ImportError as e:  # pragma: no cover - exercised only without the extra installed
+    raise ImportError(f"serving needs starlette and uvicorn ({e}); install them with: pip install 'gpt2lab[serve]'") from e
+
+from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps
+
+STATIC_DIR = Path(__file__).parent / "static"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+# OpenAI's legacy completions fields, then our extensions (top_k, repetition_penalty: vLLM offers the same two).
+KNOWN_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "logprobs",
+                "echo", "stop", "seed", "suffix", "presence_penalty", "frequency_penalty", "best_of", "logit_bias",
+                "user", "top_k", "repetition_penalty")
+
+
+# ------------------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class ServerConfig:
+    """What one server allows and how it batches; each field has a `gpt2lab serve` flag.
+
+    - `model_id`: the name clients pass as `model` and `/v1/models` lists.
+    - `api_key`: when set, every `/v1` request needs `Authorization: Bearer <key>`.
+    - `max_batch_size`: rows decoded together. Larger batches raise throughput until the matmuls stop being
+      memory-bound; each row also holds a KV cache of up to n_ctx positions.
+    - `batch_wait_ms`: how long the decode thread waits for company after a row arrives alone. A few ms costs a
+      lone client little and lets requests sent "at the same time" (really a few ms apart) share a batch.
+    - `max_tokens`: the largest `max_tokens` a request may ask for (None: the model's context).
+    - `default_max_tokens`: used when a request gives none (16, as OpenAI's completions API).
+    - `max_request_bytes`: larger request bodies get 413 before they are parsed.
+    - `max_choices`: prompts × n in one request.
+    - `max_logprobs`: the largest `logprobs` (top alternatives per token); OpenAI allows 5.
+    - `max_stop`: stop strings per request (OpenAI allows 4).
+    - `max_pending`: rows waiting or decoding before new requests get 503.
+    """
+
+    model_id: str = "gpt2lab"
+    api_key: str | None = None
+    max_batch_size: int = 8
+    batch_wait_ms: float = 5.0
+    max_tokens: int | None = None
+    default_max_tokens: int = 16
+    max_request_bytes: int = 1_000_000
+    max_choices: int = 16
+    max_logprobs: int = 5
+    max_stop: int = 4
+    max_pending: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise ValueError(f"ServerConfig.model_id must be a non-empty string, got {self.model_id!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("ServerConfig.api_key must be a non-empty string or None")
+        for name in ("max_batch_size", "default_max_tokens", "max_request_bytes", "max_choices", "max_stop", "max_pending"):
+            _check_config_int(name, getattr(self, name), 1)
+        _check_config_int("max_logprobs", self.max_logprobs, 0)
+        if self.max_tokens is not None:
+            _check_config_int("max_tokens", self.max_tokens, 1)
+        if isinstance(self.batch_wait_ms, bool) or not isinstance(self.batch_wait_ms, (int, float)) \
+                or not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"ServerConfig.batch_wait_ms must be a number of milliseconds in [0, 1000], got {self.batch_wait_ms!r}")
+
+
+def _check_config_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"ServerConfig.{name} must be an integer >= {low}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error the client gets as an OpenAI-style object: the HTTP status, a message naming the bad value and what
+    is allowed, and the request field (`param`) it concerns."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------------------ request
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated `/v1/completions` request: prompts already tokenized, sampling already checked.
+
+    One request asks for `len(prompts) * n` choices; choice `i * n + j` is the j-th completion of prompt i.
+    `logprobs` is None (not asked) or the number of top alternatives per token.
+    """
+
+    prompts: tuple[tuple[int, ...], ...]
+    prompt_texts: tuple[str, ...]
+    max_tokens: int
+    sampling: SamplingParams
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+def _invalid(param: str, message: str, status: int = 422, code: str = "invalid_value") -> APIError:
+    return APIError(status, message, param=param, code=code)
+
+
+def _get_int(body: Mapping[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _invalid(name, f"'{name}' must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _get_number(body: Mapping[str, Any], name: str, default: float | None, low: float, high: float,
+                low_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    bad_type = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if bad_type or value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise _invalid(name, f"'{name}' must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _get_bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _invalid(name, f"'{name}' must be true or false, got {value!r}")
+    return value
+
+
+def _check_fields(body: Any) -> None:
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    unknown = sorted(set(body) - set(KNOWN_FIELDS))
+    if unknown:
+        raise _invalid(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(KNOWN_FIELDS)}",
+                       code="unknown_field")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _invalid("user", f"'user' must be a string, got {body['user']!r}")
+    # Known OpenAI fields that a plain GPT-2 sampler does not implement: refuse anything but their neutral value.
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0) or isinstance(body.get(name), bool):
+            raise _invalid(name, f"'{name}' is not supported by this server (only 0); use 'repetition_penalty' instead",
+                           code="unsupported")
+    if body.get("suffix") not in (None, ""):
+        raise _invalid("suffix", "'suffix' (insertion) is not supported: GPT-2 only continues text", code="unsupported")
+    if body.get("logit_bias") not in (None, {}):
+        raise _invalid("logit_bias", "'logit_bias' is not supported by this server", code="unsupported")
+
+
+def _prompt_list(value: Any) -> list[str | list[int]]:
+    """OpenAI's four prompt shapes -> a list of prompts, each a string or a list of token ids."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return list(value)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return [list(value)]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in value):
+            return [list(p) for p in value]
+    raise _invalid("prompt", "'prompt' must be a string, a non-empty list of strings, a list of token ids or a list of "
+                             f"lists of token ids; got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _get_stop(body: Mapping[str, Any], max_stop: int) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > max_stop:
+        raise _invalid("stop", f"'stop' must be a non-empty string or a list of at most {max_stop} non-empty strings, "
+                               f"got {_short(value)}")
+    return tuple(dict.fromkeys(stops))
+
+
+def _tokenize_prompts(prompts: list[str | list[int]], tokenizer: Any) -> tuple[list[tuple[int, ...]], list[str]]:
+    """Strings are encoded (`<|endoftext|>` in the text is the special token, as in OpenAI's API); id lists are
+    checked against the vocabulary. An empty prompt becomes `<|endoftext|>`, the token GPT-2 saw before every
+    document, so the model starts a fresh text instead of failing on zero positions."""
+    ids_list, texts = [], []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = tokenizer.encode(p, allowed_special="all")
+            text = p
+        else:
+            bad = next((t for t in p if not 0 <= t < tokenizer.vocab_size), None)
+            if bad is not None:
+                raise _invalid("prompt", f"token id {bad} in 'prompt' is out of range (allowed: 0..{tokenizer.vocab_size - 1})")
+            ids, text = p, tokenizer.decode(p)
+        if not ids:
+            if tokenizer.eot_token is None:
+                raise _invalid("prompt", "'prompt' is empty and this tokenizer has no <|endoftext|> token to start from")
+            ids = [tokenizer.eot_token]
+        ids_list.append(tuple(ids))
+        texts.append(text)
+    return ids_list, texts
+
+
+def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: ServerConfig) -> CompletionRequest:
+    """Validate a decoded JSON body and tokenize its prompts; raise APIError naming the first problem.
+
+    Status codes: 400 for a body that is not an object or a request that overflows the context (prompt + max_tokens
+    > n_ctx, OpenAI's `context_length_exceeded`); 413 for a prompt that alone exceeds the context; 422 for unknown
+    fields, wrong types and out-of-range values; 404 for a model name this server does not serve.
+    """
+    _check_fields(body)
+    model = body.get("model")
+    if model is not None and model != config.model_id:
+        if not isinstance(model, str):
+            raise _invalid("model", f"'model' must be a string, got {model!r}")
+        raise APIError(404, f"model {model!r} is not served here; available: {config.model_id!r}", param="model",
+                       code="model_not_found")
+    if "prompt" not in body:
+        raise _invalid("prompt", "'prompt' is required (a string or a list of strings)", code="missing_field")
+    prompts = _prompt_list(body["prompt"])
+    token_limit = min(config.max_tokens or n_ctx, n_ctx)
+    max_tokens = _get_int(body, "max_tokens", min(config.default_max_tokens, token_limit), 0, token_limit)
+    temperature = _get_number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _get_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    top_k = _get_int(body, "top_k", 0, 0, tokenizer.vocab_size)
+    repetition_penalty = _get_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
+    n = _get_int(body, "n", 1, 1, config.max_choices)
+    best_of = _get_int(body, "best_of", n, 1, config.max_choices)
+    if best_of != n:
+        raise _invalid("best_of", f"'best_of' other than n is not supported (got best_of={best_of}, n={n})", code="unsupported")
+    if len(prompts) * n > config.max_choices:
+        raise _invalid("n", f"{len(prompts)} prompt(s) × n={n} asks for {len(prompts) * n} completions; "
+                            f"this server allows at most {config.max_choices} per request")
+    logprobs = _get_int(body, "logprobs", None, 0, config.max_logprobs)
+    seed = _get_int(body, "seed", None, -(2**63), 2**63 - 1)
+    stream, echo = _get_bool(body, "stream"), _get_bool(body, "echo")
+    include_usage = _get_stream_options(body, stream)
+    stop = _get_stop(body, config.max_stop)
+    try:
+        sampling = SamplingParams(temperature=temperature, top_k=top_k or None, top_p=None if top_p == 1.0 else top_p,
+                                  repetition_penalty=None if repetition_penalty == 1.0 else repetition_penalty)
+    except ValueError as e:  # SamplingParams names the field; our ranges above should already have caught it
+        raise _invalid("sampling", str(e)) from None
+    ids, texts = _tokenize_prompts(prompts, tokenizer)
+    _check_context(ids, max_tokens, n_ctx)
+    return CompletionRequest(prompts=tuple(ids), prompt_texts=tuple(texts), max_tokens=max_tokens, sampling=sampling,
+                             n=n, stop=stop, seed=seed, stream=stream, include_usage=include_usage, logprobs=logprobs,
+                             echo=echo)
+
+
+def _get_stream_options(body: Mapping[str, Any], stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise _invalid("stream_options", "'stream_options' is only allowed with \"stream\": true")
+    if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+        raise _invalid("stream_options", f"'stream_options' must be {{\"include_usage\": true|false}}, got {_short(options)}")
+    return options.get("include_usage", False)
+
+
+def _check_context(prompts: Sequence[Sequence[int]], max_tokens: int, n_ctx: int) -> None:
+    for i, ids in enumerate(prompts):
+        where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+        if len(ids) > n_ctx:
+            raise APIError(413, f"{where} is {len(ids)} tokens long, but this model's context is {n_ctx} tokens",
+                           param="prompt", code="prompt_too_long")
+        if len(ids) + max_tokens > n_ctx:
+            raise APIError(400, f"this model's maximum context length is {n_ctx} tokens, but {where} ({len(ids)} "
+                                f"tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}; reduce the prompt or "
+                                f"max_tokens to at most {n_ctx - len(ids)}", param="max_tokens",
+                           code="context_length_exceeded")
+
+
+# ---------------------------------------------------------------------------------------------- tokens to text
+@dataclass(frozen=True)
+class TokenInfo:
+    """One generated token as the API reports it: its text, where it starts in the choice's text, its log-probability
+    and the top alternatives (text -> logprob)."""
+
+    text: str
+    offset: int
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one choice adds at one step: new text, the tokens that start in it, and the finish reason on its last."""
+
+    text: str
+    tokens: tuple[TokenInfo, ...] = ()
+    finish_reason: str | None = None
+
+
+def token_text(tokenizer: Any, token: int) -> str:
+    """A token's own text; a token that is only part of a UTF-8 character is shown as OpenAI does, `bytes:\\xe2\\x80`."""
+    raw = tokenizer.decode_bytes([token])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string, and so must not be sent yet.
+
+    >>> held_back("Hello wor", ["world"]), held_back("Hello", ["\\n\\n"])
+    (3, 0)
+    """
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+class ChoiceText:
+    """Turns one choice's token events into text deltas.
+
+    Text is decoded incrementally from the tokens' bytes, so a character split across two tokens appears whole with
+    the second; text that might begin a stop string is held back until it can be told apart; a stop string ends the
+    choice and is cut from the text, as in OpenAI's API. The end-of-text token ends the choice without text.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), token_names: Callable[[int], str] | None = None) -> None:
+        self._tokenizer = tokenizer
+        self._stop = tuple(stop)
+        self._name = token_names or (lambda t: token_text(tokenizer, t))
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending: list[TokenInfo] = []
+        self.text = ""  # decoded so far; text[:released] has been sent
+        self.released = 0
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, event: TokenEvent, eos_token_id: int | None) -> Delta | None:
+        """Take one token event; return the text that can be sent now (None if nothing yet)."""
+        if self.finish_reason is not None:
+            return None
+        if event.token == eos_token_id and event.finish_reason == "stop":
+            return self.finish("stop")
+        self.num_tokens += 1
+        top = tuple((self._name(t), float(lp)) for t, lp in event.top_logprobs)
+        self._pending.append(TokenInfo(self._name(event.token), len(self.text), float(event.logprob), top))
+        self.text += self._decoder.decode(self._tokenizer.decode_bytes([event.token]))
+        cut = self._find_stop()
+        if cut is not None:
+            self.text = self.text[:cut]
+            return self.finish("stop", flush=False)
+        if event.finish_reason is not None:
+            return self.finish(event.finish_reason)
+        return self._release(len(self.text) - held_back(self.text, self._stop))
+
+    def finish(self, reason: str, flush: bool = True) -> Delta:
+        """End the choice: send all text still held back (a dangling partial character becomes U+FFFD)."""
+        if flush:
+            self.text += self._decoder.decode(b"", final=True)
+        self.finish_reason = reason
+        delta = self._release(len(self.text))
+        self._pending = []  # tokens of a cut stop string are not reported
+        return Delta(delta.text if delta else "", delta.tokens if delta else (), reason)
+
+    def _find_stop(self) -> int | None:
+        if not self._stop:
+            return None
+        start = max(0, self.released - max(map(len, self._stop)) + 1)
+        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _release(self, upto: int) -> Delta | None:
+        """Send text[released:upto] with the tokens that start in it."""
+        if upto <= self.released:
+            return None
+        tokens = tuple(t for t in self._pending if t.offset < upto)
+        self._pending = self._pending[len(tokens):]
+        text, self.released = self.text[self.released:upto], upto
+        return Delta(text, tokens)
+
+
+# ------------------------------------------------------------------------------------------------ the batcher
+@dataclass(eq=False)
+class Row:
+    """One choice on its way through the decode thread. `deliver` is called from that thread with each Delta, then
+    None when the row is done (or an APIError if decoding failed); `cancelled` is set by the HTTP side."""
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    top_logprobs: int
+    text: ChoiceText
+    deliver: Callable[[Any], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled.is_set() or self.text.finish_reason is not None
+
+
+class BatchWorker:
+    """One thread that decodes queued rows in batches with `generate.decode_steps`.
+
+    A batch is formed from the rows waiting when the previous one ends (after `batch_wait_ms` of waiting if the
+    queue held fewer than `max_batch_size`). Left padding makes a batch as long as its longest prompt plus its
+    longest completion, so a row joins only if that still fits the context; otherwise it waits, first in line, for
+    the next batch. A batch runs until all its rows are done: rows that arrive meanwhile wait for the next one.
+    """
+
+    def __init__(self, model: torch.nn.Module, eos_token_id: int | None, max_batch_size: int, batch_wait_ms: float,
+                 max_pending: int) -> None:
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait_ms / 1000
+        self.max_pending = max_pending
+        self.n_ctx = model.config.n_ctx
+        self._queue: deque[Row] = deque()
+        self._active = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0  # statistics, read by tests and /health
+        self.rows_run = 0
+        self.tokens_decoded = 0
+        self.largest_batch = 0
+
+    def submit(self, rows: Sequence[Row]) -> None:
+        with self._cond:
+            if self._closed:
+                raise APIError(503, "the server is shutting down", code="shutting_down")
+            if len(self._queue) + self._active + len(rows) > self.max_pending:
+                raise APIError(503, f"the server is busy ({len(self._queue) + self._active} completions queued or running, "
+                                    f"limit {self.max_pending}); retry shortly", code="overloaded")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="gpt2lab-decode", daemon=True)
+                self._thread.start()
+            self._queue.extend(rows)
+            self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            for row in self._queue:
+                row.cancelled.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._decode(batch)
+
+    def _next_batch(self) -> list[Row] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            deadline = time.monotonic() + self.batch_wait
+            while len(self._queue) < self.max_batch_size and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._closed:
+                return None
+            batch, waiting, longest_prompt, longest_new = [], deque(), 0, 0
+            for row in self._queue:
+                if row.cancelled.is_set():
+                    row.deliver(None)
+                    continue
+                prompt, new = max(longest_prompt, len(row.prompt)), max(longest_new, row.max_new_tokens)
+                if len(batch) < self.max_batch_size and (not batch or prompt + new <= self.n_ctx):
+                    batch.append(row)
+                    longest_prompt, longest_new = prompt, new
+                else:
+                    waiting.append(row)
+            self._queue = waiting
+            self._active = len(batch)
+            return batch
+
+    def _decode(self, batch: list[Row]) -> None:
+        self.batches_run += 1
+        self.rows_run += len(batch)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        try:
+            with torch.inference_mode():
+                steps = decode_steps(self.model, [list(r.prompt) for r in batch], [r.max_new_tokens for r in batch],
+                                     [r.sampling for r in batch], eos_token_id=self.eos_token_id,
+                                     generators=[r.generator for r in batch],
+                                     top_logprobs=max(r.top_logprobs for r in batch),
+                                     should_stop=lambda i: batch[i].done)
+                for events in steps:
+                    for row, event in zip(batch, events):
+                        if event is not None and not row.done:
+                            self._accept(row, event)
+            for row in batch:
+                if row.text.finish_reason is None and not row.cancelled.is_set():  # decode_steps ended it silently
+                    row.deliver(row.text.finish("length"))
+                row.deliver(None)
+        except Exception as e:  # keep serving: the batch's clients get a 500, later requests a fresh batch
+            error = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
+            for row in batch:
+                row.deliver(error)
+        finally:
+            with self._cond:
+                self._active = 0
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and self._active == 0
+
+    def _accept(self, row: Row, event: TokenEvent) -> None:
+        self.tokens_decoded += 1
+        if row.top_logprobs < len(event.top_logprobs):
+            event = TokenEvent(event.token, event.logprob, list(event.top_logprobs[:row.top_logprobs]), event.finish_reason)
+        delta = row.text.add(event, self.eos_token_id)
+        if delta is not None:
+            row.deliver(delta)
+
+
+# ------------------------------------------------------------------------------------------------ responses
+def logprobs_object(tokens: Iterable[TokenInfo], base_offset: int, include_sampled: bool = True) -> dict[str, Any]:
+    """OpenAI's legacy logprobs: parallel lists of token texts, their logprobs, the top alternatives (plus the
+    sampled token, so there may be k + 1) and each token's character offset in the choice's text."""
+    tokens = list(tokens)
+    top = []
+    for t in tokens:
+        alternatives = dict(t.top)
+        if include_sampled:
+            alternatives.setdefault(t.text, t.logprob)
+        top.append(alternatives)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens], "top_logprobs": top,
+            "text_offset": [base_offset + t.offset for t in tokens]}
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying a JSON object (or the literal `[DONE]`)."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A server-sent-event response that runs `on_close` however it ends: finished, failed or client gone."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+class Completion:
+    """One request in flight: its rows, and the asyncio queue their deltas arrive on, as (choice index, item)."""
+
+    def __init__(self, request: CompletionRequest, make_row: Callable[[int, Callable[[Any], None]], Row]) -> None:
+        self.request = request
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.rows = [make_row(i, self._deliverer(i)) for i in range(request.num_choices)]
+
+    def _deliverer(self, index: int) -> Callable[[Any], None]:
+        def deliver(item: Any) -> None:  # called on the decode thread
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+        return deliver
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancelled.set()
+
+    async def deltas(self, live: Sequence[int]) -> AsyncIterator[tuple[int, Delta]]:
+        """Deltas of the rows in `live` as they come; raises the APIError of a failed batch."""
+        remaining = set(live)
+        while remaining:
+            index, item = await self.queue.get()
+            if isinstance(item, APIError):
+                raise item
+            if item is None:
+                remaining.discard(index)
+            else:
+                yield index, item
+
+
+# --------------------------------------------------------------------------------------------------- the app
+class CompletionServer:
+    """The endpoints, holding the model, tokenizer, config and decode thread. `create_app` wires it into Starlette."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: ServerConfig) -> None:
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{model.config.vocab_size}; serve a model with its own tokenizer")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.n_ctx = model.config.n_ctx
+        self.created = int(time.time())
+        self.worker = BatchWorker(model, tokenizer.eot_token, config.max_batch_size, config.batch_wait_ms,
+                                  config.max_pending)
+        self._names: dict[int, str] = {}
+
+    # ------------------------------------------------------------------------------------------- endpoints
+    async def playground(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    async def health(self, request: Request) -> Response:
+        w = self.worker
+        return JSONResponse({"status": "ok", "model": self.config.model_id, "batches": w.batches_run,
+                             "rows": w.rows_run, "tokens": w.tokens_decoded, "largest_batch": w.largest_batch,
+                             "idle": w.idle})
+
+    async def list_models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def get_model(self, request: Request) -> Response:
+        self._authorize(request)
+        name = request.path_params["model_id"]
+        if name != self.config.model_id:
+            raise APIError(404, f"model {name!r} is not served here; available: {self.config.model_id!r}",
+                           param="model", code="model_not_found")
+        return JSONResponse(self._model_card())
+
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await read_json(request, self.config.max_request_bytes)
+        req = await run_in_threadpool(parse_completion_request, body, self.tokenizer, self.n_ctx, self.config)
+        completion = Completion(req, self._make_row(req))
+        live = [i for i, row in enumerate(completion.rows) if row.max_new_tokens > 0]
+        self.worker.submit([completion.rows[i] for i in live])
+        if req.stream:
+            return EventStream(self._stream(completion, live), on_close=completion.cancel)
+        collect = asyncio.ensure_future(self._collect(completion, live))
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            completion.cancel()
+            gone.cancel()
+        if not collect.done():  # the client left: stop its rows and answer no one
+            collect.cancel()
+            return Response(status_code=499)
+        return JSONResponse(collect.result())
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _authorize(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if not header:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.config.api_key.encode()):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    def _model_card(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "gpt2lab",
+                "context_length": self.n_ctx,
+                "limits": {"max_tokens": min(self.config.max_tokens or self.n_ctx, self.n_ctx),
+                           "max_logprobs": self.config.max_logprobs, "max_choices": self.config.max_choices,
+                           "max_stop": self.config.max_stop, "max_request_bytes": self.config.max_request_bytes,
+                           "max_batch_size": self.config.max_batch_size},
+                "architecture": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                                 "vocab_size": cfg.vocab_size}}
+
+    def _token_name(self, token: int) -> str:
+        name = self._names.get(token)
+        if name is None:
+            name = self._names[token] = token_text(self.tokenizer, token)
+        return name
+
+    def _make_row(self, req: CompletionRequest) -> Callable[[int, Callable[[Any], None]], Row]:
+        device = next(self.model.parameters()).device
+
+        def make(index: int, deliver: Callable[[Any], None]) -> Row:
+            generator = None
+            if req.sampling.temperature > 0:
+                # Each choice has its own generator, so a seeded request gives the same text whatever else shares
+                # its batch; choice i of n uses seed + i, so the n choices differ.
+                seed = req.seed + index if req.seed is not None else secrets.randbits(63)
+                generator = torch.Generator(device=device).manual_seed(seed % 2**63)
+            return Row(prompt=req.prompts[index // req.n], max_new_tokens=req.max_tokens, sampling=req.sampling,
+                       generator=generator, top_logprobs=req.logprobs or 0,
+                       text=ChoiceText(self.tokenizer, req.stop, self._token_name), deliver=deliver)
+        return make
+
+    def _header(self) -> dict[str, Any]:
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.config.model_id}
+
+    def _usage(self, completion: Completion) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in completion.request.prompts)
+        completion_tokens = sum(row.text.num_tokens for row in completion.rows)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _echo(self, req: CompletionRequest, index: int) -> str:
+        return req.prompt_texts[index // req.n] if req.echo else ""
+
+    async def _collect(self, completion: Completion, live: Sequence[int]) -> dict[str, Any]:
+        req = completion.request
+        texts = [self._echo(req, i) for i in range(req.num_choices)]
+        tokens: list[list[TokenInfo]] = [[] for _ in range(req.num_choices)]
+        async for index, delta in completion.deltas(live):
+            texts[index] += delta.text
+            tokens[index].extend(delta.tokens)
+        choices = []
+        for i, row in enumerate(completion.rows):
+            logprobs = logprobs_object(tokens[i], len(self._echo(req, i))) if req.logprobs is not None else None
+            choices.append({"text": texts[i], "index": i, "logprobs": logprobs,
+                            "finish_reason": row.text.finish_reason or "length"})
+        return {**self._header(), "choices": choices, "usage": self._usage(completion)}
+
+    async def _stream(self, completion: Completion, live: Sequence[int]) -> AsyncIterator[str]:
+        req = completion.request
+        header = self._header()
+        empty_logprobs = logprobs_object([], 0) if req.logprobs is not None else None
+
+        def chunk(index: int, text: str, logprobs: Any, finish_reason: str | None) -> str:
+            return sse({**header, "choices": [{"text": text, "index": index, "logprobs": logprobs,
+                                               "finish_reason": finish_reason}]})
+        for i in range(req.num_choices):
+            if req.echo:
+                yield chunk(i, self._echo(req, i), empty_logprobs, None)
+            if i not in live:  # max_tokens = 0: nothing to generate
+                yield chunk(i, "", empty_logprobs, "length")
+        try:
+            async for index, delta in completion.deltas(live):
+                logprobs = logprobs_object(delta.tokens, len(self._echo(req, index))) if req.logprobs is not None else None
+                yield chunk(index, delta.text, logprobs, delta.finish_reason)
+        except APIError as e:
+            yield sse(e.to_dict())
+        if req.include_usage:
+            yield sse({**header, "choices": [], "usage": self._usage(completion)})
+        yield sse("[DONE]")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client hangs up. The body has been read, so the next ASGI message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON, refusing more than `limit` bytes (413) and anything that is not JSON (400)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {int(declared)} bytes; the limit is {limit}", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; send a JSON object such as {\"prompt\": \"Hello\"}",
+                       code="invalid_json")
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def create_app(model: torch.nn.Module, tokenizer: Any, config: ServerConfig | None = None) -> Starlette:
+    """The ASGI app serving `model` with `tokenizer`. Run it with uvicorn, `BackgroundServer`, or `serve`."""
+    server = CompletionServer(model, tokenizer, config or ServerConfig())
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = {404: f"no route {request.url.path!r}; see GET /v1/models and POST /v1/completions",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error_response(APIError(exc.status_code, message))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(server.worker.close)
+
+    routes = [
+        Route("/", server.playground, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/v1/models", server.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", server.get_model, methods=["GET"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
+    app.state.server = server
+    return app
+
+
+# --------------------------------------------------------------------------------------------- running it
+class BackgroundServer:
+    """uvicorn serving an app from a daemon thread: for tests, benchmarks and notebooks.
+
+        with BackgroundServer(app) as server:   # port 0 picks a free port
+            requests.get(server.url + "/v1/models")
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                     timeout_graceful_shutdown=2, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, name="gpt2lab-uvicorn", daemon=True)
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the server did not start on {self.host}:{self.port} within {timeout:g} s")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def load_app(model: str, dtype: str = "fp32", config: ServerConfig | None = None, model_name: str | None = None
+             ) -> Starlette:
+    """Load a model directory (or a hub name such as "gpt2") with its tokenizer and build the app.
+
+    The served id is `model_name`, else the hub name or the directory's name.
+    """
+    from gpt2lab.checkpoint import load_model, resolve_model_dir
+    from gpt2lab.generate import prepare_for_inference
+    from gpt2lab.tokenizer import load_tokenizer
+
+    directory = resolve_model_dir(model)
+    network = prepare_for_inference(load_model(directory), dtype)
+    try:
+        tokenizer = load_tokenizer(str(directory))
+    except FileNotFoundError:  # no tokenizer files at all: a GPT-2-vocabulary model means GPT-2's tokenizer
+        if network.config.vocab_size != 50257:
+            raise FileNotFoundError(f"{directory} has no tokenizer files and its vocab_size ({network.config.vocab_size}) "
+                                    "is not GPT-2's; save the model with its tokenizer (save_pretrained(dir, tokenizer))"
+                                    ) from None
+        tokenizer = load_tokenizer("gpt2")
+    name = model_name or (Path(model).resolve().name if Path(model).is_dir() else model)
+    return create_app(network, tokenizer, dataclasses.replace(config or ServerConfig(), model_id=name))
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fp32",
+          config: ServerConfig | None = None, model_name: str | None = None, log_level: str = "info") -> None:
+    """Load `model` and serve it until interrupted (Ctrl-C). Binds to localhost unless `host` says otherwise."""
+    import uvicorn
+
+    app = load_app(model, dtype, config, model_name)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

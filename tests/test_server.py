@@ -1,0 +1,443 @@
+"""The completions server: OpenAI protocol (checked with the official `openai` client), batching, disconnects, errors.
+
+The model is a tiny random-weight GPT-2 with GPT-2's real tokenizer, so prompts, byte-level tokens and multi-token
+characters behave as in production. Its embedding is scaled up so the next-token distribution is peaked: greedy
+choices then have clear margins, and batched and one-at-a-time decoding must agree token for token. The oracle for
+greedy output is a plain loop over full forward passes, independent of generate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from gpt2lab import GPT, GPTConfig
+from gpt2lab.generate import TokenEvent
+from gpt2lab.server import (APIError, BackgroundServer, ChoiceText, ServerConfig, create_app, held_back,
+                            parse_completion_request)
+
+openai = pytest.importorskip("openai")  # in the `test` extra; importorskip only keeps a bare checkout importable
+
+MODEL_ID = "tiny-gpt2"
+N_CTX = 64
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gpt2lab.tokenizer import Tokenizer
+
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(1234)
+    net = GPT(GPTConfig(vocab_size=50257, n_ctx=N_CTX, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        net.wte.weight.normal_(0.0, 0.6)  # peaked logits: clear greedy margins, varied text
+    return net
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    app = create_app(model, tokenizer, ServerConfig(model_id=MODEL_ID, max_batch_size=4, batch_wait_ms=30,
+                                                    max_request_bytes=20_000))
+    with BackgroundServer(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def post(server, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + "/v1/completions", content=content, timeout=60, **kwargs)
+
+
+def greedy_reference(model: GPT, ids: list[int], max_new_tokens: int, eos: int = 50256) -> tuple[list[int], list[float]]:
+    """Greedy decoding the slow, obvious way: a full forward pass per token. Returns tokens and their logprobs."""
+    ids, out, logprobs = list(ids), [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)  # (V,)
+            token = int(lp.argmax())
+            if token == eos:
+                break
+            out.append(token)
+            logprobs.append(float(lp[token]))
+            ids.append(token)
+    return out, logprobs
+
+
+# --------------------------------------------------------------------------------------------- the protocol
+def test_models_endpoint_lists_the_served_model(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+    card = httpx.get(f"{server.url}/v1/models/{MODEL_ID}").json()
+    assert card["context_length"] == N_CTX and card["limits"]["max_tokens"] == N_CTX
+
+
+def test_greedy_completion_matches_reference_loop(client, model, tokenizer):
+    prompt = "The quick brown fox"
+    result = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=12, temperature=0)
+    tokens, _ = greedy_reference(model, tokenizer.encode(prompt), 12)
+    choice = result.choices[0]
+    assert choice.text == tokenizer.decode(tokens)
+    assert choice.finish_reason == ("length" if len(tokens) == 12 else "stop")
+    assert result.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert result.usage.completion_tokens == len(tokens)
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    assert result.object == "text_completion" and result.model == MODEL_ID and result.id.startswith("cmpl-")
+
+
+def test_streamed_completion_equals_plain_one(client):
+    kwargs = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=20, temperature=0)
+    plain = client.completions.create(**kwargs).choices[0]
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices]) > 2  # it really streamed, piece by piece
+    assert text == plain.text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == plain.finish_reason and not any(finishes[:-1])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+
+
+def test_stream_ends_with_done_event(server):
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_logprobs_are_the_models_and_offsets_index_the_text(client, model, tokenizer):
+    prompt = "Hello there"
+    result = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
+    lp = result.choices[0].logprobs
+    tokens, logprobs = greedy_reference(model, tokenizer.encode(prompt), 8)
+    assert len(lp.tokens) == len(tokens) == result.usage.completion_tokens
+    assert lp.token_logprobs == pytest.approx(logprobs, abs=1e-4)
+    for chosen, chosen_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4  # top 3, plus the sampled token when it is not among them
+        assert max(top.values()) == pytest.approx(chosen_lp, abs=1e-5)  # greedy: the chosen one is the best
+        assert top[chosen] == pytest.approx(chosen_lp, abs=1e-5)
+    text = result.choices[0].text
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for token, start in zip(lp.tokens, lp.text_offset):
+        if not token.startswith("bytes:"):
+            assert text[start:start + len(token)] == token
+
+
+def test_echo_prepends_prompt_and_shifts_offsets(client):
+    result = client.completions.create(model=MODEL_ID, prompt="Echo me", max_tokens=4, temperature=0, echo=True,
+                                       logprobs=1)
+    choice = result.choices[0]
+    assert choice.text.startswith("Echo me")
+    assert choice.logprobs.text_offset[0] == len("Echo me")
+
+
+def test_list_prompts_and_n_give_one_choice_each_in_order(client, model, tokenizer):
+    prompts = ["First prompt", "A second, longer prompt here"]
+    result = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    for c in result.choices:
+        tokens, _ = greedy_reference(model, tokenizer.encode(prompts[c.index // 2]), 6)
+        assert c.text == tokenizer.decode(tokens)
+    assert result.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+
+
+def test_token_id_prompts_are_accepted(client, model, tokenizer):
+    ids = tokenizer.encode("Token ids in")
+    by_ids = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=5, temperature=0)
+    by_text = client.completions.create(model=MODEL_ID, prompt="Token ids in", max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+def test_seed_makes_sampling_reproducible_and_choices_differ(client):
+    kwargs = dict(model=MODEL_ID, prompt="Random", max_tokens=10, temperature=1.0, n=3, seed=42)
+    first = [c.text for c in client.completions.create(**kwargs).choices]
+    second = [c.text for c in client.completions.create(**kwargs).choices]
+    assert first == second
+    assert len(set(first)) > 1
+    other = [c.text for c in client.completions.create(**{**kwargs, "seed": 43}).choices]
+    assert other != first
+
+
+def test_stop_string_cuts_text_plain_and_streamed(client, tokenizer):
+    kwargs = dict(model=MODEL_ID, prompt="Stop test", max_tokens=24, temperature=0)
+    full = client.completions.create(**kwargs).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3 and stop.strip()
+    expected = full[:full.index(stop)]
+    plain = client.completions.create(stop=[stop, "never-appears"], **kwargs).choices[0]
+    assert (plain.text, plain.finish_reason) == (expected, "stop")
+    chunks = list(client.completions.create(stop=stop, stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_zero_with_echo_returns_the_prompt(client):
+    result = client.completions.create(model=MODEL_ID, prompt="Just the prompt", max_tokens=0, echo=True)
+    assert result.choices[0].text == "Just the prompt"
+    assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 0
+
+
+# ------------------------------------------------------------------------------------------------ text assembly
+def test_held_back_keeps_possible_stop_prefixes():
+    assert held_back("Hello wor", ["world"]) == 3
+    assert held_back("Hello", ["\n\n"]) == 0
+    assert held_back("ab\n", ["\n\n", "b\nx"]) == 2
+    assert held_back("", ["abc"]) == 0
+
+
+def events_for(tokenizer, text: str, finish: str = "length") -> list[TokenEvent]:
+    ids = tokenizer.encode(text)
+    return [TokenEvent(t, -1.0, [], finish if i == len(ids) - 1 else None) for i, t in enumerate(ids)]
+
+
+def test_choice_text_never_splits_characters(tokenizer):
+    text = "naïve café 🦜 漢字 — ok"
+    choice = ChoiceText(tokenizer)
+    deltas = [d for e in events_for(tokenizer, text) if (d := choice.add(e, 50256)) is not None]
+    assert "".join(d.text for d in deltas) == text
+    assert not any("\ufffd" in d.text for d in deltas)
+    tokens = [t for d in deltas for t in d.tokens]
+    assert len(tokens) == len(tokenizer.encode(text)) and any(t.text.startswith("bytes:") for t in tokens)
+
+
+@pytest.mark.parametrize("stop, expected", [("END", "before "), ("fore", "be"), ("nothing", "before END after")])
+def test_choice_text_cuts_at_stop_strings_split_over_tokens(tokenizer, stop, expected):
+    choice = ChoiceText(tokenizer, stop=[stop])
+    deltas = [d for e in events_for(tokenizer, "before END after") if (d := choice.add(e, 50256)) is not None]
+    assert "".join(d.text for d in deltas) == expected
+    assert deltas[-1].finish_reason == ("stop" if stop != "nothing" else "length")
+    assert all(t.offset < len(expected) for d in deltas for t in d.tokens)
+
+
+def test_choice_text_end_of_text_token_finishes_without_text(tokenizer):
+    choice = ChoiceText(tokenizer)
+    assert choice.add(TokenEvent(tokenizer.encode("Hi")[0], -0.5, [], None), 50256).text == "Hi"
+    delta = choice.add(TokenEvent(50256, -0.1, [], "stop"), 50256)
+    assert (delta.text, delta.finish_reason, choice.num_tokens) == ("", "stop", 1)
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+def run_concurrently(fn, args_list):
+    results = [None] * len(args_list)
+
+    def work(i, args):
+        results[i] = fn(*args)
+    threads = [threading.Thread(target=work, args=(i, a)) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_concurrent_requests_share_a_batch_and_match_solo_decoding(server, model, tokenizer):
+    before = httpx.get(server.url + "/health").json()
+    prompts = ["Alpha", "Beta gamma delta", "Epsilon is a letter", "Zeta"]
+
+    def ask(prompt):
+        return post(server, {"prompt": prompt, "max_tokens": 10, "temperature": 0}).json()["choices"][0]["text"]
+    texts = run_concurrently(ask, [(p,) for p in prompts])
+    after = httpx.get(server.url + "/health").json()
+    for prompt, text in zip(prompts, texts):
+        assert text == tokenizer.decode(greedy_reference(model, tokenizer.encode(prompt), 10)[0])
+    assert after["largest_batch"] >= 2  # the four arrived within the batch window
+    assert after["batches"] - before["batches"] < len(prompts)
+
+
+def test_rows_that_would_overflow_the_context_together_are_decoded_apart(server, model, tokenizer):
+    long_prompt = tokenizer.decode(list(range(1000, 1050)))  # 50 tokens; + 10 new fits N_CTX = 64
+    long_ids = tokenizer.encode(long_prompt)
+    cases = [(long_prompt, N_CTX - len(long_ids)), ("Short", 50)]  # together: 50 + 50 > 64
+
+    def ask(prompt, n):
+        return post(server, {"prompt": prompt, "max_tokens": n, "temperature": 0}).json()["choices"][0]["text"]
+    texts = run_concurrently(ask, cases)
+    for (prompt, n), text in zip(cases, texts):
+        assert text == tokenizer.decode(greedy_reference(model, tokenizer.encode(prompt), n)[0])
+
+
+@pytest.fixture
+def slow_server(model, tokenizer):
+    """A server whose model takes 20 ms a step, so a disconnect lands mid-generation."""
+    handle = model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
+    app = create_app(model, tokenizer, ServerConfig(model_id=MODEL_ID, batch_wait_ms=0))
+    try:
+        with BackgroundServer(app) as running:
+            yield running, app.state.server.worker
+    finally:
+        handle.remove()
+
+
+def wait_idle(worker, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not worker.idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.idle
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnected_client_stops_its_generation(slow_server, stream):
+    server, worker = slow_server
+    body = json.dumps({"prompt": "Long story", "max_tokens": 60, "temperature": 0, "stream": stream}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        if stream:
+            received = b""
+            while b"data: " not in received:  # the headers, then the first tokens
+                received += sock.recv(4096)
+            assert received.startswith(b"HTTP/1.1 200")
+        else:
+            deadline = time.monotonic() + 30
+            while worker.tokens_decoded == 0 and time.monotonic() < deadline:  # let it start decoding
+                time.sleep(0.005)
+    wait_idle(worker)
+    assert 0 < worker.tokens_decoded < 30  # 60 were asked for; the row was retired soon after the client left
+    # and the server still serves
+    assert post(server, {"prompt": "Still there?", "max_tokens": 2}).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+BAD_REQUESTS = [
+    # (body, status, param, code, words in the message)
+    (b"{not json", 400, None, "invalid_json", "not valid JSON"),
+    (b"", 400, None, "invalid_json", "empty"),
+    (b"[1, 2]", 400, None, "invalid_json", "JSON object"),
+    (b'{"prompt": "x", "temperature": NaN}', 400, None, "invalid_json", "NaN"),
+    ({"prompt": "x", "temperature": -0.5}, 422, "temperature", "invalid_value", "[0, 2]"),
+    ({"prompt": "x", "temperature": "hot"}, 422, "temperature", "invalid_value", "'hot'"),
+    ({"prompt": "x", "max_tokens": "ten"}, 422, "max_tokens", "invalid_value", "integer"),
+    ({"prompt": "x", "max_tokens": 10_000}, 422, "max_tokens", "invalid_value", f"[0, {N_CTX}]"),
+    ({"prompt": "x", "max_tokens": -1}, 422, "max_tokens", "invalid_value", "-1"),
+    ({"prompt": "x", "top_p": 0}, 422, "top_p", "invalid_value", "(0, 1]"),
+    ({"prompt": "x", "n": 0}, 422, "n", "invalid_value", "n"),
+    ({"prompt": "x", "logprobs": 6}, 422, "logprobs", "invalid_value", "[0, 5]"),
+    ({"prompt": "x", "stream": "yes"}, 422, "stream", "invalid_value", "true or false"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop", "invalid_value", "at most 4"),
+    ({"prompt": "x", "max_token": 5}, 422, "max_token", "unknown_field", "'max_token'"),
+    ({"prompt": 5}, 422, "prompt", "invalid_value", "'prompt' must be"),
+    ({"prompt": [[1, 2], "mixed"]}, 422, "prompt", "invalid_value", "'prompt' must be"),
+    ({"prompt": [70000]}, 422, "prompt", "invalid_value", "70000"),
+    ({"max_tokens": 5}, 422, "prompt", "missing_field", "required"),
+    ({"prompt": "x", "frequency_penalty": 0.5}, 422, "frequency_penalty", "unsupported", "repetition_penalty"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 422, "stream_options", "invalid_value", "stream"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found", "'gpt-4'"),
+    ({"prompt": " hello" * 70}, 413, "prompt", "prompt_too_long", "70 tokens"),
+    ({"prompt": " hello" * 50, "max_tokens": 20}, 400, "max_tokens", "context_length_exceeded", "at most 14"),
+    ({"prompt": "x" * 30_000}, 413, None, "request_too_large", "limit"),
+]
+
+
+@pytest.mark.parametrize("body, status, param, code, words", BAD_REQUESTS,
+                         ids=[f"{c}-{p}-{i}" for i, (_, s, p, c, w) in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param, code, words):
+    response = post(server, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] == code
+    assert words in error["message"]
+    assert error["type"] == ("invalid_request_error" if status != 404 else "not_found_error")
+    assert post(server, {"prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+def test_unknown_routes_and_methods_get_error_objects(server):
+    missing = httpx.get(server.url + "/v1/chat/completions")
+    assert missing.status_code == 404 and "no route" in missing.json()["error"]["message"]
+    wrong_method = httpx.get(server.url + "/v1/completions")
+    assert wrong_method.status_code == 405 and "GET" in wrong_method.json()["error"]["message"]
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+        client.completions.create(model=MODEL_ID, prompt="x", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(model=MODEL_ID, prompt=" hi" * 60, max_tokens=10)
+
+
+def test_api_key_is_required_when_configured(model, tokenizer):
+    app = create_app(model, tokenizer, ServerConfig(model_id=MODEL_ID, api_key="s3cret"))
+    with BackgroundServer(app) as server:
+        body = {"prompt": "x", "max_tokens": 1}
+        missing = post(server, body)
+        assert missing.status_code == 401 and "missing API key" in missing.json()["error"]["message"]
+        wrong = post(server, body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200  # liveness stays open
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=MODEL_ID, prompt="x", max_tokens=2).usage.completion_tokens >= 1
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.completions.create(model=MODEL_ID, prompt="x", max_tokens=2)
+
+
+def test_parse_request_normalises_sampling(tokenizer):
+    config = ServerConfig(model_id="m")
+    req = parse_completion_request({"prompt": "", "temperature": 0, "top_p": 1, "top_k": 0}, tokenizer, 64, config)
+    assert req.prompts == ((50256,),)  # an empty prompt starts from <|endoftext|>
+    assert req.sampling.greedy and req.sampling.top_p is None and req.sampling.top_k is None
+    assert req.max_tokens == config.default_max_tokens
+    with pytest.raises(APIError) as info:
+        parse_completion_request({"prompt": "x", "best_of": 3}, tokenizer, 64, config)
+    assert info.value.param == "best_of"
+
+
+def test_server_config_rejects_bad_limits():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServerConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="batch_wait_ms"):
+        ServerConfig(batch_wait_ms=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def test_cli_serve_loads_a_model_directory_and_answers(model, tokenizer, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    model.save_pretrained(tmp_path / "my-model", tokenizer=tokenizer)
+    env = {**os.environ, "GPT2LAB_API_KEY": "k"}
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2lab.cli", "serve", "--model", str(tmp_path / "my-model"),
+                             "--port", "0", "--max-batch-size", "2"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = []
+        for line in proc.stderr:  # uvicorn logs the address it bound, port 0 resolved
+            seen.append(line)
+            match = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                break
+        assert match, "".join(seen)
+        url = match.group(1)
+        reply = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0},
+                           headers={"Authorization": "Bearer k"}, timeout=60).json()
+        assert reply["model"] == "my-model" and reply["usage"]["completion_tokens"] == 3
+        assert httpx.get(url + "/").text.startswith("<!doctype html>")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_cli_serve_reports_a_missing_model_in_one_line(capsys):
+    from gpt2lab.cli import main
+
+    assert main(["serve", "--model", "/no/such/dir"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2lab serve: error:") and "/no/such/dir" in err and len(err.splitlines()) == 1
