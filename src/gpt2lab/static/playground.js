@@ -28,7 +28,7 @@ function visible(text) {
 }
 
 function percent(p) {
-  return p >= 0.995 ? "100%" : p >= 0.001 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toExponential(0)}%`;
+  return p >= 0.995 ? "100%" : p >= 0.001 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toPrecision(1)}%`;
 }
 
 function setState(state) {
