@@ -9,6 +9,7 @@ Nothing imports this module.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable, Sequence
 
@@ -126,6 +127,88 @@ def _run_serve(args: argparse.Namespace) -> None:
           log_level=args.log_level)
 
 
+# ----------------------------------------------------------------------------------------------------------- prepare
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize text into training shards (+ meta.json) for `gpt2lab train`")
+    p.add_argument("source", help="a built-in dataset (shakespeare, tinyshakespeare), a text file, a directory of "
+                                  ".txt files, or a .jsonl file")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, or a tokenizer directory (default: gpt2)")
+    p.add_argument("--out", default=None, help="output directory (default: data/<source>-<tokenizer>)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each document kept for validation")
+    p.add_argument("--workers", type=int, default=0, help="encoding processes (default: one per CPU core)")
+    p.add_argument("--text-field", default="text", help="the field holding the text in a .jsonl source")
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from gpt2lab.data import default_out_dir, prepare
+
+    out = args.out or default_out_dir(args.source, args.tokenizer)
+    meta = prepare(args.source, out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, workers=args.workers,
+                   text_field=args.text_field)
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['tokens']:,} tokens from {info['bytes']:,} bytes in {len(info['shards'])} shard(s)")
+    print(f"wrote {out} (vocab {meta['vocab_size']}, {meta['dtype']})")
+
+
+# ------------------------------------------------------------------------------------------------------------- train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (under torchrun: on many processes with DDP)")
+    p.add_argument("--config", default=None, help="run file (TOML); see configs/ and docs/training.md")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set lr=3e-4 --set model.n_layer=6 (repeatable)")
+    p.add_argument("--init-from", default=None, metavar="gpt2|DIR", help="fine-tune this model (same as --set init_from=...)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue from the run's last checkpoint (RUN_DIR: use its saved config.toml)")
+    p.add_argument("--overwrite", action="store_true", help="start again even if out_dir already holds a run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still go to log.jsonl)")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from gpt2lab.config import load_train_config
+    from gpt2lab.train import CONFIG_FILE, train
+
+    config_path, overrides = args.config, list(args.overrides)
+    if args.resume:  # a run directory: its saved config, unless --config is given
+        if config_path is None:
+            config_path = Path(args.resume) / CONFIG_FILE
+        overrides.insert(0, f"out_dir={json.dumps(args.resume)}")
+    if args.init_from is not None:
+        overrides.append(f"init_from={json.dumps(args.init_from)}")
+    config = load_train_config(config_path, overrides)
+    result = train(config, resume=args.resume is not None, overwrite=args.overwrite, progress=not args.no_progress)
+    s = result.state
+    if result.checkpoint is not None and s.step:
+        print(f"step {s.step}: train loss {s.last_train_loss:.4f}, val loss {s.last_val_loss:.4f} "
+              f"({s.last_val_bpb:.4f} bits/byte); checkpoint {result.checkpoint}")
+
+
+# -------------------------------------------------------------------------------------------------------- quickstart
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="prepare Shakespeare, train a small model on the CPU, print samples")
+    p.add_argument("--minutes", type=float, default=None, help="training wall time (default: 5)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/quickstart)")
+    p.add_argument("--data-dir", default=None, help="prepared data directory (default: data/shakespeare-char)")
+    p.add_argument("--samples", type=int, default=3, help="samples to print at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_quickstart)
+
+
+def _run_quickstart(args: argparse.Namespace) -> None:
+    from gpt2lab.train import QUICKSTART, quickstart
+
+    minutes = QUICKSTART.max_minutes if args.minutes is None else args.minutes
+    if not minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
+    if args.samples < 0:
+        raise ValueError(f"--samples must be >= 0, got {args.samples}")
+    quickstart(minutes=minutes, out_dir=args.out or QUICKSTART.out_dir, data_dir=args.data_dir or QUICKSTART.data_dir,
+               samples=args.samples, progress=not args.no_progress)
+
+
 # ------------------------------------------------------------------------------------------------------------- parsing
 # One entry per subcommand, in the order `gpt2lab --help` lists them. Each adds its parser and sets `run`.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -133,6 +216,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tokenize,
     _add_train_tokenizer,
     _add_serve,
+    _add_prepare,
+    _add_train,
+    _add_quickstart,
 ]
 
 

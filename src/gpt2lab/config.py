@@ -13,8 +13,17 @@ fields they come from.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 POS_ENCODINGS = ("learned", "sinusoidal")
@@ -132,3 +141,200 @@ PRESETS: dict[str, GPTConfig] = {
     "mini": GPTConfig(n_ctx=256, n_layer=4, n_head=4, n_embd=128),
     "nano": GPTConfig(n_ctx=256, n_layer=6, n_head=6, n_embd=384),
 }
+
+
+# ------------------------------------------------------------------------------------------------------ training run
+DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that describes one training run; saved beside every checkpoint so the run can be reproduced.
+
+    A run file is TOML with these keys at the top level and the architecture in a `[model]` table (a `preset`,
+    default `mini`, plus GPTConfig fields that override it); `load_train_config` reads it and `--set key=value` (dotted for the model: `model.n_layer=4`)
+    overrides single fields. `model.vocab_size` is not set here: it always comes from the data's tokenizer.
+
+    - Data and output: `data_dir` (written by `gpt2lab prepare`), `out_dir` (log, loss curve, checkpoints),
+      `init_from` ("gpt2" or a model directory to fine-tune; its architecture replaces `[model]`).
+    - Batch: `batch_size` sequences of `seq_len` tokens per micro-step per process; `grad_accum` micro-steps per
+      optimizer step. Tokens per step = batch_size × seq_len × grad_accum × processes.
+    - Schedule: linear warmup over `warmup_steps` to `lr`, then cosine decay to `min_lr` at `decay_steps` (default
+      `max_steps`); with `max_minutes` the decay also follows elapsed time, whichever budget is further along.
+    - AdamW: `beta1`, `beta2`, `weight_decay` (2-D weights only: matmuls and embeddings, not biases or LayerNorm),
+      `grad_clip` on the global gradient norm (0 turns it off).
+    - Speed: `dtype` fp32 or bf16 (autocast; weights and optimizer stay fp32), `compile` (torch.compile), `threads`
+      (0: all cores shared among the processes on this machine), `device` auto | cpu | cuda.
+    - Bookkeeping: `eval_interval` steps between evals of `eval_iters` batches, `checkpoint_interval` steps between
+      checkpoints (0: only at evals and at the end), `log_interval` steps between log lines, `seed`, and the stop
+      conditions `max_steps` and `max_minutes` (0: no time limit).
+    """
+
+    data_dir: str = "data/shakespeare-char"
+    out_dir: str = "runs/default"
+    model: GPTConfig = PRESETS["mini"]
+    init_from: str = ""
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "fp32"
+    compile: bool = False
+    threads: int = 0
+    device: str = "auto"
+    eval_interval: int = 250
+    eval_iters: int = 20
+    checkpoint_interval: int = 0
+    log_interval: int = 10
+    seed: int = 1337
+    max_steps: int = 5000
+    max_minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, GPTConfig):
+            raise TypeError(f"TrainConfig.model must be a GPTConfig, got {type(self.model).__name__}")
+        for name in ("data_dir", "out_dir", "init_from"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"TrainConfig.{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("data_dir", "out_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"TrainConfig.{name} must not be empty")
+        for name in ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_iters", "log_interval", "max_steps"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "decay_steps", "checkpoint_interval", "threads", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_minutes"):
+            _check_number(name, getattr(self, name))
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not value < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainConfig.device {self.device!r} is unknown; choose one of: {', '.join(DEVICES)}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"TrainConfig.compile must be true or false, got {self.compile!r}")
+        if self.seq_len > self.model.n_ctx and not self.init_from:
+            raise ValueError(f"TrainConfig.seq_len ({self.seq_len}) exceeds the model's context model.n_ctx "
+                             f"({self.model.n_ctx}); lower seq_len or raise model.n_ctx")
+
+    @property
+    def schedule_steps(self) -> int:
+        """The step at which the cosine decay reaches `min_lr`."""
+        return self.decay_steps or self.max_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (the model as a nested table, without vocab_size), as written to `config.toml`."""
+        data = dataclasses.asdict(self)
+        data["model"].pop("vocab_size")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a mapping such as a parsed TOML file; unknown keys are errors that list the allowed ones."""
+        data = dict(data)
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown training config key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
+        model = data.pop("model", {})
+        if isinstance(model, GPTConfig):
+            model = model.to_dict()
+        if not isinstance(model, Mapping):
+            raise ValueError(f"'model' must be a table (preset and GPTConfig fields), got {model!r}")
+        if "vocab_size" in model:
+            raise ValueError("model.vocab_size cannot be set: it comes from the data's tokenizer (see gpt2lab prepare)")
+        model = dict(model)
+        model.setdefault("preset", "mini")  # a partial table changes the default architecture, not GPT-2 small
+        return cls(model=GPTConfig.from_dict(model), **data)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value), the value read as a TOML value when it is one, else as a plain string.
+
+    >>> parse_override("model.n_layer=4"), parse_override("dtype=bf16"), parse_override("compile=true")
+    (('model.n_layer', 4), ('dtype', 'bf16'), ('compile', True))
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `key=value` strings to a config mapping (dotted keys reach into the model table); returns a new dict."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for item in overrides:
+        key, value = parse_override(item)
+        if key.startswith("model."):
+            out.setdefault("model", {})
+            if isinstance(out["model"], GPTConfig):
+                out["model"] = out["model"].to_dict()
+            out["model"][key.removeprefix("model.")] = value
+        elif "." in key:
+            raise ValueError(f"unknown training config key {key!r}; only model.<field> may be dotted")
+        else:
+            out[key] = value
+    return out
+
+
+def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read a run file (TOML) and apply `key=value` overrides; without a path, start from the defaults."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"training config {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: not valid TOML ({e})") from None
+    return TrainConfig.from_dict(apply_overrides(data, overrides))
+
+
+def train_config_to_toml(config: TrainConfig) -> str:
+    """The run config as a TOML document that `load_train_config` reads back to an equal TrainConfig."""
+    data = config.to_dict()
+    model = data.pop("model")
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items()]
+    lines += ["", "[model]"] + [f"{k} = {_toml_value(v)}" for k, v in model.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    raise TypeError(f"cannot write {value!r} to TOML")
