@@ -33,6 +33,20 @@ def best_of(repeat: int, fn, setup=lambda: None) -> tuple[float, object]:
     return best, result
 
 
+def cpu_seconds(fn, setup=lambda: None) -> tuple[float, object]:
+    """CPU time of fn, this process and its (finished) child processes together."""
+    import resource
+
+    def used() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    setup()
+    start = used()
+    result = fn()
+    return used() - start, result
+
+
 def _spin(n: int) -> int:
     total = 0
     for i in range(n):
@@ -82,6 +96,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for parallel encoding")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--vocab-size", type=int, default=4096, help="for the training benchmark")
+    parser.add_argument("--copies", type=int, default=4, help="the text repeated this often for the CPU efficiency")
     args = parser.parse_args()
 
     text = Path(args.data).read_text(encoding="utf-8")
@@ -110,6 +125,13 @@ def main() -> None:
     print(f"encode, {n} workers  ours {mb / t_par:6.2f} MB/s (x{t_ours / t_par:.2f} vs 1 process; warm "
           f"{mb / t_par_warm:.2f} MB/s, x{t_warm / t_par_warm:.2f}; pool start included)   "
           f"tiktoken {n} threads {mb / t_peer_par:6.2f} MB/s   ours/tiktoken {t_peer_par / t_par:.2f}")
+    # Wall time needs free cores; CPU time does not. Efficiency = CPU of 1 process / total CPU of n workers, on a
+    # larger text: with free cores, n workers would run about n x efficiency times faster than one.
+    big = text * args.copies
+    cpu_one, _ = cpu_seconds(lambda: ours.encode(big), setup=cold)
+    cpu_par, _ = cpu_seconds(lambda: ours.encode(big, num_workers=n), setup=cold)
+    print(f"parallel CPU efficiency on {mb * args.copies:.1f} MB (cold caches): {cpu_one / cpu_par:.2f} "
+          f"(1 process {cpu_one:.2f} CPU s, {n} workers {cpu_par:.2f} CPU s in all)")
 
     t_dec, decoded = best_of(args.repeat, lambda: ours.decode(ids))
     t_peer_dec, _ = best_of(args.repeat, lambda: peer.decode(ids))

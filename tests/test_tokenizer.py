@@ -185,8 +185,11 @@ def test_matches_tiktoken_on_shakespeare(gpt2, oracle, shakespeare_text):
     ids = gpt2.encode(shakespeare_text)
     assert ids == oracle.encode_ordinary(shakespeare_text)
     assert gpt2.decode(ids) == shakespeare_text
-    # Chunked and parallel encoding cut only where the pieces cannot change.
+    # Chunked and parallel encoding cut only where the pieces cannot change, and never inside a special token.
     assert gpt2.encode(shakespeare_text, num_workers=2) == ids
+    documents = shakespeare_text[:150_000].replace("\n\n\n", f"\n{EOT}\n")
+    assert documents.count(EOT) > 10
+    assert gpt2.encode(documents, allowed_special="all", num_workers=2) == oracle.encode(documents, allowed_special="all")
 
 
 @PROPERTY

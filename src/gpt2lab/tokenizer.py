@@ -29,6 +29,7 @@ import heapq
 import json
 import os
 import tempfile
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -339,8 +340,9 @@ def _init_worker(tokenizer: _TokenizerBase) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _encode_in_worker(text: str, allowed_special: AllowedSpecial) -> list[int]:
-    return _WORKER_TOKENIZER.encode(text, allowed_special=allowed_special)
+def _encode_in_worker(text: str, allowed_special: AllowedSpecial) -> array:
+    # An array pickles as one block of bytes: far cheaper to send back than a list of Python ints.
+    return array("q", _WORKER_TOKENIZER.encode(text, allowed_special=allowed_special))
 
 
 def _pool_context():
@@ -369,19 +371,36 @@ class _TokenizerBase:
         the result cannot change.
         """
         _check_text(text)
-        specials = _resolve_allowed(self.special_tokens, allowed_special)
-        if _check_workers(num_workers) > 1 and len(text) > _CHUNK_CHARS:
-            chunks = split_text(text, max(_CHUNK_CHARS, len(text) // (4 * num_workers)))
-            return [i for ids in self.encode_batch(chunks, allowed_special, num_workers) for i in ids]
-        if not specials:
-            return self._encode_ordinary(text)
-        ids: list[int] = []
-        for k, part in enumerate(self._special_split(frozenset(specials)).split(text)):
-            if k % 2:  # split() with a capture group alternates text, special, text, ...
-                ids.append(specials[part])
-            elif part:
-                ids.extend(self._encode_ordinary(part))
+        parts = self._split_specials(text, _resolve_allowed(self.special_tokens, allowed_special))
+        if _check_workers(num_workers) == 1 or len(text) <= _CHUNK_CHARS:
+            ids: list[int] = []
+            for part in parts:
+                if type(part) is int:
+                    ids.append(part)
+                else:
+                    ids.extend(self._encode_ordinary(part))
+            return ids
+        # Specials are split off first, so a cut can never fall inside one; each text part is cut into chunks.
+        size = max(_CHUNK_CHARS, len(text) // (4 * num_workers))
+        chunked = [part if type(part) is int else split_text(part, size) for part in parts]
+        encoded = iter(self.encode_batch([c for part in chunked if type(part) is not int for c in part],
+                                         num_workers=num_workers))  # fmt: skip
+        ids = []
+        for part in chunked:
+            if type(part) is int:
+                ids.append(part)
+            else:
+                for _ in part:
+                    ids.extend(next(encoded))
         return ids
+
+    def _split_specials(self, text: str, specials: dict[str, int]) -> list[str | int]:
+        """'a<|endoftext|>b' -> ['a', 50256, 'b'] for the allowed specials; [text] when none are allowed."""
+        if not specials:
+            return [text]
+        splitter = self._special_split(frozenset(specials))
+        # split() with a capture group alternates text, special, text, ...
+        return [specials[part] if k % 2 else part for k, part in enumerate(splitter.split(text)) if part]
 
     def encode_batch(
         self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset(), num_workers: int = 1
@@ -402,7 +421,7 @@ class _TokenizerBase:
         with _pool_context().Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
             job = pool.starmap_async(_encode_in_worker, [(t, allowed_special) for t in texts],
                                      chunksize=max(1, len(texts) // (8 * workers)))  # fmt: skip
-            return job.get()
+            return [ids.tolist() for ids in job.get()]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> str. Ids that split a UTF-8 character decode to U+FFFD, as in GPT-2; `decode_bytes` is exact."""
