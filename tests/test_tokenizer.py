@@ -192,6 +192,13 @@ def test_matches_tiktoken_on_shakespeare(gpt2, oracle, shakespeare_text):
     assert gpt2.encode(documents, allowed_special="all", num_workers=2) == oracle.encode(documents, allowed_special="all")
 
 
+def test_a_full_piece_cache_starts_afresh_with_the_same_ids(gpt2, oracle, shakespeare_text, monkeypatch):
+    monkeypatch.setattr(tokenizer, "_MAX_CACHE", 100)
+    text = shakespeare_text[-30_000:]
+    assert gpt2.encode(text) == oracle.encode_ordinary(text)
+    assert len(gpt2._cache) <= len(set(tokenizer._PATTERN.findall(text)))
+
+
 @PROPERTY
 @given(st.text(max_size=200))
 def test_matches_tiktoken_on_random_text(gpt2, oracle, text):

@@ -33,7 +33,7 @@ from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from itertools import pairwise, repeat
+from itertools import chain, pairwise, repeat
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Literal
@@ -57,7 +57,9 @@ __all__ = [
     "Tokenizer",
     "bpe",
     "bytes_to_unicode",
+    "count_pieces",
     "derive_merges",
+    "learn_merges",
     "load_tokenizer",
     "read_tiktoken_ranks",
     "split_text",
@@ -84,7 +86,7 @@ AllowedSpecial = Literal["all"] | AbstractSet[str] | Sequence[str]
 
 _LONG_PIECE = 256  # pieces longer than this are merged with a heap: O(n log n) instead of O(n^2)
 _CHUNK_CHARS = 1 << 16  # encode long texts in chunks so the regex's list of pieces stays small
-_MAX_CACHE = 1 << 18  # cached pieces per tokenizer; cleared when full (natural text re-fills it within kilobytes)
+_MAX_CACHE = 1 << 18  # cached pieces per tokenizer; then it starts afresh (natural text re-fills it in kilobytes)
 
 
 # ------------------------------------------------------------------------------------------------- byte <-> unicode
@@ -113,13 +115,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 _BYTE_TO_CHAR = bytes_to_unicode()
 # str.translate tables, so converting a token is one C call: visible <-> latin-1 (whose code points are the bytes).
-_TO_VISIBLE = {b: c for b, c in _BYTE_TO_CHAR.items()}
 _FROM_VISIBLE = {ord(c): b for b, c in _BYTE_TO_CHAR.items()}
 _FROM_VISIBLE.update({b: 0xFFFF for b in range(256) if b not in _FROM_VISIBLE})  # no stand-in: make latin-1 fail
 
 
 def _to_visible(token: bytes) -> str:
-    return token.decode("latin-1").translate(_TO_VISIBLE)
+    return token.decode("latin-1").translate(_BYTE_TO_CHAR)
 
 
 def _from_visible(text: str) -> bytes | None:
@@ -372,27 +373,28 @@ class _TokenizerBase:
         """
         _check_text(text)
         parts = self._split_specials(text, _resolve_allowed(self.special_tokens, allowed_special))
-        if _check_workers(num_workers) == 1 or len(text) <= _CHUNK_CHARS:
-            ids: list[int] = []
-            for part in parts:
-                if type(part) is int:
-                    ids.append(part)
-                else:
-                    ids.extend(self._encode_ordinary(part))
-            return ids
-        # Specials are split off first, so a cut can never fall inside one; each text part is cut into chunks.
-        size = max(_CHUNK_CHARS, len(text) // (4 * num_workers))
-        chunked = [part if type(part) is int else split_text(part, size) for part in parts]
-        encoded = iter(self.encode_batch([c for part in chunked if type(part) is not int for c in part],
-                                         num_workers=num_workers))  # fmt: skip
-        ids = []
-        for part in chunked:
+        texts = [part for part in parts if type(part) is str]
+        if _check_workers(num_workers) > 1 and len(text) > _CHUNK_CHARS:
+            encoded = iter(self._encode_parallel(texts, num_workers))
+        else:
+            encoded = map(self._encode_ordinary, texts)
+        ids: list[int] = []
+        for part in parts:
             if type(part) is int:
                 ids.append(part)
             else:
-                for _ in part:
-                    ids.extend(next(encoded))
+                ids.extend(next(encoded))
         return ids
+
+    def _encode_parallel(self, texts: list[str], num_workers: int) -> list[list[int]]:
+        """Cut each text where the pieces cannot change (see `split_text`) and encode the chunks in processes.
+
+        Special tokens were split off before, so a cut never falls inside one.
+        """
+        size = max(_CHUNK_CHARS, sum(map(len, texts)) // (4 * num_workers))
+        chunked = [split_text(text, size) for text in texts]
+        flat = iter(self.encode_batch([chunk for chunks in chunked for chunk in chunks], num_workers=num_workers))
+        return [[i for _ in chunks for i in next(flat)] for chunks in chunked]
 
     def _split_specials(self, text: str, specials: dict[str, int]) -> list[str | int]:
         """'a<|endoftext|>b' -> ['a', 50256, 'b'] for the allowed specials; [text] when none are allowed."""
@@ -481,6 +483,7 @@ class Tokenizer(_TokenizerBase):
         self._byte_ids = [self._id_of[bytes([b])] for b in range(256)]
         self._ranks, self._merged = _merge_table(self.merges, self._id_of)
         self._decoder = {**self.vocab, **{i: s.encode("utf-8") for s, i in self.special_tokens.items()}}
+        self._vocab_size = max(self._decoder) + 1
         self._cache: dict[str, list[int]] = {}
 
     def __reduce__(self):  # pickle the definition, not the derived tables and cache
@@ -492,27 +495,31 @@ class Tokenizer(_TokenizerBase):
     @property
     def vocab_size(self) -> int:
         """Rows the embedding needs: the largest id + 1 (50257 for GPT-2)."""
-        return max(self._decoder) + 1
+        return self._vocab_size
 
     # --------------------------------------------------------------------------------------------- encode/decode
     def _encode_ordinary(self, text: str) -> list[int]:
-        ids: list[int] = []
-        extend, cache = ids.extend, self._cache
-        for chunk in split_text(text) if len(text) > _CHUNK_CHARS else (text,):
-            for piece in _PATTERN.findall(chunk):
-                piece_ids = cache.get(piece)
-                if piece_ids is None:
-                    piece_ids = self._encode_piece(piece)
-                extend(piece_ids)
-        return ids
+        if len(text) <= _CHUNK_CHARS:
+            return self._encode_chunk(text)
+        return [i for chunk in split_text(text) for i in self._encode_chunk(chunk)]
 
-    def _encode_piece(self, piece: str) -> list[int]:
-        byte_ids = self._byte_ids
-        ids = bpe([byte_ids[b] for b in piece.encode("utf-8")], self._ranks, self._merged)
-        if len(self._cache) >= _MAX_CACHE:
-            self._cache.clear()
-        self._cache[piece] = ids
-        return ids
+    def _encode_chunk(self, text: str) -> list[int]:
+        """Pre-tokenise, run BPE once per new piece, then join the cached ids of all pieces in one C-level pass."""
+        pieces = _PATTERN.findall(text)
+        cache = self._cache
+        try:
+            return list(chain.from_iterable(map(cache.__getitem__, pieces)))  # every piece seen before
+        except KeyError:
+            pass
+        missing = set(pieces).difference(cache)
+        if len(cache) + len(missing) > _MAX_CACHE:
+            # Start a new cache rather than clearing this one: another thread may be reading it right now.
+            cache = {piece: cache[piece] for piece in set(pieces) if piece in cache}
+            self._cache = cache
+        byte_ids, ranks, merged = self._byte_ids, self._ranks, self._merged
+        for piece in missing:
+            cache[piece] = bpe([byte_ids[b] for b in piece.encode("utf-8")], ranks, merged)
+        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Ids -> the exact bytes they stand for (specials as their UTF-8 text)."""
