@@ -633,25 +633,24 @@ def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
 
 # ------------------------------------------------------------------------------------------------ inference dtype
 def prepare_for_inference(model: "GPT", dtype: str = "fp32") -> "GPT":
-    """Put `model` in eval mode in the given inference precision, in place, and return it.
+    """Put `model` in eval mode with its weights in the given inference precision, in place, and return it.
 
-    - "fp32": unchanged weights.
-    - "bf16": every weight and activation in bfloat16 (half the bytes to read per token).
-    - "int8": weight-only int8 with one scale per output channel for every linear layer and the tied LM head /
-      embedding (a quarter of the bytes); activations stay float32. See gpt2lab.quantize.
+    - "fp32": float32 weights; wide layers and the tied head are stored transposed, the layout that CPU GEMMs stream
+      fastest for one token at a time (same function).
+    - "bf16": every linear layer and the tied LM head / embedding store bfloat16 weights (half the bytes per token).
+    - "int8": the same with int8 weights and one scale per output channel (a quarter of the bytes).
 
-    A prepared bf16/int8 model is for inference; train and save the float32 model.
+    Both low-precision modes are weight-only: activations, LayerNorm, attention and the KV cache stay float32 (see
+    gpt2lab.quantize). A converted model is for inference; train and save the float32 one.
     """
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"unknown inference dtype {dtype!r}; choose one of: {', '.join(INFERENCE_DTYPES)}")
     model.eval()
-    if dtype == "bf16":
-        model.to(torch.bfloat16)
-    elif dtype == "int8":
-        from gpt2lab.quantize import quantize_int8
+    from gpt2lab.quantize import convert_weights, is_converted
 
-        quantize_int8(model)
-    return model
+    if is_converted(model):
+        raise ValueError("this model was already prepared for inference; prepare a freshly loaded model")
+    return convert_weights(model, dtype)
 
 
 INFERENCE_DTYPES = ("fp32", "bf16", "int8")

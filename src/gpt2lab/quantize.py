@@ -1,16 +1,21 @@
-"""Int8 weight-only quantization for fast CPU decoding.
+"""Weight-only low precision for fast CPU decoding: bf16 and int8 weights, float32 activations.
 
 Decoding one token at batch 1 multiplies a single activation vector by every weight matrix: two flops per weight
-read, so the speed is set by how many bytes of weights cross the memory bus per token, not by arithmetic. Storing
-weights as int8 (one byte instead of four) cuts those bytes by 4x; the activations stay in floating point.
+read, so the speed is set by how many bytes of weights cross the memory bus per token, not by arithmetic. Storing the
+weights in bfloat16 halves those bytes; int8 quarters them. Only the weights change: the residual stream, LayerNorm,
+attention, softmax and the KV cache stay float32, which keeps the quality cost small (docs/generation.md measures it).
 
-Each output channel (row n of an nn.Linear weight W, (N, K)) gets its own scale, s_n = max_k |W[n, k]| / 127, and
-W ≈ s ⊙ Q with Q = round(W / s) in [-127, 127]. A per-channel scale follows the spread of each row, so a row of
-small weights keeps its resolution next to a row of large ones. The matmul runs as x · Qᵀ then multiplies by s,
-which `torch._weight_int8pack_mm` does in one kernel without materialising W.
+int8 is symmetric and per output channel: row n of a weight W (N, K) gets its own scale s_n = max_k |W[n, k]| / 127
+and W ≈ s ⊙ Q with Q = round(W / s) in [-127, 127]. A per-channel scale follows the spread of each row, so a row of
+small weights keeps its resolution next to a row of large ones. `torch._weight_int8pack_mm` computes x · Qᵀ · s in one
+kernel without materialising W.
 
-The tied LM head (V, C) is the largest single matrix of GPT-2 small (38.6M of 124M weights); it is quantized too, and
-the token embedding reads rows of the same int8 table (each row times its scale), so the tie survives.
+Small batches (decode) use the low-precision kernels, whose cost is the weight bytes. Large ones (a 512-token
+prefill) are compute-bound; on CPUs without native bf16 arithmetic (no AVX-512-BF16 / AMX) they first widen the
+weight to float32 (cheap next to the matmul) and use the float32 GEMM.
+
+The tied LM head (V, C) is the largest single matrix of GPT-2 small (38.6M of 124M weights); it is converted too, and
+the token embedding reads rows of the same low-precision table, so the tie survives.
 """
 
 from __future__ import annotations
@@ -19,13 +24,24 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT
 
 # Activations are cast to bfloat16 for the int8 kernel: its float32-activation path is not vectorized on CPU (about
-# 10x slower), while the bf16 one reads the int8 weights at memory speed.
+# 10x slower), while the bf16 one runs near memory speed.
 KERNEL_DTYPE = torch.bfloat16
+# Rows (batch × tokens) above which a matmul is compute-bound and, without native bf16, runs as a float32 GEMM.
+SMALL_M = 32
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (oneDNN's check: AVX-512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # builds without oneDNN
+        return False
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,64 +57,173 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.contiguous(), scale
 
 
-class Int8Linear(nn.Module):
-    """A drop-in for nn.Linear whose weight is int8 with one float scale per output channel.
+class _WeightOnlyLinear(nn.Module):
+    """Shared plumbing: x (..., K) float32 -> (..., N) float32, the weight stored in low precision."""
 
-    forward: x (..., K) float -> (..., N) in x's dtype. The weight is read as one byte per element.
-    """
+    in_features: int
+    out_features: int
+    bias: Optional[torch.Tensor]
+
+    def __init__(self, out_features: int, in_features: int, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (N,)
+        self.large_in_fp32 = not native_bf16()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.size(0) > SMALL_M and self.large_in_fp32:
+            y = F.linear(x2.float(), self.dequantized(), self.bias)  # compute-bound: float32 GEMM
+        else:
+            y = self.small_matmul(x2)
+            if self.bias is not None:
+                y += self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def small_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight this layer computes with, (N, K)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(_WeightOnlyLinear):
+    """A drop-in for nn.Linear whose weight is int8 with one scale per output channel (one byte per weight)."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = qweight.shape
+        super().__init__(qweight.size(0), qweight.size(1), bias)
         self.register_buffer("weight", qweight)  # (N, K) int8
         self.register_buffer("scale", scale.to(KERNEL_DTYPE))  # (N,)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (N,)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         q, s = quantize_per_channel(linear.weight)
         return cls(q, s, linear.bias)
 
+    def small_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.weight, self.scale).float()  # (M, N)
+
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight this layer computes with, (N, K)."""
         return self.weight.float() * self.scale.float()[:, None]
 
+
+class BF16Linear(_WeightOnlyLinear):
+    """A drop-in for nn.Linear whose weight is stored in bfloat16 (two bytes per weight)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__(weight.size(0), weight.size(1), bias)
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())  # (N, K)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "BF16Linear":
+        return cls(linear.weight, linear.bias)
+
+    def small_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight).float()  # (M, N)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float()
+
+
+class TransposedLinear(nn.Module):
+    """nn.Linear's function with the weight stored transposed, (K, N), as `x @ Wᵀ` reads it row by row.
+
+    At batch 1 a linear layer is a matrix-vector product bounded by memory speed; for wide layers (N > K: c_attn,
+    c_fc and the LM head) the CPU GEMM streams the (K, N) layout faster than nn.Linear's (N, K) (measured: about 30%
+    faster per decode step on GPT-2 small; benchmarks/generate.py).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_t", weight.detach().t().contiguous())  # (K, N)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())  # (N,)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "TransposedLinear":
+        return cls(linear.weight, linear.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (M, K)
-        y = torch._weight_int8pack_mm(x2, self.weight, self.scale).to(x.dtype)  # (M, N)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)  # (M, N)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, (K, N)"
 
 
-class Int8Embedding(nn.Module):
-    """Token embedding that reads rows of an int8 table (shared with the LM head) and rescales them: (B, T) -> (B, T, C)."""
+class ColumnEmbedding(nn.Module):
+    """Token embedding reading the columns of a transposed (C, V) head table: (B, T) -> (B, T, C)."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, weight_t: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("weight", qweight)  # (V, C) int8, the same tensor as the head's
-        self.register_buffer("scale", scale.float())  # (V,)
+        self.register_buffer("weight_t", weight_t)  # (C, V), the same tensor as the head's
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()  # (V, C) view
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.weight[idx].float() * self.scale[idx].unsqueeze(-1)  # (B, T, C)
+        return self.weight_t.t()[idx]  # (B, T, C)
 
 
-def quantize_int8(model: "GPT") -> "GPT":
-    """Replace every linear layer of `model` (and its tied head/embedding) by int8 weight-only versions, in place."""
+class LowPrecisionEmbedding(nn.Module):
+    """Token embedding reading rows of the head's low-precision table (times their int8 scale, if any):
+    (B, T) -> (B, T, C) float32."""
+
+    def __init__(self, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)  # (V, C), the same tensor as the head's
+        self.register_buffer("scale", None if scale is None else scale.float())  # (V,)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[idx].float()  # (B, T, C)
+        return rows if self.scale is None else rows * self.scale[idx].unsqueeze(-1)
+
+
+def convert_weights(model: "GPT", dtype: str) -> "GPT":
+    """Replace the linear layers of `model` and its tied head/embedding by inference versions, in place: weight-only
+    "bf16" or "int8", or the "fp32" decode layout. The model stays a GPT: same forward, same KV cache, float32
+    activations."""
+    if dtype == "int8":
+        make = Int8Linear.from_linear
+    elif dtype == "bf16":
+        make = BF16Linear.from_linear
+    elif dtype == "fp32":
+        return _transpose_wide(model)
+    else:
+        raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
     for block in model.h:
-        block.attn.c_attn = Int8Linear.from_linear(block.attn.c_attn)
-        block.attn.c_proj = Int8Linear.from_linear(block.attn.c_proj)
-        block.mlp.c_fc = Int8Linear.from_linear(block.mlp.c_fc)
-        block.mlp.c_proj = Int8Linear.from_linear(block.mlp.c_proj)
-    q, s = quantize_per_channel(model.wte.weight)
-    model.lm_head = Int8Linear(q, s)
-    model.wte = Int8Embedding(q, s)
+        block.attn.c_attn = make(block.attn.c_attn)
+        block.attn.c_proj = make(block.attn.c_proj)
+        block.mlp.c_fc = make(block.mlp.c_fc)
+        block.mlp.c_proj = make(block.mlp.c_proj)
+    if dtype == "int8":
+        q, s = quantize_per_channel(model.wte.weight)
+        model.lm_head = Int8Linear(q, s)
+        model.wte = LowPrecisionEmbedding(q, model.lm_head.scale)
+    else:
+        model.lm_head = BF16Linear(model.wte.weight)
+        model.wte = LowPrecisionEmbedding(model.lm_head.weight)
     return model
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
+def _transpose_wide(model: "GPT") -> "GPT":
+    """float32 decode layout: wide linear layers (c_attn, c_fc) and the tied head stored (K, N)."""
+    for block in model.h:
+        block.attn.c_attn = TransposedLinear.from_linear(block.attn.c_attn)
+        block.mlp.c_fc = TransposedLinear.from_linear(block.mlp.c_fc)
+    model.lm_head = TransposedLinear(model.wte.weight)
+    model.wte = ColumnEmbedding(model.lm_head.weight_t)
+    return model
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether `model` holds inference-only layers (and so should not be trained or saved)."""
+    kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, TransposedLinear, ColumnEmbedding)
+    return any(isinstance(m, kinds) for m in model.modules())

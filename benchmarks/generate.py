@@ -1,0 +1,199 @@
+"""Generation speed: gpt2lab (fp32, bf16, int8) vs transformers' `generate` (fp32) on the same 124M random weights.
+
+    python benchmarks/generate.py [--threads 2,1] [--tokens 48] [--rounds 3]
+
+For each thread count, one run measures, for every variant:
+
+- decode tokens/s at batch 1 and batch 8: greedy `generate` of N tokens minus `generate` of 1 token (which is the
+  prefill plus one sampling), so the figure is the per-token cost of cached decoding alone;
+- prefill tokens/s of a 512-token prompt (`generate` of 1 token);
+- peak memory: the bytes of weights, and the extra resident memory while decoding batch 8 (KV cache, logits, work
+  buffers), read from the kernel's peak-RSS counter (VmHWM, reset through /proc/self/clear_refs).
+
+Variants run alternately, round after round, and each keeps its best time, so a noisy machine hits all alike. The
+machine's read bandwidth is measured (summing a 512 MiB tensor) to give the batch-1 bound: bandwidth / bytes of
+weights read per token (every matrix once, the tied LM head included, the embeddings one row each, plus the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import re
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+PROMPT = 16  # decode benchmarks start from a 16-token prompt
+PREFILL = 512
+
+
+def cpu_name() -> str:
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return f"{name.group(1) if name else 'unknown CPU'} ({os.cpu_count()} vCPU; {', '.join(isa) or 'no AVX2'})"
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of a streaming read: the best of several sums over a 512 MiB tensor (far beyond any cache)."""
+    a = torch.ones(128 * 1024 * 1024)
+    best = min(_timed(lambda: a.sum()) for _ in range(repeats))
+    return a.numel() * 4 / best
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def bytes_per_token(model: torch.nn.Module, context: int) -> int:
+    """Bytes a batch-1 decode step reads: every weight except the two embedding tables (one row each), the tied head
+    once, and the keys and values of `context` cached positions."""
+    from gpt2lab.generate import activation_dtype
+
+    cfg = model.config
+    total = weight_bytes(model)  # the tied token table is counted once: the head reads all of it
+    wpe = getattr(model.wpe, "weight", None)
+    total -= wpe.numel() * wpe.element_size() if wpe is not None else 0  # one row per token
+    kv = 2 * cfg.n_layer * context * cfg.n_embd * torch.empty(0, dtype=activation_dtype(model)).element_size()
+    return total + kv
+
+
+class Variant:
+    def __init__(self, name: str, generate: Callable[[torch.Tensor, int], object], weights: int, per_token: int | None):
+        self.name, self.generate, self.weights, self.per_token = name, generate, weights, per_token
+        self.best: dict[str, float] = {}
+        self.peak_extra = 0
+
+    def time(self, key: str, fn: Callable[[], object]) -> None:
+        self.best[key] = min(self.best.get(key, float("inf")), _timed(fn))
+
+
+def build_variants(threads: int) -> list[Variant]:
+    from transformers import GPT2LMHeadModel
+
+    from gpt2lab import GPT, GPTConfig
+    from gpt2lab.generate import generate, prepare_for_inference
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig.preset("gpt2")).eval()
+    with tempfile.TemporaryDirectory() as d:
+        base.save_pretrained(d)
+        hf = GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa").eval()
+    context = PROMPT + 24
+    variants = []
+    for dtype in ("fp32", "bf16", "int8"):
+        model = prepare_for_inference(copy.deepcopy(base), dtype)
+        gen = (lambda m: lambda idx, n: generate(m, idx, n, temperature=0))(model)
+        variants.append(Variant(f"ours {dtype}", gen, weight_bytes(model), bytes_per_token(model, context)))
+    del base
+
+    def hf_generate(idx: torch.Tensor, n: int):
+        with torch.inference_mode():
+            return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    variants.append(Variant("transformers fp32", hf_generate, weight_bytes(hf), None))
+    return variants
+
+
+def run(threads: int, tokens: int, rounds: int, bandwidth: float) -> None:
+    torch.set_num_threads(threads)
+    variants = build_variants(threads)
+    g = torch.Generator().manual_seed(1)
+    prompt1 = torch.randint(0, 50257, (1, PROMPT), generator=g)
+    prompt8 = torch.randint(0, 50257, (8, PROMPT), generator=g)
+    long = torch.randint(0, 50257, (1, PREFILL), generator=g)
+    for v in variants:  # warm-up (first calls allocate and pick kernels)
+        v.generate(prompt1, 3)
+        v.generate(prompt8, 2)
+    can_peak = reset_peak_rss()
+    for r in range(rounds):
+        for v in variants:
+            v.time("b1_1", lambda: v.generate(prompt1, 1))
+            v.time("b1_n", lambda: v.generate(prompt1, tokens))
+            if r == 0 and can_peak:
+                before = rss("VmRSS")
+                reset_peak_rss()
+            v.time("b8_1", lambda: v.generate(prompt8, 1))
+            v.time("b8_n", lambda: v.generate(prompt8, tokens))
+            v.time("prefill", lambda: v.generate(long, 1))
+            if r == 0 and can_peak:
+                v.peak_extra = rss("VmHWM") - before
+
+    print(f"\n== {threads} thread(s), {tokens} new tokens, best of {rounds} rounds ==")
+    print(f"{'variant':<18} {'b1 tok/s':>9} {'b8 tok/s':>9} {'prefill':>9} {'weights':>9} {'+peak':>8} "
+          f"{'MB/token':>9} {'bound':>7} {'of bound':>8}")
+    rates = {}
+    for v in variants:
+        b1 = (tokens - 1) / (v.best["b1_n"] - v.best["b1_1"])
+        b8 = 8 * (tokens - 1) / (v.best["b8_n"] - v.best["b8_1"])
+        prefill = PREFILL / v.best["prefill"]
+        rates[v.name] = (b1, b8, prefill)
+        bound = bandwidth / v.per_token if v.per_token else None
+        print(f"{v.name:<18} {b1:>9.1f} {b8:>9.1f} {prefill:>9.0f} {v.weights / 2**20:>7.0f}MB "
+              f"{v.peak_extra / 2**20:>6.0f}MB "
+              + (f"{v.per_token / 1e6:>9.0f} {bound:>7.1f} {b1 / bound:>7.0%}" if bound else f"{'':>9} {'':>7} {'':>8}"))
+    hf = rates["transformers fp32"]
+    print("ratios vs transformers fp32 (batch 1 / batch 8 / prefill):")
+    for name, (b1, b8, prefill) in rates.items():
+        if name != "transformers fp32":
+            print(f"  {name:<10} {b1 / hf[0]:5.2f}x {b8 / hf[1]:5.2f}x {prefill / hf[2]:5.2f}x")
+    fp32_bound = bandwidth / variants[0].per_token
+    print(f"  bandwidth bound for fp32 batch 1: {fp32_bound / hf[0]:.2f}x transformers")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", default="2,1", help="comma-separated thread counts to measure (default 2,1)")
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per decode measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    import transformers
+
+    print(f"machine: {cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}")
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        bandwidth = read_bandwidth()
+        print(f"\nread bandwidth with {threads} thread(s): {bandwidth / 1e9:.1f} GB/s")
+        run(threads, args.tokens, args.rounds, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
