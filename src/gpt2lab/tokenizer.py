@@ -75,6 +75,10 @@ EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s+(?!\S)|\s+"""
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# OpenAI's released GPT-2 files (encoder.json, vocab.bpe); `save_pretrained` of Tokenizer.gpt2() reproduces both
+# byte for byte, as vocab.json and merges.txt. The merges are derived from the ranks once, then cached.
+GPT2_VOCAB_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 GPT2_PYPI = ("openai-whisper", "20250625", "whisper/assets/gpt2.tiktoken")
 
@@ -548,7 +552,8 @@ class Tokenizer(_TokenizerBase):
             hint = (f"Offline, copy GPT-2's gpt2.tiktoken (alias r50k_base.tiktoken) to {dest} or pass it: "
                     "Tokenizer.gpt2(ranks_file=PATH), or `--tokenizer PATH` on the command line.")  # fmt: skip
             path = obtain(dest, GPT2_RANKS_SHA256, _gpt2_sources(), hint=hint)
-        return cls.from_tiktoken(path, special_tokens={EOT: 50256})
+        ranks = read_tiktoken_ranks(path)
+        return cls({rank: token for token, rank in ranks.items()}, _gpt2_merges(ranks), {EOT: 50256})
 
     @classmethod
     def from_tiktoken(cls, path: str | os.PathLike, special_tokens: Mapping[str, int] | None = None) -> Tokenizer:
@@ -592,12 +597,35 @@ class Tokenizer(_TokenizerBase):
             if vocab.get(special, i) != i:
                 raise ValueError(f"special token {special!r} has the same text as ordinary token {vocab[special]}")
             vocab[special] = i
-        merges = "".join(f"{_to_visible(a)} {_to_visible(b)}\n" for a, b in self.merges)
         d.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(d / "vocab.json", json.dumps(vocab, ensure_ascii=False) + "\n")
-        write_file_atomic(d / "merges.txt", "#version: 0.2\n" + merges)
+        write_file_atomic(d / "vocab.json", json.dumps(vocab))  # json's defaults: the layout of GPT-2's encoder.json
+        write_file_atomic(d / "merges.txt", _merges_text(self.merges))
         write_file_atomic(d / "tokenizer_config.json", json.dumps(_hf_config(self.special_tokens), indent=2) + "\n")
         return d
+
+
+def _merges_text(merges: Sequence[tuple[bytes, bytes]]) -> str:
+    return "#version: 0.2\n" + "".join(f"{_to_visible(a)} {_to_visible(b)}\n" for a, b in merges)
+
+
+def _gpt2_merges(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """GPT-2's merges: read from the cache if it holds them (checked by sha256), else derived (~1 s) and cached.
+
+    The derived list is cached only if it is byte for byte OpenAI's vocab.bpe, so the cache can never hold a
+    wrong one.
+    """
+    cached = cache_dir() / "gpt2.merges.txt"
+    if cached.is_file() and sha256_file(cached) == GPT2_MERGES_SHA256:
+        lines = cached.read_text(encoding="utf-8").splitlines()[1:]
+        return [(_from_visible(a), _from_visible(b)) for a, b in (line.split(" ") for line in lines)]
+    merges = derive_merges(ranks)
+    text = _merges_text(merges)
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() == GPT2_MERGES_SHA256:
+        try:
+            write_file_atomic(cached, text)
+        except OSError:
+            pass  # a read-only cache costs only time
+    return merges
 
 
 def _gpt2_sources() -> list:
