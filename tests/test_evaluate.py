@@ -155,3 +155,28 @@ def test_bits_per_byte_counts_multibyte_tokens():
     expected_bytes = sum(2 if i % 2 else 1 for i in range(1, 40))
     assert result.bytes == expected_bytes
     assert result.bits_per_byte == pytest.approx(result.loss * result.tokens / math.log(2) / expected_bytes)
+
+
+def test_cli_eval_prints_loss_perplexity_and_bpb(tmp_path, capsys):
+    import json
+
+    from gpt2lab.cli import main
+    from gpt2lab.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .\n"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=1, n_head=2, n_embd=16))
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    text = "the quick brown fox jumps over the lazy dog.\n" * 4
+    (tmp_path / "data.txt").write_text(text, encoding="utf-8")
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data.txt"), "--stride", "4",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = evaluate_ids(model, torch.tensor(tok.encode(text)), stride=4,
+                            byte_lengths=token_byte_lengths(tok, tok.vocab_size))
+    assert result["loss"] == pytest.approx(expected.loss) and result["tokens"] == len(text) - 1
+    assert result["bits_per_byte"] == pytest.approx(expected.loss / math.log(2))  # one byte per character here
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data.txt"), "--stride", "40"]) == 1
+    assert "stride" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "nope.txt")]) == 1
+    assert "nope.txt" in capsys.readouterr().err

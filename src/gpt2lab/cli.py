@@ -209,6 +209,141 @@ def _run_quickstart(args: argparse.Namespace) -> None:
                samples=args.samples, progress=not args.no_progress)
 
 
+# ---------------------------------------------------------------------------------------------------------- generate
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    p.add_argument("--model", default="gpt2", help="a model directory or a hub name such as gpt2 (default: gpt2)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="the prompt text (default: stdin if piped, else unconditional)")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample (default: 100)")
+    # sampling defaults live in generate.SamplingParams; None here means "its default"
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; <1 sharper, >1 flatter "
+                   "(default: 1, the model's own distribution)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens "
+                   "holding probability p")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages tokens already present (CTRL's penalty)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples to generate (default: 1)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="end a sample at this text "
+                   "(repeatable; the stop text is not printed)")
+    p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16 or int8 (default: fp32)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    p.set_defaults(run=_run_generate)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-" or (args.prompt_file is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    return ""  # unconditional: generation starts from <|endoftext|>
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from gpt2lab.generate import SamplingParams, load_for_inference, stream_text
+
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "repetition_penalty": args.repetition_penalty}
+    sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})  # checks before loading
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    prompt = _read_prompt(args)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.tokenizer)
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"{'=' * 30} sample {i + 1} {'=' * 30}", flush=True)
+        pieces = stream_text(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop, generator=generator,
+                             **vars(sampling))  # checks the prompt before anything is printed
+        if not args.no_echo:
+            print(prompt, end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+
+# -------------------------------------------------------------------------------------------------------------- eval
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, sliding-window perplexity and bits per byte of a model on a text")
+    p.add_argument("--model", default="gpt2", help="a model directory or a hub name such as gpt2 (default: gpt2)")
+    p.add_argument("--data", required=True, help="a built-in dataset (shakespeare, tinyshakespeare), a text file, "
+                   "a directory of .txt files or a .jsonl file")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context / 2; "
+                   "= context for disjoint chunks)")
+    p.add_argument("--context", type=int, default=None, help="window length (default: the model's n_ctx)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16 or int8 (default: fp32)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
+    p.add_argument("--text-field", default="text", help="the field holding the text in a .jsonl source")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from gpt2lab.data import read_text_source
+    from gpt2lab.evaluate import evaluate_text
+    from gpt2lab.generate import load_for_inference
+
+    if args.stride is not None and args.stride < 1:
+        raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    text = read_text_source(args.data, text_field=args.text_field)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.tokenizer)
+    result = evaluate_text(model, tokenizer, text, stride=args.stride, context=args.context, batch_size=args.batch_size)
+    print(json.dumps(dataclasses.asdict(result)) if args.json else result.summary())
+
+
+# --------------------------------------------------------------------------------------------------------- attention
+def _add_attention(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attention", help="draw a heatmap of attention weights over a prompt's tokens")
+    p.add_argument("--model", default="gpt2", help="a model directory or a hub name such as gpt2 (default: gpt2)")
+    p.add_argument("--prompt", required=True, help="the text whose attention to draw")
+    p.add_argument("--layer", type=int, default=0, help="layer index, from 0 (default: 0)")
+    p.add_argument("--head", type=int, default=None, help="head index, from 0 (default: every head of the layer)")
+    p.add_argument("--out", required=True, help="image file to write (.png, .svg or .pdf)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
+    p.set_defaults(run=_run_attention)
+
+
+def _run_attention(args: argparse.Namespace) -> None:
+    import torch
+
+    from gpt2lab.generate import load_for_inference
+    from gpt2lab.visualize import attention_weights, plot_attention, token_labels
+
+    model, tokenizer = load_for_inference(args.model, "fp32", args.tokenizer)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt is empty; pass some text with --prompt")
+    weights = attention_weights(model, torch.tensor(ids), args.layer)  # (H, T, T)
+    if args.head is not None and not 0 <= args.head < weights.size(0):
+        raise ValueError(f"--head must be in [0, {weights.size(0) - 1}] for this model, got {args.head}")
+    heads = None if args.head is None else [args.head]
+    out = plot_attention(weights, token_labels(tokenizer, ids), args.out, layer=args.layer, heads=heads,
+                         title=f"{args.model}: {len(ids)} tokens")
+    print(f"wrote {out}")
+
+
 # ------------------------------------------------------------------------------------------------------------- parsing
 # One entry per subcommand, in the order `gpt2lab --help` lists them. Each adds its parser and sets `run`.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -219,6 +354,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare,
     _add_train,
     _add_quickstart,
+    _add_generate,
+    _add_eval,
+    _add_attention,
 ]
 
 

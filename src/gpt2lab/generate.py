@@ -566,6 +566,7 @@ def stream_text(model: "GPT", tokenizer: Any, prompt: str, max_new_tokens: int, 
 
     `**sampling` are `SamplingParams` fields (temperature, top_k, top_p, repetition_penalty). Generation also stops at
     the tokenizer's end-of-text token (`eos_token_id=-1`, the default, means "the tokenizer's"; None never stops).
+    Arguments are checked (and the prompt encoded) at the call; decoding starts at the first `next()`.
     """
     params = SamplingParams(**sampling)
     stops = [s for s in (stop or []) if s]
@@ -580,6 +581,11 @@ def stream_text(model: "GPT", tokenizer: Any, prompt: str, max_new_tokens: int, 
     if len(ids) > n_ctx:
         raise ValueError(f"the prompt is {len(ids)} tokens long, more than the model's context n_ctx={n_ctx}")
     steps = decode_steps(model, [ids], max_new_tokens, params, eos_token_id=eos_token_id, generators=[generator])
+    return _stream(steps, tokenizer, eos_token_id, stops)
+
+
+def _stream(steps: Iterator[list[Optional[TokenEvent]]], tokenizer: Any, eos_token_id: Optional[int],
+            stops: Sequence[str]) -> Iterator[str]:
     try:
         yield from text_pieces(_token_bytes(steps, tokenizer, eos_token_id), stops)
     finally:
@@ -654,3 +660,30 @@ def prepare_for_inference(model: "GPT", dtype: str = "fp32") -> "GPT":
 
 
 INFERENCE_DTYPES = ("fp32", "bf16", "int8")
+
+
+def load_tokenizer_for(directory: str, vocab_size: int, tokenizer: str | None = None) -> Any:
+    """The tokenizer of a model directory: `tokenizer` if given ("gpt2" or a directory), else the directory's own
+    tokenizer files, else GPT-2's when the model has GPT-2's vocabulary size."""
+    from gpt2lab.tokenizer import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    try:
+        return load_tokenizer(str(directory))
+    except FileNotFoundError:
+        if vocab_size != 50257:
+            raise FileNotFoundError(f"{directory} has no tokenizer files and its vocab_size ({vocab_size}) is not "
+                                    "GPT-2's; pass --tokenizer or save the model with its tokenizer") from None
+        return load_tokenizer("gpt2")
+
+
+def load_for_inference(model: str, dtype: str = "fp32", tokenizer: str | None = None) -> tuple["GPT", Any]:
+    """Load a model directory or hub name in an inference precision, with its tokenizer (see `load_tokenizer_for`)."""
+    from gpt2lab.checkpoint import load_model, resolve_model_dir
+
+    if dtype not in INFERENCE_DTYPES:  # before any loading or download
+        raise ValueError(f"unknown inference dtype {dtype!r}; choose one of: {', '.join(INFERENCE_DTYPES)}")
+    directory = resolve_model_dir(model)
+    network = prepare_for_inference(load_model(directory), dtype)
+    return network, load_tokenizer_for(str(directory), network.config.vocab_size, tokenizer)
