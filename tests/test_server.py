@@ -111,6 +111,16 @@ def test_streamed_completion_equals_plain_one(client):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
 
 
+def test_streamed_choices_interleave_by_index(client):
+    kwargs = dict(model=MODEL_ID, prompt=["One", "Two"], max_tokens=6, temperature=0)
+    plain = [c.text for c in client.completions.create(**kwargs).choices]
+    texts = ["", ""]
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == plain
+
+
 def test_stream_ends_with_done_event(server):
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True}) as response:
@@ -140,12 +150,13 @@ def test_logprobs_are_the_models_and_offsets_index_the_text(client, model, token
             assert text[start:start + len(token)] == token
 
 
-def test_echo_prepends_prompt_and_shifts_offsets(client):
-    result = client.completions.create(model=MODEL_ID, prompt="Echo me", max_tokens=4, temperature=0, echo=True,
-                                       logprobs=1)
-    choice = result.choices[0]
-    assert choice.text.startswith("Echo me")
-    assert choice.logprobs.text_offset[0] == len("Echo me")
+def test_echo_prepends_the_prompt_plain_and_streamed(client):
+    kwargs = dict(model=MODEL_ID, prompt="Echo me", max_tokens=4, temperature=0)
+    plain = client.completions.create(**kwargs).choices[0].text
+    echoed = client.completions.create(echo=True, **kwargs).choices[0].text
+    assert echoed == "Echo me" + plain
+    streamed = "".join(c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kwargs))
+    assert streamed == echoed
 
 
 def test_list_prompts_and_n_give_one_choice_each_in_order(client, model, tokenizer):
@@ -338,6 +349,7 @@ BAD_REQUESTS = [
     ({"max_tokens": 5}, 422, "prompt", "missing_field", "required"),
     ({"prompt": "x", "frequency_penalty": 0.5}, 422, "frequency_penalty", "unsupported", "repetition_penalty"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 422, "stream_options", "invalid_value", "stream"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, 422, "logprobs", "unsupported", "echo"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found", "'gpt-4'"),
     ({"prompt": " hello" * 70}, 413, "prompt", "prompt_too_long", "70 tokens"),
     ({"prompt": " hello" * 50, "max_tokens": 20}, 400, "max_tokens", "context_length_exceeded", "at most 14"),
@@ -355,6 +367,15 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, bod
     assert words in error["message"]
     assert error["type"] == ("invalid_request_error" if status != 404 else "not_found_error")
     assert post(server, {"prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+def test_playground_and_static_files_are_served(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/static/playground.js" in page.text and "http" not in page.text.split("<body>")[0].replace("http-equiv", "")
+    script = httpx.get(server.url + "/static/playground.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert httpx.get(server.url + "/v1/models/other").status_code == 404
 
 
 def test_unknown_routes_and_methods_get_error_objects(server):

@@ -27,7 +27,6 @@ import dataclasses
 import hmac
 import json
 import math
-import secrets
 import threading
 import time
 import uuid
@@ -304,6 +303,9 @@ def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: Serv
     logprobs = _get_int(body, "logprobs", None, 0, config.max_logprobs)
     seed = _get_int(body, "seed", None, -(2**63), 2**63 - 1)
     stream, echo = _get_bool(body, "stream"), _get_bool(body, "echo")
+    if echo and logprobs is not None:
+        raise _invalid("logprobs", "'logprobs' together with 'echo' (log-probabilities of the prompt's tokens) is not "
+                                   "supported yet; ask for one or the other", code="unsupported")
     include_usage = _get_stream_options(body, stream)
     stop = _get_stop(body, config.max_stop)
     try:
@@ -641,7 +643,10 @@ class Completion:
 
     def _deliverer(self, index: int) -> Callable[[Any], None]:
         def deliver(item: Any) -> None:  # called on the decode thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+            except RuntimeError:  # the event loop has closed (server shutdown): nobody is listening any more
+                pass
         return deliver
 
     def cancel(self) -> None:
@@ -754,11 +759,11 @@ class CompletionServer:
 
         def make(index: int, deliver: Callable[[Any], None]) -> Row:
             generator = None
-            if req.sampling.temperature > 0:
-                # Each choice has its own generator, so a seeded request gives the same text whatever else shares
-                # its batch; choice i of n uses seed + i, so the n choices differ.
-                seed = req.seed + index if req.seed is not None else secrets.randbits(63)
-                generator = torch.Generator(device=device).manual_seed(seed % 2**63)
+            if req.seed is not None and not req.sampling.greedy:
+                # A seeded choice has its own generator, so it gives the same text whatever else shares its batch;
+                # choice i of n uses seed + i, so the n choices differ. Unseeded rows share torch's default
+                # generator, which lets decode_steps sample the whole batch in one call.
+                generator = torch.Generator(device=device).manual_seed((req.seed + index) % 2**63)
             return Row(prompt=req.prompts[index // req.n], max_new_tokens=req.max_tokens, sampling=req.sampling,
                        generator=generator, top_logprobs=req.logprobs or 0,
                        text=ChoiceText(self.tokenizer, req.stop, self._token_name), deliver=deliver)
