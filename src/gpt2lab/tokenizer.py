@@ -451,6 +451,15 @@ class _TokenizerBase:
         return ValueError(f"token id {bad!r} is not in the vocabulary (ids 0..{self.vocab_size - 1})")
 
 
+def _check_specials(special_tokens: Sequence[str]) -> list[str]:
+    specials = [] if isinstance(special_tokens, str) else list(special_tokens)
+    if isinstance(special_tokens, str) or len(set(specials)) != len(specials) or not all(
+        isinstance(s, str) and s for s in specials
+    ):
+        raise ValueError(f"special_tokens must be a list of distinct non-empty strings, got {special_tokens!r}")
+    return specials
+
+
 def _check_workers(num_workers: object) -> int:
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
         raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
@@ -816,11 +825,7 @@ def train_bpe(
     pair to pieces says which), never a full recount. If the corpus runs out of pairs first, the vocabulary is
     smaller than asked.
     """
-    specials = list(special_tokens)
-    if isinstance(special_tokens, str) or len(set(specials)) != len(specials) or not all(
-        isinstance(s, str) and s for s in specials
-    ):
-        raise ValueError(f"special_tokens must be distinct non-empty strings, got {special_tokens!r}")
+    specials = _check_specials(special_tokens)
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size must be an int >= {256 + len(specials)} (256 bytes + {len(specials)} special"
                          f" tokens), got {vocab_size!r}")  # fmt: skip
@@ -883,7 +888,9 @@ def _read_blocks(path: Path, progress: bool, block_bytes: int = 1 << 20) -> Iter
             yield pending
 
 
-def learn_merges(counts: Mapping[str, int], n_merges: int, base: Sequence[bytes], progress: bool = False):
+def learn_merges(
+    counts: Mapping[str, int], n_merges: int, base: Sequence[bytes], progress: bool = False
+) -> list[tuple[bytes, bytes]]:
     """Learn up to `n_merges` merges from piece counts; `base[i]` is the byte of id i. Returns byte pairs in order.
 
     State: each unique piece as a list of ids with its count, `pair_counts` over all pieces, `where[pair]` = the
@@ -975,11 +982,7 @@ class CharTokenizer(_TokenizerBase):
             raise ValueError(f"chars must be a non-empty list of single characters, got the entry {bad!r}")
         if len(set(self.chars)) != len(self.chars):
             raise ValueError("chars lists a character twice")
-        specials = list(special_tokens)
-        if isinstance(special_tokens, str) or len(set(specials)) != len(specials) or not all(
-            isinstance(s, str) and s for s in specials
-        ):
-            raise ValueError(f"special_tokens must be distinct non-empty strings, got {special_tokens!r}")
+        specials = _check_specials(special_tokens)
         self.special_tokens = {s: len(self.chars) + k for k, s in enumerate(specials)}
         self._id_of = {c: i for i, c in enumerate(self.chars)}
         self._decoder = {**dict(enumerate(self.chars)), **{i: s for s, i in self.special_tokens.items()}}
