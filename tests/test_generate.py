@@ -312,6 +312,15 @@ def test_decode_steps_stop_reason_should_stop_and_per_row_settings():
         assert [s[i].token for s in together] == [s[0].token for s in alone]
 
 
+def test_decode_steps_leaves_grad_mode_alone_between_steps():
+    model = make_model(CONFIGS["tiny"]).train()
+    steps = decode_steps(model, [[1, 2]], 5, SamplingParams(temperature=0))
+    next(steps)
+    assert torch.is_grad_enabled() and not model.training  # the consumer runs with its own grad mode
+    steps.close()
+    assert model.training  # restored when the generator ends
+
+
 def test_decode_steps_validates():
     model = make_model(CONFIGS["tiny"])
     with pytest.raises(ValueError, match="empty"):

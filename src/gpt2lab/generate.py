@@ -249,6 +249,7 @@ class Decoder:
     def batch_size(self) -> int:
         return self.rows.numel()
 
+    @torch.no_grad()
     def prefill(self) -> torch.Tensor:
         """Encode the window [start, length) from an empty cache; returns (B, V) logits of its last position."""
         self.cache.reset()
@@ -263,6 +264,7 @@ class Decoder:
                                 attention_mask=window, kv_cache=self.cache, logits_to_keep=1)
         return logits[:, -1].float()  # (B, V)
 
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append `tokens` (B,) at the next column and return the logits for the column after it, (B, V)."""
         col = self.length
@@ -490,7 +492,11 @@ def _decode_events(model: "GPT", prompts: list[list[int]], limits: list[int], pa
     V = model.config.vocab_size
     idx, mask = _left_pad(prompts, model.ln_f.weight.device)
     needs_seen = any(p.repetition_penalty not in (None, 1.0) for p in params)
-    with _EvalMode(model):
+    # No grad-mode context is held across `yield` (grad mode is per thread and the consumer runs between steps):
+    # the decoder's own methods run under no_grad, and only eval mode is kept until the generator ends.
+    was_training = model.training
+    model.eval()
+    try:
         decoder = Decoder(model, idx, mask, max(limits))
         seen = _seen_from_prompts(idx, mask, V) if needs_seen else None
         # rows with a zero limit never start
@@ -540,6 +546,8 @@ def _decode_events(model: "GPT", prompts: list[list[int]], limits: list[int], pa
                 tokens = tokens[keep]
                 seen = seen[keep] if seen is not None else None
             logits = decoder.step(tokens)
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------- streaming
