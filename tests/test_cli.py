@@ -38,3 +38,8 @@ def test_console_script_error_exit_code():
     proc = subprocess.run([sys.executable, "-m", "gpt2lab.cli", "info", "nope"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.startswith("gpt2lab info: error:") and "Traceback" not in proc.stderr
+
+
+def test_tokenizer_import_does_not_load_torch():
+    code = "import sys, gpt2lab.tokenizer; from gpt2lab import Tokenizer; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
