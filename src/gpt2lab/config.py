@@ -161,7 +161,8 @@ class TrainConfig:
     - Batch: `batch_size` sequences of `seq_len` tokens per micro-step per process; `grad_accum` micro-steps per
       optimizer step. Tokens per step = batch_size × seq_len × grad_accum × processes.
     - Schedule: linear warmup over `warmup_steps` to `lr`, then cosine decay to `min_lr` at `decay_steps` (default
-      `max_steps`); with `max_minutes` the decay also follows elapsed time, whichever budget is further along.
+      `max_steps`); with `max_minutes` and `clock_schedule` (default) the decay also follows elapsed time,
+      whichever budget is further along, so a run stopped by the clock still ends at `min_lr`.
     - AdamW: `beta1`, `beta2`, `weight_decay` (2-D weights only: matmuls and embeddings, not biases or LayerNorm),
       `grad_clip` on the global gradient norm (0 turns it off).
     - Speed: `dtype` fp32 or bf16 (autocast; weights and optimizer stay fp32), `compile` (torch.compile), `threads`
@@ -197,6 +198,7 @@ class TrainConfig:
     seed: int = 1337
     max_steps: int = 5000
     max_minutes: float = 0.0
+    clock_schedule: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, GPTConfig):
@@ -226,8 +228,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             raise ValueError(f"TrainConfig.device {self.device!r} is unknown; choose one of: {', '.join(DEVICES)}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"TrainConfig.compile must be true or false, got {self.compile!r}")
+        for name in ("compile", "clock_schedule"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.seq_len > self.model.n_ctx and not self.init_from:
             raise ValueError(f"TrainConfig.seq_len ({self.seq_len}) exceeds the model's context model.n_ctx "
                              f"({self.model.n_ctx}); lower seq_len or raise model.n_ctx")

@@ -539,7 +539,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     while state.step < config.max_steps:
         if budget_s and _should_stop(elapsed() >= budget_s, runtime):
             break
-        lr = learning_rate(state.step, config, elapsed() / budget_s if budget_s else 0.0)
+        lr = learning_rate(state.step, config, elapsed() / budget_s if budget_s and config.clock_schedule else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = _optimizer_step(step_model, model, optimizer, data, config, runtime, state.micro_batches)
@@ -557,9 +557,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             if log is not None:
                 log.write({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens, "tok_per_s": round(tok_s, 1),
                            "mfu": round(mfu, 4), "elapsed_s": round(elapsed(), 3)})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+            bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}",
+                            refresh=False)
             window_start, window_tokens = time.perf_counter(), 0
-        bar.update(1)
+        _advance(bar, elapsed() if budget_s else state.step)
         if state.step % config.eval_interval == 0:
             run_eval()
             evaluated_at = state.step
@@ -607,10 +608,23 @@ def _should_stop(local: bool, runtime: Runtime) -> bool:
 
 
 def _progress_bar(config: TrainConfig, state: RunState, enabled: bool) -> Any:
+    """Steps out of max_steps; with a time limit, seconds out of the budget (the limit that usually ends the run)."""
     from tqdm import tqdm
 
+    if config.max_minutes:
+        budget = config.max_minutes * 60
+        return tqdm(total=round(budget, 1), initial=round(min(state.elapsed_s, budget), 1), desc="train", unit="s",
+                    disable=not enabled, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
     return tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step", disable=not enabled,
                 dynamic_ncols=True)
+
+
+def _advance(bar: Any, position: float) -> None:
+    """Move the bar to `position` (a step count, or seconds of the time budget)."""
+    if bar.total is not None:
+        position = min(position, bar.total)
+    if position > bar.n:
+        bar.update(position - bar.n)
 
 
 def iter_log(out_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
@@ -628,11 +642,11 @@ QUICKSTART = TrainConfig(
     data_dir="data/shakespeare-char",
     out_dir="runs/quickstart",
     model=GPTConfig(n_ctx=128, n_layer=4, n_head=4, n_embd=128),
-    batch_size=32,
+    batch_size=16,
     seq_len=128,
-    lr=2e-3,
+    lr=3e-3,
     min_lr=1e-4,
-    warmup_steps=50,
+    warmup_steps=30,
     max_steps=100_000,  # the clock stops it; the cosine follows the clock
     max_minutes=5.0,
     weight_decay=0.1,
