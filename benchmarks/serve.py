@@ -8,9 +8,9 @@ runs in a child process bound to loopback, and each level sends a fixed number o
     python benchmarks/serve.py --preset tiny --requests 16 --max-tokens 16   # a quick smoke run
     python benchmarks/serve.py --model path/to/model-dir --dtype int8
 
-Each request asks for exactly `--max-tokens` tokens (random weights rarely emit end-of-text; requests that do are
-counted by the tokens they actually got), sampled at temperature 0.8 with a per-request seed, from prompts of
-8 to 40 tokens.
+Each request asks for `--max-tokens` tokens (random weights rarely emit end-of-text; requests that do are counted
+by the tokens they actually got), sampled at `--temperature` (default 0.8, no seed, as most clients send), from
+prompts of 8 to 40 words.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -50,8 +51,9 @@ def server_process(port_queue, preset: str, model_dir: str | None, dtype: str, m
     config = ServerConfig(model_id="bench", max_batch_size=max_batch_size, batch_wait_ms=5, max_pending=1024)
     server = BackgroundServer(create_app(model, tokenizer, config), host="127.0.0.1", port=0).start()
     port_queue.put(server.port)
-    while True:
-        time.sleep(3600)
+    parent = os.getppid()
+    while os.getppid() == parent:  # exit with the benchmark, even when it was killed
+        time.sleep(1)
 
 
 @dataclass
@@ -76,7 +78,8 @@ def prompt_for(i: int) -> str:
     return " ".join(PROMPT_WORDS[(i + k) % len(PROMPT_WORDS)] for k in range(n))
 
 
-async def run_level(url: str, clients: int, total: int, max_tokens: int, timeout: float) -> Level:
+async def run_level(url: str, clients: int, total: int, max_tokens: int, timeout: float, temperature: float = 0.8
+                    ) -> Level:
     """`clients` workers share a fixed list of `total` requests; returns when all are answered."""
     import httpx
 
@@ -88,8 +91,7 @@ async def run_level(url: str, clients: int, total: int, max_tokens: int, timeout
         nonlocal tokens
         while todo:
             i = todo.pop()
-            body = {"model": "bench", "prompt": prompt_for(i), "max_tokens": max_tokens, "temperature": 0.8,
-                    "seed": i}
+            body = {"model": "bench", "prompt": prompt_for(i), "max_tokens": max_tokens, "temperature": temperature}
             start = time.perf_counter()
             response = await client.post(url + "/v1/completions", json=body)
             response.raise_for_status()
@@ -114,20 +116,28 @@ def start_server(args: argparse.Namespace, max_batch_size: int) -> tuple[mp.Proc
     return process, f"http://127.0.0.1:{port}"
 
 
-def measure(args: argparse.Namespace, max_batch_size: int) -> dict[int, Level]:
-    process, url = start_server(args, max_batch_size)
+def measure(args: argparse.Namespace) -> dict[str, dict[int, Level]]:
+    """Both servers run side by side (only one is sent traffic at a time); each level measures one, then the other,
+    so a change in the machine's load during the run hits both alike."""
+    servers = {"batched": start_server(args, args.max_batch_size), "one by one": start_server(args, 1)}
+    results: dict[str, dict[int, Level]] = {name: {} for name in servers}
     try:
-        asyncio.run(run_level(url, 1, 2, 4, args.timeout))  # warm-up: first-call allocations, thread pools
-        results = {}
-        for clients in args.clients:
-            results[clients] = asyncio.run(run_level(url, clients, args.requests, args.max_tokens, args.timeout))
-            level = results[clients]
-            print(f"  batch<={max_batch_size:<2} clients={clients:<3} {level.requests_per_s:6.2f} req/s "
-                  f"{level.tokens_per_s:8.1f} tok/s", file=sys.stderr, flush=True)
+        for name, (_, url) in servers.items():  # warm-up: first-call allocations, thread pools
+            asyncio.run(run_level(url, 1, 2, 4, args.timeout))
+        for k, clients in enumerate(args.clients):
+            total = args.requests or max(4, 2 * clients)
+            order = list(servers) if k % 2 == 0 else list(reversed(servers))
+            for name in order:
+                level = asyncio.run(run_level(servers[name][1], clients, total, args.max_tokens, args.timeout,
+                                              args.temperature))
+                results[name][clients] = level
+                print(f"  {name:<10} clients={clients:<3} requests={total:<3} {level.requests_per_s:6.2f} req/s "
+                      f"{level.tokens_per_s:8.1f} tok/s", file=sys.stderr, flush=True)
         return results
     finally:
-        process.terminate()
-        process.join(30)
+        for process, _ in servers.values():
+            process.terminate()
+            process.join(30)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -141,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="a model directory instead of a random preset")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or int8")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=16, help="requests per level (default: 16)")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 per client, at least 4)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: 32)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     parser.add_argument("--max-batch-size", type=int, default=16, help="the batched server's limit (default: 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--timeout", type=float, default=600, help="per-request timeout in seconds")
@@ -151,17 +162,19 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     print(f"# gpt2lab serve load test: {args.model or args.preset + ' (random weights)'}, {args.dtype}, "
-          f"{args.requests} requests x {args.max_tokens} tokens per level, torch {torch.__version__}, "
+          f"{args.requests or '2 per client'} requests x {args.max_tokens} tokens per level, "
+          f"temperature {args.temperature}, "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    batched = measure(args, args.max_batch_size)
-    one_by_one = measure(args, 1)
+    results = measure(args)
+    batched, one_by_one = results["batched"], results["one by one"]
     print()
-    print("| clients | server | req/s | tok/s | p50 latency (s) | p95 latency (s) |")
-    print("|--:|:--|--:|--:|--:|--:|")
+    print("| clients | requests | server | req/s | tok/s | p50 latency (s) | p95 latency (s) |")
+    print("|--:|--:|:--|--:|--:|--:|--:|")
     for clients in args.clients:
-        for name, results in ((f"batched (max {args.max_batch_size})", batched), ("one by one", one_by_one)):
-            level = results[clients]
-            print(f"| {clients} | {name} | {level.requests_per_s:.2f} | {level.tokens_per_s:.1f} | "
+        for name, level in ((f"batched (max {args.max_batch_size})", batched[clients]),
+                            ("one by one", one_by_one[clients])):
+            print(f"| {clients} | {level.requests} | {name} | {level.requests_per_s:.2f} | {level.tokens_per_s:.1f} | "
                   f"{statistics.median(level.latencies):.2f} | {percentile(level.latencies, 0.95):.2f} |")
     print()
     for clients in args.clients:

@@ -94,6 +94,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: the "
                    "GPT2LAB_API_KEY environment variable, else no key)")
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the directory name)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
     p.add_argument("--max-batch-size", type=int, default=None, help="completions decoded together (default: 8)")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="how long a lone request waits for company "
                    "before its batch starts (default: 5)")
@@ -124,7 +125,7 @@ def _run_serve(args: argparse.Namespace) -> None:
         print(f"gpt2lab serve: warning: listening on {args.host} without --api-key; anyone who can reach this "
               "address can use the model", file=sys.stderr)
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, config=config, model_name=args.model_name,
-          log_level=args.log_level)
+          tokenizer=args.tokenizer, log_level=args.log_level)
 
 
 # ----------------------------------------------------------------------------------------------------------- prepare

@@ -31,10 +31,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -491,6 +491,7 @@ class BatchWorker:
         self.n_ctx = model.config.n_ctx
         self._queue: deque[Row] = deque()
         self._active = 0
+        self._arriving = 0  # requests being read and parsed: their rows are about to be submitted
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -511,6 +512,20 @@ class BatchWorker:
                 self._thread.start()
             self._queue.extend(rows)
             self._cond.notify()
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as on its way (being read, parsed, tokenized) while the block runs: a batch about to start
+        waits for it (up to 10 × batch_wait_ms), so requests sent together are decoded together even when parsing
+        them takes longer than the batch window."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify()
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -533,12 +548,13 @@ class BatchWorker:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
-            deadline = time.monotonic() + self.batch_wait
+            start = time.monotonic()
             while len(self._queue) < self.max_batch_size and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                waited = time.monotonic() - start
+                limit = 10 * self.batch_wait if self._arriving else self.batch_wait
+                if waited >= limit:
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(limit - waited)
             if self._closed:
                 return None
             batch, waiting, longest_prompt, longest_new = [], deque(), 0, 0
@@ -707,11 +723,12 @@ class CompletionServer:
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        body = await read_json(request, self.config.max_request_bytes)
-        req = await run_in_threadpool(parse_completion_request, body, self.tokenizer, self.n_ctx, self.config)
-        completion = Completion(req, self._make_row(req))
-        live = [i for i, row in enumerate(completion.rows) if row.max_new_tokens > 0]
-        self.worker.submit([completion.rows[i] for i in live])
+        with self.worker.arriving():
+            body = await read_json(request, self.config.max_request_bytes)
+            req = await run_in_threadpool(parse_completion_request, body, self.tokenizer, self.n_ctx, self.config)
+            completion = Completion(req, self._make_row(req))
+            live = [i for i, row in enumerate(completion.rows) if row.max_new_tokens > 0]
+            self.worker.submit([completion.rows[i] for i in live])
         if req.stream:
             return EventStream(self._stream(completion, live), on_close=completion.cancel)
         collect = asyncio.ensure_future(self._collect(completion, live))
@@ -932,34 +949,25 @@ class BackgroundServer:
         self.stop()
 
 
-def load_app(model: str, dtype: str = "fp32", config: ServerConfig | None = None, model_name: str | None = None
-             ) -> Starlette:
+def load_app(model: str, dtype: str = "fp32", config: ServerConfig | None = None, model_name: str | None = None,
+             tokenizer: str | None = None) -> Starlette:
     """Load a model directory (or a hub name such as "gpt2") with its tokenizer and build the app.
 
-    The served id is `model_name`, else the hub name or the directory's name.
+    The tokenizer is `tokenizer` if given, else the directory's own, else GPT-2's for a GPT-2-vocabulary model (see
+    `generate.load_for_inference`). The served id is `model_name`, else the hub name or the directory's name.
     """
-    from gpt2lab.checkpoint import load_model, resolve_model_dir
-    from gpt2lab.generate import prepare_for_inference
-    from gpt2lab.tokenizer import load_tokenizer
+    from gpt2lab.generate import load_for_inference
 
-    directory = resolve_model_dir(model)
-    network = prepare_for_inference(load_model(directory), dtype)
-    try:
-        tokenizer = load_tokenizer(str(directory))
-    except FileNotFoundError:  # no tokenizer files at all: a GPT-2-vocabulary model means GPT-2's tokenizer
-        if network.config.vocab_size != 50257:
-            raise FileNotFoundError(f"{directory} has no tokenizer files and its vocab_size ({network.config.vocab_size}) "
-                                    "is not GPT-2's; save the model with its tokenizer (save_pretrained(dir, tokenizer))"
-                                    ) from None
-        tokenizer = load_tokenizer("gpt2")
+    network, tok = load_for_inference(model, dtype, tokenizer)
     name = model_name or (Path(model).resolve().name if Path(model).is_dir() else model)
-    return create_app(network, tokenizer, dataclasses.replace(config or ServerConfig(), model_id=name))
+    return create_app(network, tok, dataclasses.replace(config or ServerConfig(), model_id=name))
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fp32",
-          config: ServerConfig | None = None, model_name: str | None = None, log_level: str = "info") -> None:
+          config: ServerConfig | None = None, model_name: str | None = None, tokenizer: str | None = None,
+          log_level: str = "info") -> None:
     """Load `model` and serve it until interrupted (Ctrl-C). Binds to localhost unless `host` says otherwise."""
     import uvicorn
 
-    app = load_app(model, dtype, config, model_name)
+    app = load_app(model, dtype, config, model_name, tokenizer)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
