@@ -7,12 +7,15 @@ For each thread count, one run measures, for every variant:
 - decode tokens/s at batch 1 and batch 8: greedy `generate` of N tokens minus `generate` of 1 token (which is the
   prefill plus one sampling), so the figure is the per-token cost of cached decoding alone;
 - prefill tokens/s of a 512-token prompt (`generate` of 1 token);
-- peak memory: the bytes of weights, and the extra resident memory while decoding batch 8 (KV cache, logits, work
-  buffers), read from the kernel's peak-RSS counter (VmHWM, reset through /proc/self/clear_refs).
+- peak memory: the bytes of weights, and the peak resident memory of a fresh process that loads the variant and
+  runs the batch-8 decode and the 512-token prefill (the kernel's VmHWM, reset after loading so the float32 copy a
+  conversion starts from does not count), next to the same process's RSS before loading anything (Python + torch).
 
 Variants run alternately, round after round, and each keeps its best time, so a noisy machine hits all alike. The
-machine's read bandwidth is measured (summing a 512 MiB tensor) to give the batch-1 bound: bandwidth / bytes of
-weights read per token (every matrix once, the tied LM head included, the embeddings one row each, plus the cache).
+machine's read bandwidth is measured (summing a 512 MiB tensor with every core, best of all tries before and between
+rounds) to give the batch-1 bound:
+bandwidth / bytes of weights read per token (every matrix once, the tied LM head included, the embeddings one row
+each, plus the cache).
 """
 
 from __future__ import annotations
@@ -43,10 +46,14 @@ def cpu_name() -> str:
     return f"{name.group(1) if name else 'unknown CPU'} ({os.cpu_count()} vCPU; {', '.join(isa) or 'no AVX2'})"
 
 
-def read_bandwidth(repeats: int = 5) -> float:
-    """Bytes/s of a streaming read: the best of several sums over a 512 MiB tensor (far beyond any cache)."""
+def read_bandwidth(repeats: int = 10) -> float:
+    """Bytes/s of a streaming read with every core: the best of several sums over a 512 MiB tensor (far beyond any
+    cache)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
     a = torch.ones(128 * 1024 * 1024)
     best = min(_timed(lambda: a.sum()) for _ in range(repeats))
+    torch.set_num_threads(threads)
     return a.numel() * 4 / best
 
 
@@ -99,7 +106,7 @@ class Variant:
     def __init__(self, name: str, generate: Callable[[torch.Tensor, int], object], weights: int, per_token: int | None):
         self.name, self.generate, self.weights, self.per_token = name, generate, weights, per_token
         self.best: dict[str, float] = {}
-        self.peak_extra = 0
+        self.peak = self.baseline = 0
 
     def time(self, key: str, fn: Callable[[], object]) -> None:
         self.best[key] = min(self.best.get(key, float("inf")), _timed(fn))
@@ -143,22 +150,20 @@ def run(threads: int, tokens: int, rounds: int, bandwidth: float) -> None:
     for v in variants:  # warm-up (first calls allocate and pick kernels)
         v.generate(prompt1, 3)
         v.generate(prompt8, 2)
-    can_peak = reset_peak_rss()
-    for r in range(rounds):
+    for _ in range(rounds):
         for v in variants:
             v.time("b1_1", lambda: v.generate(prompt1, 1))
             v.time("b1_n", lambda: v.generate(prompt1, tokens))
-            if r == 0 and can_peak:
-                before = rss("VmRSS")
-                reset_peak_rss()
             v.time("b8_1", lambda: v.generate(prompt8, 1))
             v.time("b8_n", lambda: v.generate(prompt8, tokens))
             v.time("prefill", lambda: v.generate(long, 1))
-            if r == 0 and can_peak:
-                v.peak_extra = rss("VmHWM") - before
+        bandwidth = max(bandwidth, read_bandwidth(3))  # the best seen during the run: the machine's, not the noise's
+    print(f"read bandwidth (best during the run, all cores): {bandwidth / 1e9:.1f} GB/s")
+    for v in variants:
+        v.peak, v.baseline = peak_memory(v.name, threads, tokens)
 
     print(f"\n== {threads} thread(s), {tokens} new tokens, best of {rounds} rounds ==")
-    print(f"{'variant':<18} {'b1 tok/s':>9} {'b8 tok/s':>9} {'prefill':>9} {'weights':>9} {'+peak':>8} "
+    print(f"{'variant':<18} {'b1 tok/s':>9} {'b8 tok/s':>9} {'prefill':>9} {'weights':>9} {'peak RSS':>9} "
           f"{'MB/token':>9} {'bound':>7} {'of bound':>8}")
     rates = {}
     for v in variants:
@@ -168,7 +173,7 @@ def run(threads: int, tokens: int, rounds: int, bandwidth: float) -> None:
         rates[v.name] = (b1, b8, prefill)
         bound = bandwidth / v.per_token if v.per_token else None
         print(f"{v.name:<18} {b1:>9.1f} {b8:>9.1f} {prefill:>9.0f} {v.weights / 2**20:>7.0f}MB "
-              f"{v.peak_extra / 2**20:>6.0f}MB "
+              f"{v.peak / 2**20:>7.0f}MB "
               + (f"{v.per_token / 1e6:>9.0f} {bound:>7.1f} {b1 / bound:>7.0%}" if bound else f"{'':>9} {'':>7} {'':>8}"))
     hf = rates["transformers fp32"]
     print("ratios vs transformers fp32 (batch 1 / batch 8 / prefill):")
@@ -177,6 +182,52 @@ def run(threads: int, tokens: int, rounds: int, bandwidth: float) -> None:
             print(f"  {name:<10} {b1 / hf[0]:5.2f}x {b8 / hf[1]:5.2f}x {prefill / hf[2]:5.2f}x")
     fp32_bound = bandwidth / variants[0].per_token
     print(f"  bandwidth bound for fp32 batch 1: {fp32_bound / hf[0]:.2f}x transformers")
+    print(f"peak RSS: a fresh process loading the variant and running batch-8 decode + prefill; Python + torch alone "
+          f"is {variants[0].baseline / 2**20:.0f}MB of it")
+
+
+def peak_memory(name: str, threads: int, tokens: int) -> tuple[int, int]:
+    """(peak RSS while generating, RSS before loading) of a fresh process running variant `name`."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--memory-of", name, "--threads", str(threads), "--tokens", str(tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    data = json.loads(out.strip().splitlines()[-1])
+    return data["peak"], data["baseline"]
+
+
+def measure_memory(name: str, tokens: int) -> None:
+    """Child process of `peak_memory`: load one variant, reset the peak, generate, print the peak as JSON."""
+    import gc
+    import json
+
+    baseline = rss("VmRSS")
+    from gpt2lab import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    if name.startswith("transformers"):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config()).eval()
+
+        def gen(idx, n):
+            with torch.inference_mode():
+                model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)
+    else:
+        from gpt2lab.generate import generate, prepare_for_inference
+
+        model = prepare_for_inference(GPT(GPTConfig.preset("gpt2")), name.split()[-1])
+
+        def gen(idx, n):
+            generate(model, idx, n, temperature=0)
+    gc.collect()
+    reset_peak_rss()
+    gen(torch.randint(0, 50257, (8, PROMPT)), tokens)
+    gen(torch.randint(0, 50257, (1, PREFILL)), 1)
+    print(json.dumps({"peak": rss("VmHWM"), "baseline": baseline}))
 
 
 def main() -> None:
@@ -184,14 +235,17 @@ def main() -> None:
     parser.add_argument("--threads", default="2,1", help="comma-separated thread counts to measure (default 2,1)")
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per decode measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one variant's peak memory
     args = parser.parse_args()
+    if args.memory_of:
+        torch.set_num_threads(int(args.threads))
+        return measure_memory(args.memory_of, args.tokens)
     import transformers
 
     print(f"machine: {cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}")
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         bandwidth = read_bandwidth()
-        print(f"\nread bandwidth with {threads} thread(s): {bandwidth / 1e9:.1f} GB/s")
         run(threads, args.tokens, args.rounds, bandwidth)
 
 

@@ -1,0 +1,94 @@
+"""What bf16 and int8 weights cost in quality, against float32 on the same model.
+
+    python benchmarks/quality.py [--tokens 300] [--train-seconds 90]
+
+Two models:
+- GPT-2 124M with random weights (the architecture and tensor sizes of the real one; its outputs are near-uniform,
+  so only the logit error means something there);
+- a small character-level model trained here for a minute or two on ../shared/data/tinyshakespeare.txt, whose
+  distributions are peaked like a trained model's (greedy agreement is meaningful).
+
+For each precision: the largest and the mean absolute logit error relative to the logits' standard deviation, the
+mean KL(fp32 || low) of next-token distributions, the top-1 agreement with fp32 along fp32's own greedy continuation
+(teacher-forced), and the length of the prefix where free-running greedy decoding matches fp32 token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def train_char_model(seconds: float):
+    from gpt2lab import GPT, GPTConfig
+
+    text = DATA.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(chars), n_ctx=128, n_layer=4, n_head=4, n_embd=128))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    start, step = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        ix = torch.randint(0, data.numel() - 129, (32,))
+        x = torch.stack([data[i:i + 128] for i in ix])
+        y = torch.stack([data[i + 1:i + 129] for i in ix])
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+    print(f"trained a {model.num_parameters() / 1e6:.1f}M char model for {step} steps: loss {loss.item():.3f}")
+    return model.eval(), data
+
+
+def compare(name: str, ref, prompt: torch.Tensor, tokens: int) -> None:
+    from gpt2lab.generate import generate, prepare_for_inference
+
+    greedy = generate(ref, prompt, tokens, temperature=0)  # fp32's own continuation
+    n_ctx = ref.config.n_ctx
+    with torch.no_grad():
+        windows = [greedy[:, i:i + n_ctx] for i in range(0, greedy.size(1) - 1, n_ctx)]
+        ref_logits = torch.cat([ref(w) for w in windows], dim=1)[:, prompt.size(1) - 1:-1]  # (1, tokens, V)
+    print(f"\n{name}: {tokens} greedy tokens of fp32 as the reference")
+    print(f"{'dtype':<6} {'max|dlogit|/std':>15} {'mean|dlogit|/std':>16} {'KL nats':>9} {'top-1 agree':>11} "
+          f"{'same prefix':>11}")
+    for dtype in ("bf16", "int8"):
+        model = prepare_for_inference(copy.deepcopy(ref), dtype)
+        with torch.no_grad():
+            logits = torch.cat([model(w) for w in windows], dim=1)[:, prompt.size(1) - 1:-1]
+        std = ref_logits.std()
+        err = (logits - ref_logits).abs()
+        kl = F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()
+        own = generate(model, prompt, tokens, temperature=0)[0, prompt.size(1):]
+        diverge = (own != greedy[0, prompt.size(1):]).nonzero()
+        prefix = int(diverge[0]) if diverge.numel() else tokens
+        print(f"{dtype:<6} {float(err.max() / std):>15.4f} {float(err.mean() / std):>16.5f} {float(kl.mean()):>9.2e} "
+              f"{float(agree):>11.1%} {prefix:>7}/{tokens}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=300)
+    parser.add_argument("--train-seconds", type=float, default=90)
+    args = parser.parse_args()
+    from gpt2lab import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    gpt2 = GPT(GPTConfig.preset("gpt2")).eval()
+    compare("GPT-2 124M, random weights", gpt2, torch.randint(0, 50257, (1, 16)), min(args.tokens, 200))
+    del gpt2
+    model, data = train_char_model(args.train_seconds)
+    compare("4-layer char model trained on tinyshakespeare", model, data[None, :32], args.tokens)
+
+
+if __name__ == "__main__":
+    main()
