@@ -171,3 +171,12 @@ def test_save_with_tokenizer_files(tiny_model, tmp_path):
 def test_load_to_dtype(saved):
     model = load_model(saved, dtype=torch.bfloat16)
     assert model.wte.weight.dtype == torch.bfloat16 and model.lm_head.weight is model.wte.weight
+
+
+def test_export_refuses_a_model_converted_for_inference(tiny_model, tmp_path):
+    from gpt2lab.generate import prepare_for_inference
+
+    converted = prepare_for_inference(tiny_model, "int8")
+    with pytest.raises(ValueError, match="cannot export"):
+        converted.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()

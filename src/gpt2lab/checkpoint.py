@@ -153,18 +153,27 @@ def export_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     table written as `wpe`, zeros where a bias-free model has no bias. Tensors are contiguous fp32 copies (or the
     model's dtype) safe to hand to safetensors."""
     ours = dict(model.state_dict())
+    shapes = expected_shapes(model.config)
     if model.config.pos_encoding == "sinusoidal":
         ours["wpe.weight"] = model.wpe.weight
+    foreign = sorted(set(ours) - {_our_name(n) for n in shapes} - {"lm_head.weight"})
+    lossy = sorted(n for n, t in ours.items() if not t.is_floating_point())
+    if foreign or lossy:  # e.g. int8 weights and their scales after prepare_for_inference
+        raise ValueError(f"cannot export: the model holds tensors a GPT-2 checkpoint has no place for "
+                         f"({_clip(foreign + lossy)}); was it converted with prepare_for_inference? "
+                         "save the original floating-point model instead")
     out: dict[str, torch.Tensor] = {}
     for hf_name in hf_names(model.config):
         name = _our_name(hf_name)
         if name in ours:
             t = ours[name].detach()
-        else:  # a bias the model does not have: zero is the same function
-            t = torch.zeros(model.config.n_embd if not name.endswith("c_attn.bias") else 3 * model.config.n_embd,
-                            dtype=model.wte.weight.dtype)
-            if name.endswith("mlp.c_fc.bias"):
-                t = torch.zeros(model.config.ffn_dim, dtype=model.wte.weight.dtype)
+        elif name.endswith(".bias") and not model.config.bias:  # a bias the model does not have: zero is the same
+            t = torch.zeros(shapes[hf_name], dtype=model.wte.weight.dtype)
+        else:
+            raise ValueError(f"cannot export: the model has no tensor {name!r} (was it converted for inference with "
+                             "prepare_for_inference? save the original fp32 model instead)")
+        if tuple(t.shape) != (shapes[hf_name][::-1] if hf_name.endswith(CONV1D_SUFFIXES) else shapes[hf_name]):
+            raise ValueError(f"cannot export: {name!r} has shape {tuple(t.shape)}, not that of a plain GPT-2 layer")
         if hf_name.endswith(CONV1D_SUFFIXES):
             t = t.t()
         out[hf_name] = t.contiguous().cpu().clone()
