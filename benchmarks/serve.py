@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="a model directory instead of a random preset")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or int8")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 per client, at least 4)")
+    parser.add_argument("--requests", type=int, default=0,
+                        help="requests per level (default: 2 per client, at least 4)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: 32)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     parser.add_argument("--max-batch-size", type=int, default=16, help="the batched server's limit (default: 16)")

@@ -63,7 +63,8 @@ def post(server, body, **kwargs) -> httpx.Response:
     return httpx.post(server.url + "/v1/completions", content=content, timeout=60, **kwargs)
 
 
-def greedy_reference(model: GPT, ids: list[int], max_new_tokens: int, eos: int = 50256) -> tuple[list[int], list[float]]:
+def greedy_reference(model: GPT, ids: list[int], max_new_tokens: int, eos: int = 50256
+                     ) -> tuple[list[int], list[float]]:
     """Greedy decoding the slow, obvious way: a full forward pass per token. Returns tokens and their logprobs."""
     ids, out, logprobs = list(ids), [], []
     with torch.no_grad():

@@ -47,7 +47,8 @@ try:
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 except ImportError as e:  # pragma: no cover - exercised only without the extra installed
-    raise ImportError(f"serving needs starlette and uvicorn ({e}); install them with: pip install 'gpt2lab[serve]'") from e
+    raise ImportError(f"serving needs starlette and uvicorn ({e}); "
+                      "install them with: pip install 'gpt2lab[serve]'") from e
 
 from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps
 
@@ -97,14 +98,17 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.model_id must be a non-empty string, got {self.model_id!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("ServerConfig.api_key must be a non-empty string or None")
-        for name in ("max_batch_size", "default_max_tokens", "max_request_bytes", "max_choices", "max_stop", "max_pending"):
+        positive = ("max_batch_size", "default_max_tokens", "max_request_bytes", "max_choices", "max_stop",
+                    "max_pending")
+        for name in positive:
             _check_config_int(name, getattr(self, name), 1)
         _check_config_int("max_logprobs", self.max_logprobs, 0)
         if self.max_tokens is not None:
             _check_config_int("max_tokens", self.max_tokens, 1)
         if isinstance(self.batch_wait_ms, bool) or not isinstance(self.batch_wait_ms, (int, float)) \
                 or not 0 <= self.batch_wait_ms <= 1000:
-            raise ValueError(f"ServerConfig.batch_wait_ms must be a number of milliseconds in [0, 1000], got {self.batch_wait_ms!r}")
+            raise ValueError("ServerConfig.batch_wait_ms must be a number of milliseconds in [0, 1000], "
+                             f"got {self.batch_wait_ms!r}")
 
 
 def _check_config_int(name: str, value: Any, low: int) -> None:
@@ -201,8 +205,8 @@ def _check_fields(body: Any) -> None:
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     unknown = sorted(set(body) - set(KNOWN_FIELDS))
     if unknown:
-        raise _invalid(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(KNOWN_FIELDS)}",
-                       code="unknown_field")
+        raise _invalid(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                                   f"allowed: {', '.join(KNOWN_FIELDS)}", code="unknown_field")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _invalid("user", f"'user' must be a string, got {body['user']!r}")
     # Known OpenAI fields that a plain GPT-2 sampler does not implement: refuse anything but their neutral value.
@@ -223,12 +227,16 @@ def _prompt_list(value: Any) -> list[str | list[int]]:
     if isinstance(value, list) and value:
         if all(isinstance(p, str) for p in value):
             return list(value)
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if all(_is_id(t) for t in value):
             return [list(value)]
-        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in value):
+        if all(isinstance(p, list) and p and all(_is_id(t) for t in p) for p in value):
             return [list(p) for p in value]
     raise _invalid("prompt", "'prompt' must be a string, a non-empty list of strings, a list of token ids or a list of "
                              f"lists of token ids; got {_short(value)}")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -259,11 +267,13 @@ def _tokenize_prompts(prompts: list[str | list[int]], tokenizer: Any) -> tuple[l
         else:
             bad = next((t for t in p if not 0 <= t < tokenizer.vocab_size), None)
             if bad is not None:
-                raise _invalid("prompt", f"token id {bad} in 'prompt' is out of range (allowed: 0..{tokenizer.vocab_size - 1})")
+                raise _invalid("prompt", f"token id {bad} in 'prompt' is out of range "
+                                         f"(allowed: 0..{tokenizer.vocab_size - 1})")
             ids, text = p, tokenizer.decode(p)
         if not ids:
             if tokenizer.eot_token is None:
-                raise _invalid("prompt", "'prompt' is empty and this tokenizer has no <|endoftext|> token to start from")
+                raise _invalid("prompt", "'prompt' is empty and this tokenizer has no <|endoftext|> token "
+                                         "to start from")
             ids = [tokenizer.eot_token]
         ids_list.append(tuple(ids))
         texts.append(text)
@@ -296,7 +306,8 @@ def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: Serv
     n = _get_int(body, "n", 1, 1, config.max_choices)
     best_of = _get_int(body, "best_of", n, 1, config.max_choices)
     if best_of != n:
-        raise _invalid("best_of", f"'best_of' other than n is not supported (got best_of={best_of}, n={n})", code="unsupported")
+        raise _invalid("best_of", f"'best_of' other than n is not supported (got best_of={best_of}, n={n})",
+                       code="unsupported")
     if len(prompts) * n > config.max_choices:
         raise _invalid("n", f"{len(prompts)} prompt(s) × n={n} asks for {len(prompts) * n} completions; "
                             f"this server allows at most {config.max_choices} per request")
@@ -326,8 +337,10 @@ def _get_stream_options(body: Mapping[str, Any], stream: bool) -> bool:
         return False
     if not stream:
         raise _invalid("stream_options", "'stream_options' is only allowed with \"stream\": true")
-    if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
-        raise _invalid("stream_options", f"'stream_options' must be {{\"include_usage\": true|false}}, got {_short(options)}")
+    valid = isinstance(options, dict) and not set(options) - {"include_usage"}
+    if not valid or not isinstance(options.get("include_usage", False), bool):
+        raise _invalid("stream_options", "'stream_options' must be {\"include_usage\": true|false}, "
+                                         f"got {_short(options)}")
     return options.get("include_usage", False)
 
 
@@ -338,9 +351,9 @@ def _check_context(prompts: Sequence[Sequence[int]], max_tokens: int, n_ctx: int
             raise APIError(413, f"{where} is {len(ids)} tokens long, but this model's context is {n_ctx} tokens",
                            param="prompt", code="prompt_too_long")
         if len(ids) + max_tokens > n_ctx:
-            raise APIError(400, f"this model's maximum context length is {n_ctx} tokens, but {where} ({len(ids)} "
-                                f"tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}; reduce the prompt or "
-                                f"max_tokens to at most {n_ctx - len(ids)}", param="max_tokens",
+            raise APIError(400, f"this model's maximum context length is {n_ctx} tokens, but {where} "
+                                f"({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}; "
+                                f"reduce the prompt or max_tokens to at most {n_ctx - len(ids)}", param="max_tokens",
                            code="context_length_exceeded")
 
 
@@ -366,7 +379,8 @@ class Delta:
 
 
 def token_text(tokenizer: Any, token: int) -> str:
-    """A token's own text; a token that is only part of a UTF-8 character is shown as OpenAI does, `bytes:\\xe2\\x80`."""
+    """A token's own text; a token that is only part of a UTF-8 character is shown as OpenAI does,
+    `bytes:\\xe2\\x80`."""
     raw = tokenizer.decode_bytes([token])
     try:
         return raw.decode("utf-8")
@@ -397,7 +411,8 @@ class ChoiceText:
     choice and is cut from the text, as in OpenAI's API. The end-of-text token ends the choice without text.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), token_names: Callable[[int], str] | None = None) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (),
+                 token_names: Callable[[int], str] | None = None) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
         self._name = token_names or (lambda t: token_text(tokenizer, t))
@@ -505,8 +520,9 @@ class BatchWorker:
             if self._closed:
                 raise APIError(503, "the server is shutting down", code="shutting_down")
             if len(self._queue) + self._active + len(rows) > self.max_pending:
-                raise APIError(503, f"the server is busy ({len(self._queue) + self._active} completions queued or running, "
-                                    f"limit {self.max_pending}); retry shortly", code="overloaded")
+                busy = len(self._queue) + self._active
+                raise APIError(503, f"the server is busy ({busy} completions queued or running, limit "
+                                    f"{self.max_pending}); retry shortly", code="overloaded")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="gpt2lab-decode", daemon=True)
                 self._thread.start()
@@ -607,7 +623,7 @@ class BatchWorker:
     def _accept(self, row: Row, event: TokenEvent) -> None:
         self.tokens_decoded += 1
         if row.top_logprobs < len(event.top_logprobs):
-            event = TokenEvent(event.token, event.logprob, list(event.top_logprobs[:row.top_logprobs]), event.finish_reason)
+            event = dataclasses.replace(event, top_logprobs=list(event.top_logprobs[:row.top_logprobs]))
         delta = row.text.add(event, self.eos_token_id)
         if delta is not None:
             row.deliver(delta)
@@ -750,7 +766,8 @@ class CompletionServer:
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if not header:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.config.api_key.encode()):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
@@ -828,7 +845,9 @@ class CompletionServer:
                 yield chunk(i, "", empty_logprobs, "length")
         try:
             async for index, delta in completion.deltas(live):
-                logprobs = logprobs_object(delta.tokens, len(self._echo(req, index))) if req.logprobs is not None else None
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = logprobs_object(delta.tokens, len(self._echo(req, index)))
                 yield chunk(index, delta.text, logprobs, delta.finish_reason)
         except APIError as e:
             yield sse(e.to_dict())
@@ -880,8 +899,9 @@ def create_app(model: torch.nn.Module, tokenizer: Any, config: ServerConfig | No
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        message = {404: f"no route {request.url.path!r}; see GET /v1/models and POST /v1/completions",
-                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        messages = {404: f"no route {request.url.path!r}; see GET /v1/models and POST /v1/completions",
+                    405: f"method {request.method} is not allowed on {request.url.path}"}
+        message = messages.get(exc.status_code, str(exc.detail))
         return error_response(APIError(exc.status_code, message))
 
     async def server_error(request: Request, exc: Exception) -> Response:
