@@ -64,7 +64,11 @@ async function loadModel() {
     $("model-info").textContent =
       `${model.id} · ${arch.n_layer} layers × ${arch.n_embd} wide · context ${model.context_length} tokens`;
     $("model-info").classList.remove("error");
-    $("max-tokens").max = model.limits.max_tokens;
+    const maxTokens = $("max-tokens");
+    maxTokens.max = model.limits.max_tokens;
+    if (Number(maxTokens.value) > model.limits.max_tokens / 2) {
+      maxTokens.value = String(Math.max(1, Math.floor(model.limits.max_tokens / 2))); // room for the prompt
+    }
   } catch (error) {
     $("model-info").textContent = `cannot read /v1/models: ${error.message}`;
     $("model-info").classList.add("error");
