@@ -354,16 +354,16 @@ def _run_attention(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------------------- parsing
 # One entry per subcommand, in the order `gpt2lab --help` lists them. Each adds its parser and sets `run`.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_quickstart,
     _add_info,
     _add_tokenize,
     _add_train_tokenizer,
-    _add_serve,
     _add_prepare,
     _add_train,
-    _add_quickstart,
     _add_generate,
     _add_eval,
     _add_attention,
+    _add_serve,
 ]
 
 
