@@ -13,8 +13,8 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import (Decoder, KVCache, SamplingParams, TokenEvent, apply_repetition_penalty, apply_top_k,
-                              apply_top_p, decode_steps, generate, prepare_for_inference, process_logits,
-                              stream_text, text_pieces)
+                              apply_top_p, choose_tokens, decode_steps, draw_uniforms, generate, prepare_for_inference,
+                              process_logits, sample_inverse_cdf, stream_text, text_pieces)
 from gpt2lab.quantize import SMALL_M, BF16Linear, Int8Linear, TransposedLinear, quantize_per_channel
 
 CONFIGS = {
@@ -186,6 +186,68 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_without():
     b = generate(model, idx, 20, generator=torch.Generator().manual_seed(0), **kw)
     c = generate(model, idx, 20, generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_inverse_cdf_sampling_matches_the_target_distribution():
+    target = torch.tensor([0.30, 0.0, 0.25, 0.15, 0.0, 0.12, 0.10, 0.08])  # zeros inside, none at the ends
+    n = 40_000
+    logits = target.log().expand(n, -1)  # (n, V): n independent draws from one distribution
+    counts = torch.bincount(choose_tokens(logits, SamplingParams(), generator=torch.Generator().manual_seed(0)),
+                            minlength=8)
+    assert counts[target == 0].sum() == 0  # impossible tokens never come up
+    expected = n * target[target > 0]
+    chi2 = float(((counts[target > 0] - expected) ** 2 / expected).sum())
+    assert chi2 < 25.7  # 5 degrees of freedom: exceeded with probability 1e-4 by a correct sampler
+    # with the filters: top-k 3 of these is [0.30, 0.25, 0.15] renormalised
+    counts = torch.bincount(choose_tokens(logits, SamplingParams(top_k=3), generator=torch.Generator().manual_seed(1)),
+                            minlength=8)
+    kept = torch.tensor([0.30, 0.25, 0.15]) / 0.70
+    assert counts.sum() == counts[[0, 2, 3]].sum() == n
+    chi2 = float(((counts[[0, 2, 3]] - n * kept) ** 2 / (n * kept)).sum())
+    assert chi2 < 18.5  # 2 degrees of freedom, p = 1e-4
+
+
+def test_inverse_cdf_edges_never_pick_impossible_tokens():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    u = torch.tensor([0.0, 0.5 - 1e-12, 0.5, 1 - 2**-53], dtype=torch.float64)
+    assert sample_inverse_cdf(probs, u).tolist() == [1, 1, 3, 3]  # both ends of [0, 1) and the boundary
+    # unnormalised rows, and float32 probabilities that sum to a bit more or less than 1
+    assert sample_inverse_cdf(torch.tensor([[3.0, 0.0, 1.0]]), torch.tensor([0.74], dtype=torch.float64)).item() == 0
+    assert sample_inverse_cdf(torch.tensor([[3.0, 0.0, 1.0]]), torch.tensor([0.76], dtype=torch.float64)).item() == 2
+    probs = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)).mul(4).softmax(-1)
+    probs[:, -1] = 0
+    top = sample_inverse_cdf(probs, torch.full((64,), 1 - 2**-53, dtype=torch.float64))
+    assert (top < 999).all() and (probs[torch.arange(64), top] > 0).all()
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(0)) * 2
+    params = SamplingParams(temperature=0.9, top_p=0.95)
+    gens = lambda: [torch.Generator().manual_seed(100 + r) for r in range(16)]  # noqa: E731
+    batch_gens, row_gens = gens(), gens()
+    for _ in range(5):  # five steps: each row's generator advances by one draw per step, whatever the batch
+        together = choose_tokens(logits, params, generator=batch_gens)
+        alone = [choose_tokens(logits[r:r + 1], params, generator=row_gens[r]).item() for r in range(16)]
+        assert together.tolist() == alone
+    again = [choose_tokens(logits, params, generator=gens()).tolist() for _ in range(2)]
+    assert again[0] == again[1] and len(set(again[0])) > 3  # reproducible, and not one token for every row
+    shuffled = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    reordered = choose_tokens(logits[shuffled], params, generator=[gens()[r] for r in shuffled.tolist()])
+    assert torch.equal(reordered, torch.tensor(again[0])[shuffled])
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        draw_uniforms(3, [None, None])
+
+
+def test_decode_steps_rows_with_own_generators_match_rows_alone():
+    model = make_model(CONFIGS["tiny"], seed=5)
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 8]]
+    params = SamplingParams(temperature=1.2, top_k=20)
+    seeds = (11, 12, None, 13)  # the unseeded row draws from torch's default generator
+    gens = lambda: [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]  # noqa: E731
+    together = list(decode_steps(model, prompts, 8, params, generators=gens()))
+    for i in (0, 1, 3):
+        alone = list(decode_steps(model, [prompts[i]], 8, params, generators=[gens()[i]]))
+        assert [s[i].token for s in together] == [s[0].token for s in alone]
 
 
 def test_top_k_one_is_greedy_and_low_temperature_approaches_it():
