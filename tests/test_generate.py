@@ -14,7 +14,7 @@ import torch
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import (Decoder, KVCache, SamplingParams, TokenEvent, apply_repetition_penalty, apply_top_k,
                               apply_top_p, choose_tokens, decode_steps, draw_uniforms, generate, prepare_for_inference,
-                              process_logits, sample_inverse_cdf, stream_text, text_pieces)
+                              process_logits, prompt_logprobs, sample_inverse_cdf, stream_text, text_pieces)
 from gpt2lab.quantize import SMALL_M, BF16Linear, Int8Linear, TransposedLinear, quantize_per_channel
 
 CONFIGS = {
@@ -394,6 +394,39 @@ def test_decode_steps_validates():
     with pytest.raises(TypeError, match="SamplingParams"):
         decode_steps(model, [[1]], 3, {"temperature": 0})
     assert list(decode_steps(model, [[1]], 0, SamplingParams())) == []
+
+
+def test_prompt_logprobs_are_log_softmax_of_a_plain_forward():
+    model = make_model(CONFIGS["wide"], seed=6).train()
+    ids = [5, 17, 200, 3, 3, 99, 42]
+    events = prompt_logprobs(model, ids, top_logprobs=4)
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)  # (T, V)
+    assert len(events) == len(ids) and events[0] is None  # nothing predicts the first token
+    for t in range(1, len(ids)):
+        e = events[t]
+        assert e.token == ids[t] and e.finish_reason is None
+        assert e.logprob == pytest.approx(ref[t - 1, ids[t]].item(), abs=1e-4)
+        top = torch.topk(ref[t - 1], 4)
+        assert [a for a, _ in e.top_logprobs] == top.indices.tolist()
+        assert [lp for _, lp in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert all(not e.top_logprobs for e in prompt_logprobs(model, ids)[1:])
+    assert prompt_logprobs(model, [7]) == [None]
+    # the same figures as decode_steps reports for the tokens it generates
+    generated = [s[0] for s in decode_steps(model, [ids[:3]], 4, SamplingParams(temperature=0))]
+    scored = prompt_logprobs(model, ids[:3] + [e.token for e in generated])[3:]
+    assert [e.logprob for e in scored] == pytest.approx([e.logprob for e in generated], abs=1e-4)
+
+
+def test_prompt_logprobs_validates():
+    model = make_model(CONFIGS["tiny"])
+    for ids, match in (([], "empty"), ([1, 97], "outside"), ([1] * 33, "n_ctx")):
+        with pytest.raises(ValueError, match=match):
+            prompt_logprobs(model, ids)
+    with pytest.raises(ValueError, match="top_logprobs"):
+        prompt_logprobs(model, [1, 2], top_logprobs=-1)
 
 
 # ----------------------------------------------------------------------------------------------------- streaming

@@ -160,6 +160,59 @@ def test_echo_prepends_the_prompt_plain_and_streamed(client):
     assert streamed == echoed
 
 
+def prompt_reference(model: GPT, ids: list[int]) -> list[float | None]:
+    """log p(token t | tokens before it) from one plain forward; None for the first token."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)  # (T, V)
+    return [None] + [float(lp[t - 1, ids[t]]) for t in range(1, len(ids))]
+
+
+def test_echo_with_logprobs_scores_the_prompt_then_the_completion(client, model, tokenizer):
+    prompt = "Score café this prompt"  # é is two bytes: offsets still index the text
+    ids = tokenizer.encode(prompt)
+    result = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=6, temperature=0, logprobs=2,
+                                       echo=True)
+    choice = result.choices[0]
+    lp = choice.logprobs
+    tokens, logprobs = greedy_reference(model, ids, 6)
+    assert choice.text == prompt + tokenizer.decode(tokens)
+    assert len(lp.tokens) == len(ids) + len(tokens)  # the prompt's tokens first, then the completion's
+    assert lp.tokens[:len(ids)] == [tokenizer.decode([t]) for t in ids]
+    expected = prompt_reference(model, ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected[1:], abs=1e-4)
+    assert lp.token_logprobs[len(ids):] == pytest.approx(logprobs, abs=1e-4)
+    for token, token_lp, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert 2 <= len(top) <= 3 and top[token] == pytest.approx(token_lp, abs=1e-5)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert lp.text_offset[len(ids)] == len(prompt)
+    for token, start in zip(lp.tokens, lp.text_offset):
+        assert choice.text[start:start + len(token)] == token
+    # streamed: the echo chunk carries the prompt's logprobs, later chunks the completion's
+    chunks = list(client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=6, temperature=0, logprobs=2,
+                                            echo=True, stream=True))
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for c in chunks:
+        for key in streamed:
+            streamed[key] += getattr(c.choices[0].logprobs, key)
+    assert streamed == {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "text_offset": lp.text_offset}
+
+
+def test_echo_with_logprobs_and_no_new_tokens_scores_each_prompt(server, model, tokenizer):
+    prompts = ["The first text to score", "A second one"]
+    body = {"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 0, "n": 2}
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert len(choices) == 4
+    for c in choices:
+        ids = tokenizer.encode(prompts[c["index"] // 2])
+        assert c["text"] == prompts[c["index"] // 2] and c["finish_reason"] == "length"
+        assert c["logprobs"]["token_logprobs"][0] is None
+        assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(prompt_reference(model, ids)[1:], abs=1e-4)
+        assert [len(top) for top in c["logprobs"]["top_logprobs"][1:]] == [1] * (len(ids) - 1)  # just the token
+
+
 def test_list_prompts_and_n_give_one_choice_each_in_order(client, model, tokenizer):
     prompts = ["First prompt", "A second, longer prompt here"]
     result = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=6, temperature=0, n=2)
@@ -350,7 +403,6 @@ BAD_REQUESTS = [
     ({"max_tokens": 5}, 422, "prompt", "missing_field", "required"),
     ({"prompt": "x", "frequency_penalty": 0.5}, 422, "frequency_penalty", "unsupported", "repetition_penalty"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 422, "stream_options", "invalid_value", "stream"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, 422, "logprobs", "unsupported", "echo"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found", "'gpt-4'"),
     ({"prompt": " hello" * 70}, 413, "prompt", "prompt_too_long", "70 tokens"),
     ({"prompt": " hello" * 50, "max_tokens": 20}, 400, "max_tokens", "context_length_exceeded", "at most 14"),

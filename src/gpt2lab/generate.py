@@ -16,6 +16,7 @@ The pieces, from the bottom up:
 - `Decoder`: the state of one batched decode (token buffer, padding mask, positions, cache, the sliding window).
 - `generate`: tensor in, tensor out, as `transformers`' `generate` (the model's `.generate` calls it).
 - `decode_steps`: one event per row per step, for servers: log-probabilities, stop reasons, per-row settings.
+- `prompt_logprobs`: the same events for the prompt's own tokens (OpenAI's `echo` with `logprobs`).
 - `stream_text`: text pieces that never split a UTF-8 character, with stop strings.
 
 Left padding: prompts of different lengths are padded on the left so that every row's next token sits in the same
@@ -598,6 +599,42 @@ def _decode_events(model: "GPT", prompts: list[list[int]], limits: list[int], pa
             logits = decoder.step(tokens)
     finally:
         model.train(was_training)
+
+
+def prompt_logprobs(model: "GPT", ids: Sequence[int], top_logprobs: int = 0) -> list[Optional[TokenEvent]]:
+    """The log-probability of each token of a prompt given the tokens before it: one entry per token of `ids`.
+
+    The first entry is None (no token predicts the first one; OpenAI's `echo` + `logprobs` reports null there); entry
+    t is a `TokenEvent` with token ids[t], log p(ids[t] | ids[:t]) and the `top_logprobs` most likely alternatives at
+    that position, exactly as `decode_steps` reports generated tokens (log-softmax of the raw logits). It costs one
+    forward over the prompt: the logits at position t - 1 score token t. At most n_ctx tokens.
+
+    >>> [e.token if e else None for e in prompt_logprobs(model, [464, 3290, 318])]  # doctest: +SKIP
+    [None, 3290, 318]
+    """
+    V, n_ctx = model.config.vocab_size, model.config.n_ctx
+    _check_count("top_logprobs", top_logprobs)
+    ids = list(ids)
+    if not ids:
+        raise ValueError("the prompt is empty; there is nothing to score")
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V]
+    if bad:
+        raise ValueError(f"the prompt has token id {bad[0]!r} outside [0, {V})")
+    if len(ids) > n_ctx:
+        raise ValueError(f"the prompt is {len(ids)} tokens long, more than the model's context n_ctx={n_ctx}")
+    if len(ids) == 1:
+        return [None]
+    idx = torch.tensor([ids], dtype=torch.long, device=model.ln_f.weight.device)  # (1, T)
+    with _EvalMode(model):
+        logits = model(idx)[0, :-1].float()  # (T - 1, V): position t - 1 predicts token t
+    logprobs = torch.log_softmax(logits, dim=-1)  # (T - 1, V)
+    chosen = logprobs.gather(1, idx[0, 1:, None]).squeeze(1).tolist()  # (T - 1,)
+    k = min(top_logprobs, V)
+    alternatives: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if k:
+        top = torch.topk(logprobs, k, dim=-1)  # (T - 1, k)
+        alternatives = [list(zip(i, lp)) for i, lp in zip(top.indices.tolist(), top.values.tolist())]
+    return [None] + [TokenEvent(t, lp, alts) for t, lp, alts in zip(ids[1:], chosen, alternatives)]
 
 
 # --------------------------------------------------------------------------------------------------- streaming

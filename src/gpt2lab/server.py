@@ -50,7 +50,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
     raise ImportError(f"serving needs starlette and uvicorn ({e}); "
                       "install them with: pip install 'gpt2lab[serve]'") from e
 
-from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps
+from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps, prompt_logprobs
 
 STATIC_DIR = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -314,9 +314,6 @@ def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: Serv
     logprobs = _get_int(body, "logprobs", None, 0, config.max_logprobs)
     seed = _get_int(body, "seed", None, -(2**63), 2**63 - 1)
     stream, echo = _get_bool(body, "stream"), _get_bool(body, "echo")
-    if echo and logprobs is not None:
-        raise _invalid("logprobs", "'logprobs' together with 'echo' (log-probabilities of the prompt's tokens) is not "
-                                   "supported yet; ask for one or the other", code="unsupported")
     include_usage = _get_stream_options(body, stream)
     stop = _get_stop(body, config.max_stop)
     try:
@@ -360,12 +357,12 @@ def _check_context(prompts: Sequence[Sequence[int]], max_tokens: int, n_ctx: int
 # ---------------------------------------------------------------------------------------------- tokens to text
 @dataclass(frozen=True)
 class TokenInfo:
-    """One generated token as the API reports it: its text, where it starts in the choice's text, its log-probability
-    and the top alternatives (text -> logprob)."""
+    """One token as the API reports it: its text, where it starts in the choice's text, its log-probability and the
+    top alternatives (text -> logprob). The first token of an echoed prompt has no log-probability (None)."""
 
     text: str
     offset: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -401,6 +398,23 @@ def held_back(text: str, stops: Sequence[str]) -> int:
                 longest = k
                 break
     return longest
+
+
+def score_prompt(model: torch.nn.Module, tokenizer: Any, ids: Sequence[int], top_logprobs: int,
+                 token_names: Callable[[int], str] | None = None) -> tuple[TokenInfo, ...]:
+    """The prompt's tokens with their log-probabilities (`generate.prompt_logprobs`), for `echo` with `logprobs`.
+
+    Offsets index the prompt's decoded text, counted as `ChoiceText` counts a completion's: a token that ends inside a
+    UTF-8 character adds no text until the token that completes it.
+    """
+    name = token_names or (lambda t: token_text(tokenizer, t))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    infos, offset = [], 0
+    for token, event in zip(ids, prompt_logprobs(model, ids, top_logprobs)):
+        top = tuple((name(t), float(lp)) for t, lp in event.top_logprobs) if event is not None else ()
+        infos.append(TokenInfo(name(token), offset, float(event.logprob) if event is not None else None, top))
+        offset += len(decoder.decode(tokenizer.decode_bytes([token])))
+    return tuple(infos)
 
 
 class ChoiceText:
@@ -630,18 +644,26 @@ class BatchWorker:
 
 
 # ------------------------------------------------------------------------------------------------ responses
-def logprobs_object(tokens: Iterable[TokenInfo], base_offset: int, include_sampled: bool = True) -> dict[str, Any]:
+def logprobs_object(tokens: Iterable[TokenInfo], base_offset: int, include_sampled: bool = True,
+                    prompt: Sequence[TokenInfo] = ()) -> dict[str, Any]:
     """OpenAI's legacy logprobs: parallel lists of token texts, their logprobs, the top alternatives (plus the
-    sampled token, so there may be k + 1) and each token's character offset in the choice's text."""
-    tokens = list(tokens)
-    top = []
+    sampled token, so there may be k + 1) and each token's character offset in the choice's text.
+
+    With `echo`, the `prompt` tokens come first (offsets from 0; the very first has null logprob and alternatives, as
+    in OpenAI's API), then the completion's `tokens`, whose offsets start at `base_offset` (the echoed text's length).
+    """
+    tokens = [*prompt, *(dataclasses.replace(t, offset=base_offset + t.offset) for t in tokens)]
+    top: list[dict[str, float] | None] = []
     for t in tokens:
+        if t.logprob is None:
+            top.append(None)
+            continue
         alternatives = dict(t.top)
         if include_sampled:
             alternatives.setdefault(t.text, t.logprob)
         top.append(alternatives)
     return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens], "top_logprobs": top,
-            "text_offset": [base_offset + t.offset for t in tokens]}
+            "text_offset": [t.offset for t in tokens]}
 
 
 def sse(data: Any) -> str:
@@ -745,9 +767,16 @@ class CompletionServer:
             completion = Completion(req, self._make_row(req))
             live = [i for i, row in enumerate(completion.rows) if row.max_new_tokens > 0]
             self.worker.submit([completion.rows[i] for i in live])
+        prompts: list[tuple[TokenInfo, ...]] = []
+        if req.echo and req.logprobs is not None:  # scored here, while the decode thread already generates
+            try:
+                prompts = await run_in_threadpool(self._score_prompts, req)
+            except BaseException:
+                completion.cancel()
+                raise
         if req.stream:
-            return EventStream(self._stream(completion, live), on_close=completion.cancel)
-        collect = asyncio.ensure_future(self._collect(completion, live))
+            return EventStream(self._stream(completion, live, prompts), on_close=completion.cancel)
+        collect = asyncio.ensure_future(self._collect(completion, live, prompts))
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
             await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -816,7 +845,13 @@ class CompletionServer:
     def _echo(self, req: CompletionRequest, index: int) -> str:
         return req.prompt_texts[index // req.n] if req.echo else ""
 
-    async def _collect(self, completion: Completion, live: Sequence[int]) -> dict[str, Any]:
+    def _score_prompts(self, req: CompletionRequest) -> list[tuple[TokenInfo, ...]]:
+        """Each prompt's tokens with their log-probabilities (one forward per prompt, shared by its n choices)."""
+        return [score_prompt(self.model, self.tokenizer, ids, req.logprobs or 0, self._token_name)
+                for ids in req.prompts]
+
+    async def _collect(self, completion: Completion, live: Sequence[int],
+                       prompts: Sequence[tuple[TokenInfo, ...]] = ()) -> dict[str, Any]:
         req = completion.request
         texts = [self._echo(req, i) for i in range(req.num_choices)]
         tokens: list[list[TokenInfo]] = [[] for _ in range(req.num_choices)]
@@ -825,12 +860,16 @@ class CompletionServer:
             tokens[index].extend(delta.tokens)
         choices = []
         for i, row in enumerate(completion.rows):
-            logprobs = logprobs_object(tokens[i], len(self._echo(req, i))) if req.logprobs is not None else None
+            logprobs = None
+            if req.logprobs is not None:
+                prompt = prompts[i // req.n] if prompts else ()
+                logprobs = logprobs_object(tokens[i], len(self._echo(req, i)), prompt=prompt)
             choices.append({"text": texts[i], "index": i, "logprobs": logprobs,
                             "finish_reason": row.text.finish_reason or "length"})
         return {**self._header(), "choices": choices, "usage": self._usage(completion)}
 
-    async def _stream(self, completion: Completion, live: Sequence[int]) -> AsyncIterator[str]:
+    async def _stream(self, completion: Completion, live: Sequence[int],
+                      prompts: Sequence[tuple[TokenInfo, ...]] = ()) -> AsyncIterator[str]:
         req = completion.request
         header = self._header()
         empty_logprobs = logprobs_object([], 0) if req.logprobs is not None else None
@@ -839,8 +878,9 @@ class CompletionServer:
             return sse({**header, "choices": [{"text": text, "index": index, "logprobs": logprobs,
                                                "finish_reason": finish_reason}]})
         for i in range(req.num_choices):
-            if req.echo:
-                yield chunk(i, self._echo(req, i), empty_logprobs, None)
+            if req.echo:  # the prompt first, with its tokens' log-probabilities when asked
+                echoed = logprobs_object([], 0, prompt=prompts[i // req.n]) if prompts else empty_logprobs
+                yield chunk(i, self._echo(req, i), echoed, None)
             if i not in live:  # max_tokens = 0: nothing to generate
                 yield chunk(i, "", empty_logprobs, "length")
         try:
