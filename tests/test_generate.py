@@ -13,7 +13,7 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import (Decoder, KVCache, SamplingParams, TokenEvent, apply_repetition_penalty, apply_top_k,
-                              apply_top_p, choose_tokens, decode_steps, draw_uniforms, generate, prepare_for_inference,
+                              apply_top_p, choose_tokens, decode_steps, draw_uniforms, generate, held_back, prepare_for_inference,
                               process_logits, prompt_logprobs, sample_inverse_cdf, stream_text, text_pieces)
 from gpt2lab.quantize import SMALL_M, BF16Linear, Int8Linear, TransposedLinear, quantize_per_channel
 
@@ -430,6 +430,14 @@ def test_prompt_logprobs_validates():
 
 
 # ----------------------------------------------------------------------------------------------------- streaming
+def test_held_back_keeps_possible_stop_prefixes():
+    assert held_back("Hello wor", ["world"]) == 3
+    assert held_back("Hello", ["\n\n"]) == 0
+    assert held_back("ab\n", ["\n\n", "b\nx"]) == 2
+    assert held_back("", ["abc"]) == 0
+    assert held_back("xx", []) == 0
+
+
 def test_text_pieces_never_split_characters():
     emoji = "🙂".encode()
     chunks = [b"Hi ", emoji[:1], emoji[1:3], emoji[3:] + b" caf\xc3", b"\xa9"]

@@ -19,7 +19,7 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import TokenEvent
-from gpt2lab.server import (APIError, BackgroundServer, ChoiceText, ServerConfig, create_app, held_back,
+from gpt2lab.server import (APIError, BackgroundServer, ChoiceText, ServerConfig, create_app,
                             parse_completion_request)
 
 openai = pytest.importorskip("openai")  # in the `test` extra; importorskip only keeps a bare checkout importable
@@ -260,12 +260,6 @@ def test_max_tokens_zero_with_echo_returns_the_prompt(client):
 
 
 # ------------------------------------------------------------------------------------------------ text assembly
-def test_held_back_keeps_possible_stop_prefixes():
-    assert held_back("Hello wor", ["world"]) == 3
-    assert held_back("Hello", ["\n\n"]) == 0
-    assert held_back("ab\n", ["\n\n", "b\nx"]) == 2
-    assert held_back("", ["abc"]) == 0
-
 
 def events_for(tokenizer, text: str, finish: str = "length") -> list[TokenEvent]:
     ids = tokenizer.encode(text)

@@ -638,8 +638,14 @@ def prompt_logprobs(model: "GPT", ids: Sequence[int], top_logprobs: int = 0) -> 
 
 
 # --------------------------------------------------------------------------------------------------- streaming
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of `text` could be the start of a stop string (and so must wait)."""
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string, and so must not be shown yet.
+
+    Used by `text_pieces` here and by the server's streaming, so both hold back exactly the same text.
+
+    >>> held_back("Hello wor", ["world"]), held_back("Hello", ["\\n\\n"])
+    (3, 0)
+    """
     longest = 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), longest, -1):
@@ -715,7 +721,7 @@ def text_pieces(chunks: Iterable[bytes], stops: Sequence[str] = ()) -> Iterator[
             if cut:
                 yield pending[:cut]
             return
-        hold = _held_back(pending, stops)
+        hold = held_back(pending, stops)
         if len(pending) > hold:
             yield pending[:len(pending) - hold]
             pending = pending[len(pending) - hold:]

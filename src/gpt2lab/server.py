@@ -50,7 +50,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
     raise ImportError(f"serving needs starlette and uvicorn ({e}); "
                       "install them with: pip install 'gpt2lab[serve]'") from e
 
-from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps, prompt_logprobs
+from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps, held_back, prompt_logprobs
 
 STATIC_DIR = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -383,21 +383,6 @@ def token_text(tokenizer: Any, token: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of `text` could be the start of a stop string, and so must not be sent yet.
-
-    >>> held_back("Hello wor", ["world"]), held_back("Hello", ["\\n\\n"])
-    (3, 0)
-    """
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
 
 
 def score_prompt(model: torch.nn.Module, tokenizer: Any, ids: Sequence[int], top_logprobs: int,
