@@ -285,6 +285,50 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert [kept(p) for p in (0.1, 0.5, 0.6, 0.8, 0.85, 0.96, 1.0)] == [1, 1, 2, 2, 3, 4, 4]
 
 
+def full_sort_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Reference nucleus filter, written plainly: sort each whole row, mass in float64. (B, V) bool: kept."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for r, row in enumerate(logits):
+        ranked, order = torch.sort(row, descending=True)
+        probs = ranked.double().softmax(dim=-1)
+        keep[r, order[(probs.cumsum(dim=-1) - probs) < p]] = True
+    return keep
+
+
+def test_top_p_matches_a_full_sort_on_flat_peaked_and_wide_rows():
+    # GPT-2's vocabulary: scale 0.05 (nearly flat: nucleus of ~45k tokens, past every candidate set, so sorted
+    # whole), 3 (~2k tokens: past the first candidate set), 8 and 20 (peaked: settled within 256 candidates).
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(8, 50257, generator=g) * torch.tensor([0.05, 3, 8, 20, 3, 8, 20, 0.05])[:, None]
+    for p in (0.05, 0.5, 0.9, 0.99):
+        out = apply_top_p(rows, p)
+        assert torch.equal(~torch.isinf(out), full_sort_top_p(rows, p)), p
+        assert torch.equal(out[~torch.isinf(out)], rows[~torch.isinf(out)])  # survivors keep their logits
+
+
+def test_top_p_ties_at_the_boundary_follow_the_sort():
+    # Eight equal logits on top, then lower ones: a nucleus that ends inside the tie keeps as many of them as the
+    # full sort does; one that covers the tie keeps all of them and stops exactly where the sort does.
+    logits = torch.full((2, 5000), -5.0)
+    logits[:, 100:108] = 4.0
+    logits[1, 3000:3010] = 2.0
+    for p in (0.2, 0.5, 0.99):
+        kept, ref = ~torch.isinf(apply_top_p(logits, p)), full_sort_top_p(logits, p)
+        assert torch.equal(kept.sum(dim=-1), ref.sum(dim=-1)), p
+        for r in range(2):  # the same multiset of kept logits
+            assert torch.equal(logits[r][kept[r]].sort().values, logits[r][ref[r]].sort().values), p
+
+
+def test_top_p_after_temperature_and_top_k_matches_a_full_sort():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 50257, generator=g) * 4
+    for params in (SamplingParams(temperature=0.6, top_p=0.9), SamplingParams(temperature=1.7, top_k=3000, top_p=0.95),
+                   SamplingParams(top_k=40, top_p=0.999)):
+        scaled = apply_top_k(logits / params.temperature, params.top_k) if params.top_k else logits / params.temperature
+        out = process_logits(logits, params)
+        assert torch.equal(~torch.isinf(out), full_sort_top_p(scaled, params.top_p) & ~torch.isinf(scaled)), params
+
+
 def test_repetition_penalty_discourages_repeats():
     model = make_model(CONFIGS["tiny"], seed=1)
     idx = torch.tensor([[1, 2, 3]])

@@ -165,20 +165,63 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+_TOP_P_CANDIDATES = (256, 4096)  # candidate-set sizes tried before sorting a whole row
+
+
+def _mass_before(ranked: torch.Tensor, peak: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """ranked (R, k): the k largest logits of each row, descending; peak, norm (R, 1): the row's max and softmax
+    denominator. Returns (R, k): for each, the probability mass of the tokens ranked before it."""
+    probs = torch.exp(ranked - peak) / norm
+    return probs.cumsum(dim=-1) - probs
+
+
+def _top_p_by_sorting(logits: torch.Tensor, p: float, peak: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """The nucleus filter by sorting every logit of every row. (R, V) -> (R, V)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (R, V)
+    drop_sorted = _mass_before(sorted_logits, peak, norm) >= p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the most likely tokens until their probability mass reaches p; the rest -> -inf.
 
     A token survives if the mass of the tokens strictly more likely than it is below p, so the top token always
     survives. (B, V) -> (B, V).
+
+    Why not just sort: sorting GPT-2's 50,257 logits costs as much as a decode step, yet a nucleus rarely holds more
+    than a few hundred tokens. So only the k largest logits are ranked (`torch.topk`, k = 256, then 4096): a row is
+    settled once one of them is dropped (every token after it has at least as much mass before it) and then keeps
+    exactly the logits >= its last kept one. Rows still open after the largest k, and rows whose last kept logit
+    ties with a dropped one (which of the tied tokens survives is then up to the sort's order), are sorted whole,
+    so the result is the sorting filter's. The softmax denominator is `torch.sum`'s (pairwise, relative error
+    ~1e-7), not the one inside `softmax`, whose plain running sum over a sorted row is off by up to ~1e-5.
     """
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # (B, V): mass of the strictly better-ranked tokens
-    drop_sorted = mass_before >= p
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    vocab = logits.size(-1)
+    peak = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+    norm = torch.exp(logits - peak).sum(dim=-1, keepdim=True)  # (B, 1): the softmax denominator
+    out, open_rows, rows = None, None, logits  # rows: the logits of the rows not settled yet
+    for k in _TOP_P_CANDIDATES:
+        if k >= vocab:
+            break
+        top = torch.topk(rows, k, dim=-1).values  # (R, k), descending
+        n_kept = (_mass_before(top, peak, norm) < p).sum(dim=-1, keepdim=True)  # (R, 1), >= 1
+        keep = rows >= top.gather(-1, n_kept - 1)  # (R, V)
+        settled = ((n_kept < k) & (keep.sum(dim=-1, keepdim=True) == n_kept)).squeeze(1)  # (R,)
+        if out is None and bool(settled.all()):
+            return logits.masked_fill(~keep, float("-inf"))  # the usual case: no copies
+        if out is None:
+            out, open_rows = logits.clone(), torch.arange(logits.size(0), device=logits.device)
+        out[open_rows[settled]] = rows[settled].masked_fill(~keep[settled], float("-inf"))
+        open_rows, rows, peak, norm = open_rows[~settled], rows[~settled], peak[~settled], norm[~settled]
+        if open_rows.numel() == 0:
+            return out
+    if out is None:
+        return _top_p_by_sorting(rows, p, peak, norm)
+    out[open_rows] = _top_p_by_sorting(rows, p, peak, norm)
+    return out
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
