@@ -260,3 +260,16 @@ def test_obtain_failure_lists_every_source_and_the_hint(tmp_path):
                  "file:///no/such/file", "Copy f.bin there yourself."):
         assert part in message
     assert not (tmp_path / "cache" / "f.bin").exists()
+
+
+def test_read_json_names_the_broken_file(tmp_path):
+    from gpt2lab.download import read_json
+
+    (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
+    assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}
+    (tmp_path / "bad.json").write_text('{"a": ')
+    with pytest.raises(ValueError, match=r"bad.json is not valid JSON"):
+        read_json(tmp_path / "bad.json")
+    (tmp_path / "latin1.json").write_bytes(b'{"\xff": 1}')
+    with pytest.raises(ValueError, match=r"latin1.json is not valid JSON"):
+        read_json(tmp_path / "latin1.json")

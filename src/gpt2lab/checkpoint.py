@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2lab.config import GPTConfig
+from gpt2lab.download import read_json
 from gpt2lab.model import GPT
 
 CONFIG_FILE = "config.json"
@@ -123,10 +124,7 @@ def read_config(directory: str | os.PathLike[str]) -> GPTConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; a model directory holds config.json and model.safetensors")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return config_from_hf(data, str(path))
@@ -271,7 +269,9 @@ def read_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if (d / WEIGHTS_FILE).is_file():
         return _read_safetensors(d / WEIGHTS_FILE)
     if (d / WEIGHTS_INDEX_FILE).is_file():
-        index = json.loads((d / WEIGHTS_INDEX_FILE).read_text(encoding="utf-8"))
+        index = read_json(d / WEIGHTS_INDEX_FILE)
+        if not isinstance(index, dict):
+            raise ValueError(f"{d / WEIGHTS_INDEX_FILE}: expected a JSON object")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(index.get("weight_map", {}).values())):
             tensors.update(_read_safetensors(d / shard))

@@ -441,10 +441,7 @@ def read_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir}: no {META_FILE}; create the data directory with `gpt2lab prepare`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    meta = download.read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} meta file")
     if meta.get("version") != FORMAT_VERSION:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -102,6 +103,14 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     with _atomic_target(dest) as tmp:
         tmp.write_bytes(payload)
     return dest
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """Parse a UTF-8 JSON file; a broken one raises ValueError naming the file (never a bare JSONDecodeError)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def _check_sha256(path: Path, expected: str, what: str) -> None:

@@ -45,6 +45,7 @@ from gpt2lab.download import (
     file_source,
     obtain,
     pypi_sdist_source,
+    read_json,
     sha256_file,
     url_source,
     write_file_atomic,
@@ -699,18 +700,11 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
 def _declared_specials(config_path: Path) -> dict[str, int] | None:
     """Special tokens named in tokenizer_config.json's `added_tokens_decoder`; None if there is no such list."""
     if not config_path.is_file():
         return None
-    config = _read_json(config_path)
+    config = read_json(config_path)
     added = config.get("added_tokens_decoder") if isinstance(config, dict) else None
     if not isinstance(added, dict):
         return None
@@ -759,7 +753,7 @@ def _parse_merges(entries: Sequence[object], vocab: Mapping[int, bytes], path: P
 
 
 def _read_vocab_and_merges(vocab_path: Path, merges_path: Path, specials: Mapping[str, int] | None):
-    vocab, specials = _split_vocab(_read_json(vocab_path), specials, vocab_path)
+    vocab, specials = _split_vocab(read_json(vocab_path), specials, vocab_path)
     try:
         lines = merges_path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -776,7 +770,7 @@ def _read_vocab_and_merges(vocab_path: Path, merges_path: Path, specials: Mappin
 
 
 def _read_tokenizer_json(path: Path):
-    data = _read_json(path)
+    data = read_json(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE":
         raise ValueError(f"{path}: expected a BPE model, got {model.get('type') if isinstance(model, dict) else model!r}")
@@ -1037,7 +1031,7 @@ class CharTokenizer(_TokenizerBase):
         path = Path(directory) / CHAR_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no {CHAR_FILE} in {directory}")
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict) or data.get("format") != CHAR_FORMAT:
             raise ValueError(f"{path}: not a {CHAR_FORMAT} file")
         if data.get("version") != CHAR_FORMAT_VERSION:

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from gpt2lab.checkpoint import atomic_directory, import_state_dict, load_model, read_weights, write_model_files
 from gpt2lab.config import GPTConfig, TrainConfig, train_config_to_toml
 from gpt2lab.data import TokenData
-from gpt2lab.download import write_file_atomic
+from gpt2lab.download import read_json, write_file_atomic
 from gpt2lab.model import GPT
 
 STATE_FILE = "training_state.json"
@@ -347,10 +347,9 @@ def find_checkpoint(out_dir: Path, name: str = LAST) -> Path | None:
 def read_training_state(directory: Path) -> tuple[RunState, dict[str, Any], dict[str, torch.Tensor]]:
     """(run state, saved config dict, optimizer and RNG tensors) of a checkpoint; refuses foreign or broken files."""
     path = directory / STATE_FILE
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the training state ({e})") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {STATE_FILE}; not a training checkpoint (a `last/` directory of a run)")
+    payload = read_json(path)
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: not a {STATE_FORMAT} file")
     if payload.get("version") != STATE_VERSION:
