@@ -273,3 +273,16 @@ def test_read_json_names_the_broken_file(tmp_path):
     (tmp_path / "latin1.json").write_bytes(b'{"\xff": 1}')
     with pytest.raises(ValueError, match=r"latin1.json is not valid JSON"):
         read_json(tmp_path / "latin1.json")
+
+
+def test_read_versioned_json_refuses_foreign_and_future_files(tmp_path):
+    from gpt2lab.download import read_versioned_json
+
+    path = tmp_path / "state.json"
+    path.write_text('{"format": "x", "version": 1, "n": 3}')
+    assert read_versioned_json(path, "x", 1)["n"] == 3
+    with pytest.raises(ValueError, match="not a y file"):
+        read_versioned_json(path, "y", 1)
+    path.write_text('{"format": "x", "version": 2}')
+    with pytest.raises(ValueError, match="version 2 is not supported \\(only 1\\)"):
+        read_versioned_json(path, "x", 1)

@@ -441,12 +441,7 @@ def read_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir}: no {META_FILE}; create the data directory with `gpt2lab prepare`")
-    meta = download.read_json(path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} meta file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: version {meta.get('version')!r} is not supported (only {FORMAT_VERSION})")
-    return meta
+    return download.read_versioned_json(path, FORMAT, FORMAT_VERSION)
 
 
 class TokenData:

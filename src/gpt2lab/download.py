@@ -113,6 +113,17 @@ def read_json(path: str | os.PathLike) -> object:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def read_versioned_json(path: str | os.PathLike, fmt: str, version: int) -> dict:
+    """A JSON object written by gpt2lab with `"format": fmt` and `"version": version`; anything else is refused
+    naming the file, so a foreign or future file is never half-understood."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} file")
+    if data.get("version") != version:
+        raise ValueError(f"{path}: version {data.get('version')!r} is not supported (only {version})")
+    return data
+
+
 def _check_sha256(path: Path, expected: str, what: str) -> None:
     got = sha256_file(path)
     if got != expected.lower():

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT

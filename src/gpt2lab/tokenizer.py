@@ -46,6 +46,7 @@ from gpt2lab.download import (
     obtain,
     pypi_sdist_source,
     read_json,
+    read_versioned_json,
     sha256_file,
     url_source,
     write_file_atomic,
@@ -1031,11 +1032,7 @@ class CharTokenizer(_TokenizerBase):
         path = Path(directory) / CHAR_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no {CHAR_FILE} in {directory}")
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("format") != CHAR_FORMAT:
-            raise ValueError(f"{path}: not a {CHAR_FORMAT} file")
-        if data.get("version") != CHAR_FORMAT_VERSION:
-            raise ValueError(f"{path}: version {data.get('version')!r} is not supported (only {CHAR_FORMAT_VERSION})")
+        data = read_versioned_json(path, CHAR_FORMAT, CHAR_FORMAT_VERSION)
         chars, specials = data.get("chars"), data.get("special_tokens", {})
         if not isinstance(chars, list) or not isinstance(specials, dict):
             raise ValueError(f"{path}: 'chars' must be a list and 'special_tokens' an object")

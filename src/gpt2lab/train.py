@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from gpt2lab.checkpoint import atomic_directory, import_state_dict, load_model, read_weights, write_model_files
 from gpt2lab.config import GPTConfig, TrainConfig, train_config_to_toml
 from gpt2lab.data import TokenData
-from gpt2lab.download import read_json, write_file_atomic
+from gpt2lab.download import read_versioned_json, write_file_atomic
 from gpt2lab.model import GPT
 
 STATE_FILE = "training_state.json"
@@ -349,11 +349,7 @@ def read_training_state(directory: Path) -> tuple[RunState, dict[str, Any], dict
     path = directory / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {STATE_FILE}; not a training checkpoint (a `last/` directory of a run)")
-    payload = read_json(path)
-    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: not a {STATE_FORMAT} file")
-    if payload.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: version {payload.get('version')!r} is not supported (only {STATE_VERSION})")
+    payload = read_versioned_json(path, STATE_FORMAT, STATE_VERSION)
     tensors: dict[str, torch.Tensor] = {}
     if (directory / OPTIMIZER_FILE).is_file():
         try:
