@@ -4,7 +4,10 @@
 
 A step is forward + backward + AdamW update + zeroing the gradients, on the same weights and the same batch:
 
-- ours:    gpt2lab's step as `gpt2lab train` runs it (train.loss_fn on GPT's logits, fused AdamW, bf16 autocast);
+- ours:    gpt2lab's step as `gpt2lab train` runs it (GPT.loss: LM head and loss fused in fp32 on a CPU, fused
+           AdamW, bf16 autocast);
+- ours-unfused: the same model and optimizer with the plain loss, `F.cross_entropy(model(x), y)`, to show what the
+           fused head + loss (gpt2lab.loss) is worth;
 - theirs:  `GPT2LMHeadModel(input_ids, labels=...)` with `torch.optim.AdamW` at its defaults (the foreach kernel),
            i.e. what a transformers user writes; the line "theirs+fused" gives them our fused AdamW too, so the
            ratio splits into model and optimizer.
@@ -17,6 +20,7 @@ that train.peak_flops computes (docs/training.md). `--compile` adds torch.compil
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -41,21 +45,32 @@ def make_models(args: argparse.Namespace):
 
 def step_fns(args: argparse.Namespace, dtype: str, ours, theirs, theirs_fused, x, y):
     from gpt2lab.config import TrainConfig
-    from gpt2lab.train import autocast, loss_fn, make_optimizer
+    from gpt2lab.train import TrainingLoss, autocast, loss_fn, make_optimizer
 
     cpu = torch.device("cpu")
     opt_ours = make_optimizer(ours, TrainConfig(model=ours.config, seq_len=args.seq), cpu)  # fused, decay groups
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     opt_theirs_fused = torch.optim.AdamW(theirs_fused.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
                                          fused=True)
-    forward = torch.compile(ours) if args.compile else ours
+    step_loss = torch.compile(TrainingLoss(ours)) if args.compile else TrainingLoss(ours)
 
     def ours_step() -> float:
         with autocast(cpu, dtype):
-            loss = loss_fn(forward(x), y)
+            loss = step_loss(x, y)
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
+        return loss.item()
+
+    plain = copy.deepcopy(ours)
+    opt_plain = make_optimizer(plain, TrainConfig(model=plain.config, seq_len=args.seq), cpu)
+
+    def plain_step() -> float:  # our model, unfused: logits, then F.cross_entropy
+        with autocast(cpu, dtype):
+            loss = loss_fn(plain(x), y)
+        loss.backward()
+        opt_plain.step()
+        opt_plain.zero_grad(set_to_none=True)
         return loss.item()
 
     def peer_step(model, opt):
@@ -69,7 +84,7 @@ def step_fns(args: argparse.Namespace, dtype: str, ours, theirs, theirs_fused, x
 
         return step
 
-    return {"ours": ours_step, "theirs": peer_step(theirs, opt_theirs), "theirs+fused": peer_step(theirs_fused, opt_theirs_fused)}
+    return {"ours": ours_step, "ours-unfused": plain_step, "theirs": peer_step(theirs, opt_theirs), "theirs+fused": peer_step(theirs_fused, opt_theirs_fused)}
 
 
 def measure(fns: dict, steps: int, warmup: int) -> tuple[dict[str, float], float]:
@@ -115,7 +130,7 @@ def main() -> None:
     print(f"training step, gpt2lab vs transformers {transformers.__version__}: {args.preset} ({config.n_layer}x{config.n_embd}, "
           f"vocab {config.vocab_size}, {ours.num_parameters() / 1e6:.1f}M params), batch {args.batch}x{args.seq}, "
           f"{args.threads} thread(s), torch {torch.__version__}{', compiled' if args.compile else ''}")
-    print(f"{'dtype':>5} {'contender':>13} {'ms/step':>9} {'tok/s':>9} {'ours/this':>10} {'MFU':>6}")
+    print(f"{'dtype':>5} {'contender':>14} {'ms/step':>9} {'tok/s':>9} {'ours/this':>10} {'MFU':>6}")
     for dtype in args.dtypes.split(","):
         fns = step_fns(args, dtype, ours, theirs, theirs_fused, x, y)
         med, first = measure(fns, args.steps, args.warmup)
@@ -123,7 +138,7 @@ def main() -> None:
         for name, t in med.items():
             mfu = tokens * flops_per_token(config, args.seq) / t / peak
             ratio = med[name] / med["ours"]
-            print(f"{dtype:>5} {name:>13} {t * 1000:>9.1f} {tokens / t:>9,.0f} {ratio:>9.2f}x {mfu:>6.1%}")
+            print(f"{dtype:>5} {name:>14} {t * 1000:>9.1f} {tokens / t:>9,.0f} {ratio:>9.2f}x {mfu:>6.1%}")
         print(f"      peak: {how}; first round (warm-up{' + compile' if args.compile else ''}): {first:.1f} s")
 
 

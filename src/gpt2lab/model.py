@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2lab.config import GPTConfig
+from gpt2lab.loss import LogitsWorkspace, cross_entropy, fused_loss_applies, linear_cross_entropy
 
 if TYPE_CHECKING:  # pragma: no cover
     from os import PathLike
@@ -246,6 +247,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one (V, C) table
+        self.logits_workspace = LogitsWorkspace()  # the fused loss's reused (N, V) buffer; not state, never saved
         self.apply(self._init_weights)
         init_residual_projections(self)
 
@@ -271,6 +273,16 @@ class GPT(nn.Module):
 
         Returns (B, T, V) logits (or (B, logits_to_keep, V)).
         """
+        x = self.hidden_states(idx, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def hidden_states(self, idx: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
+                      attention_mask: Optional[torch.Tensor] = None,
+                      kv_cache: Optional[KVCacheLike] = None) -> torch.Tensor:
+        """The final, LayerNormed residual stream that the LM head reads: (B, T) ids -> (B, T, C). Same arguments as
+        `forward`."""
         past = kv_cache.length if kv_cache is not None else 0
         self._check_inputs(idx, past)
         T = idx.size(1)
@@ -282,9 +294,19 @@ class GPT(nn.Module):
             x = block(x, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        if logits_to_keep > 0:
-            x = x[:, -logits_to_keep:]
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+        return self.ln_f(x)  # (B, T, C)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats of (B, T) `targets` (IGNORE_INDEX = -100 skips a position) given
+        (B, T) `idx`: what training minimises. Equal to `cross_entropy(self(idx), targets)`; in float32 on a CPU it
+        runs the LM head and the loss as one fused step with a reused logits buffer (gpt2lab.loss explains why)."""
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        h = self.hidden_states(idx)  # (B, T, C)
+        weight = self.lm_head.weight  # (V, C)
+        if isinstance(self.lm_head, nn.Linear) and fused_loss_applies(h, weight):
+            return linear_cross_entropy(h, weight, targets, self.logits_workspace)
+        return cross_entropy(self.lm_head(h), targets)
 
     def _check_inputs(self, idx: torch.Tensor, past: int) -> None:
         """Turn would-be index errors deep inside the embedding into messages that name the value and the limit."""

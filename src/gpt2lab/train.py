@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gpt2lab.checkpoint import atomic_directory, import_state_dict, load_model, read_weights, write_model_files
 from gpt2lab.config import GPTConfig, TrainConfig, train_config_to_toml
 from gpt2lab.data import TokenData
 from gpt2lab.download import read_versioned_json, write_file_atomic
+from gpt2lab.loss import cross_entropy
 from gpt2lab.model import GPT
 
 STATE_FILE = "training_state.json"
@@ -190,7 +190,20 @@ def get_batch(data: TokenData, split: str, index: int, config: TrainConfig, devi
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in nats; logits (B, T, V) in fp32 so a bf16 forward still sums exactly."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+    return cross_entropy(logits, targets)
+
+
+class TrainingLoss(torch.nn.Module):
+    """`model.loss` as a module's forward: (B, T) ids, (B, T) targets -> scalar loss. Training calls this instead of
+    `loss_fn(model(x), y)` so that the LM head and the loss run fused (gpt2lab.loss); it is what torch.compile and
+    DistributedDataParallel wrap, since DDP's gradient hooks are armed by a forward call."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(idx, targets)
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -407,7 +420,7 @@ class RunLog:
 
 # ---------------------------------------------------------------------------------------------------------- eval
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenData, config: TrainConfig, runtime: Runtime) -> float:
+def evaluate(model: GPT, data: TokenData, config: TrainConfig, runtime: Runtime) -> float:
     """Mean val loss over `eval_iters` fixed batches (the same windows at every eval, so the curve is smooth and
     comparable), shared among the processes."""
     was_training = model.training
@@ -416,7 +429,7 @@ def evaluate(model: torch.nn.Module, data: TokenData, config: TrainConfig, runti
     for i in range(runtime.rank, config.eval_iters, runtime.world_size):
         x, y = get_batch(data, "val", i, config, runtime.device)
         with autocast(runtime.device, config.dtype):
-            total += torch.tensor([loss_fn(model(x), y).item(), 1.0], dtype=torch.float64)
+            total += torch.tensor([model.loss(x, y).item(), 1.0], dtype=torch.float64)
     if runtime.distributed:
         total = total.to(runtime.device)
         torch.distributed.all_reduce(total)
@@ -487,11 +500,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     else:
         torch.manual_seed(config.seed + runtime.rank)  # dropout masks differ per process
 
-    forward_model: torch.nn.Module = torch.compile(model) if config.compile else model
-    step_model = forward_model
+    step_model: torch.nn.Module = TrainingLoss(model)
+    if config.compile:
+        step_model = torch.compile(step_model)
     if runtime.distributed:
         ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-        step_model = torch.nn.parallel.DistributedDataParallel(forward_model, device_ids=ids)
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=ids)
 
     log = RunLog(out_dir, state.step if ckpt is not None else None) if runtime.is_main else None
     if runtime.is_main:
@@ -515,7 +529,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                                                 {**opt, **rng} if opt is not None else None)
 
     def run_eval() -> None:
-        val = evaluate(forward_model, data, config, runtime)
+        val = evaluate(model, data, config, runtime)
         state.last_val_loss, state.last_val_bpb = val, bits_per_byte(val, data.tokens_per_byte("val"))
         improved = val < state.best_val_loss
         state.best_val_loss = min(state.best_val_loss, val)
@@ -579,7 +593,7 @@ def _optimizer_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.op
         sync = contextlib.nullcontext() if last or not runtime.distributed else step_model.no_sync()
         with sync:
             with autocast(runtime.device, config.dtype):
-                loss = loss_fn(step_model(x), y) / config.grad_accum
+                loss = step_model(x, y) / config.grad_accum
             loss.backward()
         total += loss.detach().float().cpu()
     if config.grad_clip > 0:
