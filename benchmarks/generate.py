@@ -81,12 +81,13 @@ def rss(field: str) -> int:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (shared tensors once) plus the kernel-packed weights that are neither."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    return total
+    return total + sum(getattr(m, "weight_nbytes", 0) for m in model.modules())
 
 
 def bytes_per_token(model: torch.nn.Module, context: int) -> int:
@@ -98,6 +99,10 @@ def bytes_per_token(model: torch.nn.Module, context: int) -> int:
     total = weight_bytes(model)  # the tied token table is counted once: the head reads all of it
     wpe = getattr(model.wpe, "weight", None)
     total -= wpe.numel() * wpe.element_size() if wpe is not None else 0  # one row per token
+    head = getattr(model.lm_head, "weight", None)
+    wte = getattr(model.wte, "weight", None)
+    if wte is not None and (head is None or wte.data_ptr() != head.data_ptr()):  # a packed head: the lookup table
+        total -= wte.numel() * wte.element_size()  # is a separate copy, read one row per token
     kv = 2 * cfg.n_layer * context * cfg.n_embd * torch.empty(0, dtype=activation_dtype(model)).element_size()
     return total + kv
 

@@ -6,6 +6,7 @@ Oracles: decoding without the cache (the model's plain forward), and `transforme
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -15,7 +16,9 @@ from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import (Decoder, KVCache, SamplingParams, TokenEvent, apply_repetition_penalty, apply_top_k,
                               apply_top_p, choose_tokens, decode_steps, draw_uniforms, generate, held_back, prepare_for_inference,
                               process_logits, prompt_logprobs, sample_inverse_cdf, stream_text, text_pieces)
-from gpt2lab.quantize import SMALL_M, BF16Linear, Int8Linear, TransposedLinear, quantize_per_channel
+from gpt2lab import quantize
+from gpt2lab.quantize import (SMALL_M, BF16Linear, HalfPackedLinear, Int8Linear, PackedLinear, TransposedLinear,
+                              quantize_per_channel)
 
 CONFIGS = {
     "tiny": GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16),
@@ -580,7 +583,12 @@ def test_prepare_for_inference_rejects_unknown_dtype_and_double_preparation():
         prepare_for_inference(model, "fp32")
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, BF16Linear, TransposedLinear])
+KERNELS = [Int8Linear, BF16Linear, TransposedLinear,
+           pytest.param(PackedLinear, marks=pytest.mark.skipif(not quantize.onednn_packing(), reason="no oneDNN")),
+           pytest.param(HalfPackedLinear, marks=pytest.mark.skipif(not quantize.fbgemm_half(), reason="no FBGEMM"))]
+
+
+@pytest.mark.parametrize("layer_type", KERNELS)
 def test_inference_linears_agree_on_small_and_large_batches(layer_type):
     """Decode-sized inputs use the low-precision kernel, prefill-sized ones a float32 GEMM: both are the same layer."""
     torch.manual_seed(0)
@@ -588,10 +596,66 @@ def test_inference_linears_agree_on_small_and_large_batches(layer_type):
     layer = layer_type.from_linear(linear)
     x = torch.randn(SMALL_M + 9, 48)
     ref = x @ (layer.dequantized() if hasattr(layer, "dequantized") else linear.weight).t() + linear.bias
-    tol = 1e-5 if layer_type is TransposedLinear else 3e-2
+    tol = 1e-5 if layer_type in (TransposedLinear, PackedLinear) else 3e-2
     assert torch.allclose(layer(x), ref, atol=tol, rtol=tol)  # large batch
     assert torch.allclose(layer(x[:3]), ref[:3], atol=tol, rtol=tol)  # small batch
     assert layer(x.view(1, -1, 48)).shape == (1, SMALL_M + 9, 80)
+
+
+@pytest.mark.skipif(not quantize.onednn_packing(), reason="no oneDNN")
+def test_packed_linear_is_the_float32_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    layer = PackedLinear.from_linear(linear)
+    assert torch.allclose(layer.dequantized(), linear.weight, atol=1e-6)
+    for rows in (1, 3, 8, 70):  # packed for one row, correct for any number
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(8, 128)[:, ::2]  # a strided input is made contiguous first
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not quantize.fbgemm_half(), reason="no FBGEMM")
+def test_half_packed_linear_holds_exactly_the_bf16_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    with torch.no_grad():
+        linear.weight[0, :4] = torch.tensor([3e-7, -2e-6, 70.0, 1e-4])  # subnormal in fp16, large, small normal
+    half, bf16 = HalfPackedLinear.from_linear(linear), BF16Linear.from_linear(linear)
+    assert (half.dequantized() - bf16.dequantized()).abs().max() <= 2.0 ** -25
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(half(x), x @ bf16.dequantized().t() + linear.bias, rtol=1e-5, atol=1e-5)
+    assert not HalfPackedLinear.fits(torch.tensor([[1e5]]))
+
+
+def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
+    """oneDNN packing for fp32 and FBGEMM's fp16 layout for bf16 when available; otherwise the portable layers,
+    with the same logits."""
+    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    ref = GPT(cfg).eval()
+    idx = torch.randint(0, 128, (2, 10))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fast = {d: prepare_for_inference(copy.deepcopy(ref), d) for d in ("fp32", "bf16")}
+        torch.set_num_threads(1)  # one thread: MKL's layout is the faster batch-1 kernel
+        assert isinstance(prepare_for_inference(copy.deepcopy(ref), "fp32").lm_head, TransposedLinear)
+    finally:
+        torch.set_num_threads(threads)
+    if quantize.onednn_packing():
+        assert isinstance(fast["fp32"].lm_head, PackedLinear)
+    if quantize.fbgemm_half() and not quantize.native_bf16():
+        assert isinstance(fast["bf16"].h[0].mlp.c_fc, HalfPackedLinear)
+    monkeypatch.setattr(quantize, "onednn_packing", lambda: False)
+    monkeypatch.setattr(quantize, "fbgemm_half", lambda: False)
+    plain = {d: prepare_for_inference(copy.deepcopy(ref), d) for d in ("fp32", "bf16")}
+    assert isinstance(plain["fp32"].lm_head, TransposedLinear)
+    assert isinstance(plain["bf16"].lm_head, BF16Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(fast["fp32"](idx), plain["fp32"](idx), rtol=1e-5, atol=1e-5)
+        # same bf16 weights; BF16Linear also rounds the activations to bf16 inside its matmul, hence the tolerance
+        torch.testing.assert_close(fast["bf16"](idx), plain["bf16"](idx), rtol=0, atol=1e-2)
 
 
 def test_token_event_fields():

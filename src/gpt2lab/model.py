@@ -303,9 +303,8 @@ class GPT(nn.Module):
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         h = self.hidden_states(idx)  # (B, T, C)
-        weight = self.lm_head.weight  # (V, C)
-        if isinstance(self.lm_head, nn.Linear) and fused_loss_applies(h, weight):
-            return linear_cross_entropy(h, weight, targets, self.logits_workspace)
+        if isinstance(self.lm_head, nn.Linear) and fused_loss_applies(h, self.lm_head.weight):
+            return linear_cross_entropy(h, self.lm_head.weight, targets, self.logits_workspace)
         return cross_entropy(self.lm_head(h), targets)
 
     def _check_inputs(self, idx: torch.Tensor, past: int) -> None:

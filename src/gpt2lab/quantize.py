@@ -20,7 +20,8 @@ the token embedding reads rows of the same low-precision table, so the tie survi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import functools
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -157,6 +158,112 @@ class TransposedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, (K, N)"
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_packing() -> bool:
+    """Whether this torch can pre-pack a float32 linear weight for oneDNN (the op torch.compile's CPU backend uses)."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8), 1)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8), w, None, "none", [], "")
+        return bool(torch.all(y == 8.0))
+    except (AttributeError, RuntimeError):  # built without oneDNN, or an op renamed
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def fbgemm_half() -> bool:
+    """Whether FBGEMM's half-precision-weight GEMM is available (x86 builds of torch)."""
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(8, 8), None)
+        y = torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 8), packed)
+        return bool(torch.all(y == 8.0))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear's function, float32, with the weight pre-packed in oneDNN's blocked layout for its GEMV/GEMM kernels.
+
+    A decode step is a chain of matrix-vector products bounded by how fast the weights stream from memory. MKL's
+    GEMM, which `F.linear` calls, reads a (N, K) weight at about 60% of this machine's read bandwidth for one row of
+    input, and degrades further for a few rows (its small-M kernels are tuned for Intel CPUs); oneDNN's JIT kernels on
+    a weight packed once for them stream at 90% for one row and are 2-3x faster at eight (benchmarks/generate.py). The
+    packing is opaque, so the module keeps no (N, K) tensor: `dequantized()` recovers it for tests.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), 1)  # opaque
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (N,)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
+        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")  # (M, N)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the packed weight (not a buffer, so `model.buffers()` does not see it)."""
+        return self.out_features * self.in_features * 4
+
+    def dequantized(self) -> torch.Tensor:
+        """The (N, K) float32 weight, by multiplying the identity."""
+        eye = torch.eye(self.in_features)  # (K, K)
+        return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [], "").t().contiguous()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN"
+
+
+class HalfPackedLinear(nn.Module):
+    """A bf16 weight-only linear layer for CPUs without bf16 arithmetic: the bf16-rounded weight is held in FBGEMM's
+    packed half-precision (fp16) layout, whose kernel widens it with one F16C instruction per 8 weights.
+
+    Two bytes per weight either way, and the numbers are the bf16 ones: every bf16 value of magnitude 2⁻¹⁴ or more
+    (and at most 65504) is exactly an fp16 value, since fp16 has the longer mantissa; smaller ones land on fp16's
+    subnormal grid, within 2⁻²⁵ ≈ 3e-8 (tests compare the layer with BF16Linear). Activations stay float32.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().to(torch.bfloat16).float()  # (N, K), bf16 values
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)  # opaque
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (N,)
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        """fp16 holds the bf16 weight only below its maximum, 65504 (GPT-2's weights are far below)."""
+        return bool(weight.detach().abs().max() <= 65504.0)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "HalfPackedLinear":
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
+        y = torch.ops.quantized.linear_dynamic_fp16(x2, self.packed)  # (M, N)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the packed weight (not a buffer, so `model.buffers()` does not see it)."""
+        return self.out_features * self.in_features * 2
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.ops.quantized.linear_unpack_fp16(self.packed)[0].float()  # (N, K)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                "bf16 values in FBGEMM fp16 layout")
+
+
 class ColumnEmbedding(nn.Module):
     """Token embedding reading the columns of a transposed (C, V) head table: (B, T) -> (B, T, C)."""
 
@@ -190,27 +297,40 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     """Replace the linear layers of `model` and its tied head/embedding by inference versions, in place: weight-only
     "bf16" or "int8", or the "fp32" decode layout. The model stays a GPT: same forward, same KV cache, float32
     activations."""
-    if dtype == "int8":
-        make = Int8Linear.from_linear
-    elif dtype == "bf16":
-        make = BF16Linear.from_linear
-    elif dtype == "fp32":
-        return _transpose_wide(model)
-    else:
+    if dtype not in ("fp32", "bf16", "int8"):
         raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
+    cpu = model.wte.weight.device.type == "cpu"
+    if dtype == "fp32":
+        if not (cpu and onednn_packing() and torch.get_num_threads() > 1):
+            return _transpose_wide(model)  # one thread: MKL's GEMV on (K, N) is the faster batch-1 kernel
+        _replace_linears(model, PackedLinear.from_linear)
+        table = model.wte.weight.detach()  # (V, C): the head gets a packed copy, lookups read this one
+        model.lm_head = PackedLinear(table)
+        model.wte = LowPrecisionEmbedding(table)
+    elif dtype == "bf16":
+        weights = [model.wte.weight] + [m.weight for m in model.h.modules() if isinstance(m, nn.Linear)]
+        if cpu and not native_bf16() and fbgemm_half() and all(HalfPackedLinear.fits(w) for w in weights):
+            _replace_linears(model, HalfPackedLinear.from_linear)
+            model.lm_head = HalfPackedLinear(model.wte.weight)
+            model.wte = LowPrecisionEmbedding(model.wte.weight.detach().to(torch.bfloat16))  # (V, C) for lookups
+        else:
+            _replace_linears(model, BF16Linear.from_linear)
+            model.lm_head = BF16Linear(model.wte.weight)
+            model.wte = LowPrecisionEmbedding(model.lm_head.weight)  # the head's own bf16 table
+    else:
+        _replace_linears(model, Int8Linear.from_linear)
+        q, s = quantize_per_channel(model.wte.weight)
+        model.lm_head = Int8Linear(q, s)
+        model.wte = LowPrecisionEmbedding(q, model.lm_head.scale)
+    return model
+
+
+def _replace_linears(model: "GPT", make: Callable[[nn.Linear], nn.Module]) -> None:
     for block in model.h:
         block.attn.c_attn = make(block.attn.c_attn)
         block.attn.c_proj = make(block.attn.c_proj)
         block.mlp.c_fc = make(block.mlp.c_fc)
         block.mlp.c_proj = make(block.mlp.c_proj)
-    if dtype == "int8":
-        q, s = quantize_per_channel(model.wte.weight)
-        model.lm_head = Int8Linear(q, s)
-        model.wte = LowPrecisionEmbedding(q, model.lm_head.scale)
-    else:
-        model.lm_head = BF16Linear(model.wte.weight)
-        model.wte = LowPrecisionEmbedding(model.lm_head.weight)
-    return model
 
 
 def _transpose_wide(model: "GPT") -> "GPT":
@@ -225,5 +345,6 @@ def _transpose_wide(model: "GPT") -> "GPT":
 
 def is_converted(model: nn.Module) -> bool:
     """Whether `model` holds inference-only layers (and so should not be trained or saved)."""
-    kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, TransposedLinear, ColumnEmbedding)
+    kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, TransposedLinear, ColumnEmbedding, PackedLinear,
+             HalfPackedLinear)
     return any(isinstance(m, kinds) for m in model.modules())
