@@ -66,6 +66,8 @@ def test_workspace_buffer_is_reused_between_steps_and_returned_without_grad():
     with torch.no_grad():
         linear_cross_entropy(h, w, y, ws)
     assert ws._free is first
+    ws.clear()
+    assert ws._free is None
 
 
 def test_two_losses_before_one_backward_do_not_share_a_buffer():

@@ -49,6 +49,10 @@ class LogitsWorkspace:
     def give_back(self, buf: torch.Tensor) -> None:
         self._free = buf
 
+    def clear(self) -> None:
+        """Drop the kept buffer (its memory returns to the OS); the next `take` allocates afresh."""
+        self._free = None
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod

@@ -578,6 +578,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if evaluated_at != state.step and state.step > 0:
         run_eval()
     bar.close()
+    model.logits_workspace.clear()  # the fused loss's (N, V) buffer is not needed after training
     state.elapsed_s = elapsed()
     return result
 
