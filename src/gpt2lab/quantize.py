@@ -1,21 +1,28 @@
-"""Weight-only low precision for fast CPU decoding: bf16 and int8 weights, float32 activations.
+"""Inference layers for fast CPU decoding: packed float32, and weight-only bf16 and int8 with float32 activations.
 
 Decoding one token at batch 1 multiplies a single activation vector by every weight matrix: two flops per weight
-read, so the speed is set by how many bytes of weights cross the memory bus per token, not by arithmetic. Storing the
-weights in bfloat16 halves those bytes; int8 quarters them. Only the weights change: the residual stream, LayerNorm,
-attention, softmax and the KV cache stay float32, which keeps the quality cost small (docs/generation.md measures it).
+read, so the speed is set by how many bytes of weights cross the memory bus per token, and by how close the kernel
+streams them to the memory's speed. Three levers, one per mode:
 
-int8 is symmetric and per output channel: row n of a weight W (N, K) gets its own scale s_n = max_k |W[n, k]| / 127
-and W ≈ s ⊙ Q with Q = round(W / s) in [-127, 127]. A per-channel scale follows the spread of each row, so a row of
-small weights keeps its resolution next to a row of large ones. `torch._weight_int8pack_mm` computes x · Qᵀ · s in one
-kernel without materialising W.
+- fp32 (`PackedLinear`): the same numbers, pre-packed once for oneDNN's JIT kernels, which stream a weight faster
+  than MKL's GEMM does for one or a few rows on the CPUs measured (docs/generation.md). Without oneDNN, or with one
+  thread, `TransposedLinear` stores wide weights (K, N), the layout MKL streams best.
+- bf16 (`BF16Linear`, `HalfPackedLinear`): half the bytes. With native bf16 arithmetic (AVX-512-BF16, AMX) the weight
+  is a bf16 tensor; without it, the bf16-rounded weight is held exactly in FBGEMM's packed fp16 layout, whose kernel
+  widens it in one instruction per 8 weights instead of emulating bf16.
+- int8 (`Int8Linear`): a quarter of the bytes. Symmetric, per output channel: row n of a weight W (N, K) gets its own
+  scale s_n = max_k |W[n, k]| / 127 and W ≈ s ⊙ Q with Q = round(W / s) in [-127, 127]. A per-channel scale follows
+  the spread of each row, so a row of small weights keeps its resolution next to a row of large ones.
+  `torch._weight_int8pack_mm` computes x · Qᵀ · s in one kernel without materialising W.
 
-Small batches (decode) use the low-precision kernels, whose cost is the weight bytes. Large ones (a 512-token
-prefill) are compute-bound; on CPUs without native bf16 arithmetic (no AVX-512-BF16 / AMX) they first widen the
-weight to float32 (cheap next to the matmul) and use the float32 GEMM.
+Only the weights change: the residual stream, LayerNorm, attention, softmax and the KV cache stay float32, which keeps
+the quality cost small (docs/generation.md measures it). Large matmuls (a 512-token prefill) are compute-bound; the
+int8 layer, and the bf16 tensor layer on CPUs without native bf16, widen their weight to float32 for them and use the
+float32 GEMM.
 
-The tied LM head (V, C) is the largest single matrix of GPT-2 small (38.6M of 124M weights); it is converted too, and
-the token embedding reads rows of the same low-precision table, so the tie survives.
+The tied LM head (V, C) is the largest single matrix of GPT-2 small (38.6M of 124M weights); it is converted too. The
+token embedding reads rows of the head's own table where the layout allows (bf16 tensors, int8, transposed fp32) and
+of a separate copy where the head's weight is packed opaquely.
 """
 
 from __future__ import annotations
