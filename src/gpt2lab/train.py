@@ -420,16 +420,19 @@ class RunLog:
 
 # ---------------------------------------------------------------------------------------------------------- eval
 @torch.no_grad()
-def evaluate(model: GPT, data: TokenData, config: TrainConfig, runtime: Runtime) -> float:
+def evaluate(model: GPT, data: TokenData, config: TrainConfig, runtime: Runtime,
+             loss_model: torch.nn.Module | None = None) -> float:
     """Mean val loss over `eval_iters` fixed batches (the same windows at every eval, so the curve is smooth and
-    comparable), shared among the processes."""
+    comparable), shared among the processes. `loss_model` (default `TrainingLoss(model)`) is the training run's
+    possibly compiled loss module, so that eval runs compiled too."""
+    loss_model = loss_model if loss_model is not None else TrainingLoss(model)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(runtime.rank, config.eval_iters, runtime.world_size):
         x, y = get_batch(data, "val", i, config, runtime.device)
         with autocast(runtime.device, config.dtype):
-            total += torch.tensor([model.loss(x, y).item(), 1.0], dtype=torch.float64)
+            total += torch.tensor([loss_model(x, y).item(), 1.0], dtype=torch.float64)
     if runtime.distributed:
         total = total.to(runtime.device)
         torch.distributed.all_reduce(total)
@@ -500,12 +503,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     else:
         torch.manual_seed(config.seed + runtime.rank)  # dropout masks differ per process
 
-    step_model: torch.nn.Module = TrainingLoss(model)
+    loss_model: torch.nn.Module = TrainingLoss(model)
     if config.compile:
-        step_model = torch.compile(step_model)
+        loss_model = torch.compile(loss_model)
+    step_model = loss_model  # what the optimizer step calls; eval calls loss_model (no DDP hooks there)
     if runtime.distributed:
         ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=ids)
+        step_model = torch.nn.parallel.DistributedDataParallel(loss_model, device_ids=ids)
 
     log = RunLog(out_dir, state.step if ckpt is not None else None) if runtime.is_main else None
     if runtime.is_main:
@@ -529,7 +533,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                                                 {**opt, **rng} if opt is not None else None)
 
     def run_eval() -> None:
-        val = evaluate(model, data, config, runtime)
+        val = evaluate(model, data, config, runtime, loss_model)
         state.last_val_loss, state.last_val_bpb = val, bits_per_byte(val, data.tokens_per_byte("val"))
         improved = val < state.best_val_loss
         state.best_val_loss = min(state.best_val_loss, val)
