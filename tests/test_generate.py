@@ -17,7 +17,7 @@ from gpt2lab.generate import (Decoder, KVCache, SamplingParams, TokenEvent, appl
                               apply_top_p, choose_tokens, decode_steps, draw_uniforms, generate, held_back, prepare_for_inference,
                               process_logits, prompt_logprobs, sample_inverse_cdf, stream_text, text_pieces)
 from gpt2lab import quantize
-from gpt2lab.quantize import (SMALL_M, BF16Linear, HalfPackedLinear, Int8Linear, PackedLinear, TransposedLinear,
+from gpt2lab.quantize import (SMALL_M, BF16Linear, HalfPackedLinear, Int8Linear, OneDNNLinear, TransposedLinear,
                               quantize_per_channel)
 
 CONFIGS = {
@@ -584,7 +584,7 @@ def test_prepare_for_inference_rejects_unknown_dtype_and_double_preparation():
 
 
 KERNELS = [Int8Linear, BF16Linear, TransposedLinear,
-           pytest.param(PackedLinear, marks=pytest.mark.skipif(not quantize.onednn_packing(), reason="no oneDNN")),
+           pytest.param(OneDNNLinear, marks=pytest.mark.skipif(not quantize.onednn_linear(), reason="no oneDNN")),
            pytest.param(HalfPackedLinear, marks=pytest.mark.skipif(not quantize.fbgemm_half(), reason="no FBGEMM"))]
 
 
@@ -596,19 +596,19 @@ def test_inference_linears_agree_on_small_and_large_batches(layer_type):
     layer = layer_type.from_linear(linear)
     x = torch.randn(SMALL_M + 9, 48)
     ref = x @ (layer.dequantized() if hasattr(layer, "dequantized") else linear.weight).t() + linear.bias
-    tol = 1e-5 if layer_type in (TransposedLinear, PackedLinear) else 3e-2
+    tol = 1e-5 if layer_type in (TransposedLinear, OneDNNLinear) else 3e-2
     assert torch.allclose(layer(x), ref, atol=tol, rtol=tol)  # large batch
     assert torch.allclose(layer(x[:3]), ref[:3], atol=tol, rtol=tol)  # small batch
     assert layer(x.view(1, -1, 48)).shape == (1, SMALL_M + 9, 80)
 
 
-@pytest.mark.skipif(not quantize.onednn_packing(), reason="no oneDNN")
-def test_packed_linear_is_the_float32_linear():
+@pytest.mark.skipif(not quantize.onednn_linear(), reason="no oneDNN")
+def test_onednn_linear_is_the_float32_linear_for_any_number_of_rows():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
-    layer = PackedLinear.from_linear(linear)
-    assert torch.allclose(layer.dequantized(), linear.weight, atol=1e-6)
-    for rows in (1, 3, 8, 70):  # packed for one row, correct for any number
+    layer = OneDNNLinear.from_linear(linear)
+    assert layer.weight.data_ptr() == linear.weight.data_ptr()  # no copy of the weight
+    for rows in (1, 3, 8, SMALL_M + 1, 70):  # oneDNN for few rows, MKL for many
         x = torch.randn(rows, 64)
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
     x = torch.randn(8, 128)[:, ::2]  # a strided input is made contiguous first
@@ -629,7 +629,7 @@ def test_half_packed_linear_holds_exactly_the_bf16_weights():
 
 
 def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
-    """oneDNN packing for fp32 and FBGEMM's fp16 layout for bf16 when available; otherwise the portable layers,
+    """oneDNN for fp32 and FBGEMM's fp16 layout for bf16 when available; otherwise the portable layers,
     with the same logits."""
     cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
     torch.manual_seed(0)
@@ -643,11 +643,12 @@ def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
         assert isinstance(prepare_for_inference(copy.deepcopy(ref), "fp32").lm_head, TransposedLinear)
     finally:
         torch.set_num_threads(threads)
-    if quantize.onednn_packing():
-        assert isinstance(fast["fp32"].lm_head, PackedLinear)
+    if quantize.onednn_linear():
+        assert isinstance(fast["fp32"].lm_head, OneDNNLinear)
+        assert fast["fp32"].lm_head.weight.data_ptr() == fast["fp32"].wte.weight.data_ptr()  # still tied
     if quantize.fbgemm_half() and not quantize.native_bf16():
         assert isinstance(fast["bf16"].h[0].mlp.c_fc, HalfPackedLinear)
-    monkeypatch.setattr(quantize, "onednn_packing", lambda: False)
+    monkeypatch.setattr(quantize, "onednn_linear", lambda: False)
     monkeypatch.setattr(quantize, "fbgemm_half", lambda: False)
     plain = {d: prepare_for_inference(copy.deepcopy(ref), d) for d in ("fp32", "bf16")}
     assert isinstance(plain["fp32"].lm_head, TransposedLinear)

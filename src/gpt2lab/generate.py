@@ -784,9 +784,8 @@ def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
 def prepare_for_inference(model: "GPT", dtype: str = "fp32") -> "GPT":
     """Put `model` in eval mode with its weights in the given inference precision, in place, and return it.
 
-    - "fp32": float32 weights pre-packed for oneDNN's kernels (or, without oneDNN or with one thread, wide layers and
-      the tied head stored transposed for MKL): the layouts CPU kernels stream fastest a token at a time (same
-      function).
+    - "fp32": float32 weights, multiplied by oneDNN's kernels for a few rows and MKL's for many (or, without oneDNN
+      or with one thread, wide layers and the tied head stored transposed for MKL): same function, faster decoding.
     - "bf16": every linear layer and the tied LM head / embedding hold bfloat16 weights (half the bytes per token);
       on CPUs without bf16 arithmetic the same values sit in FBGEMM's fp16 layout (see gpt2lab.quantize).
     - "int8": the same with int8 weights and one scale per output channel (a quarter of the bytes).

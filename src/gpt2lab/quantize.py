@@ -4,9 +4,9 @@ Decoding one token at batch 1 multiplies a single activation vector by every wei
 read, so the speed is set by how many bytes of weights cross the memory bus per token, and by how close the kernel
 streams them to the memory's speed. Three levers, one per mode:
 
-- fp32 (`PackedLinear`): the same numbers, pre-packed once for oneDNN's JIT kernels, which stream a weight faster
-  than MKL's GEMM does for one or a few rows on the CPUs measured (docs/generation.md). Without oneDNN, or with one
-  thread, `TransposedLinear` stores wide weights (K, N), the layout MKL streams best.
+- fp32 (`OneDNNLinear`): the same weights, multiplied by oneDNN's kernels for a few rows, where MKL's GEMM is
+  compute-inefficient on the CPUs measured, and by MKL's for many (docs/generation.md). Without oneDNN, or with one
+  thread, `TransposedLinear` stores wide weights (K, N), the layout MKL streams best for one row.
 - bf16 (`BF16Linear`, `HalfPackedLinear`): half the bytes. With native bf16 arithmetic (AVX-512-BF16, AMX) the weight
   is a bf16 tensor; without it, the bf16-rounded weight is held exactly in FBGEMM's packed fp16 layout, whose kernel
   widens it in one instruction per 8 weights instead of emulating bf16.
@@ -21,8 +21,8 @@ int8 layer, and the bf16 tensor layer on CPUs without native bf16, widen their w
 float32 GEMM.
 
 The tied LM head (V, C) is the largest single matrix of GPT-2 small (38.6M of 124M weights); it is converted too. The
-token embedding reads rows of the head's own table where the layout allows (bf16 tensors, int8, transposed fp32) and
-of a separate copy where the head's weight is packed opaquely.
+token embedding reads rows of the head's own table where the layout allows (fp32, bf16 tensors, int8) and of a
+separate bf16 copy where the head's weight is packed opaquely (FBGEMM's fp16 layout).
 """
 
 from __future__ import annotations
@@ -166,11 +166,10 @@ class TransposedLinear(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def onednn_packing() -> bool:
-    """Whether this torch can pre-pack a float32 linear weight for oneDNN (the op torch.compile's CPU backend uses)."""
+def onednn_linear() -> bool:
+    """Whether this torch exposes oneDNN's linear on plain float32 tensors (the op torch.compile's CPU backend uses)."""
     try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8), 1)
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8), w, None, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8), torch.ones(8, 8), None, "none", [], "")
         return bool(torch.all(y == 8.0))
     except (AttributeError, RuntimeError):  # built without oneDNN, or an op renamed
         return False
@@ -187,40 +186,36 @@ def fbgemm_half() -> bool:
         return False
 
 
-class PackedLinear(nn.Module):
-    """nn.Linear's function, float32, with the weight pre-packed in oneDNN's blocked layout for its GEMV/GEMM kernels.
+class OneDNNLinear(nn.Module):
+    """nn.Linear's function and weight, float32, with a kernel chosen by the number of rows: oneDNN's matmul for a
+    decode step's few rows, MKL's GEMM (`F.linear`) for a prefill's many.
 
     A decode step is a chain of matrix-vector products bounded by how fast the weights stream from memory. MKL's
-    GEMM, which `F.linear` calls, reads a (N, K) weight at about 60% of this machine's read bandwidth for one row of
-    input, and degrades further for a few rows (its small-M kernels are tuned for Intel CPUs); oneDNN's JIT kernels on
-    a weight packed once for them stream at 90% for one row and are 2-3x faster at eight (benchmarks/generate.py). The
-    packing is opaque, so the module keeps no (N, K) tensor: `dequantized()` recovers it for tests.
+    GEMM is compute-inefficient for a few rows on the AMD CPU measured (the tied head at 8 rows: 28 ms, against 12 ms
+    with oneDNN), while for hundreds of rows it is 13-30% faster than oneDNN's AVX2 kernels (docs/generation.md). The
+    weight stays a plain (N, K) tensor that both read, so the tied head still shares the embedding's table.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), 1)  # opaque
+        self.register_buffer("weight", weight.detach().float().contiguous())  # (N, K); shares storage when it can
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (N,)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
+    def from_linear(cls, linear: nn.Linear) -> "OneDNNLinear":
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")  # (M, N)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.size(0) > SMALL_M:
+            y = F.linear(x2, self.weight, self.bias)  # compute-bound: MKL's GEMM
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
-    @property
-    def weight_nbytes(self) -> int:
-        """Bytes of the packed weight (not a buffer, so `model.buffers()` does not see it)."""
-        return self.out_features * self.in_features * 4
-
     def dequantized(self) -> torch.Tensor:
-        """The (N, K) float32 weight, by multiplying the identity."""
-        eye = torch.eye(self.in_features)  # (K, K)
-        return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [], "").t().contiguous()
+        return self.weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN"
@@ -308,12 +303,10 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
         raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
     cpu = model.wte.weight.device.type == "cpu"
     if dtype == "fp32":
-        if not (cpu and onednn_packing() and torch.get_num_threads() > 1):
+        if not (cpu and onednn_linear() and torch.get_num_threads() > 1):
             return _transpose_wide(model)  # one thread: MKL's GEMV on (K, N) is the faster batch-1 kernel
-        _replace_linears(model, PackedLinear.from_linear)
-        table = model.wte.weight.detach()  # (V, C): the head gets a packed copy, lookups read this one
-        model.lm_head = PackedLinear(table)
-        model.wte = LowPrecisionEmbedding(table)
+        _replace_linears(model, OneDNNLinear.from_linear)
+        model.lm_head = OneDNNLinear(model.wte.weight)  # the same (V, C) storage as the embedding
     elif dtype == "bf16":
         weights = [model.wte.weight] + [m.weight for m in model.h.modules() if isinstance(m, nn.Linear)]
         if cpu and not native_bf16() and fbgemm_half() and all(HalfPackedLinear.fits(w) for w in weights):
@@ -352,6 +345,6 @@ def _transpose_wide(model: "GPT") -> "GPT":
 
 def is_converted(model: nn.Module) -> bool:
     """Whether `model` holds inference-only layers (and so should not be trained or saved)."""
-    kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, TransposedLinear, ColumnEmbedding, PackedLinear,
+    kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, TransposedLinear, ColumnEmbedding, OneDNNLinear,
              HalfPackedLinear)
     return any(isinstance(m, kinds) for m in model.modules())
