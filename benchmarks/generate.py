@@ -99,10 +99,10 @@ def bytes_per_token(model: torch.nn.Module, context: int) -> int:
     total = weight_bytes(model)  # the tied token table is counted once: the head reads all of it
     wpe = getattr(model.wpe, "weight", None)
     total -= wpe.numel() * wpe.element_size() if wpe is not None else 0  # one row per token
-    head = getattr(model.lm_head, "weight", None)
+    head = {t.data_ptr() for t in list(model.lm_head.parameters()) + list(model.lm_head.buffers())}
     wte = getattr(model.wte, "weight", None)
-    if wte is not None and (head is None or wte.data_ptr() != head.data_ptr()):  # a packed head: the lookup table
-        total -= wte.numel() * wte.element_size()  # is a separate copy, read one row per token
+    if wte is not None and wte.data_ptr() not in head:  # a packed head: the lookup table is a separate copy,
+        total -= wte.numel() * wte.element_size()  # read one row per token
     kv = 2 * cfg.n_layer * context * cfg.n_embd * torch.empty(0, dtype=activation_dtype(model)).element_size()
     return total + kv
 
