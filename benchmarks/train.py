@@ -45,7 +45,8 @@ def make_models(args: argparse.Namespace):
 
 def step_fns(args: argparse.Namespace, dtype: str, ours, theirs, theirs_fused, x, y):
     from gpt2lab.config import TrainConfig
-    from gpt2lab.train import TrainingLoss, autocast, loss_fn, make_optimizer
+    from gpt2lab.loss import cross_entropy
+    from gpt2lab.train import TrainingLoss, autocast, make_optimizer
 
     cpu = torch.device("cpu")
     opt_ours = make_optimizer(ours, TrainConfig(model=ours.config, seq_len=args.seq), cpu)  # fused, decay groups
@@ -67,7 +68,7 @@ def step_fns(args: argparse.Namespace, dtype: str, ours, theirs, theirs_fused, x
 
     def plain_step() -> float:  # our model, unfused: logits, then F.cross_entropy
         with autocast(cpu, dtype):
-            loss = loss_fn(plain(x), y)
+            loss = cross_entropy(plain(x), y)
         loss.backward()
         opt_plain.step()
         opt_plain.zero_grad(set_to_none=True)

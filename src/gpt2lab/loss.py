@@ -85,10 +85,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return torch.zeros_like(h), torch.zeros_like(weight), None, None, None
         g = z.exp_()  # softmax (N, V)
         g[rows, targets[rows]] -= 1.0  # minus the one-hot target
-        if rows.numel() < g.size(0):
-            skipped = torch.ones(g.size(0), dtype=torch.bool, device=g.device)
-            skipped[rows] = False
-            g[skipped] = 0.0
+        if ctx.n < g.size(0):
+            g[targets == IGNORE_INDEX] = 0.0  # ignored rows get no gradient
         scale = grad / ctx.n
         grad_h = torch.mm(g, weight).mul_(scale) if ctx.needs_input_grad[0] else None  # (N, C)
         grad_w = torch.mm(g.t(), h * scale) if ctx.needs_input_grad[1] else None  # (V, C)

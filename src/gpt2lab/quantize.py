@@ -304,7 +304,7 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     cpu = model.wte.weight.device.type == "cpu"
     if dtype == "fp32":
         if not (cpu and onednn_linear() and torch.get_num_threads() > 1):
-            return _transpose_wide(model)  # one thread: MKL's GEMV on (K, N) is the faster batch-1 kernel
+            return _transpose_wide(model)  # no oneDNN, or one thread, where MKL's (K, N) GEMV is faster at batch 1
         _replace_linears(model, OneDNNLinear.from_linear)
         model.lm_head = OneDNNLinear(model.wte.weight)  # the same (V, C) storage as the embedding
     elif dtype == "bf16":

@@ -4,7 +4,7 @@ One optimizer step, in order:
 
     lr = schedule(step)                                   warmup, then cosine decay to min_lr
     for each of grad_accum micro-batches:                 random windows of the token shards
-        loss = cross_entropy(model(x), y) / grad_accum    (bf16 autocast if asked)
+        loss = model.loss(x, y) / grad_accum              (bf16 autocast if asked; head + loss fused in fp32 on CPU)
         loss.backward()                                   DDP all-reduces gradients on the last micro-batch
     clip the global gradient norm; AdamW step; zero the gradients
 
@@ -42,7 +42,6 @@ from gpt2lab.checkpoint import atomic_directory, import_state_dict, load_model, 
 from gpt2lab.config import GPTConfig, TrainConfig, train_config_to_toml
 from gpt2lab.data import TokenData
 from gpt2lab.download import read_versioned_json, write_file_atomic
-from gpt2lab.loss import cross_entropy
 from gpt2lab.model import GPT
 
 STATE_FILE = "training_state.json"
@@ -188,14 +187,9 @@ def get_batch(data: TokenData, split: str, index: int, config: TrainConfig, devi
     return x, y
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats; logits (B, T, V) in fp32 so a bf16 forward still sums exactly."""
-    return cross_entropy(logits, targets)
-
-
 class TrainingLoss(torch.nn.Module):
     """`model.loss` as a module's forward: (B, T) ids, (B, T) targets -> scalar loss. Training calls this instead of
-    `loss_fn(model(x), y)` so that the LM head and the loss run fused (gpt2lab.loss); it is what torch.compile and
+    `cross_entropy(model(x), y)` so that the LM head and the loss run fused (gpt2lab.loss); it is what torch.compile and
     DistributedDataParallel wrap, since DDP's gradient hooks are armed by a forward call."""
 
     def __init__(self, model: GPT) -> None:
