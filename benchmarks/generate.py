@@ -72,6 +72,17 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS (glibc keeps it mapped otherwise), so the peak
+    measured next starts from what is live: the loaded model, not the float32 copy a conversion started from."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def rss(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -229,6 +240,7 @@ def measure_memory(name: str, tokens: int) -> None:
         def gen(idx, n):
             generate(model, idx, n, temperature=0)
     gc.collect()
+    release_freed_memory()
     reset_peak_rss()
     gen(torch.randint(0, 50257, (8, PROMPT)), tokens)
     gen(torch.randint(0, 50257, (1, PREFILL)), 1)

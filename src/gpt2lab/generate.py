@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, S
 
 import torch
 
+from gpt2lab.decode_step import DecodeStep
+
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT
 
@@ -331,6 +333,7 @@ class Decoder:
         self.cache = KVCache.for_model(model, B, max_length=min(n_ctx, capacity))
         self.padded = False
         self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) position of the next token
+        self.fast_step = DecodeStep(model) if DecodeStep.applies(model) else None  # the flat step, where exact
 
     @property
     def batch_size(self) -> int:
@@ -359,6 +362,12 @@ class Decoder:
         self.length += 1
         if self.length - self.start > self.n_ctx:  # the window is full: slide it and re-encode
             return self._slide()
+        if self.fast_step is not None:
+            window = self.mask[:, self.start:self.length] if self.padded else None  # (B, S)
+            logits = self.fast_step(tokens, self.cache, self.next_pos if self.padded else None, window)  # (B, V)
+            if self.padded:
+                self.next_pos += 1
+            return logits.float()
         if not self.padded:
             logits = self.model(self.tokens[:, col:col + 1], kv_cache=self.cache, logits_to_keep=1)
         else:

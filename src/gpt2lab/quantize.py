@@ -234,8 +234,8 @@ class HalfPackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         w = weight.detach().to(torch.bfloat16).float()  # (N, K), bf16 values
-        self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)  # opaque
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (N,)
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w, self.bias)  # opaque; adds the float32 bias itself
 
     @staticmethod
     def fits(weight: torch.Tensor) -> bool:
@@ -248,9 +248,7 @@ class HalfPackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
-        y = torch.ops.quantized.linear_dynamic_fp16(x2, self.packed)  # (M, N)
-        if self.bias is not None:
-            y += self.bias
+        y = torch.ops.quantized.linear_dynamic_fp16(x2, self.packed)  # (M, N), bias included
         return y.view(*x.shape[:-1], self.out_features)
 
     @property

@@ -1,0 +1,131 @@
+"""The flat decode step computes what the modules compute, and is used only where it can.
+
+Oracle: the model's own forward at T = 1 with the same KV cache (itself tested against no cache and transformers).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gpt2lab import GPT, GPTConfig
+from gpt2lab.decode_step import DecodeStep
+from gpt2lab.generate import Decoder, KVCache, generate, prepare_for_inference
+from gpt2lab.model import Block
+
+CONFIGS = {
+    "tiny": GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16),
+    "gelu-exact": GPTConfig(vocab_size=211, n_ctx=48, n_layer=3, n_head=4, n_embd=32, activation="gelu"),
+    "relu-nobias": GPTConfig(vocab_size=64, n_ctx=40, n_layer=2, n_head=1, n_embd=24, activation="relu", bias=False),
+    "sinusoidal": GPTConfig(vocab_size=80, n_ctx=24, n_layer=2, n_head=2, n_embd=16, pos_encoding="sinusoidal"),
+}
+
+
+def make_model(cfg: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # sharper distributions than GPT-2's init, so differences show
+        for p in model.parameters():
+            p.mul_(8.0)
+    return model
+
+
+def both_paths(model: GPT, prompt: torch.Tensor, tokens: list[torch.Tensor], positions=None, mask=None):
+    """Logits of each step through the modules and through DecodeStep, from two caches filled by the same prefill."""
+    B, T = prompt.shape
+    caches = [KVCache.for_model(model, B, T + len(tokens)) for _ in range(2)]
+    step = DecodeStep(model)
+    out = ([], [])
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
+                  position_ids=None if positions is None else positions[:, :T])
+        for i, tok in enumerate(tokens):
+            S = T + i + 1
+            pos = None if positions is None else positions[:, T + i:T + i + 1]  # (B, 1)
+            m = None if mask is None else mask[:, :S]  # (B, S)
+            out[0].append(model(tok[:, None], kv_cache=caches[0], position_ids=pos, attention_mask=m)[:, -1])
+            out[1].append(step(tok, caches[1], pos, m))
+    return out, caches
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_step_equals_the_modules(name):
+    model = make_model(CONFIGS[name])
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, V, (3, 5), generator=g)
+    tokens = [torch.randint(0, V, (3,), generator=g) for _ in range(6)]
+    (ref, fast), caches = both_paths(model, prompt, tokens)
+    for a, b in zip(ref, fast):
+        assert b.shape == (3, V)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert caches[0].length == caches[1].length == 11
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-6, rtol=1e-6)
+
+
+def test_decode_step_with_left_padding_equals_the_modules():
+    model = make_model(CONFIGS["tiny"])
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 97, (2, 6), generator=g)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0  # row 0 has three padding tokens on the left
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, 10)
+    tokens = [torch.randint(0, 97, (2,), generator=g) for _ in range(4)]
+    (ref, fast), _ = both_paths(model, prompt, tokens, positions, mask)
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_decode_step_on_inference_layers_equals_their_modules(dtype):
+    model = prepare_for_inference(make_model(CONFIGS["gelu-exact"]), dtype)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 211, (2, 4), generator=g)
+    tokens = [torch.randint(0, 211, (2,), generator=g) for _ in range(3)]
+    (ref, fast), _ = both_paths(model, prompt, tokens)
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_uses_the_step_only_where_it_applies():
+    model = make_model(CONFIGS["tiny"])
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    assert DecodeStep.applies(model)
+    assert Decoder(model, prompt, max_new_tokens=3).fast_step is not None
+    expected = generate(model, prompt, 8, temperature=0)
+
+    calls = []
+    handle = model.h[0].register_forward_hook(lambda *args: calls.append(1))
+    assert not DecodeStep.applies(model)  # a hook must see every step, so the modules run
+    assert torch.equal(generate(model, prompt, 8, temperature=0), expected)
+    assert len(calls) == 8  # the prefill and the 7 steps after it all went through the block
+    handle.remove()
+
+    model.h[0].attn.use_sdpa = False  # the explicit attention path is the modules' alone
+    assert not DecodeStep.applies(model)
+    model.h[0].attn.use_sdpa = True
+
+    class CustomBlock(Block):
+        pass
+
+    custom = copy.deepcopy(model)
+    custom.h[1].__class__ = CustomBlock  # a subclass may change forward: not the stock block
+    assert not DecodeStep.applies(custom)
+    assert not DecodeStep.applies(copy.deepcopy(model).train())
+
+
+def test_decode_step_refuses_a_full_cache_or_wrong_batch():
+    model = make_model(CONFIGS["tiny"])
+    step = DecodeStep(model)
+    cache = KVCache.for_model(model, 2, max_length=3)
+    with torch.no_grad():
+        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="KV cache overflow: 3 cached"):
+        step(torch.zeros(2, dtype=torch.long), cache)
+    cache.reset()
+    with pytest.raises(ValueError, match="holds 2 active rows, got 3"):
+        step(torch.zeros(3, dtype=torch.long), cache)
