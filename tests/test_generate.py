@@ -17,7 +17,8 @@ from gpt2lab.generate import (Decoder, KVCache, SamplingParams, TokenEvent, appl
                               apply_top_p, choose_tokens, decode_steps, draw_uniforms, generate, held_back, prepare_for_inference,
                               process_logits, prompt_logprobs, sample_inverse_cdf, stream_text, text_pieces)
 from gpt2lab import quantize
-from gpt2lab.quantize import (SMALL_M, BF16Linear, HalfPackedLinear, Int8Linear, OneDNNLinear, TransposedLinear,
+from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLinear, Int8Linear, OneDNNLinear,
+                              TransposedLinear,
                               quantize_per_channel)
 
 CONFIGS = {
@@ -615,6 +616,30 @@ def test_onednn_linear_is_the_float32_linear_for_any_number_of_rows():
     torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_chunked_linear_is_the_float32_linear_for_any_number_of_rows(chunks, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=bias)
+    layer = ChunkedLinear.from_linear(linear, chunks)
+    assert layer.weight.data_ptr() == linear.weight.data_ptr()  # the blocks are views of the same weight
+    for rows in (1, 3, 8, SMALL_M, SMALL_M + 1):  # row blocks for few rows, MKL for many
+        x = torch.randn(2, rows, 64)
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(5, 128)[:, ::2]  # a strided input
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunks must divide out_features=96, got 5"):
+        ChunkedLinear.from_linear(linear, 5)
+
+
+def test_decode_linear_gives_each_thread_two_row_blocks_where_they_divide():
+    assert quantize.decode_linear(torch.nn.Linear(8, 96), threads=2).chunks == 4
+    assert quantize.decode_linear(torch.nn.Linear(8, 1600), threads=16).chunks == 32  # gpt2-xl's width
+    assert quantize.decode_linear(torch.nn.Linear(8, 30), threads=2).chunks == 3  # the most that divides, up to 4
+    odd = quantize.decode_linear(torch.nn.Linear(8, 7), threads=2)
+    assert type(odd) is OneDNNLinear  # 7 rows do not split: one oneDNN product
+
+
 @pytest.mark.skipif(not quantize.fbgemm_half(), reason="no FBGEMM")
 def test_half_packed_linear_holds_exactly_the_bf16_weights():
     torch.manual_seed(0)
@@ -645,6 +670,7 @@ def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
         torch.set_num_threads(threads)
     if quantize.onednn_linear():
         assert isinstance(fast["fp32"].lm_head, OneDNNLinear)
+        assert isinstance(fast["fp32"].h[0].mlp.c_fc, ChunkedLinear)
         assert fast["fp32"].lm_head.weight.data_ptr() == fast["fp32"].wte.weight.data_ptr()  # still tied
     if quantize.fbgemm_half() and not quantize.native_bf16():
         assert isinstance(fast["bf16"].h[0].mlp.c_fc, HalfPackedLinear)

@@ -4,9 +4,10 @@ Decoding one token at batch 1 multiplies a single activation vector by every wei
 read, so the speed is set by how many bytes of weights cross the memory bus per token, and by how close the kernel
 streams them to the memory's speed. Three levers, one per mode:
 
-- fp32 (`OneDNNLinear`): the same weights, multiplied by oneDNN's kernels for a few rows, where MKL's GEMM is
-  compute-inefficient on the CPUs measured, and by MKL's for many (docs/generation.md). Without oneDNN, or with one
-  thread, `TransposedLinear` stores wide weights (K, N), the layout MKL streams best for one row.
+- fp32 (`ChunkedLinear`, `OneDNNLinear`): the same weights. For a few rows, the block layers run as one batched
+  matmul over row blocks (one contiguous slab per thread, a few µs per call) and the head through oneDNN, where
+  MKL's GEMM is compute-inefficient on the CPUs measured; for many rows, MKL's GEMM (docs/generation.md). Without
+  oneDNN, or with one thread, `TransposedLinear` stores wide weights (K, N), the layout MKL streams best for one row.
 - bf16 (`BF16Linear`, `HalfPackedLinear`): half the bytes. With native bf16 arithmetic (AVX-512-BF16, AMX) the weight
   is a bf16 tensor; without it, the bf16-rounded weight is held exactly in FBGEMM's packed fp16 layout, whose kernel
   widens it in one instruction per 8 weights instead of emulating bf16.
@@ -221,6 +222,47 @@ class OneDNNLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN"
 
 
+class ChunkedLinear(OneDNNLinear):
+    """`OneDNNLinear` whose few-row products run as one batched matmul over `chunks` blocks of output rows.
+
+    The weight (N, K) is viewed, without a copy, as (chunks, N / chunks, K), and x (M, K) is broadcast to every
+    block: `baddbmm` hands the blocks' matrix-vector products to MKL's batched GEMM, which spreads them over the
+    threads. Each block is one contiguous slab of the weight, streamed by one thread, which is what a memory-bound
+    product wants, and the call costs a few µs where oneDNN's costs 35-50 µs (measured, 2 threads). On GPT-2 small a
+    decode step has 48 such products, so the same weights, toggled between the two kernels in one process, decoded
+    at batch 1 in 27-29 ms per token against 31 ms through oneDNN (medians; docs/generation.md). Many rows still go
+    to MKL's GEMM, as in `OneDNNLinear`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, chunks: int = 2) -> None:
+        super().__init__(weight, bias)
+        if chunks < 1 or self.out_features % chunks:
+            raise ValueError(f"chunks must divide out_features={self.out_features}, got {chunks}")
+        self.chunks = chunks
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, chunks: int = 2) -> "ChunkedLinear":
+        return cls(linear.weight, linear.bias, chunks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        M, N, K, c = x2.size(0), self.out_features, self.in_features, self.chunks
+        if M > SMALL_M:
+            return super().forward(x)  # compute-bound: MKL's GEMM
+        w = self.weight.view(c, N // c, K).transpose(1, 2)  # (c, K, N/c): a view
+        xs = x2.unsqueeze(0).expand(c, M, K)  # (c, M, K): a view
+        if self.bias is None:
+            y = torch.bmm(xs, w)  # (c, M, N/c)
+        else:
+            y = torch.baddbmm(self.bias.view(c, 1, N // c), xs, w)  # (c, M, N/c)
+        y = y.view(M, N) if M == 1 else y.transpose(0, 1).reshape(M, N)  # blocks side by side: (M, N)
+        return y.view(*x.shape[:-1], N)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"chunks={self.chunks}"
+
+
 class HalfPackedLinear(nn.Module):
     """A bf16 weight-only linear layer for CPUs without bf16 arithmetic: the bf16-rounded weight is held in FBGEMM's
     packed half-precision (fp16) layout, whose kernel widens it with one F16C instruction per 8 weights.
@@ -303,7 +345,7 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     if dtype == "fp32":
         if not (cpu and onednn_linear() and torch.get_num_threads() > 1):
             return _transpose_wide(model)  # no oneDNN, or one thread, where MKL's (K, N) GEMV is faster at batch 1
-        _replace_linears(model, OneDNNLinear.from_linear)
+        _replace_linears(model, lambda linear: decode_linear(linear, torch.get_num_threads()))
         model.lm_head = OneDNNLinear(model.wte.weight)  # the same (V, C) storage as the embedding
     elif dtype == "bf16":
         weights = [model.wte.weight] + [m.weight for m in model.h.modules() if isinstance(m, nn.Linear)]
@@ -321,6 +363,12 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
         model.lm_head = Int8Linear(q, s)
         model.wte = LowPrecisionEmbedding(q, model.lm_head.scale)
     return model
+
+
+def decode_linear(linear: nn.Linear, threads: int) -> OneDNNLinear:
+    """The float32 decode layer of a block: two row blocks per thread (the most that divides N), else oneDNN."""
+    chunks = next((c for c in range(2 * threads, 1, -1) if linear.out_features % c == 0), 1)
+    return ChunkedLinear.from_linear(linear, chunks) if chunks > 1 else OneDNNLinear.from_linear(linear)
 
 
 def _replace_linears(model: "GPT", make: Callable[[nn.Linear], nn.Module]) -> None:
@@ -344,5 +392,5 @@ def _transpose_wide(model: "GPT") -> "GPT":
 def is_converted(model: nn.Module) -> bool:
     """Whether `model` holds inference-only layers (and so should not be trained or saved)."""
     kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, TransposedLinear, ColumnEmbedding, OneDNNLinear,
-             HalfPackedLinear)
+             HalfPackedLinear)  # ChunkedLinear is a OneDNNLinear
     return any(isinstance(m, kinds) for m in model.modules())
