@@ -104,6 +104,10 @@ def test_generate_uses_the_step_only_where_it_applies():
     assert torch.equal(generate(model, prompt, 8, temperature=0), expected)
     assert len(calls) == 8  # the prefill and the 7 steps after it all went through the block
     handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)  # a hook on every module
+    assert not DecodeStep.applies(model)
+    handle.remove()
+    assert DecodeStep.applies(model)
 
     model.h[0].attn.use_sdpa = False  # the explicit attention path is the modules' alone
     assert not DecodeStep.applies(model)

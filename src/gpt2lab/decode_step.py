@@ -59,8 +59,9 @@ class DecodeStep:
     def applies(model: "GPT") -> bool:
         """Whether the flat step computes what the modules would: eval mode, stock blocks, fused attention, no hooks
         (a hook would be skipped) and no dropout."""
-        if model.training or torch.nn.modules.module._global_forward_hooks \
-                or torch.nn.modules.module._global_forward_pre_hooks:
+        module = torch.nn.modules.module  # hooks registered for every module (register_module_forward_hook)
+        if model.training or getattr(module, "_global_forward_hooks", None) \
+                or getattr(module, "_global_forward_pre_hooks", None):
             return False
         for b in model.h:
             if (type(b) is not Block or type(b.attn) is not CausalSelfAttention or type(b.mlp) is not MLP
