@@ -10,27 +10,11 @@ import copy
 import pytest
 import torch
 
-from gpt2lab import GPT, GPTConfig
+from gpt2lab import GPT
 from gpt2lab.decode_step import DecodeStep
 from gpt2lab.generate import Decoder, KVCache, generate, prepare_for_inference
 from gpt2lab.model import Block
-
-CONFIGS = {
-    "tiny": GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16),
-    "gelu-exact": GPTConfig(vocab_size=211, n_ctx=48, n_layer=3, n_head=4, n_embd=32, activation="gelu"),
-    "relu-nobias": GPTConfig(vocab_size=64, n_ctx=40, n_layer=2, n_head=1, n_embd=24, activation="relu", bias=False),
-    "sinusoidal": GPTConfig(vocab_size=80, n_ctx=24, n_layer=2, n_head=2, n_embd=16, pos_encoding="sinusoidal"),
-}
-
-
-def make_model(cfg: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(cfg).eval()
-    with torch.no_grad():  # sharper distributions than GPT-2's init, so differences show
-        for p in model.parameters():
-            p.mul_(8.0)
-    return model
-
+from test_generate import CONFIGS, make_model  # the config families and sharpened weights of the generation tests
 
 def both_paths(model: GPT, prompt: torch.Tensor, tokens: list[torch.Tensor], positions=None, mask=None):
     """Logits of each step through the modules and through DecodeStep, from two caches filled by the same prefill."""
@@ -82,7 +66,7 @@ def test_decode_step_with_left_padding_equals_the_modules():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_decode_step_on_inference_layers_equals_their_modules(dtype):
-    model = prepare_for_inference(make_model(CONFIGS["gelu-exact"]), dtype)
+    model = prepare_for_inference(make_model(CONFIGS["wide"]), dtype)
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 211, (2, 4), generator=g)
     tokens = [torch.randint(0, 211, (2,), generator=g) for _ in range(3)]
