@@ -1,6 +1,6 @@
 """What bf16 and int8 weights cost in quality, against float32 on the same model.
 
-    python benchmarks/quality.py [--tokens 300] [--train-seconds 90]
+    python benchmarks/quality.py [--tokens 300] [--train-steps 300]
 
 Two models:
 - GPT-2 124M with random weights (the architecture and tensor sizes of the real one; its outputs are near-uniform,
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def train_char_model(seconds: float):
+def train_char_model(steps: int):
     from gpt2lab import GPT, GPTConfig
 
     text = DATA.read_text(encoding="utf-8")
@@ -36,7 +36,7 @@ def train_char_model(seconds: float):
     model = GPT(GPTConfig(vocab_size=len(chars), n_ctx=128, n_layer=4, n_head=4, n_embd=128))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    while step < steps:  # a fixed count, so every run compares the same trained model
         ix = torch.randint(0, data.numel() - 129, (32,))
         x = torch.stack([data[i:i + 128] for i in ix])
         y = torch.stack([data[i + 1:i + 129] for i in ix])
@@ -45,7 +45,8 @@ def train_char_model(seconds: float):
         loss.backward()
         opt.step()
         step += 1
-    print(f"trained a {model.num_parameters() / 1e6:.1f}M char model for {step} steps: loss {loss.item():.3f}")
+    print(f"trained a {model.num_parameters() / 1e6:.1f}M char model for {step} steps in "
+          f"{time.perf_counter() - start:.0f} s: loss {loss.item():.3f}")
     return model.eval(), data
 
 
@@ -78,7 +79,7 @@ def compare(name: str, ref, prompt: torch.Tensor, tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=300)
-    parser.add_argument("--train-seconds", type=float, default=90)
+    parser.add_argument("--train-steps", type=int, default=300)
     args = parser.parse_args()
     from gpt2lab import GPT, GPTConfig
 
@@ -86,7 +87,7 @@ def main() -> None:
     gpt2 = GPT(GPTConfig.preset("gpt2")).eval()
     compare("GPT-2 124M, random weights", gpt2, torch.randint(0, 50257, (1, 16)), min(args.tokens, 200))
     del gpt2
-    model, data = train_char_model(args.train_seconds)
+    model, data = train_char_model(args.train_steps)
     compare("4-layer char model trained on tinyshakespeare", model, data[None, :32], args.tokens)
 
 
