@@ -230,8 +230,8 @@ class ChunkedLinear(OneDNNLinear):
     threads. Each block is one contiguous slab of the weight, streamed by one thread, which is what a memory-bound
     product wants, and the call costs a few µs where oneDNN's costs 35-50 µs (measured, 2 threads). On GPT-2 small a
     decode step has 48 such products, so the same weights, toggled between the two kernels in one process, decoded
-    at batch 1 in 27-29 ms per token against 31 ms through oneDNN (medians; docs/generation.md). Many rows still go
-    to MKL's GEMM, as in `OneDNNLinear`.
+    at batch 1 in 26.9-28.7 ms per token against 29.3-31.6 ms through oneDNN (medians of four runs;
+    docs/generation.md). Many rows still go to MKL's GEMM, as in `OneDNNLinear`.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, chunks: int = 2) -> None:
