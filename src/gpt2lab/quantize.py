@@ -263,6 +263,20 @@ class ChunkedLinear(OneDNNLinear):
                f"chunks={self.chunks}"
 
 
+@functools.lru_cache(maxsize=None)
+def _half_linear() -> Callable[..., torch.Tensor]:
+    """FBGEMM's fp16-weight linear, the bare C++ op under its Python wrapper.
+
+    A decode step calls it 49 times, and the Python call costs more than a small product itself. Before dispatching,
+    torch asks every non-tensor argument for `__torch_function__`: on the packed weight, a TorchScript object, that
+    failed lookup takes ~17 µs. `OpOverload.__call__` adds a few µs of Python checks for traced fake objects. From
+    `forward`, with subclass dispatch off (its arguments are plain tensors and the packed weight), the call measured
+    8.5 µs against 44 µs through `torch.ops.quantized.linear_dynamic_fp16` (docs/generation.md).
+    """
+    op = torch.ops.quantized.linear_dynamic_fp16.default
+    return getattr(op, "_op", op)
+
+
 class HalfPackedLinear(nn.Module):
     """A bf16 weight-only linear layer for CPUs without bf16 arithmetic: the bf16-rounded weight is held in FBGEMM's
     packed half-precision (fp16) layout, whose kernel widens it with one F16C instruction per 8 weights.
@@ -290,7 +304,8 @@ class HalfPackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
-        y = torch.ops.quantized.linear_dynamic_fp16(x2, self.packed)  # (M, N), bias included
+        with torch._C.DisableTorchFunctionSubclass():  # see `_half_linear`
+            y = _half_linear()(x2, self.packed)  # (M, N), bias included
         return y.view(*x.shape[:-1], self.out_features)
 
     @property
