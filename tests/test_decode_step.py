@@ -64,9 +64,14 @@ def test_decode_step_with_left_padding_equals_the_modules():
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_decode_step_on_inference_layers_equals_their_modules(dtype):
-    model = prepare_for_inference(make_model(CONFIGS["wide"]), dtype)
+@pytest.mark.parametrize("dtype,threads", [("fp32", 2), ("fp32", 1), ("bf16", 2), ("int8", 2)])
+def test_decode_step_on_inference_layers_equals_their_modules(dtype, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # fp32 prepared under one thread stores wide layers transposed
+    try:
+        model = prepare_for_inference(make_model(CONFIGS["wide"]), dtype)
+    finally:
+        torch.set_num_threads(before)
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 211, (2, 4), generator=g)
     tokens = [torch.randint(0, 211, (2,), generator=g) for _ in range(3)]
