@@ -54,6 +54,7 @@ class DecodeStep:
         ]
         self.ln_f = (model.ln_f.weight, model.ln_f.bias)
         self.head = model.lm_head.forward
+        self.positions = model.wpe.weight  # (n_ctx, C): the learned table, or the sinusoids' buffer
 
     @staticmethod
     def applies(model: "GPT") -> bool:
@@ -80,10 +81,10 @@ class DecodeStep:
             raise ValueError(f"KV cache overflow: {pos} cached + 1 new position exceed max_length={cache.max_length}")
         if B != cache.batch_size:
             raise ValueError(f"KV cache holds {cache.batch_size} active rows, got {B} tokens")
-        if positions is None:
-            positions = torch.full((1,), pos, dtype=torch.long, device=tokens.device)  # (1,)
+        # every row at position `pos` (a row of the table, no index tensor), or each padded row at its own
+        pos_emb = self.positions[pos] if positions is None else self.positions[positions.view(-1)]  # (C,) or (B, C)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        x = (self.model.wte(tokens) + self.model.wpe(positions).view(-1, C)).unsqueeze(1)  # (B, 1, C)
+        x = (self.model.wte(tokens) + pos_emb).unsqueeze(1)  # (B, 1, C)
         for i, (ln1_w, ln1_b, c_attn, attn_proj, ln2_w, ln2_b, c_fc, act, mlp_proj) in enumerate(self.layers):
             qkv = c_attn(F.layer_norm(x, (C,), ln1_w, ln1_b, self.eps)).view(B, 3, H, D)  # (B, 3, H, D)
             k_all, v_all = cache.k[i, :B], cache.v[i, :B]  # (B, H, S_max, D)

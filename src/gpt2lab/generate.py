@@ -13,7 +13,8 @@ The pieces, from the bottom up:
 - `SamplingParams` and the pure filters `apply_repetition_penalty`, `apply_top_k`, `apply_top_p`, `process_logits`:
   how temperature, top-k, top-p and the repetition penalty reshape the next-token distribution; `choose_tokens`
   then draws from it by inverse-CDF sampling (`sample_inverse_cdf`), one uniform number per row.
-- `Decoder`: the state of one batched decode (token buffer, padding mask, positions, cache, the sliding window).
+- `Decoder`: the state of one batched decode (token buffer, padding mask, positions, cache, the sliding window);
+  its steps run through `gpt2lab.decode_step.DecodeStep`, the same step written flat, wherever that is exact.
 - `generate`: tensor in, tensor out, as `transformers`' `generate` (the model's `.generate` calls it).
 - `decode_steps`: one event per row per step, for servers: log-probabilities, stop reasons, per-row settings.
 - `prompt_logprobs`: the same events for the prompt's own tokens (OpenAI's `echo` with `logprobs`).
@@ -793,8 +794,9 @@ def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
 def prepare_for_inference(model: "GPT", dtype: str = "fp32") -> "GPT":
     """Put `model` in eval mode with its weights in the given inference precision, in place, and return it.
 
-    - "fp32": float32 weights, multiplied by oneDNN's kernels for a few rows and MKL's for many (or, without oneDNN
-      or with one thread, wide layers and the tied head stored transposed for MKL): same function, faster decoding.
+    - "fp32": the float32 weights themselves; for a few rows the block layers run as one batched matmul over row
+      blocks and the head through oneDNN, for many rows MKL's GEMM (or, without oneDNN or with one thread, wide
+      layers and the tied head stored transposed for MKL): same function, faster decoding.
     - "bf16": every linear layer and the tied LM head / embedding hold bfloat16 weights (half the bytes per token);
       on CPUs without bf16 arithmetic the same values sit in FBGEMM's fp16 layout (see gpt2lab.quantize).
     - "int8": the same with int8 weights and one scale per output channel (a quarter of the bytes).
