@@ -128,7 +128,7 @@ def test_unsupported_hf_config_is_refused(saved):
 
 
 def test_missing_directory_and_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
         GPT.from_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):

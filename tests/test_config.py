@@ -50,12 +50,28 @@ def test_frozen():
     ("activation", "swish", "activation 'swish' is unknown; choose one of: gelu_tanh, gelu, relu"),
     ("pos_encoding", "rope", "pos_encoding 'rope' is unknown; choose one of: learned, sinusoidal"),
     ("dropout", 1.0, "dropout must be a number in \\[0, 1\\), got 1.0"),
-    ("layer_norm_eps", 0, "layer_norm_eps must be a positive number"),
+    ("layer_norm_eps", 0, "layer_norm_eps must be a positive finite number"),
+    ("layer_norm_eps", float("inf"), "layer_norm_eps must be a positive finite number, got inf"),
     ("bias", "yes", "bias must be true or false"),
 ])
 def test_invalid_values_name_field_value_and_allowed(field, value, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**{field: value})
+
+
+@pytest.mark.parametrize("fields", [{"n_embd": 2**40, "n_head": 1}, {"vocab_size": 10**15}, {"n_layer": 10**7},
+                                    {"n_ctx": 2**62}])
+def test_absurd_sizes_are_refused_before_anything_is_built(fields):
+    with pytest.raises(ValueError, match="GPTConfig describes .* parameters .*; at most 1e\\+12 are allowed"):
+        GPTConfig(**fields)
+
+
+@pytest.mark.parametrize("fields", [{}, {"bias": False}, {"pos_encoding": "sinusoidal"}, {"n_layer": 3, "n_embd": 48}])
+def test_parameter_count_matches_the_built_model(fields):
+    from gpt2lab import GPT
+
+    cfg = GPTConfig.preset("tiny", **fields)
+    assert cfg.parameter_count == GPT(cfg).num_parameters()
 
 
 def test_from_dict_with_preset_and_overrides():

@@ -19,30 +19,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gpt2lab.config import GPTConfig
-from gpt2lab.download import read_json
 from gpt2lab.model import GPT
+from gpt2lab.model_files import (LOADABLE_DTYPES, MAX_CONFIG_BYTES, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE,
+                                 WEIGHTS_INDEX_FILE, TensorSpec, check_hf_fields, layout_of, model_subdirectories,
+                                 read_json_file, read_layout, read_tensors, weight_files)
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
 
 # our activation name <-> Hugging Face's `activation_function`
 ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                       "gelu": "gelu", "relu": "relu"}
 
-# Official GPT-2 checkpoints by hub name. Any "owner/name" is also tried as a hub repository.
+# Official GPT-2 checkpoints by hub name. Any "owner/name" is also tried as a hub repository, unless `owner` is a
+# local directory (then the path is local: "runs/x" when runs/ exists).
 HUB_NAMES = {
     "gpt2": "openai-community/gpt2",
     "gpt2-medium": "openai-community/gpt2-medium",
@@ -50,12 +50,14 @@ HUB_NAMES = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 HUB_FILES = ["config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
 
 # Buffers some checkpoints carry (the causal mask, stored per layer); they are constants, not weights.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # Weights that the official checkpoints store as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+LAYER_NAME = re.compile(r"transformer\.h\.(\d+)\.")
 
 
 # --------------------------------------------------------------------------------------------------------- config
@@ -89,7 +91,12 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
 
 
 def config_from_hf(data: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTConfig:
-    """A Hugging Face GPT-2 `config.json` dict -> GPTConfig, refusing features this model does not implement."""
+    """A Hugging Face GPT-2 `config.json` dict -> GPTConfig, refusing features this model does not implement.
+
+    Every field is checked by name before it is used, and GPTConfig's own checks (n_embd divisible by n_head, the
+    size cap) are reported against `source`; nothing is allocated here.
+    """
+    check_hf_fields(data, source)
     if data.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{source}: model_type {data.get('model_type')!r} is not a GPT-2 model (expected 'gpt2')")
     act = data.get("activation_function", "gelu_new")
@@ -106,28 +113,41 @@ def config_from_hf(data: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCon
     if data.get("tie_word_embeddings", True) is False:
         raise ValueError(f"{source}: tie_word_embeddings=false is not supported (GPT-2's LM head is the token embedding)")
     extra = data.get("gpt2lab", {})
-    return GPTConfig(
-        vocab_size=data.get("vocab_size", 50257),
-        n_ctx=data.get("n_positions", data.get("n_ctx", 1024)),
-        n_layer=data.get("n_layer", 12),
-        n_head=data.get("n_head", 12),
-        n_embd=n_embd,
-        activation=extra.get("activation", ACTIVATION_FROM_HF[act]),
-        pos_encoding=extra.get("pos_encoding", "learned"),
-        dropout=float(data.get("resid_pdrop", 0.0)),
-        layer_norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
-        bias=extra.get("bias", True),
-    )
+    try:
+        return GPTConfig(
+            vocab_size=data.get("vocab_size", 50257),
+            n_ctx=data.get("n_positions", data.get("n_ctx", 1024)),
+            n_layer=data.get("n_layer", 12),
+            n_head=data.get("n_head", 12),
+            n_embd=n_embd,
+            activation=extra.get("activation", ACTIVATION_FROM_HF[act]),
+            pos_encoding=extra.get("pos_encoding", "learned"),
+            dropout=float(data.get("resid_pdrop", 0.0)),
+            layer_norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
+            bias=extra.get("bias", True),
+        )
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def read_config(directory: str | os.PathLike[str]) -> GPTConfig:
-    path = Path(directory) / CONFIG_FILE
+    """The GPTConfig of a model directory's config.json, every field checked (see `config_from_hf`)."""
+    d = Path(directory)
+    path = d / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; a model directory holds config.json and model.safetensors")
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return config_from_hf(data, str(path))
+        raise FileNotFoundError(_no_config_message(d))
+    return config_from_hf(read_json_file(path, MAX_CONFIG_BYTES), str(path))
+
+
+def _no_config_message(directory: Path) -> str:
+    """Why `directory` is not a model directory, naming the sub-directories that are (a run's best/ and last/)."""
+    if not directory.is_dir():
+        return f"no such directory: {str(directory)!r}"
+    found = model_subdirectories(directory, CONFIG_FILE)
+    if found:
+        return (f"{directory} has no {CONFIG_FILE}, but these sub-directories hold a model: "
+                f"{', '.join(map(str, found))}; pass one of them")
+    return f"{directory}: no {CONFIG_FILE}; a model directory holds config.json and model.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------- tensor names
@@ -192,9 +212,10 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def normalize_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalize_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Bring a checkpoint's names to GPT2LMHeadModel's: the official files were saved from GPT2Model, without the
-    `transformer.` prefix; the attention-mask buffers some files carry are dropped."""
+    `transformer.` prefix; the attention-mask buffers some files carry are dropped. Values (tensors or their
+    TensorSpecs) pass through."""
     out = {}
     for name, t in tensors.items():
         if name.endswith(IGNORED_SUFFIXES):
@@ -205,19 +226,24 @@ def normalize_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def import_state_dict(model: GPT, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy Hugging Face-layout tensors into `model`, after checking that the names and shapes match exactly.
+def check_layout(config: GPTConfig, layout: Mapping[str, TensorSpec], source: str = "checkpoint") -> None:
+    """Refuse tensors that do not fit `config`: dtypes, the sizes the config names, then every name and shape.
+    Works on a file's header alone, so a bad file is refused before anything is allocated.
 
-    Raises ValueError naming every missing, unexpected or wrongly shaped tensor; nothing is copied in that case.
+    The sizes come before the per-tensor comparison so that a config claiming, say, a million layers is refused in
+    time proportional to the file, not to the claim. Raises ValueError naming the field, or every missing,
+    unexpected or wrongly shaped tensor.
     """
-    config = model.config
-    tensors = normalize_names(tensors)
-    lm_head = tensors.pop("lm_head.weight", None)
+    layout = normalize_names(layout)
+    _check_dtypes(layout, source)
+    lm_head = layout.pop("lm_head.weight", None)
+    _check_sizes(config, layout, source)
     shapes = expected_shapes(config)
-    missing = [n for n in shapes if n not in tensors]
-    unexpected = [n for n in tensors if n not in shapes]
-    wrong = [f"{n} {tuple(tensors[n].shape)} (expected {shapes[n]})" for n in shapes
-             if n in tensors and tuple(tensors[n].shape) != shapes[n]]
+    missing = [n for n in shapes if n not in layout]
+    unexpected = [n for n in layout if n not in shapes]
+    wrong = [f"{n} {layout[n].shape} (expected {shapes[n]})" for n in shapes if n in layout and layout[n].shape != shapes[n]]
+    if lm_head is not None and lm_head.shape != shapes["transformer.wte.weight"]:
+        wrong.append(f"lm_head.weight {lm_head.shape} (expected {shapes['transformer.wte.weight']})")
     problems = []
     if missing:
         problems.append(f"missing tensors: {_clip(missing)}")
@@ -228,6 +254,38 @@ def import_state_dict(model: GPT, tensors: Mapping[str, torch.Tensor], source: s
     if problems:
         raise ValueError(f"{source} does not match the config ({config.n_layer} layers, n_embd={config.n_embd}, "
                          f"vocab_size={config.vocab_size}): " + "; ".join(problems))
+
+
+def _check_sizes(config: GPTConfig, layout: Mapping[str, TensorSpec], source: str) -> None:
+    """More layers than the file holds, and vocab_size, n_ctx, n_embd against wte and wpe, each named. (Fewer
+    layers than the file holds are reported tensor by tensor, which is then cheap.)"""
+    layers = {m.group(1) for name in layout if (m := LAYER_NAME.match(name))}
+    if config.n_layer > len(layers):
+        raise ValueError(f"{source}: the config says n_layer={config.n_layer} but the weights hold {len(layers)} layers")
+    for name, fields in (("transformer.wte.weight", ("vocab_size", "n_embd")), ("transformer.wpe.weight", ("n_ctx", "n_embd"))):
+        expected = tuple(getattr(config, f) for f in fields)
+        if name in layout and layout[name].shape != expected:
+            said = ", ".join(f"{f}={v}" for f, v in zip(fields, expected))
+            raise ValueError(f"{source}: the config says {said} but {name} has shape {layout[name].shape}")
+
+
+def _check_dtypes(layout: Mapping[str, TensorSpec], source: str) -> None:
+    """Only floating-point weights are loaded (and upcast); an int, bool or float64 tensor is refused, not cast."""
+    bad = [f"{n} ({spec.dtype})" for n, spec in layout.items() if spec.dtype not in LOADABLE_DTYPES]
+    if bad:
+        raise ValueError(f"{source}: tensors of a dtype gpt2lab does not load: {_clip(bad)}; "
+                         f"allowed: {', '.join(LOADABLE_DTYPES)}")
+
+
+def import_state_dict(model: GPT, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy Hugging Face-layout tensors into `model`, after checking that the names, shapes and dtypes match.
+
+    Raises ValueError naming every missing, unexpected or wrongly shaped tensor; nothing is copied in that case.
+    """
+    config = model.config
+    check_layout(config, layout_of(tensors), source)
+    tensors = normalize_names(tensors)
+    lm_head = tensors.pop("lm_head.weight", None)
     if lm_head is not None and not torch.equal(lm_head, tensors["transformer.wte.weight"]):
         raise ValueError(f"{source}: lm_head.weight differs from wte.weight, but GPT-2's LM head is tied to the embedding")
     _check_fixed_tensors(config, tensors, source)
@@ -262,52 +320,46 @@ def _clip(items: list[str], n: int = 6) -> str:
 
 # ----------------------------------------------------------------------------------------------------- reading files
 def read_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory: model.safetensors, a sharded safetensors index, or pytorch_model.bin
-    (read with `weights_only=True`, which refuses arbitrary pickled objects). A truncated or corrupt file raises
-    ValueError naming it."""
-    d = Path(directory)
-    if (d / WEIGHTS_FILE).is_file():
-        return _read_safetensors(d / WEIGHTS_FILE)
-    if (d / WEIGHTS_INDEX_FILE).is_file():
-        index = read_json(d / WEIGHTS_INDEX_FILE)
-        if not isinstance(index, dict):
-            raise ValueError(f"{d / WEIGHTS_INDEX_FILE}: expected a JSON object")
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
-            tensors.update(_read_safetensors(d / shard))
-        return tensors
-    if (d / PICKLE_WEIGHTS_FILE).is_file():
-        try:
-            data = torch.load(d / PICKLE_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for a bad or unsafe pickle
-            raise ValueError(f"{d / PICKLE_WEIGHTS_FILE}: cannot be read safely ({type(e).__name__}: {e})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise ValueError(f"{d / PICKLE_WEIGHTS_FILE}: expected a dict of tensors")
-        return data
-    raise FileNotFoundError(f"{d}: no {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or {PICKLE_WEIGHTS_FILE} found")
+    """All tensors of a model directory: model.safetensors, a sharded safetensors index (whose shards must lie
+    inside the directory), or pytorch_model.bin (read with `weights_only=True`, which refuses arbitrary pickled
+    objects). A truncated or corrupt file raises ValueError naming it."""
+    return read_tensors(weight_files(Path(directory)))
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        size = path.stat().st_size if path.exists() else 0
-        raise ValueError(f"{path}: not a readable safetensors file ({size} bytes; truncated or corrupt?): {e}") from None
+def read_weight_layout(directory: str | os.PathLike[str]) -> dict[str, TensorSpec]:
+    """Name -> shape and dtype of every tensor of a model directory, from the safetensors headers alone."""
+    return read_layout(weight_files(Path(directory)))
 
 
 # ------------------------------------------------------------------------------------------------- load and save
 def resolve_model_dir(path_or_name: str | os.PathLike[str], offline: bool = False) -> Path:
     """A local directory as is; a hub name ("gpt2", "openai-community/gpt2") downloaded once into the Hugging Face
-    cache. Without network this fails within seconds and says how to pass a local directory instead."""
-    p = Path(path_or_name)
+    cache. Without network this fails within seconds and says how to pass a local directory instead.
+
+    Anything that is not a hub name is a local path, and a missing one says "no such directory": `./x`, `/abs`,
+    `a/b/c`, and `runs/x` when a local `runs/` exists.
+    """
+    p = Path(path_or_name).expanduser()
     if p.is_dir():
         return p
     name = str(path_or_name)
-    looks_like_hub = name in HUB_NAMES or (name.count("/") == 1 and not name.startswith((".", "/", "~")))
-    if not looks_like_hub:
-        raise FileNotFoundError(f"model directory {name!r} does not exist; pass a directory with config.json and "
-                                f"model.safetensors, or a hub name such as {', '.join(HUB_NAMES)}")
-    return download_from_hub(HUB_NAMES.get(name, name), offline=offline)
+    if p.exists():
+        raise NotADirectoryError(f"{name!r} is a file, not a model directory (a directory with config.json and "
+                                 "model.safetensors)")
+    if name in HUB_NAMES:
+        return download_from_hub(HUB_NAMES[name], offline=offline)
+    if not is_hub_id(name):
+        raise FileNotFoundError(f"no such directory: {name!r}; pass a directory with config.json and "
+                                f"model.safetensors, or a hub name such as {', '.join(HUB_NAMES)} or owner/name")
+    try:
+        return download_from_hub(name, offline=offline)
+    except ConnectionError as e:
+        raise ConnectionError(f"{name!r} is not a local directory; as a hub name: {e}") from None
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a Hub repository id, `owner/name`, whose `owner` is not a local directory (then it is a path)."""
+    return HUB_ID.fullmatch(name) is not None and not Path(name.split("/")[0]).is_dir()
 
 
 def download_from_hub(repo_id: str, offline: bool = False, timeout: float = 10.0) -> Path:
@@ -333,9 +385,14 @@ def download_from_hub(repo_id: str, offline: bool = False, timeout: float = 10.0
 
 def load_model(path_or_name: str | os.PathLike[str], device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, offline: bool = False) -> GPT:
-    """Build a GPT from a model directory or hub name, check every tensor, and load it (eval mode)."""
+    """Build a GPT from a model directory or hub name, check every tensor, and load it (eval mode).
+
+    The config and the files' headers are checked against each other before the model is built or a weight is read,
+    so a hostile or mismatched directory costs no more than reading its headers.
+    """
     directory = resolve_model_dir(path_or_name, offline=offline)
     config = read_config(directory)
+    check_layout(config, read_weight_layout(directory), source=str(directory))
     tensors = read_weights(directory)
     with torch.device("meta"):
         model = GPT(config)

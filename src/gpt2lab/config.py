@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ else:  # pragma: no cover
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 POS_ENCODINGS = ("learned", "sinusoidal")
+# The largest model a config may describe. Far above anything gpt2lab trains or serves, it turns absurd sizes (a
+# typo, a hostile config.json) into a clear error before any tensor is allocated.
+MAX_PARAMETERS = 10**12
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,16 @@ class GPTConfig:
             )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            raise ValueError(f"GPTConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"GPTConfig.layer_norm_eps must be a positive finite number, got {eps!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
+        if self.parameter_count > MAX_PARAMETERS:
+            raise ValueError(
+                f"GPTConfig describes {self.parameter_count:.3g} parameters (n_layer={self.n_layer}, n_embd={self.n_embd}, "
+                f"vocab_size={self.vocab_size}, n_ctx={self.n_ctx}); at most {MAX_PARAMETERS:.0e} are allowed"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -92,6 +102,20 @@ class GPTConfig:
     def ffn_dim(self) -> int:
         """The MLP's hidden width: 4C, as in GPT-2 and the original transformer."""
         return 4 * self.n_embd
+
+    @property
+    def parameter_count(self) -> int:
+        """Trainable parameters of the model this config describes (tied head counted once), computed without
+        building it: embeddings V×C (+ n_ctx×C when learned), per layer 12C² of matmuls plus LayerNorm gains and
+        biases, and the final LayerNorm.
+
+        >>> GPTConfig.preset("gpt2").parameter_count
+        124439808
+        """
+        C, b = self.n_embd, int(self.bias)
+        positions = self.n_ctx * C if self.pos_encoding == "learned" else 0
+        per_layer = 12 * C * C + 2 * C + b * 11 * C  # c_attn 3C², c_proj C², c_fc 4C², mlp.c_proj 4C²; ln_1, ln_2
+        return self.vocab_size * C + positions + self.n_layer * per_layer + C + b * C
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
