@@ -133,7 +133,7 @@ def test_sizes_that_disagree_with_the_file_are_named(tmp_path, no_model_building
 
 @pytest.mark.parametrize("changes", [{"n_embd": 10**30, "n_head": 1}, {"vocab_size": 10**18}, {"n_positions": 2**62}])
 def test_astronomical_sizes_are_refused_by_the_size_cap(tmp_path, no_model_building, changes):
-    with pytest.raises(ValueError, match="config.json: GPTConfig describes .* parameters .*; at most 1e\\+12 are allowed"):
+    with pytest.raises(ValueError, match="config.json: GPTConfig describes about 10\\^[0-9]+ parameters \\(n_layer=2, .*\\); at most 1e\\+12 are allowed"):
         load_model(write_model(tmp_path / "m", {**CONFIG, **changes}))
 
 
@@ -286,3 +286,15 @@ def test_every_command_refuses_a_hostile_directory_in_one_line(tmp_path, no_mode
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert "n_layer=1000000 but the weights hold 2 layers" in err and err.count("\n") == 1, (argv, err)
+
+
+def test_info_names_a_missing_path_as_such(tmp_path, capsys, offline):
+    assert main(["info", str(tmp_path / "runs" / "nothere")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_integer_too_long_to_read_names_the_file(tmp_path):
+    directory = write_model(tmp_path / "m")
+    (directory / "config.json").write_text('{"n_layer": 1' + "0" * 5000 + "}")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_model(directory)

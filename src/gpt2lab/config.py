@@ -88,10 +88,9 @@ class GPTConfig:
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
         if self.parameter_count > MAX_PARAMETERS:
-            raise ValueError(
-                f"GPTConfig describes {self.parameter_count:.3g} parameters (n_layer={self.n_layer}, n_embd={self.n_embd}, "
-                f"vocab_size={self.vocab_size}, n_ctx={self.n_ctx}); at most {MAX_PARAMETERS:.0e} are allowed"
-            )
+            sizes = ", ".join(f"{name}={_magnitude(getattr(self, name))}" for name in ("n_layer", "n_embd", "vocab_size", "n_ctx"))
+            raise ValueError(f"GPTConfig describes {_magnitude(self.parameter_count)} parameters ({sizes}); "
+                             f"at most {MAX_PARAMETERS:.0e} are allowed")
 
     @property
     def head_dim(self) -> int:
@@ -147,6 +146,15 @@ class GPTConfig:
 
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(GPTConfig))
+
+
+def _magnitude(n: int) -> str:
+    """A size for a message: exact when readable, else its power of ten (a 4000-digit int is not a message).
+
+    >>> _magnitude(124439808), _magnitude(3 * 10**40)
+    ('124439808', 'about 10^40')
+    """
+    return str(n) if n < 10**15 else f"about 10^{int(n.bit_length() * math.log10(2))}"
 
 
 def _divisors(n: int) -> list[int]:

@@ -109,7 +109,7 @@ def read_json(path: str | os.PathLike) -> object:
     """Parse a UTF-8 JSON file; a broken one raises ValueError naming the file (never a bare JSONDecodeError)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers too long to convert
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 

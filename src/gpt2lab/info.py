@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -65,9 +66,11 @@ def time_forward(model: GPT, seq_len: int, repeats: int = 3) -> float:
 
 
 def _load(spec: str) -> tuple[str, GPT]:
+    """A preset by name, else a model directory; anything path-like goes to load_model, which says what is wrong
+    with it (no such directory, no config.json, a mismatched file)."""
     if spec in PRESETS:
         return spec, GPT(GPTConfig.preset(spec)).eval()
-    if Path(spec).is_dir():
+    if Path(spec).is_dir() or "/" in spec or os.sep in spec:
         from gpt2lab.checkpoint import load_model
 
         return str(spec), load_model(spec)
