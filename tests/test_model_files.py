@@ -71,7 +71,11 @@ def test_hand_written_directory_loads(tmp_path):
     ("n_head", {"a": 1}, "a positive integer"),
     ("vocab_size", 0, "a positive integer"),
     ("n_positions", -8, "a positive integer"),
+    ("n_layer", None, "a positive integer"),
     ("layer_norm_epsilon", "abc", "a finite number"),
+    ("layer_norm_epsilon", 10**400, "a finite number"),
+    ("layer_norm_epsilon", float("nan"), "a finite number"),
+    ("resid_pdrop", None, "a finite number"),
     ("resid_pdrop", [0.1], "a finite number"),
     ("activation_function", ["gelu_new"], "a string"),
     ("model_type", None, "a string"),
@@ -211,6 +215,17 @@ def test_shard_that_links_outside_the_directory_is_refused(tmp_path):
         load_model(directory)
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_hugging_face_cache_snapshot_links_into_its_blobs(tmp_path):
+    """The Hub cache keeps files in `blobs/` and links them from `snapshots/<rev>/`: those links are allowed."""
+    repo = tmp_path / "models--someone--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    save_file(tensors_for(CONFIG), str(repo / "blobs" / "0123abcd"))
+    snapshot = write_sharded(repo / "snapshots" / "rev1", {"transformer.wte.weight": "model-1.safetensors"})
+    (snapshot / "model-1.safetensors").symlink_to(Path("..", "..", "blobs", "0123abcd"))
+    assert load_model(snapshot).config.n_layer == 2
+
+
 @pytest.mark.parametrize("weight_map,message", [
     (["a.safetensors"], 'expected a non-empty "weight_map" object'),
     ({}, 'expected a non-empty "weight_map" object'),
@@ -297,4 +312,10 @@ def test_integer_too_long_to_read_names_the_file(tmp_path):
     directory = write_model(tmp_path / "m")
     (directory / "config.json").write_text('{"n_layer": 1' + "0" * 5000 + "}")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_model(directory)
+
+
+def test_missing_shard_is_named(tmp_path):
+    directory = write_sharded(tmp_path / "m", {"transformer.wte.weight": "model-1.safetensors"})
+    with pytest.raises(FileNotFoundError, match="shard 'model-1.safetensors' does not exist"):
         load_model(directory)

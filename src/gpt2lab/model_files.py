@@ -66,7 +66,8 @@ def read_json_file(path: Path, max_bytes: int) -> dict[str, Any]:
     """A JSON object from a file of at most `max_bytes`; a larger file, broken JSON or a non-object is refused."""
     size = path.stat().st_size
     if size > max_bytes:
-        raise ValueError(f"{path}: {size} bytes is too large for a {path.name} (at most {max_bytes}); refusing to read it")
+        raise ValueError(f"{path}: {size} bytes is too large for a {path.name} (at most {max_bytes}); "
+                         "refusing to read it")
     data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
@@ -81,12 +82,11 @@ def check_hf_fields(data: Mapping[str, Any], source: str) -> None:
     """
     for key in HF_INT_FIELDS:
         value = data.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        if key in data and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{source}: {key} must be a positive integer, got {show(value)}")
     for key in HF_NUMBER_FIELDS:
-        value = data.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise ValueError(f"{source}: {key} must be a finite number, got {show(value)}")
+        if key in data and not _is_finite_number(data[key]):
+            raise ValueError(f"{source}: {key} must be a finite number, got {show(data[key])}")
     for key in HF_STRING_FIELDS:
         if key in data and not isinstance(data[key], str):
             raise ValueError(f"{source}: {key} must be a string, got {show(data[key])}")
@@ -99,13 +99,24 @@ def check_hf_fields(data: Mapping[str, Any], source: str) -> None:
     _check_gpt2lab_section(data.get("gpt2lab", {}), source)
 
 
+def _is_finite_number(value: Any) -> bool:
+    """An int or float that converts to a finite float (JSON allows NaN, Infinity and integers of any length)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
 def _check_gpt2lab_section(extra: Any, source: str) -> None:
     """The "gpt2lab" object holds exactly the fields GPT-2 lacks, each of its own type."""
     if not isinstance(extra, dict):
         raise ValueError(f"{source}: gpt2lab must be a JSON object, got {show(extra)}")
     unknown = sorted(set(extra) - set(GPT2LAB_FIELDS))
     if unknown:
-        raise ValueError(f"{source}: unknown gpt2lab key(s) {', '.join(map(show, unknown))}; allowed: {', '.join(GPT2LAB_FIELDS)}")
+        raise ValueError(f"{source}: unknown gpt2lab key(s) {', '.join(map(show, unknown))}; "
+                         f"allowed: {', '.join(GPT2LAB_FIELDS)}")
     for key, kind in GPT2LAB_FIELDS.items():
         if key in extra and not isinstance(extra[key], kind):
             allowed = "true or false" if kind is bool else "a string"
@@ -174,7 +185,10 @@ def shard_path(directory: Path, shard: str, roots: list[Path], index_path: Path)
     path = directory / relative
     real = path.resolve()
     if not any(real.is_relative_to(root) for root in roots):
-        raise ValueError(f"{index_path}: shard {show(shard)} is a link that leads outside the model directory (to {real})")
+        raise ValueError(f"{index_path}: shard {show(shard)} is a link that leads outside the model directory "
+                         f"(to {real})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{index_path}: shard {show(shard)} does not exist in {directory}")
     return path
 
 
@@ -241,6 +255,7 @@ def read_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad or unsafe pickle
         raise ValueError(f"{path}: cannot be read safely ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
         raise ValueError(f"{path}: expected a dict of tensors")
     return data
