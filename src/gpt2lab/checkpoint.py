@@ -339,7 +339,9 @@ def resolve_model_dir(path_or_name: str | os.PathLike[str], offline: bool = Fals
     Anything that is not a hub name is a local path, and a missing one says "no such directory": `./x`, `/abs`,
     `a/b/c`, and `runs/x` when a local `runs/` exists.
     """
-    p = Path(path_or_name).expanduser()
+    p = Path(path_or_name)
+    with contextlib.suppress(RuntimeError):  # "~user/x" for an unknown user stays as written
+        p = p.expanduser()
     if p.is_dir():
         return p
     name = str(path_or_name)
