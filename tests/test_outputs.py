@@ -83,13 +83,14 @@ def test_prepare_replaces_its_own_output_only_with_overwrite_and_keeps_unknown_f
     prepare(str(source), out, tokenizer="char", shard_tokens=500, progress=False)
     assert (out / "train_002.bin").is_file()
     (out / "notes.txt").write_text("mine")
+    (out / "train_notes.bin").write_bytes(b"mine too")  # near a shard's name, but not one
     before = snapshot(out)
     assert cli_main(["prepare", str(source), "--tokenizer", "char", "--out", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert snapshot(out) == before
     assert cli_main(["prepare", str(source / "a.txt"), "--tokenizer", "char", "--out", str(out), "--overwrite"]) == 0
     assert json.loads((out / META_FILE).read_text())["source"] == str(source / "a.txt")
-    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train_notes.bin").read_bytes() == b"mine too"
     assert not (out / "train_002.bin").exists()  # a stale shard of gpt2lab's own is dropped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prep", "src"]  # nothing set aside is left
 
@@ -120,6 +121,15 @@ def test_save_pretrained_replaces_a_model_directory_only_with_overwrite(tiny_mod
     other.save_pretrained(d, overwrite=True)
     assert sorted(os.listdir(d)) == ["README.md", "config.json", WEIGHTS_FILE]  # old tokenizer dropped, notes kept
     assert torch.equal(load_model(d).wte.weight, other.wte.weight)
+
+
+def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "v1")
+    (tmp_path / "current").symlink_to(tmp_path / "v1", target_is_directory=True)
+    other = GPT(GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16))
+    other.save_pretrained(tmp_path / "current", overwrite=True)
+    assert (tmp_path / "current").is_symlink()
+    assert torch.equal(load_model(tmp_path / "v1").wte.weight, other.wte.weight)
 
 
 def test_an_empty_directory_is_written(tiny_model, tmp_path):

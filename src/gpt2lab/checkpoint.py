@@ -357,7 +357,8 @@ def _is_model_directory(directory: Path) -> bool:
     return read_json_field(directory / CONFIG_FILE, "gpt2lab") is not None and (directory / WEIGHTS_FILE).is_file()
 
 
-MODEL_DIRECTORY = OutputKind("gpt2lab model directory", _is_model_directory, (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES))
+MODEL_DIRECTORY = OutputKind("gpt2lab model directory", _is_model_directory,
+                             (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES))
 
 
 def atomic_directory(destination: str | os.PathLike[str], kind: OutputKind = MODEL_DIRECTORY,

@@ -370,7 +370,7 @@ def _is_prepared_data(directory: Path) -> bool:
 
 
 PREPARED_DATA = files.OutputKind("prepared data directory", _is_prepared_data,
-                                 (META_FILE, "train_*.bin", "val_*.bin", *TOKENIZER_FILES))
+                                 (META_FILE, "train_[0-9][0-9][0-9]*.bin", "val_[0-9][0-9][0-9]*.bin", *TOKENIZER_FILES))
 
 
 def prepare(source: str, out_dir: str | os.PathLike[str], tokenizer: str = "gpt2", val_fraction: float = 0.1,

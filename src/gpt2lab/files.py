@@ -131,6 +131,8 @@ def atomic_directory(destination: str | os.PathLike[str], kind: OutputKind, over
     (after a kill, by the next writer: see `remove_abandoned`).
     """
     dest = Path(destination)
+    if dest.is_symlink():  # replace what the link points to, and keep the link
+        dest = dest.resolve()
     if dest.parent.is_dir():
         remove_abandoned(dest)
         recover_set_aside(dest, kind)

@@ -482,11 +482,12 @@ RUN_FILES = (CONFIG_FILE, LOG_FILE, PLOT_FILE, LAST, BEST, f".{PLOT_FILE}.tmp", 
 
 
 def _check_fresh_out_dir(out_dir: Path) -> None:
-    """A run without a checkpoint starts in a new or empty out_dir, or in one that holds only what an earlier run
-    wrote before its first checkpoint (its log proves it); anything else would be overwritten, so it is refused."""
+    """A run without a checkpoint starts in a new or empty out_dir, or in one that holds only what a run writes
+    before its first checkpoint; a config.toml counts as the run's only beside its log.jsonl (a run writes the log
+    first), since a user may keep their own run file there. Anything else would be overwritten, so it is refused."""
     entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    ours = all(any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES) for name in entries)
-    if entries and not (ours and (out_dir / LOG_FILE).is_file()):
+    unknown = [n for n in entries if not any(fnmatch.fnmatchcase(n, pattern) for pattern in RUN_FILES)]
+    if unknown or (CONFIG_FILE in entries and LOG_FILE not in entries):
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise FileExistsError(f"out_dir {out_dir} is not empty ({shown}) and holds no gpt2lab run; gpt2lab never "
                               "replaces files it did not write: choose a new or empty out_dir")
