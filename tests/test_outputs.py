@@ -178,7 +178,7 @@ def test_train_refuses_an_out_dir_of_other_files(tmp_path):
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "config.toml").write_text("# my own notes\n")
     (tmp_path / "file").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not empty .*config.toml.* holds no gpt2lab run"):
+    with pytest.raises(FileExistsError, match="is not empty .*config.toml.* is not a run directory written by gpt2lab"):
         T.checkpoint_to_resume(run_config(tmp_path, tmp_path / "exp"), resume=False, overwrite=True)
     with pytest.raises(FileExistsError, match="is not a directory"):
         T.checkpoint_to_resume(run_config(tmp_path, tmp_path / "file"), resume=False, overwrite=True)

@@ -187,7 +187,11 @@ def _swap_in(tmp: Path, dest: Path, kind: OutputKind) -> None:
         return
     aside = dest.parent / f".{dest.name}.old-{_token()}"
     os.replace(dest, aside)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(aside, dest)
+        raise
     _merge_back(aside, dest, kind)
 
 

@@ -43,7 +43,7 @@ from gpt2lab.checkpoint import atomic_directory, import_state_dict, load_model, 
 from gpt2lab.config import GPTConfig, TrainConfig, train_config_to_toml
 from gpt2lab.data import TokenData
 from gpt2lab.download import read_versioned_json, write_file_atomic
-from gpt2lab.files import remove_abandoned
+from gpt2lab.files import OutputKind, claim_directory, remove_abandoned
 from gpt2lab.model import GPT
 
 STATE_FILE = "training_state.json"
@@ -461,8 +461,6 @@ def checkpoint_to_resume(config: TrainConfig, resume: bool, overwrite: bool) -> 
     checkpoints unless told to (`overwrite`), so a forgotten `--resume` cannot wipe hours of training, and never
     writes into a directory of other files. Temp checkpoints that a killed run left are removed here."""
     out_dir = Path(config.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"out_dir {out_dir} exists and is not a directory; choose another out_dir")
     if out_dir.is_dir():
         for name in (LAST, BEST):
             remove_abandoned(out_dir / name)
@@ -472,8 +470,8 @@ def checkpoint_to_resume(config: TrainConfig, resume: bool, overwrite: bool) -> 
     if not resume and ckpt is not None and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a run (checkpoint {ckpt}); pass --resume to continue it, "
                               "--overwrite to start again, or choose another out_dir")
-    if ckpt is None:
-        _check_fresh_out_dir(out_dir)
+    if ckpt is None:  # what is there holds no checkpoint, so it may go only if a run wrote it
+        claim_directory(out_dir, RUN_DIRECTORY, overwrite=True)
     return ckpt if resume else None
 
 
@@ -481,16 +479,15 @@ RUN_FILES = (CONFIG_FILE, LOG_FILE, PLOT_FILE, LAST, BEST, f".{PLOT_FILE}.tmp", 
              f".{LOG_FILE}.*", f".{CONFIG_FILE}.*")  # what a run writes into out_dir, temp files included
 
 
-def _check_fresh_out_dir(out_dir: Path) -> None:
-    """A run without a checkpoint starts in a new or empty out_dir, or in one that holds only what a run writes
-    before its first checkpoint; a config.toml counts as the run's only beside its log.jsonl (a run writes the log
-    first), since a user may keep their own run file there. Anything else would be overwritten, so it is refused."""
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    unknown = [n for n in entries if not any(fnmatch.fnmatchcase(n, pattern) for pattern in RUN_FILES)]
-    if unknown or (CONFIG_FILE in entries and LOG_FILE not in entries):
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise FileExistsError(f"out_dir {out_dir} is not empty ({shown}) and holds no gpt2lab run; gpt2lab never "
-                              "replaces files it did not write: choose a new or empty out_dir")
+def _holds_only_run_files(out_dir: Path) -> bool:
+    """True when `out_dir` holds nothing but what a run writes before its first checkpoint. A config.toml counts
+    as the run's only beside its log.jsonl (a run writes the log first): a user may keep their own run file there."""
+    entries = [p.name for p in out_dir.iterdir()]
+    known = all(any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES) for name in entries)
+    return known and (CONFIG_FILE not in entries or LOG_FILE in entries)
+
+
+RUN_DIRECTORY = OutputKind("run directory", _holds_only_run_files, RUN_FILES)
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
