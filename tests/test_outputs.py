@@ -284,3 +284,17 @@ def test_the_model_kind_recognises_only_gpt2lab_model_directories(tiny_model, tm
     (tmp_path / "theirs" / "config.json").write_text('{"model_type": "gpt2"}')
     (tmp_path / "theirs" / WEIGHTS_FILE).write_bytes(b"")
     assert MODEL_DIRECTORY.is_own(tmp_path / "ours") and not MODEL_DIRECTORY.is_own(tmp_path / "theirs")
+
+
+def test_cli_attention_refuses_an_existing_image_unless_overwrite(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="drawing needs the plot extra")
+    tok = CharTokenizer.from_text("to be or not")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=2, n_head=2, n_embd=16))
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    out = tmp_path / "attn.png"
+    out.write_bytes(b"my picture")
+    args = ["attention", "--model", str(tmp_path / "m"), "--prompt", "to be", "--out", str(out)]
+    assert cli_main(args) == 1
+    assert "attn.png already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"my picture"
+    assert cli_main(args + ["--overwrite"]) == 0 and out.read_bytes().startswith(b"\x89PNG")

@@ -341,11 +341,9 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 def _run_attention(args: argparse.Namespace) -> None:
     import torch
 
-    from gpt2lab.files import claim_file
     from gpt2lab.generate import load_for_inference
     from gpt2lab.visualize import attention_weights, plot_attention, token_labels
 
-    claim_file(args.out, args.overwrite)  # before loading the model
     model, tokenizer = load_for_inference(args.model, "fp32", args.tokenizer)
     ids = tokenizer.encode(args.prompt)
     if not ids:
