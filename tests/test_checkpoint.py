@@ -143,9 +143,9 @@ def test_hub_name_offline_fails_fast_with_advice(monkeypatch, tmp_path):
 
 
 def test_save_replaces_existing_directory_atomically(tiny_model, saved):
-    (saved / "stale.txt").write_text("old")
-    tiny_model.save_pretrained(saved)
-    assert not (saved / "stale.txt").exists()
+    (saved / "notes.txt").write_text("mine")  # not gpt2lab's: kept
+    tiny_model.save_pretrained(saved, overwrite=True)
+    assert (saved / "notes.txt").read_text() == "mine"
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 

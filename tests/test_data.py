@@ -161,7 +161,7 @@ def test_prepare_replaces_the_output_atomically(tmp_path, corpus_dir, monkeypatc
 
     monkeypatch.setattr(data.ShardWriter, "close", boom)
     with pytest.raises(OSError, match="disk full"):
-        prepare(str(corpus_dir), out, tokenizer="char", progress=False)
+        prepare(str(corpus_dir), out, tokenizer="char", progress=False, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "prep"]  # no temp directory left behind
 

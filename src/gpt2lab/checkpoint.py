@@ -20,19 +20,20 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import save_file
 
+from gpt2lab import files
 from gpt2lab.config import GPTConfig
+from gpt2lab.files import OutputKind, read_json_field
 from gpt2lab.model import GPT
 from gpt2lab.model_files import (LOADABLE_DTYPES, MAX_CONFIG_BYTES, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE,
                                  WEIGHTS_INDEX_FILE, TensorSpec, check_hf_fields, layout_of, model_subdirectories,
                                  read_json_file, read_layout, read_tensors, weight_files)
+from gpt2lab.tokenizer import TOKENIZER_FILES
 
 CONFIG_FILE = "config.json"
 
@@ -409,32 +410,21 @@ def load_model(path_or_name: str | os.PathLike[str], device: str | torch.device 
     return model.to(device=device, dtype=dtype) if (dtype is not None or str(device) != "cpu") else model
 
 
-@contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temp directory beside `destination`; on success it replaces `destination` in one rename.
+def _is_model_directory(directory: Path) -> bool:
+    """A model directory gpt2lab wrote: config.json carries gpt2lab's own key (`config_to_hf` writes it), beside
+    model.safetensors."""
+    return read_json_field(directory / CONFIG_FILE, "gpt2lab") is not None and (directory / WEIGHTS_FILE).is_file()
 
-    A crash or an exception while writing leaves `destination` as it was (the temp directory is removed). An
-    existing destination is moved aside first and deleted only after the new one is in place.
-    """
-    dest = Path(destination)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+MODEL_DIRECTORY = OutputKind("gpt2lab model directory", _is_model_directory,
+                             (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES))
+
+
+def atomic_directory(destination: str | os.PathLike[str], kind: OutputKind = MODEL_DIRECTORY,
+                     overwrite: bool = True) -> contextlib.AbstractContextManager[Path]:
+    """`files.atomic_directory` for model directories (a training checkpoint is one): a temp directory that
+    replaces `destination` in one rename on success, and is removed on failure."""
+    return files.atomic_directory(destination, kind, overwrite)
 
 
 def write_model_files(model: GPT, directory: str | os.PathLike[str]) -> None:
@@ -445,9 +435,13 @@ def write_model_files(model: GPT, directory: str | os.PathLike[str]) -> None:
     save_file(export_state_dict(model), str(d / WEIGHTS_FILE), metadata={"format": "pt", "producer": "gpt2lab"})
 
 
-def save_model(model: GPT, directory: str | os.PathLike[str], tokenizer: Any = None) -> Path:
-    """Save atomically: config.json + model.safetensors (+ the tokenizer's files). Returns the directory."""
-    with atomic_directory(directory) as tmp:
+def save_model(model: GPT, directory: str | os.PathLike[str], tokenizer: Any = None, overwrite: bool = False) -> Path:
+    """Save atomically: config.json + model.safetensors (+ the tokenizer's files). Returns the directory.
+
+    `directory` must be new, empty, or (with `overwrite`) a model directory gpt2lab wrote; files there that
+    gpt2lab does not write are kept.
+    """
+    with atomic_directory(directory, MODEL_DIRECTORY, overwrite) as tmp:
         write_model_files(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -72,14 +72,17 @@ def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer_config.json")
     p.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
                    help="special tokens, given the last ids (default: <|endoftext|>)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace tokenizer files already in --out")
     p.set_defaults(run=_run_train_tokenizer)
 
 
 def _run_train_tokenizer(args: argparse.Namespace) -> None:
-    from gpt2lab.tokenizer import train_bpe
+    from gpt2lab.files import claim_files
+    from gpt2lab.tokenizer import BPE_FILES, train_bpe
 
+    claim_files(args.out, BPE_FILES, args.overwrite)  # before the training, which can take minutes
     tok = train_bpe(files=args.input, vocab_size=args.vocab_size, special_tokens=args.special, progress=True)
-    out = tok.save_pretrained(args.out)
+    out = tok.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"saved {tok.vocab_size} ids ({len(tok.merges)} merges, specials {tok.special_tokens}) to {out}")
 
 
@@ -138,6 +141,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each document kept for validation")
     p.add_argument("--workers", type=int, default=0, help="encoding processes (default: one per CPU core)")
     p.add_argument("--text-field", default="text", help="the field holding the text in a .jsonl source")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier preparation in --out (other files "
+                   "there are kept)")
     p.set_defaults(run=_run_prepare)
 
 
@@ -146,7 +151,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
 
     out = args.out or default_out_dir(args.source, args.tokenizer)
     meta = prepare(args.source, out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, workers=args.workers,
-                   text_field=args.text_field)
+                   text_field=args.text_field, overwrite=args.overwrite)
     for split, info in meta["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens from {info['bytes']:,} bytes in {len(info['shards'])} shard(s)")
     print(f"wrote {out} (vocab {meta['vocab_size']}, {meta['dtype']})")
@@ -329,6 +334,7 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", type=int, default=None, help="head index, from 0 (default: every head of the layer)")
     p.add_argument("--out", required=True, help="image file to write (.png, .svg or .pdf)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=_run_attention)
 
 
@@ -347,7 +353,7 @@ def _run_attention(args: argparse.Namespace) -> None:
         raise ValueError(f"--head must be in [0, {weights.size(0) - 1}] for this model, got {args.head}")
     heads = None if args.head is None else [args.head]
     out = plot_attention(weights, token_labels(tokenizer, ids), args.out, layer=args.layer, heads=heads,
-                         title=f"{args.model}: {len(ids)} tokens")
+                         title=f"{args.model}: {len(ids)} tokens", overwrite=args.overwrite)
     print(f"wrote {out}")
 
 

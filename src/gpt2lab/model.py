@@ -356,12 +356,13 @@ class GPT(nn.Module):
 
         return load_model(path_or_name, **kwargs)
 
-    def save_pretrained(self, directory: "str | PathLike[str]", tokenizer: Any = None) -> None:
+    def save_pretrained(self, directory: "str | PathLike[str]", tokenizer: Any = None, overwrite: bool = False) -> None:
         """Write `config.json` + `model.safetensors` (GPT2LMHeadModel's names and layout) atomically, plus the
-        tokenizer's files when one is given."""
+        tokenizer's files when one is given. An existing model directory is replaced only with `overwrite`, and
+        a directory holding other files is refused (see `gpt2lab.files`)."""
         from gpt2lab.checkpoint import save_model
 
-        save_model(self, directory, tokenizer=tokenizer)
+        save_model(self, directory, tokenizer=tokenizer, overwrite=overwrite)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Extend `idx` (B, T) by `max_new_tokens` sampled tokens; see `gpt2lab.generate.generate`."""

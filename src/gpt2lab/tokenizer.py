@@ -51,6 +51,7 @@ from gpt2lab.download import (
     url_source,
     write_file_atomic,
 )
+from gpt2lab.files import claim_files
 
 __all__ = [
     "CharTokenizer",
@@ -85,6 +86,8 @@ GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base
 GPT2_PYPI = ("openai-whisper", "20250625", "whisper/assets/gpt2.tiktoken")
 
 CHAR_FILE = "char_tokenizer.json"
+BPE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")  # what Tokenizer.save_pretrained writes
+TOKENIZER_FILES = (*BPE_FILES, CHAR_FILE)  # every file a tokenizer of ours may write into a directory
 CHAR_FORMAT = "gpt2lab-char-tokenizer"
 CHAR_FORMAT_VERSION = 1
 
@@ -595,14 +598,15 @@ class Tokenizer(_TokenizerBase):
             raise FileNotFoundError(f"no tokenizer directory at {d}")
         raise FileNotFoundError(f"no BPE tokenizer files in {d}: expected vocab.json + merges.txt, or tokenizer.json")
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write `vocab.json`, `merges.txt` and `tokenizer_config.json` (Hugging Face's GPT-2 format) to `directory`.
 
-        Each file is written atomically; other files in the directory (a model's config and weights) are kept.
+        Each file is written atomically; other files in the directory (a model's config and weights) are kept, and
+        existing tokenizer files are replaced only with `overwrite`.
         `transformers.GPT2TokenizerFast.from_pretrained(directory)` then gives the same ids as `encode(...,
         allowed_special="all")`.
         """
-        d = Path(directory)
+        d = claim_files(directory, BPE_FILES, overwrite)
         vocab = {_to_visible(token): i for i, token in sorted(self.vocab.items())}
         for special, i in self.special_tokens.items():
             if vocab.get(special, i) != i:
@@ -1018,9 +1022,10 @@ class CharTokenizer(_TokenizerBase):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `char_tokenizer.json` to `directory` atomically, keeping the directory's other files."""
-        d = Path(directory)
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write `char_tokenizer.json` to `directory` atomically, keeping the directory's other files; an existing
+        one is replaced only with `overwrite`."""
+        d = claim_files(directory, (CHAR_FILE,), overwrite)
         d.mkdir(parents=True, exist_ok=True)
         data = {"format": CHAR_FORMAT, "version": CHAR_FORMAT_VERSION, "chars": self.chars,
                 "special_tokens": self.special_tokens}  # fmt: skip

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ from gpt2lab.checkpoint import atomic_directory, import_state_dict, load_model, 
 from gpt2lab.config import GPTConfig, TrainConfig, train_config_to_toml
 from gpt2lab.data import TokenData
 from gpt2lab.download import read_versioned_json, write_file_atomic
+from gpt2lab.files import OutputKind, claim_directory, remove_abandoned
 from gpt2lab.model import GPT
 
 STATE_FILE = "training_state.json"
@@ -456,15 +458,36 @@ def build_model(config: TrainConfig, vocab_size: int) -> GPT:
 
 def checkpoint_to_resume(config: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run). A fresh run refuses to replace an existing run's
-    checkpoints unless told to (`overwrite`), so a forgotten `--resume` cannot wipe hours of training."""
+    checkpoints unless told to (`overwrite`), so a forgotten `--resume` cannot wipe hours of training, and never
+    writes into a directory of other files. Temp checkpoints that a killed run left are removed here."""
     out_dir = Path(config.out_dir)
+    if out_dir.is_dir():
+        for name in (LAST, BEST):
+            remove_abandoned(out_dir / name)
     ckpt = find_checkpoint(out_dir) if out_dir.is_dir() else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir} (expected {out_dir / LAST}/{STATE_FILE})")
     if not resume and ckpt is not None and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a run (checkpoint {ckpt}); pass --resume to continue it, "
                               "--overwrite to start again, or choose another out_dir")
+    if ckpt is None:  # what is there holds no checkpoint, so it may go only if a run wrote it
+        claim_directory(out_dir, RUN_DIRECTORY, overwrite=True)
     return ckpt if resume else None
+
+
+RUN_FILES = (CONFIG_FILE, LOG_FILE, PLOT_FILE, LAST, BEST, f".{PLOT_FILE}.tmp", f".{LAST}.*", f".{BEST}.*",
+             f".{LOG_FILE}.*", f".{CONFIG_FILE}.*")  # what a run writes into out_dir, temp files included
+
+
+def _holds_only_run_files(out_dir: Path) -> bool:
+    """True when `out_dir` holds nothing but what a run writes before its first checkpoint. A config.toml counts
+    as the run's only beside its log.jsonl (a run writes the log first): a user may keep their own run file there."""
+    entries = [p.name for p in out_dir.iterdir()]
+    known = all(any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES) for name in entries)
+    return known and (CONFIG_FILE not in entries or LOG_FILE in entries)
+
+
+RUN_DIRECTORY = OutputKind("run directory", _holds_only_run_files, RUN_FILES)
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from gpt2lab.files import claim_file
 from gpt2lab.model import explicit_attention_weights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,17 +59,18 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def plot_attention(weights: torch.Tensor, labels: Sequence[str], out: str | os.PathLike[str], *, layer: int,
-                   heads: Optional[Sequence[int]] = None, title: str | None = None) -> Path:
+                   heads: Optional[Sequence[int]] = None, title: str | None = None, overwrite: bool = False) -> Path:
     """Draw (H, T, T) weights as heatmaps (queries down, keys across) for `heads` (default: all) into `out`.
 
-    The file type follows the extension (png, svg, pdf). Written to a temporary file first, then renamed.
+    The file type follows the extension (png, svg, pdf). Written to a temporary file first, then renamed; an
+    existing `out` is replaced only with `overwrite`.
     """
+    out = claim_file(out, overwrite)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
     heads = list(range(weights.size(0))) if heads is None else list(heads)
     cols = min(4, len(heads))
     rows = (len(heads) + cols - 1) // cols
