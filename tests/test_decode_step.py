@@ -14,7 +14,9 @@ from gpt2lab import GPT
 from gpt2lab.decode_step import DecodeStep
 from gpt2lab.generate import Decoder, KVCache, generate, prepare_for_inference
 from gpt2lab.model import Block
-from test_generate import CONFIGS, make_model  # the config families and sharpened weights of the generation tests
+
+from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_generate
+
 
 def both_paths(model: GPT, prompt: torch.Tensor, tokens: list[torch.Tensor], positions=None, mask=None):
     """Logits of each step through the modules and through DecodeStep, from two caches filled by the same prefill."""

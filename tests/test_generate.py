@@ -21,21 +21,7 @@ from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLine
                               TransposedLinear,
                               quantize_per_channel)
 
-CONFIGS = {
-    "tiny": GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16),
-    "wide": GPTConfig(vocab_size=211, n_ctx=48, n_layer=3, n_head=4, n_embd=32, activation="gelu"),
-    "relu-nobias": GPTConfig(vocab_size=64, n_ctx=40, n_layer=2, n_head=1, n_embd=24, activation="relu", bias=False),
-    "sinusoidal": GPTConfig(vocab_size=80, n_ctx=24, n_layer=2, n_head=2, n_embd=16, pos_encoding="sinusoidal"),
-}
-
-
-def make_model(cfg: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(cfg).eval()
-    with torch.no_grad():  # larger weights than GPT-2's init make sharper, more varied distributions
-        for p in model.parameters():
-            p.mul_(8.0)
-    return model
+from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_decode_step
 
 
 def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int, keep: int | None = None) -> torch.Tensor:
@@ -49,8 +35,6 @@ def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int, keep: int | None
                 start = seq.size(1) - keep
             nxt = model(seq[:, start:])[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-            if seq.size(1) - start > n_ctx:  # the token just added overflowed: the next step slides first
-                pass
     return seq
 
 
@@ -534,10 +518,10 @@ def test_stream_text_equals_generate_and_stops():
     expected = tok.decode_bytes(body).decode("utf-8", errors="replace")
     pieces = list(stream_text(model, tok, prompt, 20, temperature=0))
     assert "".join(pieces) == expected
-    if len(expected) > 3:
-        stop = expected[2:4]
-        cut = "".join(stream_text(model, tok, prompt, 20, stop=[stop], temperature=0))
-        assert cut == expected[:expected.index(stop)]
+    assert len(expected) > 3  # this seed's continuation is long enough to hold a stop string
+    stop = expected[2:4]
+    cut = "".join(stream_text(model, tok, prompt, 20, stop=[stop], temperature=0))
+    assert cut == expected[:expected.index(stop)]
     with pytest.raises(ValueError, match="n_ctx"):
         stream_text(model, tok, "x" * 65, 3)  # checked at the call, before any text is produced
     with pytest.raises(ValueError, match="temperature"):
@@ -572,8 +556,15 @@ def test_prepare_for_inference_stays_close_to_fp32(dtype):
     assert err < {"fp32": 1e-5, "bf16": 0.02, "int8": 0.03}[dtype]
     out = generate(model, idx, 5, temperature=0)
     assert out.shape == (2, 15)
-    if dtype == "fp32":
-        assert torch.equal(out, generate(ref, idx, 5, temperature=0))
+
+
+def test_prepare_for_inference_fp32_decodes_token_for_token():
+    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    ref = GPT(cfg).eval()
+    model = prepare_for_inference(copy.deepcopy(ref), "fp32")
+    idx = torch.randint(0, 128, (2, 10))
+    assert torch.equal(generate(model, idx, 5, temperature=0), generate(ref, idx, 5, temperature=0))
 
 
 def test_prepare_for_inference_rejects_unknown_dtype_and_double_preparation():
@@ -668,12 +659,15 @@ def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
         assert isinstance(prepare_for_inference(copy.deepcopy(ref), "fp32").lm_head, TransposedLinear)
     finally:
         torch.set_num_threads(threads)
-    if quantize.onednn_linear():
-        assert isinstance(fast["fp32"].lm_head, OneDNNLinear)
-        assert isinstance(fast["fp32"].h[0].mlp.c_fc, ChunkedLinear)
-        assert fast["fp32"].lm_head.weight.data_ptr() == fast["fp32"].wte.weight.data_ptr()  # still tied
-    if quantize.fbgemm_half() and not quantize.native_bf16():
-        assert isinstance(fast["bf16"].h[0].mlp.c_fc, HalfPackedLinear)
+    # what this CPU and torch build offer decides the layers; every branch is checked on the machine that has it
+    fp32_head, fp32_block = (OneDNNLinear, ChunkedLinear) if quantize.onednn_linear() else (TransposedLinear,) * 2
+    assert type(fast["fp32"].lm_head) is fp32_head
+    assert type(fast["fp32"].h[0].mlp.c_fc) is fp32_block
+    storages = [{t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()]}
+                for m in (fast["fp32"].lm_head, fast["fp32"].wte)]
+    assert storages[0] & storages[1]  # either way the head still shares the embedding's table
+    packed = quantize.fbgemm_half() and not quantize.native_bf16()
+    assert type(fast["bf16"].h[0].mlp.c_fc) is (HalfPackedLinear if packed else BF16Linear)
     monkeypatch.setattr(quantize, "onednn_linear", lambda: False)
     monkeypatch.setattr(quantize, "fbgemm_half", lambda: False)
     plain = {d: prepare_for_inference(copy.deepcopy(ref), d) for d in ("fp32", "bf16")}
@@ -685,9 +679,14 @@ def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
         torch.testing.assert_close(fast["bf16"](idx), plain["bf16"](idx), rtol=0, atol=1e-2)
 
 
-def test_token_event_fields():
-    e = TokenEvent(3, -0.5, [(3, -0.5)], "stop")
-    assert dataclasses.astuple(e) == (3, -0.5, [(3, -0.5)], "stop")
+def test_token_events_carry_alternatives_only_when_asked_and_are_frozen():
+    model = make_model(CONFIGS["tiny"], seed=1)
+    (step,) = list(decode_steps(model, [[1, 2]], 1, SamplingParams(temperature=0)))
+    (event,) = step
+    assert isinstance(event, TokenEvent)
+    assert event.top_logprobs == [] and event.finish_reason == "length"
+    with pytest.raises(dataclasses.FrozenInstanceError):  # one event may be shared by several consumers
+        event.token = 0
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

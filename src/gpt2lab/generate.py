@@ -279,7 +279,7 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     >>> sample_inverse_cdf(probs, torch.tensor([0.25, 0.75], dtype=torch.float64))
     tensor([0, 2])
     """
-    cdf = probs.to(torch.float64).cumsum_(dim=-1)  # (B, V); cumsum(dtype=float64) is 10x slower at B > 1 on CPU
+    cdf = probs.to(torch.float64).cumsum_(dim=-1)  # (B, V); cumsum(dtype=float64) takes a slow path at B > 1 on CPU
     target = uniforms.to(device=cdf.device, dtype=torch.float64)[:, None] * cdf[:, -1:]  # (B, 1)
     index = torch.searchsorted(cdf, target, right=True)  # (B, 1): first i with cdf[i] > target
     return index.squeeze(1).clamp_(max=probs.size(-1) - 1)
@@ -794,15 +794,13 @@ def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
 def prepare_for_inference(model: "GPT", dtype: str = "fp32") -> "GPT":
     """Put `model` in eval mode with its weights in the given inference precision, in place, and return it.
 
-    - "fp32": the float32 weights themselves; for a few rows the block layers run as one batched matmul over row
-      blocks and the head through oneDNN, for many rows MKL's GEMM (or, without oneDNN or with one thread, wide
-      layers and the tied head stored transposed for MKL): same function, faster decoding.
-    - "bf16": every linear layer and the tied LM head / embedding hold bfloat16 weights (half the bytes per token);
-      on CPUs without bf16 arithmetic the same values sit in FBGEMM's fp16 layout (see gpt2lab.quantize).
+    - "fp32": the float32 weights themselves, in layers that decode faster: same function.
+    - "bf16": every linear layer and the tied LM head / embedding hold bfloat16 weights (half the bytes per token).
     - "int8": the same with int8 weights and one scale per output channel (a quarter of the bytes).
 
-    Both low-precision modes are weight-only: activations, LayerNorm, attention and the KV cache stay float32 (see
-    gpt2lab.quantize). A converted model is for inference; train and save the float32 one.
+    Both low-precision modes are weight-only: activations, LayerNorm, attention and the KV cache stay float32. Which
+    layer and kernel each mode uses on which CPU is `gpt2lab.quantize`'s business. A converted model is for inference;
+    train and save the float32 one.
     """
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"unknown inference dtype {dtype!r}; choose one of: {', '.join(INFERENCE_DTYPES)}")

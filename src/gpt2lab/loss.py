@@ -3,8 +3,8 @@
 For GPT-2's vocabulary the logits are the largest tensor of a training step by far: N = B·T rows of V = 50,257
 floats (400 MB for 8 × 256 tokens). The plain path, `F.cross_entropy(lm_head(h), y)`, allocates four of them
 (the logits, their log-softmax, and two gradients of that size in the backward pass). On a CPU each fresh 400 MB
-allocation is returned to the OS when freed and page-faulted back in on the next step, which costs about as much as
-writing it; the softmax passes on top make the head and loss a third of a small model's step.
+allocation is returned to the OS when freed and page-faulted back in on the next step, which costs another pass over
+the memory; with the softmax passes on top, the head and loss are a large share of a small model's step.
 
 `linear_cross_entropy` computes the same loss with one (N, V) buffer that lives from step to step:
 

@@ -5,9 +5,10 @@ read, so the speed is set by how many bytes of weights cross the memory bus per 
 streams them to the memory's speed. Three levers, one per mode:
 
 - fp32 (`ChunkedLinear`, `OneDNNLinear`): the same weights. For a few rows, the block layers run as one batched
-  matmul over row blocks (one contiguous slab per thread, a few µs per call) and the head through oneDNN, where
-  MKL's GEMM is compute-inefficient on the CPUs measured; for many rows, MKL's GEMM (docs/generation.md). Without
-  oneDNN, or with one thread, `TransposedLinear` stores wide weights (K, N), the layout MKL streams best for one row.
+  matmul over row blocks (one contiguous slab per thread, at a small cost per call) and the head through oneDNN,
+  because MKL's GEMM uses the cores poorly for a few rows; for many rows, MKL's GEMM, the faster kernel there.
+  Without oneDNN, or with one thread, `TransposedLinear` stores wide weights (K, N), the layout MKL streams best for
+  one row. docs/benchmarks.md has the measurements behind these choices.
 - bf16 (`BF16Linear`, `HalfPackedLinear`): half the bytes. With native bf16 arithmetic (AVX-512-BF16, AMX) the weight
   is a bf16 tensor; without it, the bf16-rounded weight is held exactly in FBGEMM's packed fp16 layout, whose kernel
   widens it in one instruction per 8 weights instead of emulating bf16.
@@ -17,7 +18,7 @@ streams them to the memory's speed. Three levers, one per mode:
   `torch._weight_int8pack_mm` computes x · Qᵀ · s in one kernel without materialising W.
 
 Only the weights change: the residual stream, LayerNorm, attention, softmax and the KV cache stay float32, which keeps
-the quality cost small (docs/generation.md measures it). Large matmuls (a 512-token prefill) are compute-bound; the
+the quality cost small (docs/benchmarks.md, quality). Large matmuls (a 512-token prefill) are compute-bound; the
 int8 layer, and the bf16 tensor layer on CPUs without native bf16, widen their weight to float32 for them and use the
 float32 GEMM.
 
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT
 
-# Activations are cast to bfloat16 for the int8 kernel: its float32-activation path is not vectorized on CPU (about
-# 10x slower), while the bf16 one runs near memory speed.
+# Activations are cast to bfloat16 for the int8 kernel: its float32-activation path is not vectorized on CPU, while
+# the bf16 one runs near memory speed.
 KERNEL_DTYPE = torch.bfloat16
 # Rows (batch × tokens) above which a matmul is compute-bound and, without native bf16, runs as a float32 GEMM.
 SMALL_M = 32
@@ -143,8 +144,7 @@ class TransposedLinear(nn.Module):
     """nn.Linear's function with the weight stored transposed, (K, N), as `x @ Wᵀ` reads it row by row.
 
     At batch 1 a linear layer is a matrix-vector product bounded by memory speed; for wide layers (N > K: c_attn,
-    c_fc and the LM head) the CPU GEMM streams the (K, N) layout faster than nn.Linear's (N, K) (measured: about 30%
-    faster per decode step on GPT-2 small; benchmarks/generate.py).
+    c_fc and the LM head) MKL's GEMM streams the (K, N) layout faster than nn.Linear's (N, K).
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
@@ -192,9 +192,9 @@ class OneDNNLinear(nn.Module):
     decode step's few rows, MKL's GEMM (`F.linear`) for a prefill's many.
 
     A decode step is a chain of matrix-vector products bounded by how fast the weights stream from memory. MKL's
-    GEMM is compute-inefficient for a few rows on the AMD CPU measured (the tied head at 8 rows: 28 ms, against 12 ms
-    with oneDNN), while for hundreds of rows it is 13-30% faster than oneDNN's AVX2 kernels (docs/generation.md). The
-    weight stays a plain (N, K) tensor that both read, so the tied head still shares the embedding's table.
+    GEMM uses the cores poorly for a few rows, where oneDNN streams the weight faster; for hundreds of rows MKL's is
+    the faster kernel. The weight stays a plain (N, K) tensor that both read, so the tied head still shares the
+    embedding's table.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
@@ -228,10 +228,8 @@ class ChunkedLinear(OneDNNLinear):
     The weight (N, K) is viewed, without a copy, as (chunks, N / chunks, K), and x (M, K) is broadcast to every
     block: `baddbmm` hands the blocks' matrix-vector products to MKL's batched GEMM, which spreads them over the
     threads. Each block is one contiguous slab of the weight, streamed by one thread, which is what a memory-bound
-    product wants, and the call costs a few µs where oneDNN's costs 35-50 µs (measured, 2 threads). On GPT-2 small a
-    decode step has 48 such products, so the same weights, toggled between the two kernels in one process, decoded
-    at batch 1 in 26.9-28.7 ms per token against 29.3-31.6 ms through oneDNN (medians of four runs;
-    docs/generation.md). Many rows still go to MKL's GEMM, as in `OneDNNLinear`.
+    product wants, and the call is far cheaper than oneDNN's, whose fixed cost per call adds up over the 48 block
+    products of a GPT-2 small step. Many rows still go to MKL's GEMM, as in `OneDNNLinear`.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, chunks: int = 2) -> None:
@@ -267,11 +265,11 @@ class ChunkedLinear(OneDNNLinear):
 def _half_linear() -> Callable[..., torch.Tensor]:
     """FBGEMM's fp16-weight linear, the bare C++ op under its Python wrapper.
 
-    A decode step calls it 49 times, and the Python call costs more than a small product itself. Before dispatching,
-    torch asks every non-tensor argument for `__torch_function__`: on the packed weight, a TorchScript object, that
-    failed lookup takes ~17 µs. `OpOverload.__call__` adds a few µs of Python checks for traced fake objects. From
-    `forward`, with subclass dispatch off (its arguments are plain tensors and the packed weight), the call measured
-    8.5 µs against 44 µs through `torch.ops.quantized.linear_dynamic_fp16` (docs/generation.md).
+    A decode step calls it 49 times, and the Python call can cost more than a small product itself. Before
+    dispatching, torch asks every non-tensor argument for `__torch_function__`, and on the packed weight, a
+    TorchScript object, that lookup is slow to fail; `OpOverload.__call__` adds Python checks for traced fake objects.
+    `forward` calls the bare op with subclass dispatch off (its arguments are plain tensors and the packed weight),
+    which skips both.
     """
     op = torch.ops.quantized.linear_dynamic_fp16.default
     return getattr(op, "_op", op)

@@ -126,8 +126,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one kernel for the whole update, ~2-3x faster than the per-tensor loop on CPU
-    and GPU) where this torch has it for the device."""
+    """AdamW with the fused kernel (one kernel for the whole update instead of a loop over tensors) where this torch
+    has it for the device."""
     groups = parameter_groups(model, config.weight_decay)
     kwargs: dict[str, Any] = {"lr": config.lr, "betas": (config.beta1, config.beta2), "eps": 1e-8}
     try:
