@@ -724,6 +724,10 @@ def test_repeated_log_messages_are_held_back():
     records = [logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Invalid HTTP request received.",
                                  None, None) for _ in range(1000)]
     assert sum(log_filter.filter(r) for r in records) == 1
+    # asyncio's failed accept(): a new multi-line text each time (the fd exhaustion flood)
+    accepts = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\n"
+                                 f"handle: <TimerHandle when={i}.5>", None, None) for i in range(1000)]
+    assert sum(log_filter.filter(r) for r in accepts) == 1
     other = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "something else", None, None)
     assert log_filter.filter(other)
 

@@ -10,6 +10,10 @@ decodes: at batch 1 a CPU spends its time reading the weights, and a batch reads
 decode thread also turns tokens into text (never splitting a UTF-8 character, holding back what might be the start
 of a stop string), so a stop string or a disconnected client retires its row at the very next step.
 
+One client cannot hurt another: a failure ends only its own row (see `BatchWorker`), every bad input is a 4xx
+error object, work is bounded before it is done, and `server_net` times out and caps slow or idle connections and
+refuses requests a web page could forge against a local server.
+
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions` (OpenAI's legacy completions, the right
 API for a base model; GPT-2 is not a chat model), `GET /health`, and the playground at `/`. Errors are OpenAI-style
 objects, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status that fits (see docs/serving.md).
@@ -1114,14 +1118,17 @@ def create_app(model: torch.nn.Module, tokenizer: Any, config: ServerConfig | No
 
 def uvicorn_config(app: Starlette, host: str, port: int, log_level: str, **kwargs: Any) -> Any:
     """uvicorn's Config for an app from `create_app`, with the connection limits of its ServerConfig: uvicorn's own
-    keep-alive timeout and request limit, and `GuardedH11Protocol` for the header deadline and connection cap."""
+    keep-alive timeout and request limit, and `GuardedH11Protocol` for the header deadline and connection cap. The
+    listen backlog is also what asyncio accepts in one go, so it is kept to `max_connections`: a burst of
+    connections cannot take more file descriptors than the cap allows before the cap closes them."""
     import uvicorn
 
     cfg: ServerConfig = app.state.server.config
     protocol = functools.partial(GuardedH11Protocol, header_timeout_s=cfg.header_timeout_s,
                                  max_connections=cfg.max_connections)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, lifespan="on",
-                          limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive_s, **kwargs)
+                          limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive_s,
+                          backlog=min(2048, cfg.max_connections), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- running it
@@ -1197,7 +1204,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str =
         raise ValueError(f"unknown log level {log_level!r}; choose one of: {', '.join(LOG_LEVELS)}")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
-    sock = bind_socket(host, port)
+    sock = bind_socket(host, port, backlog=min(2048, (config or ServerConfig()).max_connections))
     try:
         app = load_app(model, dtype, config, model_name, tokenizer)
         server = uvicorn.Server(uvicorn_config(app, host, port, log_level, timeout_graceful_shutdown=5))

@@ -86,7 +86,7 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A TCP socket listening on host:port; OSError naming the address when it cannot be had (e.g. in use)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -97,7 +97,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(2048)
+        sock.listen(backlog)
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
@@ -157,8 +157,12 @@ class BrowserGuard:
 
 # ------------------------------------------------------------------------------------------------ logging
 class RepeatFilter(logging.Filter):
-    """Let each message template through at most once per `interval_s` seconds; the next one that passes says how
-    many were held back. A flood of bad clients then costs a few log lines, not megabytes."""
+    """Let each kind of message through at most once per `interval_s` seconds; the next one that passes says how
+    many were held back. A flood of bad clients then costs a few log lines, not megabytes.
+
+    A message's kind is its logger and the first line of its template: asyncio writes each failed accept() as a
+    fresh multi-line text whose later lines (timer handles, sockets) differ every time.
+    """
 
     def __init__(self, interval_s: float = 10.0) -> None:
         super().__init__()
@@ -166,7 +170,7 @@ class RepeatFilter(logging.Filter):
         self._last: dict[str, tuple[float, int]] = {}  # template -> (time let through, suppressed since)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}:{record.msg}"
+        key = f"{record.name}:{str(record.msg).partition(chr(10))[0][:120]}"
         now = time.monotonic()
         last, suppressed = self._last.get(key, (float("-inf"), 0))
         if now - last < self.interval_s:
