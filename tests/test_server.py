@@ -759,3 +759,11 @@ def test_cli_serve_reports_a_port_in_use_before_loading_the_model(capsys):
         assert main(["serve", "--model", "/no/such/dir", "--port", str(port)]) == 1
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "/no/such/dir" not in err and len(err.splitlines()) == 1
+
+
+def test_cli_serve_an_empty_key_in_the_environment_is_an_error(monkeypatch, capsys):
+    from gpt2lab.cli import main
+
+    monkeypatch.setenv("GPT2LAB_API_KEY", "")
+    assert main(["serve", "--model", "/no/such/dir"]) == 1
+    assert "GPT2LAB_API_KEY is empty" in capsys.readouterr().err
