@@ -58,9 +58,10 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def post(server, body, **kwargs) -> httpx.Response:
+def post(server, body, headers=None, **kwargs) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + "/v1/completions", content=content, timeout=60, **kwargs)
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return httpx.post(server.url + "/v1/completions", content=content, timeout=60, headers=headers, **kwargs)
 
 
 def greedy_reference(model: GPT, ids: list[int], max_new_tokens: int, eos: int = 50256
@@ -356,7 +357,7 @@ def test_disconnected_client_stops_its_generation(slow_server, stream):
     server, worker = slow_server
     body = json.dumps({"prompt": "Long story", "max_tokens": 60, "temperature": 0, "stream": stream}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         if stream:
             received = b""
@@ -401,6 +402,13 @@ BAD_REQUESTS = [
     ({"prompt": " hello" * 70}, 413, "prompt", "prompt_too_long", "70 tokens"),
     ({"prompt": " hello" * 50, "max_tokens": 20}, 400, "max_tokens", "context_length_exceeded", "at most 14"),
     ({"prompt": "x" * 30_000}, 413, None, "request_too_large", "limit"),
+    (b'{"prompt": "ab\\ud800c"}', 400, "prompt", "invalid_text", "lone surrogate"),
+    (b'{"prompt": "x", "user": "\\udfff"}', 400, "user", "invalid_text", "lone surrogate"),
+    (b'{"prompt": "x", "stop": ["\\ud83d"]}', 400, "stop", "invalid_text", "lone surrogate"),
+    (b'{"prompt": "x", "model": "\\ud800"}', 400, "model", "invalid_text", "lone surrogate"),
+    (b"[" * 9_000 + b"]" * 9_000, 400, None, "invalid_json", "nests more than"),
+    ({"prompt": [[[[[[[[[1]]]]]]]]]}, 400, "prompt", "invalid_json", "nests more than"),
+    ({"prompt": "x", "stop": "z" * 257}, 422, "stop", "invalid_value", "1 to 256 characters"),
 ]
 
 
@@ -509,3 +517,253 @@ def test_cli_serve_reports_a_missing_model_in_one_line(capsys):
     assert main(["serve", "--model", "/no/such/dir"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("gpt2lab serve: error:") and "/no/such/dir" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ one row, one fault
+def test_a_tiny_top_p_in_a_batch_harms_no_one(server, model, tokenizer):
+    cases = [("Alpha", None), ("Beta gamma", 1e-50), ("Epsilon", None)]
+
+    def ask(prompt, top_p):
+        body = {"prompt": prompt, "max_tokens": 6, "temperature": 0 if top_p is None else 1.0, "top_p": top_p}
+        return post(server, {k: v for k, v in body.items() if v is not None})
+    replies = run_concurrently(ask, cases)
+    assert [r.status_code for r in replies] == [200, 200, 200], [r.text for r in replies]
+    for (prompt, top_p), reply in zip(cases, replies):  # a nucleus of one token is greedy decoding
+        expected = tokenizer.decode(greedy_reference(model, tokenizer.encode(prompt), 6)[0])
+        assert reply.json()["choices"][0]["text"] == expected
+
+
+def test_a_near_zero_temperature_is_greedy_not_empty(server, model, tokenizer):
+    reply = post(server, {"prompt": "Alpha", "max_tokens": 6, "temperature": 1e-300})
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["text"] == tokenizer.decode(greedy_reference(model, tokenizer.encode("Alpha"),
+                                                                                   6)[0])
+
+
+class PoisonedText(ChoiceText):
+    """Text assembly that fails at the row's third token."""
+
+    def add(self, event, eos_token_id):
+        if self.num_tokens == 2:
+            raise RuntimeError("poisoned text")
+        return super().add(event, eos_token_id)
+
+
+def worker_rows(model, tokenizer, prompts, poison):
+    """Rows for a BatchWorker, each collecting what it is sent; `poison` maps a row index to how it is broken."""
+    from gpt2lab.generate import SamplingParams
+    from gpt2lab.server import Row
+
+    received = [[] for _ in prompts]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        kind = poison.get(i)
+        sampling = SamplingParams(temperature=1.0) if kind == "generator" else SamplingParams(temperature=0)
+        text = (PoisonedText if kind == "text" else ChoiceText)(tokenizer)
+        rows.append(Row(prompt=tuple(tokenizer.encode(prompt)), max_new_tokens=8, sampling=sampling,
+                        generator="not a generator" if kind == "generator" else None, top_logprobs=0, text=text,
+                        deliver=received[i].append))
+    return rows, received
+
+
+@pytest.mark.parametrize("kind", ["generator", "text"])
+def test_a_poisoned_row_fails_alone_and_its_batch_mates_finish(model, tokenizer, kind):
+    from gpt2lab.server import BatchWorker, Delta
+
+    prompts = ["Alpha", "Beta gamma delta", "Zeta"]
+    rows, received = worker_rows(model, tokenizer, prompts, {1: kind})
+    worker = BatchWorker(model, tokenizer.eot_token, max_batch_size=4, batch_wait_ms=0, max_pending=16)
+    worker._decode(rows)  # one batch, on this thread
+    for i, prompt in enumerate(prompts):
+        if i == 1:
+            assert isinstance(received[i][-1], APIError) and received[i][-1].status == 500
+            assert not any(item is None for item in received[i])
+            continue
+        assert received[i][-1] is None and not any(isinstance(item, APIError) for item in received[i])
+        text = "".join(item.text for item in received[i] if isinstance(item, Delta))
+        assert text == tokenizer.decode(greedy_reference(model, tokenizer.encode(prompt), 8)[0])
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_an_escaped_emoji_is_text_not_a_lone_surrogate(server):
+    reply = post(server, b'{"prompt": "\\ud83d\\ude00", "max_tokens": 1}')
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.fixture(scope="module")
+def char_server():
+    from gpt2lab.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer([chr(c) for c in range(32, 127)])
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    with BackgroundServer(create_app(net, tokenizer, ServerConfig(model_id="char"))) as running:
+        yield running
+
+
+@pytest.mark.parametrize("prompt, shown", [("It\u2019s", "'\u2019'"), ("hi \U0001F600", "'\U0001F600'")])
+def test_characters_outside_a_char_vocabulary_are_a_422(char_server, prompt, shown):
+    reply = post(char_server, {"prompt": prompt, "max_tokens": 2})
+    assert reply.status_code == 422, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "prompt" and shown in error["message"] and "char-level vocabulary" in error["message"]
+    assert post(char_server, {"prompt": "It's", "max_tokens": 2}).status_code == 200
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(tokenizer):
+    from gpt2lab.server import max_token_bytes
+
+    class NoTokenizing:
+        vocab_size, eot_token = tokenizer.vocab_size, tokenizer.eot_token
+
+        def encode(self, *args, **kwargs):
+            raise AssertionError("the prompt was tokenized")
+
+    limit = 64 * max_token_bytes(tokenizer)
+    with pytest.raises(APIError) as info:
+        parse_completion_request({"prompt": "a" * (limit + 1)}, NoTokenizing(), 64, ServerConfig(), limit // 64)
+    assert info.value.status == 413 and f"at most {limit} characters" in info.value.message
+
+
+def test_a_request_must_declare_json(server):
+    reply = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "x"}',
+                       headers={"Content-Type": "text/plain"}, timeout=30)
+    assert reply.status_code == 415 and reply.json()["error"]["code"] == "unsupported_media_type"
+    missing = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "x"}', timeout=30)
+    assert missing.status_code == 415 and "missing" in missing.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------- browser safety
+def test_cross_origin_posts_are_refused_and_same_origin_ones_served(server):
+    body = {"prompt": "x", "max_tokens": 1}
+    evil = post(server, body, headers={"Origin": "https://evil.example"})
+    assert evil.status_code == 403 and evil.json()["error"]["code"] == "cross_origin"
+    assert post(server, body, headers={"Origin": "null"}).status_code == 403
+    own = post(server, body, headers={"Origin": server.url})
+    assert own.status_code == 200, own.text
+
+
+def test_a_host_the_server_does_not_answer_to_is_refused(server):
+    # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 is "same-origin" with itself
+    for path in ("/", "/v1/models"):
+        reply = httpx.get(server.url + path, headers={"Host": "evil.example:8000"}, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_host"
+    assert httpx.get(server.url + "/", headers={"Host": "localhost"}, timeout=30).status_code == 200
+
+
+def test_allowed_origins_and_hosts_extend_the_defaults(model, tokenizer):
+    config = ServerConfig(model_id=MODEL_ID, allowed_hosts=("*",), allowed_origins=("http://localhost:3000",))
+    with BackgroundServer(create_app(model, tokenizer, config)) as server:
+        reply = post(server, {"prompt": "x", "max_tokens": 1},
+                     headers={"Origin": "http://localhost:3000", "Host": "anything.example"})
+        assert reply.status_code == 200, reply.text
+
+
+# ------------------------------------------------------------------------------------------- slow clients
+@pytest.fixture
+def strict_server(model, tokenizer):
+    config = ServerConfig(model_id=MODEL_ID, max_connections=4, header_timeout_s=0.5, body_timeout_s=0.5,
+                          keep_alive_s=0.5, batch_wait_ms=0)
+    app = create_app(model, tokenizer, config)
+    with BackgroundServer(app) as running:
+        yield running, app.state.server.worker
+
+
+def read_until_closed(sock, timeout=10.0) -> bytes:
+    """Everything the server sends until it closes the connection (or `timeout` passes: then the test fails)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_a_client_that_never_finishes_its_headers_is_closed(strict_server):
+    server, _ = strict_server
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
+        assert read_until_closed(sock) == b""
+
+
+def test_a_stalled_upload_gets_408_and_holds_no_batch_back(strict_server):
+    server, worker = strict_server
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        time.sleep(0.2)
+        assert worker._arriving == 0  # a body still on its way does not make batches wait for it
+        assert post(server, {"prompt": "Meanwhile", "max_tokens": 2}).status_code == 200
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+
+
+def test_connections_beyond_the_limit_are_closed_and_service_resumes(strict_server):
+    server, _ = strict_server
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_until_closed(extra) == b""  # closed at once, nothing answered
+        for sock in idle:  # the idle ones time out ...
+            assert read_until_closed(sock) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # ... and the server serves again
+
+
+def test_repeated_log_messages_are_held_back():
+    import logging
+
+    from gpt2lab.server_net import RepeatFilter
+
+    log_filter = RepeatFilter(interval_s=60)
+    records = [logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Invalid HTTP request received.",
+                                 None, None) for _ in range(1000)]
+    assert sum(log_filter.filter(r) for r in records) == 1
+    # asyncio's failed accept(): a new multi-line text each time (the fd exhaustion flood)
+    accepts = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\n"
+                                 f"handle: <TimerHandle when={i}.5>", None, None) for i in range(1000)]
+    assert sum(log_filter.filter(r) for r in accepts) == 1
+    other = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "something else", None, None)
+    assert log_filter.filter(other)
+
+
+# ---------------------------------------------------------------------------------------------- CLI limits
+@pytest.mark.parametrize("argv, words", [
+    (["--api-key", ""], "--api-key is empty"),
+    (["--port", "-1"], "--port must be in [0, 65535]"),
+    (["--log-level", "loud"], "--log-level must be one of"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--max-connections", "1"], "max_connections must be an integer >= 2"),
+    (["--body-timeout", "0"], "body_timeout_s must be a number of seconds"),
+])
+def test_cli_serve_bad_flags_are_one_line(argv, words, capsys):
+    from gpt2lab.cli import main
+
+    assert main(["serve", "--model", "/no/such/dir", *argv]) == 1
+    err = capsys.readouterr().err
+    assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_serve_reports_a_port_in_use_before_loading_the_model(capsys):
+    from gpt2lab.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "/no/such/dir", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "/no/such/dir" not in err and len(err.splitlines()) == 1
+
+
+def test_cli_serve_an_empty_key_in_the_environment_is_an_error(monkeypatch, capsys):
+    from gpt2lab.cli import main
+
+    monkeypatch.setenv("GPT2LAB_API_KEY", "")
+    assert main(["serve", "--model", "/no/such/dir"]) == 1
+    assert "GPT2LAB_API_KEY is empty" in capsys.readouterr().err

@@ -215,7 +215,7 @@ def test_matches_tiktoken_on_shakespeare(gpt2, oracle, shakespeare_text):
 
 
 def test_a_full_piece_cache_starts_afresh_with_the_same_ids(gpt2, oracle, shakespeare_text, monkeypatch):
-    monkeypatch.setattr(tokenizer, "_MAX_CACHE", 100)
+    monkeypatch.setattr(tokenizer, "_MAX_CACHE_BYTES", 20_000)
     text = shakespeare_text[-30_000:]
     assert gpt2.encode(text) == oracle.encode_ordinary(text)
     assert len(gpt2._cache) <= len(set(tokenizer._PATTERN.findall(text)))

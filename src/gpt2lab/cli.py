@@ -104,8 +104,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="the largest max_tokens a request may ask for "
                    "(default: the model's context)")
     p.add_argument("--max-request-bytes", type=int, default=None, help="largest request body (default: 1000000)")
+    p.add_argument("--max-connections", type=int, default=None, help="open connections; at the limit requests get "
+                   "503 and further connections are closed (default: 100)")
+    p.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS", help="close a connection that "
+                   "has not sent a request's headers within this time (default: 10)")
+    p.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS", help="answer 408 to a request "
+                   "whose body has not arrived within this time (default: 30)")
+    p.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS", help="close an idle keep-alive "
+                   "connection after this time (default: 5)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME", help="a host name clients may "
+                   "reach the server by (repeatable; '*': any; default: the loopback names when --host is one, "
+                   "else any)")
+    p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN", help="a web origin such as "
+                   "http://localhost:3000 that may POST besides the server's own page (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level: critical, error, warning, info, debug")
+    p.add_argument("--log-level", default="info", help="uvicorn log level: critical, error, warning, info, debug, "
+                   "trace (default: info)")
     p.set_defaults(run=_run_serve)
 
 
@@ -113,17 +127,30 @@ def _run_serve(args: argparse.Namespace) -> None:
     import os
 
     try:
-        from gpt2lab.server import LOOPBACK_HOSTS, ServerConfig, serve
+        from gpt2lab.server import LOG_LEVELS, LOOPBACK_HOSTS, ServerConfig, serve
     except ImportError as e:  # the `serve` extra is not installed
         raise OSError(str(e)) from None
+    if args.log_level not in LOG_LEVELS:
+        raise ValueError(f"--log-level must be one of: {', '.join(LOG_LEVELS)}; got {args.log_level!r}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2LAB_API_KEY")
+    if api_key is not None and not api_key.strip():
+        where = "--api-key" if args.api_key is not None else "GPT2LAB_API_KEY"
+        raise ValueError(f"{where} is empty; give a key, or leave it unset to serve without one")
+    hosts = args.allowed_host or (list(LOOPBACK_HOSTS) if args.host in LOOPBACK_HOSTS else ["*"])
+    limits = {"api_key": api_key, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+              "max_tokens": args.max_tokens, "max_request_bytes": args.max_request_bytes,
+              "max_connections": args.max_connections, "header_timeout_s": args.header_timeout,
+              "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive, "allowed_hosts": tuple(hosts),
+              "allowed_origins": tuple(args.allowed_origin or ())}
+    config = ServerConfig(**{k: v for k, v in limits.items() if v is not None})
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    limits = {"api_key": args.api_key or os.environ.get("GPT2LAB_API_KEY") or None,
-              "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
-              "max_tokens": args.max_tokens, "max_request_bytes": args.max_request_bytes}
-    config = ServerConfig(**{k: v for k, v in limits.items() if v is not None})
     if args.host not in LOOPBACK_HOSTS and config.api_key is None:
         print(f"gpt2lab serve: warning: listening on {args.host} without --api-key; anyone who can reach this "
               "address can use the model", file=sys.stderr)

@@ -10,9 +10,9 @@ would make a step cost as much as the whole prefix. The KV cache keeps them inst
 The pieces, from the bottom up:
 
 - `KVCache`: one (L, B, H, S_max, D) buffer each for keys and values, allocated once; a step writes one column.
-- `SamplingParams` and the pure filters `apply_repetition_penalty`, `apply_top_k`, `apply_top_p`, `process_logits`:
-  how temperature, top-k, top-p and the repetition penalty reshape the next-token distribution; `choose_tokens`
-  then draws from it by inverse-CDF sampling (`sample_inverse_cdf`), one uniform number per row.
+- `SamplingParams` and the pure filters `apply_repetition_penalty`, `apply_temperature`, `apply_top_k`, `apply_top_p`,
+  `process_logits`: how temperature, top-k, top-p and the repetition penalty reshape the next-token distribution;
+  `choose_tokens` then draws from it by inverse-CDF sampling (`sample_inverse_cdf`), one uniform number per row.
 - `Decoder`: the state of one batched decode (token buffer, padding mask, positions, cache, the sliding window);
   its steps run through `gpt2lab.decode_step.DecodeStep`, the same step written flat, wherever that is exact.
 - `generate`: tensor in, tensor out, as `transformers`' `generate` (the model's `.generate` calls it).
@@ -181,6 +181,7 @@ def _top_p_by_sorting(logits: torch.Tensor, p: float, peak: torch.Tensor, norm: 
     """The nucleus filter by sorting every logit of every row. (R, V) -> (R, V)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (R, V)
     drop_sorted = _mass_before(sorted_logits, peak, norm) >= p
+    drop_sorted[:, 0] = False  # the top token survives even when p is below float32's smallest number
     drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -188,8 +189,8 @@ def _top_p_by_sorting(logits: torch.Tensor, p: float, peak: torch.Tensor, norm: 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the most likely tokens until their probability mass reaches p; the rest -> -inf.
 
-    A token survives if the mass of the tokens strictly more likely than it is below p, so the top token always
-    survives. (B, V) -> (B, V).
+    A token survives if the mass of the tokens strictly more likely than it is below p, and the top token always
+    survives, even for a p so small that it rounds to 0 in float32. (B, V) -> (B, V).
 
     Why not just sort: sorting GPT-2's 50,257 logits costs as much as a decode step, yet a nucleus rarely holds more
     than a few hundred tokens. So only the k largest logits are ranked (`torch.topk`, k = 256, then 4096): a row is
@@ -209,7 +210,7 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         if k >= vocab:
             break
         top = torch.topk(rows, k, dim=-1).values  # (R, k), descending
-        n_kept = (_mass_before(top, peak, norm) < p).sum(dim=-1, keepdim=True)  # (R, 1), >= 1
+        n_kept = (_mass_before(top, peak, norm) < p).sum(dim=-1, keepdim=True).clamp_(min=1)  # (R, 1)
         keep = rows >= top.gather(-1, n_kept - 1)  # (R, V)
         settled = ((n_kept < k) & (keep.sum(dim=-1, keepdim=True) == n_kept)).squeeze(1)  # (R,)
         if out is None and bool(settled.all()):
@@ -226,6 +227,20 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return out
 
 
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide the logits by `temperature` > 0. (B, V) -> (B, V).
+
+    A tiny temperature can push finite logits past float32's range, and inf - inf in the softmax is NaN. Then each
+    row's maximum is subtracted first (softmax does not change): the top logit becomes 0 and the rest fall towards
+    -inf, which is the greedy limit that a temperature near 0 stands for.
+    """
+    scaled = logits / temperature
+    if temperature < 1.0 and bool(torch.isinf(scaled).any()):
+        shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), <= 0
+        scaled = torch.where(shifted == 0, 0.0, shifted / temperature)  # 0 / 0 would be NaN when t rounds to 0
+    return scaled
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
     """The sampling pipeline in `transformers`' order: repetition penalty, temperature, top-k, top-p.
 
@@ -237,7 +252,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     if params.greedy:
         return logits
     if params.temperature != 1.0:
-        logits = logits / params.temperature
+        logits = apply_temperature(logits, params.temperature)
     if params.top_k is not None:
         logits = apply_top_k(logits, params.top_k)
     if params.top_p is not None:
@@ -280,6 +295,10 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     tensor([0, 2])
     """
     cdf = probs.to(torch.float64).cumsum_(dim=-1)  # (B, V); cumsum(dtype=float64) takes a slow path at B > 1 on CPU
+    total = cdf[:, -1]  # (B,)
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # NaN logits, or every token filtered out
+        bad = int((~((total > 0) & torch.isfinite(total))).nonzero()[0])
+        raise ValueError(f"row {bad} has no token to sample: its probabilities sum to {float(total[bad])!r}")
     target = uniforms.to(device=cdf.device, dtype=torch.float64)[:, None] * cdf[:, -1:]  # (B, 1)
     index = torch.searchsorted(cdf, target, right=True)  # (B, 1): first i with cdf[i] > target
     return index.squeeze(1).clamp_(max=probs.size(-1) - 1)

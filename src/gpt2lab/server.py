@@ -10,6 +10,10 @@ decodes: at batch 1 a CPU spends its time reading the weights, and a batch reads
 decode thread also turns tokens into text (never splitting a UTF-8 character, holding back what might be the start
 of a stop string), so a stop string or a disconnected client retires its row at the very next step.
 
+One client cannot hurt another: a failure ends only its own row (see `BatchWorker`), every bad input is a 4xx
+error object, work is bounded before it is done, and `server_net` times out and caps slow or idle connections and
+refuses requests a web page could forge against a local server.
+
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions` (OpenAI's legacy completions, the right
 API for a base model; GPT-2 is not a chat model), `GET /health`, and the playground at `/`. Errors are OpenAI-style
 objects, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status that fits (see docs/serving.md).
@@ -24,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import codecs
 import dataclasses
+import functools
 import hmac
 import json
+import logging
 import math
 import threading
 import time
@@ -45,12 +51,17 @@ try:
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Mount, Route
+    from starlette.middleware import Middleware
     from starlette.staticfiles import StaticFiles
+
+    from gpt2lab.server_net import BrowserGuard, GuardedH11Protocol, bind_socket, quiet_repeats
 except ImportError as e:  # pragma: no cover - exercised only without the extra installed
     raise ImportError(f"serving needs starlette and uvicorn ({e}); "
                       "install them with: pip install 'gpt2lab[serve]'") from e
 
 from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps, held_back, prompt_logprobs
+
+log = logging.getLogger("gpt2lab.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -78,7 +89,17 @@ class ServerConfig:
     - `max_choices`: prompts × n in one request.
     - `max_logprobs`: the largest `logprobs` (top alternatives per token); OpenAI allows 5.
     - `max_stop`: stop strings per request (OpenAI allows 4).
+    - `max_stop_length`: characters in one stop string (each is searched for after every token).
     - `max_pending`: rows waiting or decoding before new requests get 503.
+    - `max_connections`: open connections. At the limit a new request gets 503 (uvicorn's `limit_concurrency`);
+      a connection beyond it is closed at once, so idle clients cannot use up the process's file descriptors.
+    - `header_timeout_s`: a connection that has not sent a request's headers this long after it opened (or after
+      its previous response) is closed.
+    - `body_timeout_s`: a request whose body has not fully arrived this long after its headers gets 408.
+    - `keep_alive_s`: an idle keep-alive connection is closed after this long (uvicorn's `timeout_keep_alive`).
+    - `allowed_hosts`: the names this server answers to in the `Host` header ("*": any). The loopback names by
+      default, so a web page whose domain resolves to 127.0.0.1 (DNS rebinding) cannot reach a local server.
+    - `allowed_origins`: web origins (e.g. "http://localhost:3000") allowed to POST besides the server's own.
     """
 
     model_id: str = "gpt2lab"
@@ -91,7 +112,14 @@ class ServerConfig:
     max_choices: int = 16
     max_logprobs: int = 5
     max_stop: int = 4
+    max_stop_length: int = 256
     max_pending: int = 256
+    max_connections: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
@@ -99,9 +127,18 @@ class ServerConfig:
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("ServerConfig.api_key must be a non-empty string or None")
         positive = ("max_batch_size", "default_max_tokens", "max_request_bytes", "max_choices", "max_stop",
-                    "max_pending")
+                    "max_stop_length", "max_pending")
         for name in positive:
             _check_config_int(name, getattr(self, name), 1)
+        _check_config_int("max_connections", self.max_connections, 2)
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            _check_config_seconds(name, getattr(self, name))
+        for name in ("allowed_hosts", "allowed_origins"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"ServerConfig.{name} must be a tuple of non-empty strings, got {value!r}")
+        if not self.allowed_hosts:
+            raise ValueError("ServerConfig.allowed_hosts is empty; list the host names to answer to, or '*' for any")
         _check_config_int("max_logprobs", self.max_logprobs, 0)
         if self.max_tokens is not None:
             _check_config_int("max_tokens", self.max_tokens, 1)
@@ -116,9 +153,15 @@ def _check_config_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"ServerConfig.{name} must be an integer >= {low}, got {value!r}")
 
 
+def _check_config_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise ValueError(f"ServerConfig.{name} must be a number of seconds in (0, 3600], got {value!r}")
+
+
 # ------------------------------------------------------------------------------------------------------- errors
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
                500: "server_error", 503: "server_error"}
 
 
@@ -244,25 +287,80 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _get_stop(body: Mapping[str, Any], max_stop: int) -> tuple[str, ...]:
+def _get_stop(body: Mapping[str, Any], max_stop: int, max_length: int) -> tuple[str, ...]:
     value = body.get("stop")
     if value is None:
         return ()
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > max_stop:
-        raise _invalid("stop", f"'stop' must be a non-empty string or a list of at most {max_stop} non-empty strings, "
-                               f"got {_short(value)}")
+    valid = isinstance(stops, list) and all(isinstance(s, str) and 0 < len(s) <= max_length for s in stops)
+    if not valid or len(stops) > max_stop:
+        raise _invalid("stop", f"'stop' must be a string or a list of at most {max_stop} strings, each of 1 to "
+                               f"{max_length} characters; got {_short(value)}")
     return tuple(dict.fromkeys(stops))
+
+
+MAX_JSON_DEPTH = 8  # a valid request nests 3 deep (body, list of prompts, token ids)
+
+
+def check_json_values(body: Any) -> None:
+    """Refuse (400) JSON nested deeper than MAX_JSON_DEPTH and strings holding lone surrogates (an escape such as
+    "\\ud800", which decodes to no character: it cannot be tokenized or written back as UTF-8). Iterative, so any
+    depth is safe to walk."""
+    stack = [(body, 1, None)]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep", param=field,
+                           code="invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_utf8(key, field or key)
+                stack.append((item, depth + 1, field or key))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, field) for item in value)
+        elif isinstance(value, str):
+            _check_utf8(value, field)
+
+
+def _check_utf8(text: str, field: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"'{field}'" if field else "the request body"
+        raise APIError(400, f"{where} holds a lone surrogate {text[e.start]!r} at index {e.start}, which is not a "
+                            "character; send valid UTF-8 text", param=field, code="invalid_text") from None
+
+
+def max_token_bytes(tokenizer: Any) -> int:
+    """The most bytes any one token stands for: a text of more than n_ctx times this many characters cannot fit the
+    context, whatever its tokens, so it is refused before the (costly) tokenization."""
+    return max(len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size))
+
+
+def _check_prompt_sizes(prompts: list[str | list[int]], n_ctx: int, token_bytes: int) -> None:
+    """413 for a prompt that cannot fit the context, judged by its length alone (before any tokenizing)."""
+    for i, p in enumerate(prompts):
+        where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+        if isinstance(p, str) and len(p) > n_ctx * token_bytes:
+            raise APIError(413, f"{where} is {len(p)} characters long; this model's context of {n_ctx} tokens holds "
+                                f"at most {n_ctx * token_bytes} characters", param="prompt", code="prompt_too_long")
+        if isinstance(p, list) and len(p) > n_ctx:
+            raise APIError(413, f"{where} is {len(p)} tokens long, but this model's context is {n_ctx} tokens",
+                           param="prompt", code="prompt_too_long")
 
 
 def _tokenize_prompts(prompts: list[str | list[int]], tokenizer: Any) -> tuple[list[tuple[int, ...]], list[str]]:
     """Strings are encoded (`<|endoftext|>` in the text is the special token, as in OpenAI's API); id lists are
     checked against the vocabulary. An empty prompt becomes `<|endoftext|>`, the token GPT-2 saw before every
-    document, so the model starts a fresh text instead of failing on zero positions."""
+    document, so the model starts a fresh text instead of failing on zero positions. Text the tokenizer cannot
+    encode (a character outside a char-level vocabulary) is a 422 naming the character."""
     ids_list, texts = [], []
     for p in prompts:
         if isinstance(p, str):
-            ids = tokenizer.encode(p, allowed_special="all")
+            try:
+                ids = tokenizer.encode(p, allowed_special="all")
+            except ValueError as e:
+                raise _invalid("prompt", f"'prompt' cannot be tokenized: {e}", code="invalid_text") from None
             text = p
         else:
             bad = next((t for t in p if not 0 <= t < tokenizer.vocab_size), None)
@@ -280,13 +378,17 @@ def _tokenize_prompts(prompts: list[str | list[int]], tokenizer: Any) -> tuple[l
     return ids_list, texts
 
 
-def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: ServerConfig) -> CompletionRequest:
+def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: ServerConfig,
+                             token_bytes: int | None = None) -> CompletionRequest:
     """Validate a decoded JSON body and tokenize its prompts; raise APIError naming the first problem.
 
-    Status codes: 400 for a body that is not an object or a request that overflows the context (prompt + max_tokens
-    > n_ctx, OpenAI's `context_length_exceeded`); 413 for a prompt that alone exceeds the context; 422 for unknown
-    fields, wrong types and out-of-range values; 404 for a model name this server does not serve.
+    Status codes: 400 for a body that is not an object, is nested too deep or holds lone surrogates, or a request
+    that overflows the context (prompt + max_tokens > n_ctx, OpenAI's `context_length_exceeded`); 413 for a prompt
+    that alone exceeds the context (refused by its length before tokenizing, given `token_bytes`, the tokenizer's
+    `max_token_bytes`); 422 for unknown fields, wrong types, out-of-range values and text the tokenizer cannot
+    encode; 404 for a model name this server does not serve.
     """
+    check_json_values(body)
     _check_fields(body)
     model = body.get("model")
     if model is not None and model != config.model_id:
@@ -315,12 +417,13 @@ def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: Serv
     seed = _get_int(body, "seed", None, -(2**63), 2**63 - 1)
     stream, echo = _get_bool(body, "stream"), _get_bool(body, "echo")
     include_usage = _get_stream_options(body, stream)
-    stop = _get_stop(body, config.max_stop)
+    stop = _get_stop(body, config.max_stop, config.max_stop_length)
     try:
         sampling = SamplingParams(temperature=temperature, top_k=top_k or None, top_p=None if top_p == 1.0 else top_p,
                                   repetition_penalty=None if repetition_penalty == 1.0 else repetition_penalty)
     except ValueError as e:  # SamplingParams names the field; our ranges above should already have caught it
         raise _invalid("sampling", str(e)) from None
+    _check_prompt_sizes(prompts, n_ctx, token_bytes if token_bytes is not None else max_token_bytes(tokenizer))
     ids, texts = _tokenize_prompts(prompts, tokenizer)
     _check_context(ids, max_tokens, n_ctx)
     return CompletionRequest(prompts=tuple(ids), prompt_texts=tuple(texts), max_tokens=max_tokens, sampling=sampling,
@@ -470,7 +573,8 @@ class ChoiceText:
 @dataclass(eq=False)
 class Row:
     """One choice on its way through the decode thread. `deliver` is called from that thread with each Delta, then
-    None when the row is done (or an APIError if decoding failed); `cancelled` is set by the HTTP side."""
+    None when the row is done (or an APIError if decoding failed); `cancelled` is set by the HTTP side. `tokens`
+    holds the ids generated so far, so a row can be resumed alone if its batch fails."""
 
     prompt: tuple[int, ...]
     max_new_tokens: int
@@ -480,10 +584,12 @@ class Row:
     text: ChoiceText
     deliver: Callable[[Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    failed: bool = False
 
     @property
     def done(self) -> bool:
-        return self.cancelled.is_set() or self.text.finish_reason is not None
+        return self.failed or self.cancelled.is_set() or self.text.finish_reason is not None
 
 
 class BatchWorker:
@@ -493,6 +599,10 @@ class BatchWorker:
     queue held fewer than `max_batch_size`). Left padding makes a batch as long as its longest prompt plus its
     longest completion, so a row joins only if that still fits the context; otherwise it waits, first in line, for
     the next batch. A batch runs until all its rows are done: rows that arrive meanwhile wait for the next one.
+
+    A failure stays in its row: an error while turning one row's tokens into text ends that row alone, and an error
+    inside the batched decode re-runs each unfinished row alone from the tokens it already has, so only a row that
+    fails by itself gets the error (a 500 for its request) and the others finish their text.
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int | None, max_batch_size: int, batch_wait_ms: float,
@@ -592,40 +702,68 @@ class BatchWorker:
         self.rows_run += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         try:
-            with torch.inference_mode():
-                steps = decode_steps(self.model, [list(r.prompt) for r in batch], [r.max_new_tokens for r in batch],
-                                     [r.sampling for r in batch], eos_token_id=self.eos_token_id,
-                                     generators=[r.generator for r in batch],
-                                     top_logprobs=max(r.top_logprobs for r in batch),
-                                     should_stop=lambda i: batch[i].done)
-                for events in steps:
-                    for row, event in zip(batch, events):
-                        if event is not None and not row.done:
-                            self._accept(row, event)
+            try:
+                self._run(batch)
+            except Exception as e:  # one row may be the cause: each unfinished row continues alone
+                if len(batch) == 1:
+                    self._fail(batch[0], e)
+                for row in batch:
+                    if not row.done:
+                        try:
+                            self._run([row])
+                        except Exception as e:
+                            self._fail(row, e)
             for row in batch:
-                if row.text.finish_reason is None and not row.cancelled.is_set():  # decode_steps ended it silently
-                    row.deliver(row.text.finish("length"))
-                row.deliver(None)
-        except Exception as e:  # keep serving: the batch's clients get a 500, later requests a fresh batch
-            error = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
-            for row in batch:
-                row.deliver(error)
+                if not row.failed:
+                    row.deliver(None)
         finally:
             with self._cond:
                 self._active = 0
+
+    def _run(self, rows: list[Row]) -> None:
+        """Decode `rows` together, each continuing after the tokens it already has, until all are done."""
+        with torch.inference_mode():
+            steps = decode_steps(self.model, [list(r.prompt) + r.tokens for r in rows],
+                                 [r.max_new_tokens - len(r.tokens) for r in rows], [r.sampling for r in rows],
+                                 eos_token_id=self.eos_token_id, generators=[r.generator for r in rows],
+                                 top_logprobs=max(r.top_logprobs for r in rows), should_stop=lambda i: rows[i].done)
+            for events in steps:
+                for row, event in zip(rows, events):
+                    if event is not None and not row.done:
+                        self._accept(row, event)
+        for row in rows:
+            if not row.done:  # decode_steps ended it silently (no tokens left to generate)
+                self._deliver(row, lambda r: r.text.finish("length"))
+
+    def _accept(self, row: Row, event: TokenEvent) -> None:
+        self.tokens_decoded += 1
+        row.tokens.append(event.token)
+        if row.top_logprobs < len(event.top_logprobs):
+            event = dataclasses.replace(event, top_logprobs=list(event.top_logprobs[:row.top_logprobs]))
+        self._deliver(row, lambda r: r.text.add(event, self.eos_token_id))
+
+    def _deliver(self, row: Row, make_delta: Callable[[Row], Delta | None]) -> None:
+        """Send the row's next delta; an error while making or sending it ends this row only."""
+        try:
+            delta = make_delta(row)
+            if delta is not None:
+                row.deliver(delta)
+        except Exception as e:
+            self._fail(row, e)
+
+    def _fail(self, row: Row, error: Exception) -> None:
+        row.failed = True
+        log.error("a completion failed: %s: %s", type(error).__name__, error)
+        try:
+            row.deliver(APIError(500, f"generation failed: {type(error).__name__}: {error}",
+                                 code="generation_failed"))
+        except Exception:  # the row's own delivery is what failed: nobody can be told
+            pass
 
     @property
     def idle(self) -> bool:
         with self._cond:
             return not self._queue and self._active == 0
-
-    def _accept(self, row: Row, event: TokenEvent) -> None:
-        self.tokens_decoded += 1
-        if row.top_logprobs < len(event.top_logprobs):
-            event = dataclasses.replace(event, top_logprobs=list(event.top_logprobs[:row.top_logprobs]))
-        delta = row.text.add(event, self.eos_token_id)
-        if delta is not None:
-            row.deliver(delta)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -720,6 +858,7 @@ class CompletionServer:
         self.created = int(time.time())
         self.worker = BatchWorker(model, tokenizer.eot_token, config.max_batch_size, config.batch_wait_ms,
                                   config.max_pending)
+        self.token_bytes = max_token_bytes(tokenizer)
         self._names: dict[int, str] = {}
 
     # ------------------------------------------------------------------------------------------- endpoints
@@ -746,9 +885,11 @@ class CompletionServer:
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        with self.worker.arriving():
-            body = await read_json(request, self.config.max_request_bytes)
-            req = await run_in_threadpool(parse_completion_request, body, self.tokenizer, self.n_ctx, self.config)
+        _require_json(request)
+        body = await read_json(request, self.config.max_request_bytes, self.config.body_timeout_s)
+        with self.worker.arriving():  # only once the body is in: a slow upload must not hold other batches back
+            req = await run_in_threadpool(parse_completion_request, body, self.tokenizer, self.n_ctx, self.config,
+                                          self.token_bytes)
             completion = Completion(req, self._make_row(req))
             live = [i for i, row in enumerate(completion.rows) if row.max_new_tokens > 0]
             self.worker.submit([completion.rows[i] for i in live])
@@ -889,18 +1030,26 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing more than `limit` bytes (413) and anything that is not JSON (400)."""
+def _require_json(request: Request) -> None:
+    """415 unless the body is declared JSON. A web page can send a cross-origin POST without asking first only as
+    text/plain or a form; requiring application/json makes the browser ask (a CORS preflight), which we never grant."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the request's Content-Type is {media_type or 'missing'!r}; send the JSON body with "
+                            "'Content-Type: application/json'", code="unsupported_media_type")
+
+
+async def read_json(request: Request, limit: int, timeout_s: float | None = None) -> Any:
+    """The request body as JSON, refusing more than `limit` bytes (413), a body still arriving after `timeout_s`
+    seconds (408) and anything that is not JSON (400)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body is {int(declared)} bytes; the limit is {limit}", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await _read_body(request, limit)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from None
     if not raw.strip():
         raise APIError(400, "the request body is empty; send a JSON object such as {\"prompt\": \"Hello\"}",
                        code="invalid_json")
@@ -908,6 +1057,19 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep",
+                       code="invalid_json") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -945,10 +1107,28 @@ def create_app(model: torch.nn.Module, tokenizer: Any, config: ServerConfig | No
         Route("/v1/completions", server.completions, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    cfg = server.config
+    guard = Middleware(BrowserGuard, allowed_hosts=cfg.allowed_hosts, allowed_origins=cfg.allowed_origins,
+                       error_body=lambda status, code, message: APIError(status, message, code=code).to_dict())
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[guard],
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.server = server
     return app
+
+
+def uvicorn_config(app: Starlette, host: str, port: int, log_level: str, **kwargs: Any) -> Any:
+    """uvicorn's Config for an app from `create_app`, with the connection limits of its ServerConfig: uvicorn's own
+    keep-alive timeout and request limit, and `GuardedH11Protocol` for the header deadline and connection cap. The
+    listen backlog is also what asyncio accepts in one go, so it is kept to `max_connections`: a burst of
+    connections cannot take more file descriptors than the cap allows before the cap closes them."""
+    import uvicorn
+
+    cfg: ServerConfig = app.state.server.config
+    protocol = functools.partial(GuardedH11Protocol, header_timeout_s=cfg.header_timeout_s,
+                                 max_connections=cfg.max_connections)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, lifespan="on",
+                          limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive_s,
+                          backlog=min(2048, cfg.max_connections), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- running it
@@ -962,8 +1142,7 @@ class BackgroundServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         import uvicorn
 
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                     timeout_graceful_shutdown=2, lifespan="on"))
+        self._server = uvicorn.Server(uvicorn_config(app, host, port, log_level, timeout_graceful_shutdown=2))
         self._thread = threading.Thread(target=self._server.run, name="gpt2lab-uvicorn", daemon=True)
         self.host = host
         self.port = port
@@ -1008,11 +1187,32 @@ def load_app(model: str, dtype: str = "fp32", config: ServerConfig | None = None
     return create_app(network, tok, dataclasses.replace(config or ServerConfig(), model_id=name))
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fp32",
           config: ServerConfig | None = None, model_name: str | None = None, tokenizer: str | None = None,
           log_level: str = "info") -> None:
-    """Load `model` and serve it until interrupted (Ctrl-C). Binds to localhost unless `host` says otherwise."""
+    """Load `model` and serve it until interrupted (Ctrl-C). Binds to localhost unless `host` says otherwise.
+
+    The port is taken before the model is loaded, so a port in use (OSError) costs nothing. Repeated log messages
+    are held to one line per 10 s (see `server_net.RepeatFilter`).
+    """
     import uvicorn
 
-    app = load_app(model, dtype, config, model_name, tokenizer)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    if log_level not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {log_level!r}; choose one of: {', '.join(LOG_LEVELS)}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
+    sock = bind_socket(host, port, backlog=min(2048, (config or ServerConfig()).max_connections))
+    try:
+        app = load_app(model, dtype, config, model_name, tokenizer)
+        server = uvicorn.Server(uvicorn_config(app, host, port, log_level, timeout_graceful_shutdown=5))
+        quiet_repeats()  # after uvicorn has configured its loggers
+        bound = f"[{host}]" if ":" in host else host
+        # uvicorn announces the address only when it binds the socket itself; it is listening already
+        logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", bound,
+                                                sock.getsockname()[1])
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

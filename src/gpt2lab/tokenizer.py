@@ -95,7 +95,8 @@ AllowedSpecial = Literal["all"] | AbstractSet[str] | Sequence[str]
 
 _LONG_PIECE = 256  # pieces longer than this are merged with a heap: O(n log n) instead of O(n^2)
 _CHUNK_CHARS = 1 << 16  # encode long texts in chunks so the regex's list of pieces stays small
-_MAX_CACHE = 1 << 18  # cached pieces per tokenizer; then it starts afresh (natural text re-fills it in kilobytes)
+_MAX_CACHE_BYTES = 64 << 20  # the piece cache's estimated size per tokenizer; then it starts afresh
+_MAX_CACHED_PIECE = _LONG_PIECE  # longer pieces (runs of one letter, say) rarely repeat: encoded, never cached
 
 
 # ------------------------------------------------------------------------------------------------- byte <-> unicode
@@ -471,6 +472,12 @@ def _check_workers(num_workers: object) -> int:
     return num_workers
 
 
+def _entry_bytes(piece: str, ids: list[int]) -> int:
+    """An upper estimate of the memory one cache entry takes: the key (up to 4 bytes a character), the list of ids
+    (small ints are shared, so 8 bytes a slot, with room for over-allocation) and the dict's and objects' headers."""
+    return 200 + 4 * len(piece) + 16 * len(ids)
+
+
 # ------------------------------------------------------------------------------------------------------- Tokenizer
 class Tokenizer(_TokenizerBase):
     """Byte-level BPE: a vocabulary (id -> bytes), merges in rank order, and special tokens (str -> id).
@@ -503,6 +510,7 @@ class Tokenizer(_TokenizerBase):
         self._decoder = {**self.vocab, **{i: s.encode("utf-8") for s, i in self.special_tokens.items()}}
         self._vocab_size = max(self._decoder) + 1
         self._cache: dict[str, list[int]] = {}
+        self._cache_bytes = 0  # estimated, see _entry_bytes
 
     def __reduce__(self):  # pickle the definition, not the derived tables and cache
         return (type(self), (self.vocab, self.merges, self.special_tokens))
@@ -529,15 +537,25 @@ class Tokenizer(_TokenizerBase):
             return list(chain.from_iterable(map(cache.__getitem__, pieces)))  # every piece seen before
         except KeyError:
             pass
-        missing = set(pieces).difference(cache)
-        if len(cache) + len(missing) > _MAX_CACHE:
-            # Start a new cache rather than clearing this one: another thread may be reading it right now.
-            cache = {piece: cache[piece] for piece in set(pieces) if piece in cache}
-            self._cache = cache
         byte_ids, ranks, merged = self._byte_ids, self._ranks, self._merged
-        for piece in missing:
-            cache[piece] = bpe([byte_ids[b] for b in piece.encode("utf-8")], ranks, merged)
-        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+        new = {piece: bpe([byte_ids[b] for b in piece.encode("utf-8")], ranks, merged)
+               for piece in set(pieces).difference(cache)}
+        self._remember(new)
+        return list(chain.from_iterable(new[p] if p in new else cache[p] for p in pieces))
+
+    def _remember(self, new: dict[str, list[int]]) -> None:
+        """Cache newly encoded pieces, keeping the cache's estimated size within _MAX_CACHE_BYTES: when they would
+        not fit, a new cache is started (rather than this one cleared: another thread may be reading it)."""
+        sizes = {piece: _entry_bytes(piece, ids) for piece, ids in new.items() if len(piece) <= _MAX_CACHED_PIECE}
+        added = sum(sizes.values())
+        if self._cache_bytes + added > _MAX_CACHE_BYTES:
+            self._cache, self._cache_bytes = {}, 0
+        cache = self._cache
+        for piece, size in sizes.items():
+            if self._cache_bytes + size > _MAX_CACHE_BYTES:
+                break
+            cache[piece] = new[piece]
+            self._cache_bytes += size
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Ids -> the exact bytes they stand for (specials as their UTF-8 text)."""
