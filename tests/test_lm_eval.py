@@ -1,0 +1,193 @@
+"""The lm-eval adapter (gpt2lab.lm_eval) against lm-eval's own `--model hf` on the same export.
+
+A small byte-level BPE and a 2-layer model are trained for a few seconds on a repetitive text, so greedy decoding
+produces real words and reaches the stop strings (random weights repeat one token, and agreement on them proves
+little). Task files are written locally: lm-eval's hub datasets are unreachable here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test dependency: pip install -e '.[test]'")
+
+from gpt2lab import GPT, GPTConfig  # noqa: E402
+from gpt2lab.lm_eval import HarnessModel, scoring_windows  # noqa: E402
+from gpt2lab.tokenizer import train_bpe  # noqa: E402
+
+TEXT = ("Q: What is the color of the sky? A: blue.\n\nQ: What do cows say? A: moo.\n\n"
+        "The cat sat on the mat. The dog ran in the park. Is it raining? Yes, it is raining.\n\n")
+TASKS = ["tiny_mc", "tiny_roll", "tiny_gen"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+STOPS = ["\n\n", ".", "Q:", "?"]  # four task stop strings; lm-eval adds end-of-text as a fifth
+
+
+def _write_tasks(root: Path) -> Path:
+    tasks = root / "tasks"
+    tasks.mkdir()
+    mc = [{"question": "Q: What do cows say? A:", "choices": ["moo.", "blue.", "park."], "answer": 0},
+          {"question": "Q: What is the color of the sky? A:", "choices": ["moo.", "blue.", "raining."], "answer": 1},
+          {"question": "The cat sat on the", "choices": ["mat.", "park.", "sky."], "answer": 0},
+          {"question": "", "choices": ["The dog", "The mat", "Yes"], "answer": 0}]
+    roll = [{"text": TEXT * 3}, {"text": "Is it raining? " * 20}, {"text": "<|endoftext|>The cat"}]
+    gen = [{"prompt": "Q: What do cows say? A:", "answer": " moo"}, {"prompt": "The dog ran", "answer": " in"},
+           {"prompt": "Is it", "answer": " raining"}, {"prompt": "Q:", "answer": " What"}]
+    bodies = {
+        "tiny_mc": ("mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+                          'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'),
+        "tiny_roll": ("roll", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                              'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n'),
+        "tiny_gen": ("gen", 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+                            f'generation_kwargs:\n  until: {json.dumps(STOPS)}\n  do_sample: false\n'
+                            '  max_gen_toks: 12\nmetric_list:\n  - metric: exact_match\n'),
+    }
+    for name, docs in (("mc", mc), ("roll", roll), ("gen", gen)):
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    for task, (data, body) in bodies.items():
+        (tasks / f"{task}.yaml").write_text(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                            f"    test: {tasks / (data + '.jsonl')}\ntest_split: test\n{body}")
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model directory with tokenizer files, task directory)."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    tok = train_bpe(TEXT * 4, vocab_size=320)
+    ids = torch.tensor(tok.encode(TEXT * 8))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=64, n_layer=2, n_head=2, n_embd=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
+        x = torch.stack([ids[s:s + 32] for s in starts])  # (B, T)
+        y = torch.stack([ids[s + 1:s + 33] for s in starts])  # (B, T)
+        loss = model.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(root / "model", tokenizer=tok)
+    return root / "model", _write_tasks(root)
+
+
+def _evaluate(model: object, tasks: Path, **kwargs: object) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    os.environ.update(OFFLINE)
+    return lm_eval.simple_evaluate(model=model, tasks=TASKS, task_manager=TaskManager(include_path=str(tasks)),
+                                   log_samples=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def hf_results(exported: tuple[Path, Path]) -> dict:
+    pytest.importorskip("accelerate", reason="lm-eval's --model hf needs accelerate (in the test extra)")
+    model_dir, tasks = exported
+    return _evaluate("hf", tasks, model_args=f"pretrained={model_dir}", batch_size=3, device="cpu")
+
+
+def _responses(results: dict, task: str) -> list:
+    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_equals_hf_on_every_request_type(exported: tuple[Path, Path], hf_results: dict) -> None:
+    model_dir, tasks = exported
+    ours = _evaluate(HarnessModel(str(model_dir), batch_size=3), tasks)
+    for task in ("tiny_mc", "tiny_roll"):
+        for mine, theirs in zip(_responses(ours, task), _responses(hf_results, task), strict=True):
+            for a, b in zip(mine, theirs, strict=True):
+                a, b = (a[0] if isinstance(a[0], (list, tuple)) else a), (b[0] if isinstance(b[0], (list, tuple)) else b)
+                assert a[0] == pytest.approx(b[0], abs=1e-4)
+                if task == "tiny_mc":
+                    assert a[1] == b[1]  # is_greedy
+    assert ours["results"]["tiny_mc"]["acc,none"] == hf_results["results"]["tiny_mc"]["acc,none"]
+    assert ours["results"]["tiny_roll"]["bits_per_byte,none"] == pytest.approx(
+        hf_results["results"]["tiny_roll"]["bits_per_byte,none"], rel=1e-5)
+    generated = _responses(ours, "tiny_gen")
+    assert generated == _responses(hf_results, "tiny_gen")
+    texts = [r[0] for r in generated]
+    assert any(texts), "the trained model should generate text before a stop string"
+    assert not any(s in t for t in texts for s in STOPS)  # cut at the stop strings
+
+
+def test_is_greedy_true_where_the_model_predicts_the_continuation(exported: tuple[Path, Path]) -> None:
+    from lm_eval.api.instance import Instance
+
+    model_dir, _ = exported
+    lm = HarnessModel(str(model_dir))
+    greedy = lm.generate_until([Instance("generate_until", {}, ("The dog ran", {"until": ["."], "max_gen_toks": 6}),
+                                         0)])[0]
+    assert greedy
+    logprob, is_greedy = lm.loglikelihood([Instance("loglikelihood", {}, ("The dog ran", greedy), 0)])[0]
+    assert is_greedy and logprob < 0
+    _, other = lm.loglikelihood([Instance("loglikelihood", {}, ("The dog ran", " blue blue"), 0)])[0]
+    assert not other
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_low_precision_scores_stay_close(exported: tuple[Path, Path], dtype: str) -> None:
+    from lm_eval.api.instance import Instance
+
+    model_dir, _ = exported
+    requests = [Instance("loglikelihood", {}, ("The cat sat on the", " mat."), 0),
+                Instance("loglikelihood", {}, ("Q: What do cows say? A:", " moo."), 1)]
+    exact = [lp for lp, _ in HarnessModel(str(model_dir)).loglikelihood(requests)]
+    approx = [lp for lp, _ in HarnessModel(str(model_dir), dtype=dtype).loglikelihood(requests)]
+    assert approx == pytest.approx(exact, abs=0.1)
+
+
+def test_batching_does_not_change_scores(exported: tuple[Path, Path]) -> None:
+    from lm_eval.api.instance import Instance
+
+    model_dir, _ = exported
+    requests = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in
+                enumerate([TEXT * 2, "The cat", "Is it raining? " * 12])]
+    one = HarnessModel(str(model_dir), batch_size=1).loglikelihood_rolling(requests)
+    many = HarnessModel(str(model_dir), batch_size=8).loglikelihood_rolling(requests)
+    assert many == pytest.approx(one, abs=1e-4)
+    assert all(math.isfinite(x) and x < 0 for x in one)
+
+
+def test_module_command_line_registers_the_model(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, tasks = exported
+    env = {**os.environ, **OFFLINE}
+    cmd = [sys.executable, "-m", "gpt2lab.lm_eval", "--model", "gpt2lab", "--model_args",
+           f"pretrained={model_dir},dtype=fp32", "--tasks", "tiny_mc", "--include_path", str(tasks),
+           "--batch_size", "4", "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tiny_mc" in done.stdout and "acc" in done.stdout
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert results and json.loads(results[0].read_text())["config"]["model"] == "gpt2lab"
+
+
+def test_a_cuda_device_without_cuda_falls_back_to_the_cpu(exported: tuple[Path, Path]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the fallback is for machines without it")
+    assert HarnessModel(str(exported[0]), device="cuda:0").device.type == "cpu"
+
+
+def test_scoring_windows_keep_the_context_tail() -> None:
+    assert scoring_windows([(None, [1, 2], [3, 4])], max_length=8) == [([1, 2, 3], [3, 4])]
+    # too long: the window keeps the last max_length inputs, all continuation tokens still scored
+    assert scoring_windows([(None, [1, 2, 3, 4], [5, 6])], max_length=3) == [([3, 4, 5], [5, 6])]
+    with pytest.raises(ValueError, match="empty continuation"):
+        scoring_windows([(None, [1], [])], max_length=4)
+
+
+@pytest.mark.parametrize("args, match", [
+    ({"dtype": "fp16"}, "unknown dtype 'fp16'"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": "many"}, "batch_size must be a positive integer"),
+    ({"max_length": 10_000}, "at most the model's n_ctx=64"),
+])
+def test_bad_arguments_name_the_value(exported: tuple[Path, Path], args: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        HarnessModel(str(exported[0]), **args)
