@@ -159,13 +159,10 @@ def _stop_code(time_up: bool, signalled: bool, runtime: Runtime) -> int:
     return int(flag.item())
 
 
-def check_finite_weights(model: torch.nn.Module, step: int) -> None:
-    """Refuse to go on (and so to checkpoint) weights holding inf or NaN: saving them would replace a good
-    checkpoint with a broken one."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise TrainingDiverged(f"step {step}: the weights hold inf or NaN ({', '.join(bad[:3])}"
-                               f"{', ...' if len(bad) > 3 else ''}); the run diverged")
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding inf or NaN; checked before every checkpoint, since saving such weights would
+    replace a good checkpoint with a broken one."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def check_data_fits(data: TokenData, seq_len: int) -> None:
@@ -658,9 +655,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     saved_step = state.step if ckpt is not None else None  # the step of the newest resumable last/ checkpoint
     lr = learning_rate(state.step, config)
 
+    def diverged(what: str) -> TrainingDiverged:
+        kept = (f"the last good checkpoint, {out_dir / LAST} (step {saved_step}), is kept" if saved_step is not None
+                else "no checkpoint had been written")
+        return TrainingDiverged(f"step {state.step}: {what} (lr {lr:.3g}): the run diverged and stopped; {kept}. "
+                                f"Lower lr or raise warmup_steps, then start again or continue with "
+                                f"--resume {out_dir} --set lr=...")
+
     def checkpoint(name: str, with_optimizer: bool = True) -> None:
         nonlocal saved_step
-        check_finite_weights(model, state.step)
+        bad = nonfinite_parameters(model)
+        if bad:
+            raise diverged(f"the weights hold inf or NaN ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
         opt = optimizer_tensors(model, optimizer) if with_optimizer else None
         rng = rng_tensors(runtime) if with_optimizer else {}
         if runtime.is_main:
@@ -669,13 +675,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                                                 {**opt, **rng} if opt is not None else None)
         if name == LAST:
             saved_step = state.step
-
-    def diverged(what: str, value: float) -> TrainingDiverged:
-        kept = (f"the last good checkpoint, {out_dir / LAST} (step {saved_step}), is kept" if saved_step is not None
-                else "no checkpoint had been written")
-        return TrainingDiverged(f"step {state.step}: the {what} is {value} (lr {lr:.3g}): the run diverged and "
-                                f"stopped; {kept}. Lower lr or raise warmup_steps, then start again or continue "
-                                f"with --resume {out_dir} --set lr=...")
 
     def interrupted(signum: int) -> TrainingInterrupted:
         if state.step > 0 and saved_step != state.step:
@@ -691,7 +690,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if not math.isfinite(val):
             if log is not None:
                 log.write({"step": state.step, "val_loss": val, "diverged": True})
-            raise diverged("validation loss", val)
+            raise diverged(f"the validation loss is {val}")
         state.last_val_loss, state.last_val_bpb = val, bits_per_byte(val, data.tokens_per_byte("val"))
         improved = val < state.best_val_loss
         state.best_val_loss = min(state.best_val_loss, val)
@@ -725,7 +724,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             if not math.isfinite(loss):
                 if log is not None:
                     log.write({"step": state.step, "loss": loss, "lr": lr, "diverged": True})
-                raise diverged("training loss", loss)
+                raise diverged(f"the training loss is {loss}")
             state.last_train_loss = loss
             result.losses.append(loss)
             window_tokens += tokens_per_step
