@@ -88,6 +88,15 @@ def test_shipped_configs_load_and_quickstart_matches_its_file():
     assert big.batch_size * big.seq_len * big.grad_accum * 8 == 524_288
 
 
+@pytest.mark.parametrize("name", ["quickstart", "shakespeare_char"])
+def test_cpu_configs_promise_a_duration_the_clock_keeps(name):
+    """A config that says how long it takes on a CPU stops by the clock, so the promise holds on any machine."""
+    text = (REPO / "configs" / f"{name}.toml").read_text()
+    cfg = load_train_config(REPO / "configs" / f"{name}.toml")
+    minutes = {60.0: "an hour", 5.0: "5 minutes"}
+    assert cfg.max_minutes in minutes and minutes[cfg.max_minutes] in text and "CPU" in text
+
+
 # --------------------------------------------------------------------------------------------------- pieces
 def test_learning_rate_warms_up_then_follows_a_cosine_to_min_lr():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
