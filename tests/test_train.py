@@ -71,6 +71,8 @@ def test_config_file_overrides_and_errors(tmp_path):
                          (["model.vocab_size=10"], "comes from the data's tokenizer"),
                          (["model.n_layers=2"], r"unknown model config key\(s\) 'n_layers'"),
                          (["beta2=1.0"], r"beta2 must be in \[0, 1\)"),
+                         (["max_minutes=inf"], r"max_minutes must be a finite number >= 0, got inf"),
+                         (["lr=nan"], r"lr must be a finite number >= 0, got nan"),
                          (["min_lr=1"], r"min_lr \(1\) must not exceed lr"),
                          (["nonsense"], "--set expects key=value")]:
         with pytest.raises(ValueError, match=message):
