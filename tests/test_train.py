@@ -496,3 +496,19 @@ def test_the_progress_bar_follows_the_limit_that_ends_the_run(char_data, tmp_pat
     final = capsys.readouterr().err.split("\r")[-1]
     assert "train: 100%" in final and "step=4/4" in final  # the steps ended the run, not the hour
     assert T.progress_fraction(2, 60.0, cfg) == 0.5 and T.progress_fraction(1, 1800.0, cfg) == 0.5
+
+
+def test_a_full_disk_while_logging_is_one_line(char_data, tmp_path, monkeypatch, capsys):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=6, eval_interval=2)
+    (tmp_path / "run.toml").write_text(train_config_to_toml(cfg))
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if mode == "a" and Path(path).name == "log.jsonl" and len(list(T.iter_log(tmp_path / "run"))) >= 3:
+            raise OSError(28, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(T, "open", full_disk_open, raising=False)
+    assert cli_main(["train", "--config", str(tmp_path / "run.toml"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"could not append to {tmp_path / 'run' / 'log.jsonl'}" in err
+    assert T.read_training_state(tmp_path / "run" / "last")[0].step == 2

@@ -515,9 +515,14 @@ class RunLog:
         write_file_atomic(self.path, "".join(json_line(r) for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record; a failed write (a full disk) names the log, and leaves the checkpoints as they were."""
         self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json_line(record))
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json_line(record))
+        except OSError as e:
+            raise OSError(f"could not append to {self.path} at step {record.get('step')} ({e}); the checkpoints "
+                          "are unaffected") from e
 
     def plot(self) -> None:
         """Train and val loss against step; written to a temp file and renamed, so a viewer never sees half a PNG."""
