@@ -192,28 +192,34 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="override one config field, e.g. --set lr=3e-4 --set model.n_layer=6 (repeatable)")
     p.add_argument("--init-from", default=None, metavar="gpt2|DIR", help="fine-tune this model (same as --set init_from=...)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                   help="continue from the run's last checkpoint (RUN_DIR: use its saved config.toml)")
+                   help="continue from the run's last checkpoint (RUN_DIR: use its saved config.toml, or the config "
+                        "in its checkpoint if that file is gone)")
+    p.add_argument("--fresh-optimizer", action="store_true", help="with --resume: start AdamW's moments from zero "
+                   "(needed when the checkpoint has no optimizer.safetensors; the run then differs from an "
+                   "uninterrupted one)")
     p.add_argument("--overwrite", action="store_true", help="start again even if out_dir already holds a run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still go to log.jsonl)")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from gpt2lab.config import load_train_config
-    from gpt2lab.train import CONFIG_FILE, train
+    from gpt2lab.train import TrainingInterrupted, load_run_config, train
 
-    config_path, overrides = args.config, list(args.overrides)
+    overrides = list(args.overrides)
     if args.resume:  # a run directory: its saved config, unless --config is given
-        if config_path is None:
-            config_path = Path(args.resume) / CONFIG_FILE
         overrides.insert(0, f"out_dir={json.dumps(args.resume)}")
     if args.init_from is not None:
         overrides.append(f"init_from={json.dumps(args.init_from)}")
-    config = load_train_config(config_path, overrides)
+    if args.resume and args.config is None:
+        config = load_run_config(args.resume, overrides)
+    else:
+        config = load_train_config(args.config, overrides)
     try:
-        result = train(config, resume=args.resume is not None, overwrite=args.overwrite, progress=not args.no_progress)
+        result = train(config, resume=args.resume is not None, overwrite=args.overwrite,
+                       fresh_optimizer=args.fresh_optimizer, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        raise _interrupted_exit(e) from None
     finally:
         import torch.distributed
 
@@ -223,6 +229,12 @@ def _run_train(args: argparse.Namespace) -> None:
     if result.checkpoint is not None and s.step:
         print(f"step {s.step}: train loss {s.last_train_loss:.4f}, val loss {s.last_val_loss:.4f} "
               f"({s.last_val_bpb:.4f} bits/byte); checkpoint {result.checkpoint}")
+
+
+def _interrupted_exit(e: KeyboardInterrupt) -> SystemExit:
+    """A training run stopped by SIGINT / SIGTERM after saving: say where in one line; exit with 128 + the signal."""
+    print(f"gpt2lab train: {e}", file=sys.stderr)
+    return SystemExit(128 + getattr(e, "signum", 2))
 
 
 # -------------------------------------------------------------------------------------------------------- quickstart
@@ -237,15 +249,18 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quickstart(args: argparse.Namespace) -> None:
-    from gpt2lab.train import QUICKSTART, quickstart
+    from gpt2lab.train import QUICKSTART, TrainingInterrupted, quickstart
 
     minutes = QUICKSTART.max_minutes if args.minutes is None else args.minutes
     if not minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     if args.samples < 0:
         raise ValueError(f"--samples must be >= 0, got {args.samples}")
-    quickstart(minutes=minutes, out_dir=args.out or QUICKSTART.out_dir, data_dir=args.data_dir or QUICKSTART.data_dir,
-               samples=args.samples, progress=not args.no_progress)
+    try:
+        quickstart(minutes=minutes, out_dir=args.out or QUICKSTART.out_dir,
+                   data_dir=args.data_dir or QUICKSTART.data_dir, samples=args.samples, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        raise _interrupted_exit(e) from None
 
 
 # ---------------------------------------------------------------------------------------------------------- generate

@@ -304,8 +304,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
-        raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
