@@ -512,3 +512,20 @@ def test_a_full_disk_while_logging_is_one_line(char_data, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"could not append to {tmp_path / 'run' / 'log.jsonl'}" in err
     assert T.read_training_state(tmp_path / "run" / "last")[0].step == 2
+
+
+def test_ensure_prepared_redoes_a_damaged_preparation_of_its_own_and_refuses_another(tmp_path):
+    source = tmp_path / "text.txt"
+    source.write_text("to be or not to be, that is the question. " * 200)
+    data = T.ensure_prepared(str(source), "char", tmp_path / "data", progress=False)
+    shard = next(data.glob("train_*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-8])  # a damaged shard of the same preparation
+    T.ensure_prepared(str(source), "char", data, progress=False)  # prepared again, not refused
+    T.TokenData(data)  # whole again
+    other = tmp_path / "other.txt"
+    other.write_text("a different corpus " * 200)
+    with pytest.raises(FileExistsError, match="overwrite"):  # another preparation is not replaced silently
+        T.ensure_prepared(str(other), "char", data, progress=False)
+    from gpt2lab.data import read_meta
+
+    assert read_meta(data)["source"] == str(source)

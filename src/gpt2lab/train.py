@@ -894,15 +894,20 @@ configs/quickstart.toml holds the same values (a test keeps them equal)."""
 
 
 def ensure_prepared(source: str, tokenizer: str, data_dir: str | os.PathLike[str], progress: bool = True) -> Path:
-    """Prepare `source` into `data_dir` unless a complete preparation of the same source and tokenizer is there."""
+    """Prepare `source` into `data_dir` unless a complete preparation of the same source and tokenizer is there.
+
+    A damaged preparation of the same source and tokenizer is gpt2lab's own and is prepared again; anything else in
+    `data_dir` is refused by `prepare` (the caller chooses another directory)."""
     from gpt2lab.data import prepare, read_meta
 
+    same = False
     with contextlib.suppress(OSError, ValueError):
         meta = read_meta(data_dir)
-        if meta.get("source") == source and meta.get("tokenizer") == tokenizer:
+        same = meta.get("source") == source and meta.get("tokenizer") == tokenizer
+        if same:
             TokenData(data_dir)  # checks every shard against meta.json
             return Path(data_dir)
-    prepare(source, data_dir, tokenizer=tokenizer, progress=progress)
+    prepare(source, data_dir, tokenizer=tokenizer, progress=progress, overwrite=same)
     return Path(data_dir)
 
 
