@@ -142,6 +142,10 @@ PRESETS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_ctx=256, n_layer=6, n_head=6, n_embd=384),
 }
 
+# Windows per forward pass in `gpt2lab eval` (and gpt2lab.evaluate): on a CPU a few windows at once beat one at a
+# time, and more only add memory (the logits of 8 windows of GPT-2's 1024 tokens are about 0.8 GB).
+EVAL_BATCH_SIZE = 8
+
 
 # ------------------------------------------------------------------------------------------------------ training run
 DTYPES = ("fp32", "bf16")
