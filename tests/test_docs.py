@@ -162,6 +162,11 @@ def test_the_docs_show_commands():
 def test_command_line_parses(where, command):
     parser = build_parser()
     args = shlex.split(command, comments=True)[1:]
+    if args[0] in ("--help", "-h", "--version"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(args)
+        assert exit_info.value.code == 0
+        return
     commands = subcommands(parser)
     assert args[0] in commands, f"{where}: {command!r} names no gpt2lab command"
     if len(args) == 1:  # the command's name, in prose
@@ -175,3 +180,10 @@ def test_command_line_parses(where, command):
         parser.parse_args(args)
     except SystemExit:
         pytest.fail(f"{where}: {command!r} does not parse (see the stderr above)")
+
+
+def test_readme_lists_the_presets():
+    from gpt2lab.config import PRESETS
+
+    line = next(l for l in (ROOT / "README.md").read_text(encoding="utf-8").splitlines() if l.startswith("Presets:"))
+    assert set(re.findall(r"`([\w-]+)`", line)) == set(PRESETS)

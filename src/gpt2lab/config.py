@@ -142,9 +142,10 @@ PRESETS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_ctx=256, n_layer=6, n_head=6, n_embd=384),
 }
 
-# Windows per forward pass in `gpt2lab eval` (and gpt2lab.evaluate): on a CPU a few windows at once beat one at a
-# time, and more only add memory (the logits of 8 windows of GPT-2's 1024 tokens are about 0.8 GB).
-EVAL_BATCH_SIZE = 8
+# Windows per forward pass in `gpt2lab eval` (and gpt2lab.evaluate): a few windows at once beat one at a time on
+# small models, while each window of GPT-2's 1024 tokens at stride 512 holds about 0.1 GB of logits (0.3 GB while its
+# loss is computed), so a larger batch mostly adds memory. docs/generation.md has the measurements.
+EVAL_BATCH_SIZE = 4
 
 
 # ------------------------------------------------------------------------------------------------------ training run
