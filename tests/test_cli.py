@@ -125,3 +125,31 @@ def test_info_help_lists_the_real_presets():
     info = build_parser()._subparsers._group_actions[0].choices["info"]
     text = info.format_help()
     assert all(name in text for name in PRESETS) and "gpt2-tiny" not in text
+
+
+@pytest.fixture
+def char_model_dir(tmp_path):
+    """A tiny model saved with its 30-id character tokenizer."""
+    import torch
+
+    from gpt2lab import GPT, GPTConfig
+    from gpt2lab.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .\n"))
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=2, n_head=2, n_embd=16)).save_pretrained(
+        tmp_path / "m", tokenizer=tok)
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hello", "--max-new-tokens", "2"],
+                                     ["attention", "--prompt", "hello", "--out", "attention.png"],
+                                     ["eval", "--data", "data.txt"]])
+def test_a_tokenizer_larger_than_the_model_is_refused_in_one_line(command, char_model_dir, capsys, monkeypatch,
+                                                                  tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("hello world\n" * 4, encoding="utf-8")
+    assert main([*command, "--model", str(char_model_dir), "--tokenizer", "gpt2"]) == 1
+    err = capsys.readouterr().err
+    assert "the tokenizer has 50257 ids but the model" in err and "only 30" in err and err.count("\n") == 1
+    assert not (tmp_path / "attention.png").exists()

@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 USER_ERRORS = (ValueError, TypeError, OSError)
 
@@ -79,6 +79,17 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _load_model(model: str, dtype: str, tokenizer: str | None) -> tuple[Any, Any]:
+    """The model and tokenizer for generate, eval and attention; refuses a tokenizer with ids the model lacks."""
+    from gpt2lab.generate import load_for_inference
+
+    network, tok = load_for_inference(model, dtype, tokenizer)
+    if tok.vocab_size > network.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model {model!r} only {network.config.vocab_size};"
+                         " pass the tokenizer the model was trained with (--tokenizer)")
+    return network, tok
 
 
 def _set_threads(threads: int | None) -> None:
@@ -344,14 +355,14 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def _run_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from gpt2lab.generate import SamplingParams, load_for_inference, stream_text
+    from gpt2lab.generate import SamplingParams, stream_text
 
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})  # checks before loading
     _set_threads(args.threads)
     prompt = _read_prompt(args)
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.tokenizer)
+    model, tokenizer = _load_model(args.model, args.dtype, args.tokenizer)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     for i in range(args.num_samples):
         if args.num_samples > 1:
@@ -393,11 +404,10 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from gpt2lab.data import read_text_source
     from gpt2lab.evaluate import evaluate_text
-    from gpt2lab.generate import load_for_inference
 
     _set_threads(args.threads)
     text = read_text_source(args.data, text_field=args.text_field)
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.tokenizer)
+    model, tokenizer = _load_model(args.model, args.dtype, args.tokenizer)
     result = evaluate_text(model, tokenizer, text, stride=args.stride, context=args.context, batch_size=args.batch_size,
                            progress=not args.no_progress)
     print(json.dumps(dataclasses.asdict(result)) if args.json else result.summary())
@@ -418,10 +428,9 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 def _run_attention(args: argparse.Namespace) -> None:
     import torch
 
-    from gpt2lab.generate import load_for_inference
     from gpt2lab.visualize import attention_weights, plot_attention, token_labels
 
-    model, tokenizer = load_for_inference(args.model, "fp32", args.tokenizer)
+    model, tokenizer = _load_model(args.model, "fp32", args.tokenizer)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty; pass some text with --prompt")
