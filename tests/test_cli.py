@@ -153,3 +153,11 @@ def test_a_tokenizer_larger_than_the_model_is_refused_in_one_line(command, char_
     err = capsys.readouterr().err
     assert "the tokenizer has 50257 ids but the model" in err and "only 30" in err and err.count("\n") == 1
     assert not (tmp_path / "attention.png").exists()
+
+
+def test_console_script_usage_error_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "gpt2lab.cli", "generate", "--threads", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("gpt2lab generate: error: argument --threads: must be an integer in 1..1024, got '0' "
+                           "(see gpt2lab generate --help)\n")
