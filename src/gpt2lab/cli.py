@@ -472,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one-line error, the help or the version
+        return e.code if isinstance(e.code, int) else 2
     try:
         args.run(args)
     except KeyboardInterrupt:
