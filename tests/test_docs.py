@@ -76,7 +76,8 @@ SETUP: dict[tuple[str, str], Callable[[Path], dict]] = {
 # so the README's walk-through runs on a 2-layer model of the same vocabulary; the 124M parameter count it states is
 # checked by formula in test_readme_parameter_count.
 SUBSTITUTE = {
-    ("README.md", "import torch"): ('GPTConfig.preset("gpt2")', 'GPTConfig.preset("gpt2", n_layer=2, n_embd=64, n_head=2)'),
+    ("README.md", "import torch"): ('GPTConfig.preset("gpt2")',
+                                    'GPTConfig.preset("gpt2", n_layer=2, n_embd=64, n_head=2)'),
 }
 
 

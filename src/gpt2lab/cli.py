@@ -87,8 +87,8 @@ def _load_model(model: str, dtype: str, tokenizer: str | None) -> tuple[Any, Any
 
     network, tok = load_for_inference(model, dtype, tokenizer)
     if tok.vocab_size > network.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model {model!r} only {network.config.vocab_size};"
-                         " pass the tokenizer the model was trained with (--tokenizer)")
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model {model!r} only "
+                         f"{network.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
     return network, tok
 
 
@@ -158,7 +158,8 @@ def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
     p.add_argument("--input", nargs="+", required=True, type=nonempty, metavar="FILE",
                    help="UTF-8 text files to learn from")
-    p.add_argument("--vocab-size", type=POSITIVE, required=True, help="ids in the result: 256 bytes + merges + specials")
+    p.add_argument("--vocab-size", type=POSITIVE, required=True,
+                   help="ids in the result: 256 bytes + merges + specials")
     p.add_argument("--out", required=True, type=nonempty,
                    help="directory for vocab.json, merges.txt, tokenizer_config.json")
     p.add_argument("--special", nargs="*", default=["<|endoftext|>"], type=nonempty, metavar="TOKEN",
@@ -419,7 +420,8 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="gpt2", type=nonempty, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the text whose attention to draw")
     p.add_argument("--layer", type=integer(0), default=0, help="layer index, from 0 (default: 0)")
-    p.add_argument("--head", type=integer(0), default=None, help="head index, from 0 (default: every head of the layer)")
+    p.add_argument("--head", type=integer(0), default=None,
+                   help="head index, from 0 (default: every head of the layer)")
     p.add_argument("--out", required=True, type=nonempty, help="image file to write (.png, .svg or .pdf)")
     p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
     p.set_defaults(run=_run_attention)
