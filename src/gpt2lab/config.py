@@ -174,6 +174,11 @@ PRESETS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_ctx=256, n_layer=6, n_head=6, n_embd=384),
 }
 
+# Windows per forward pass in `gpt2lab eval` (and gpt2lab.evaluate): a few windows at once beat one at a time on
+# small models, while each window of GPT-2's 1024 tokens at stride 512 holds 513 x 50257 float32 logits (0.1 GB, about
+# three times that while its loss is computed), so a larger batch mostly adds memory.
+EVAL_BATCH_SIZE = 4
+
 
 # ------------------------------------------------------------------------------------------------------ training run
 DTYPES = ("fp32", "bf16")
