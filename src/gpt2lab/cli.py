@@ -41,9 +41,11 @@ def integer(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def number(low: float, high: float = math.inf, *, zero: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number in [low, high], or exactly 0 as well when `zero` is set."""
-    bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+def number(low: float, high: float = math.inf, *, zero: bool = False, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, high] when `above` is set), or exactly 0 as well when
+    `zero` is set."""
+    opening = "(" if above else "["
+    bounds = f"{'>' if above else '>='} {low:g}" if high == math.inf else f"in {opening}{low:g}, {high:g}]"
     allowed = f"0 or a finite number {bounds}" if zero else f"a finite number {bounds}"
 
     def parse(text: str) -> float:
@@ -51,7 +53,8 @@ def number(low: float, high: float = math.inf, *, zero: bool = False) -> Callabl
             value = float(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and (low <= value <= high or (zero and value == 0))):
+        inside = (low < value if above else low <= value) and value <= high
+        if not (math.isfinite(value) and (inside or (zero and value == 0))):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
         return value
 
@@ -368,13 +371,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                      help="read the prompt from this UTF-8 file ('-' for stdin)")
     p.add_argument("--max-new-tokens", type=integer(0, MAX_NEW_TOKENS), default=100,
                    help=f"tokens to generate per sample, 0..{MAX_NEW_TOKENS:,} (default: 100)")
-    # sampling defaults live in generate.SamplingParams; None here means "its default". The bounds keep the
-    # float32 logits finite: a smaller temperature, top-p or penalty would overflow them into NaN.
-    p.add_argument("--temperature", type=number(0.01, zero=True), default=None, help="0 = greedy, else >= 0.01; "
-                   "<1 sharper, >1 flatter (default: 1, the model's own distribution)")
+    # sampling defaults live in generate.SamplingParams; None here means "its default". Any temperature >= 0 and
+    # top-p in (0, 1] is safe (a tiny one is the greedy limit); a penalty below 0.01 would overflow the logits.
+    p.add_argument("--temperature", type=number(0), default=None, help="0 = greedy; <1 sharper, >1 flatter "
+                   "(default: 1, the model's own distribution)")
     p.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=number(1e-6, 1), default=None, help="nucleus sampling, p in [1e-6, 1]: the "
-                   "smallest set of tokens holding probability p")
+    p.add_argument("--top-p", type=number(0, 1, above=True), default=None, help="nucleus sampling, p in (0, 1]: "
+                   "the smallest set of tokens holding probability p")
     p.add_argument("--repetition-penalty", type=number(0.01), default=None,
                    help=">= 0.01; > 1 discourages tokens already present (CTRL's penalty)")
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=None,
