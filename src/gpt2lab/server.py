@@ -59,7 +59,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
     raise ImportError(f"serving needs starlette and uvicorn ({e}); "
                       "install them with: pip install 'gpt2lab[serve]'") from e
 
-from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps, held_back, prompt_logprobs
+from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps, prompt_logprobs
+from gpt2lab.generate import _first_stop as first_stop, held_back  # the text assembler of generate's streaming
 
 log = logging.getLogger("gpt2lab.server")
 
@@ -86,9 +87,9 @@ class ServerConfig:
     - `max_tokens`: the largest `max_tokens` a request may ask for (None: the model's context).
     - `default_max_tokens`: used when a request gives none (16, as OpenAI's completions API).
     - `max_request_bytes`: larger request bodies get 413 before they are parsed.
-    - `max_choices`: prompts × n in one request.
+    - `max_choices`: prompts × n in one request (lm-eval sends `batch_size` prompts in one).
     - `max_logprobs`: the largest `logprobs` (top alternatives per token); OpenAI allows 5.
-    - `max_stop`: stop strings per request (OpenAI allows 4).
+    - `max_stop`: stop strings per request (OpenAI allows 4), not counting the end-of-text token's text.
     - `max_stop_length`: characters in one stop string (each is searched for after every token).
     - `max_pending`: rows waiting or decoding before new requests get 503.
     - `max_connections`: open connections. At the limit a new request gets 503 (uvicorn's `limit_concurrency`);
@@ -209,7 +210,7 @@ class CompletionRequest:
         return len(self.prompts) * self.n
 
 
-def _invalid(param: str, message: str, status: int = 422, code: str = "invalid_value") -> APIError:
+def _invalid(param: str, message: str, status: int = 400, code: str = "invalid_value") -> APIError:
     return APIError(status, message, param=param, code=code)
 
 
@@ -287,15 +288,21 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _get_stop(body: Mapping[str, Any], max_stop: int, max_length: int) -> tuple[str, ...]:
+def _get_stop(body: Mapping[str, Any], max_stop: int, max_length: int, tokenizer: Any) -> tuple[str, ...]:
+    """The stop strings, at most `max_stop` of them. The end-of-text token's own text is not counted: clients such
+    as lm-eval add it to every list, and that token ends a choice anyway. It stays in the list, so the same
+    characters spelled by ordinary tokens still stop the text."""
     value = body.get("stop")
     if value is None:
         return ()
+    eot = tokenizer.eot_token
+    end_of_text = tokenizer.decode_bytes([eot]).decode("utf-8", errors="replace") if eot is not None else None
     stops = [value] if isinstance(value, str) else value
     valid = isinstance(stops, list) and all(isinstance(s, str) and 0 < len(s) <= max_length for s in stops)
-    if not valid or len(stops) > max_stop:
-        raise _invalid("stop", f"'stop' must be a string or a list of at most {max_stop} strings, each of 1 to "
-                               f"{max_length} characters; got {_short(value)}")
+    if not valid or len([s for s in stops if s != end_of_text]) > max_stop:
+        raise _invalid("stop", f"'stop' must be a string or a list of at most {max_stop} strings (besides "
+                               f"{end_of_text or 'the end-of-text token'!r}), each of 1 to {max_length} characters; "
+                               f"got {_short(value)}")
     return tuple(dict.fromkeys(stops))
 
 
@@ -353,7 +360,7 @@ def _tokenize_prompts(prompts: list[str | list[int]], tokenizer: Any) -> tuple[l
     """Strings are encoded (`<|endoftext|>` in the text is the special token, as in OpenAI's API); id lists are
     checked against the vocabulary. An empty prompt becomes `<|endoftext|>`, the token GPT-2 saw before every
     document, so the model starts a fresh text instead of failing on zero positions. Text the tokenizer cannot
-    encode (a character outside a char-level vocabulary) is a 422 naming the character."""
+    encode (a character outside a char-level vocabulary) is a 400 naming the character."""
     ids_list, texts = [], []
     for p in prompts:
         if isinstance(p, str):
@@ -382,11 +389,12 @@ def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: Serv
                              token_bytes: int | None = None) -> CompletionRequest:
     """Validate a decoded JSON body and tokenize its prompts; raise APIError naming the first problem.
 
-    Status codes: 400 for a body that is not an object, is nested too deep or holds lone surrogates, or a request
-    that overflows the context (prompt + max_tokens > n_ctx, OpenAI's `context_length_exceeded`); 413 for a prompt
-    that alone exceeds the context (refused by its length before tokenizing, given `token_bytes`, the tokenizer's
-    `max_token_bytes`); 422 for unknown fields, wrong types, out-of-range values and text the tokenizer cannot
-    encode; 404 for a model name this server does not serve.
+    Status codes, as OpenAI's API answers them (its clients raise `BadRequestError` for 400 only): 400 for a body
+    that is not an object, is nested too deep or holds lone surrogates, unknown fields, wrong types, out-of-range
+    values, text the tokenizer cannot encode, and a request that overflows the context (prompt + max_tokens > n_ctx,
+    OpenAI's `context_length_exceeded`); 413 for a prompt that alone exceeds the context (refused by its length
+    before tokenizing, given `token_bytes`, the tokenizer's `max_token_bytes`); 404 for a model name this server
+    does not serve.
     """
     check_json_values(body)
     _check_fields(body)
@@ -417,7 +425,7 @@ def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: Serv
     seed = _get_int(body, "seed", None, -(2**63), 2**63 - 1)
     stream, echo = _get_bool(body, "stream"), _get_bool(body, "echo")
     include_usage = _get_stream_options(body, stream)
-    stop = _get_stop(body, config.max_stop, config.max_stop_length)
+    stop = _get_stop(body, config.max_stop, config.max_stop_length, tokenizer)
     try:
         sampling = SamplingParams(temperature=temperature, top_k=top_k or None, top_p=None if top_p == 1.0 else top_p,
                                   repetition_penalty=None if repetition_penalty == 1.0 else repetition_penalty)
@@ -488,6 +496,25 @@ def token_text(tokenizer: Any, token: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
+def token_start(decoder: codecs.IncrementalDecoder, raw: bytes) -> int:
+    """How many characters the `decoder` will emit for earlier tokens' bytes before the text of the token `raw`.
+
+    A token that completes a character started by the tokens before it starts at that character (0). But when the
+    decoder holds the start of a character that `raw` does not continue, those bytes become U+FFFD first (1), and
+    the token's own text starts after it.
+    """
+    held, _ = decoder.getstate()
+    if not held or not raw:
+        return 0
+    strict = codecs.getincrementaldecoder("utf-8")()
+    strict.setstate((held, 0))
+    try:
+        strict.decode(raw[:1])
+    except UnicodeDecodeError:
+        return 1  # the decoder only ever holds a valid incomplete prefix: it becomes one U+FFFD
+    return 0
+
+
 def score_prompt(model: torch.nn.Module, tokenizer: Any, ids: Sequence[int], top_logprobs: int,
                  token_names: Callable[[int], str] | None = None) -> tuple[TokenInfo, ...]:
     """The prompt's tokens with their log-probabilities (`generate.prompt_logprobs`), for `echo` with `logprobs`.
@@ -499,24 +526,29 @@ def score_prompt(model: torch.nn.Module, tokenizer: Any, ids: Sequence[int], top
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     infos, offset = [], 0
     for token, event in zip(ids, prompt_logprobs(model, ids, top_logprobs)):
+        raw = tokenizer.decode_bytes([token])
         top = tuple((name(t), float(lp)) for t, lp in event.top_logprobs) if event is not None else ()
-        infos.append(TokenInfo(name(token), offset, float(event.logprob) if event is not None else None, top))
-        offset += len(decoder.decode(tokenizer.decode_bytes([token])))
+        start = offset + token_start(decoder, raw)
+        infos.append(TokenInfo(name(token), start, float(event.logprob) if event is not None else None, top))
+        offset += len(decoder.decode(raw))
     return tuple(infos)
 
 
 class ChoiceText:
-    """Turns one choice's token events into text deltas.
+    """Turns one choice's token events into text deltas, with the text assembler of `generate.stream_text`.
 
     Text is decoded incrementally from the tokens' bytes, so a character split across two tokens appears whole with
-    the second; text that might begin a stop string is held back until it can be told apart; a stop string ends the
-    choice and is cut from the text, as in OpenAI's API. The end-of-text token ends the choice without text.
+    the second; text that might begin a stop string is held back until it can be told apart (`held_back`); a stop
+    string ends the choice and is cut from the text, as in OpenAI's API. The end-of-text token ends the choice
+    without text, but is reported like any token (its log-probability, and it counts in `num_tokens`), as OpenAI's
+    API reports the token it sampled.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = (),
                  token_names: Callable[[int], str] | None = None) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
+        self._longest_stop = max(map(len, self._stop), default=0)
         self._name = token_names or (lambda t: token_text(tokenizer, t))
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending: list[TokenInfo] = []
@@ -530,11 +562,12 @@ class ChoiceText:
         if self.finish_reason is not None:
             return None
         if event.token == eos_token_id and event.finish_reason == "stop":
+            self.text += self._decoder.decode(b"", final=True)  # a dangling partial character belongs before it
+            self._record(event, len(self.text))
             return self.finish("stop")
-        self.num_tokens += 1
-        top = tuple((self._name(t), float(lp)) for t, lp in event.top_logprobs)
-        self._pending.append(TokenInfo(self._name(event.token), len(self.text), float(event.logprob), top))
-        self.text += self._decoder.decode(self._tokenizer.decode_bytes([event.token]))
+        raw = self._tokenizer.decode_bytes([event.token])
+        self._record(event, len(self.text) + token_start(self._decoder, raw))
+        self.text += self._decoder.decode(raw)
         cut = self._find_stop()
         if cut is not None:
             self.text = self.text[:cut]
@@ -544,28 +577,37 @@ class ChoiceText:
         return self._release(len(self.text) - held_back(self.text, self._stop))
 
     def finish(self, reason: str, flush: bool = True) -> Delta:
-        """End the choice: send all text still held back (a dangling partial character becomes U+FFFD)."""
+        """End the choice: send all text still held back (a dangling partial character becomes U+FFFD) with its
+        tokens, and a token that adds no text at the very end (end-of-text). Tokens of a cut stop string are not
+        reported."""
         if flush:
             self.text += self._decoder.decode(b"", final=True)
         self.finish_reason = reason
-        delta = self._release(len(self.text))
-        self._pending = []  # tokens of a cut stop string are not reported
+        delta = self._release(len(self.text), include_end=flush)
+        self._pending = []
         return Delta(delta.text if delta else "", delta.tokens if delta else (), reason)
 
+    def _record(self, event: TokenEvent, offset: int) -> None:
+        self.num_tokens += 1
+        top = tuple((self._name(t), float(lp)) for t, lp in event.top_logprobs)
+        self._pending.append(TokenInfo(self._name(event.token), offset, float(event.logprob), top))
+
     def _find_stop(self) -> int | None:
+        """Where the earliest stop string starts, searching only text that could hold one not yet seen."""
         if not self._stop:
             return None
-        start = max(0, self.released - max(map(len, self._stop)) + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
-        return min(hits) if hits else None
+        start = max(0, self.released - self._longest_stop + 1)
+        cut = first_stop(self.text[start:], self._stop)
+        return None if cut is None else start + cut
 
-    def _release(self, upto: int) -> Delta | None:
-        """Send text[released:upto] with the tokens that start in it."""
-        if upto <= self.released:
+    def _release(self, upto: int, include_end: bool = False) -> Delta | None:
+        """Send text[released:upto] with the tokens that start in it (and those that start at its end, if
+        `include_end`)."""
+        if upto <= self.released and not (include_end and self._pending):
             return None
-        tokens = tuple(t for t in self._pending if t.offset < upto)
+        tokens = tuple(t for t in self._pending if t.offset < upto or (include_end and t.offset == upto))
         self._pending = self._pending[len(tokens):]
-        text, self.released = self.text[self.released:upto], upto
+        text, self.released = self.text[self.released:upto], max(self.released, upto)
         return Delta(text, tokens)
 
 
