@@ -28,7 +28,7 @@ pytest.importorskip("tenacity", reason="lm-eval's local-completions needs lm-eva
 httpx = pytest.importorskip("httpx")
 
 from gpt2lab import GPT, GPTConfig  # noqa: E402
-from gpt2lab.server import BackgroundServer, ServerConfig, load_app  # noqa: E402
+from gpt2lab.serve import BackgroundServer, ServerConfig, load_app  # noqa: E402
 from gpt2lab.tokenizer import train_bpe  # noqa: E402
 
 DOCS = ["Q: What is the color of the sky? A: blue.", "Q: What do cows say? A: moo.",

@@ -19,7 +19,7 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import TokenEvent
-from gpt2lab.server import (APIError, BackgroundServer, ChoiceText, ServerConfig, create_app,
+from gpt2lab.serve import (APIError, BackgroundServer, ChoiceText, ServerConfig, create_app,
                             parse_completion_request)
 
 openai = pytest.importorskip("openai")  # in the `test` extra; importorskip only keeps a bare checkout importable
@@ -642,7 +642,7 @@ class PoisonedText(ChoiceText):
 def worker_rows(model, tokenizer, prompts, poison):
     """Rows for a BatchWorker, each collecting what it is sent; `poison` maps a row index to how it is broken."""
     from gpt2lab.generate import SamplingParams
-    from gpt2lab.server import Row
+    from gpt2lab.serve import Row
 
     received = [[] for _ in prompts]
     rows = []
@@ -658,7 +658,7 @@ def worker_rows(model, tokenizer, prompts, poison):
 
 @pytest.mark.parametrize("kind", ["generator", "text"])
 def test_a_poisoned_row_fails_alone_and_its_batch_mates_finish(model, tokenizer, kind):
-    from gpt2lab.server import BatchWorker, Delta
+    from gpt2lab.serve import BatchWorker, Delta
 
     prompts = ["Alpha", "Beta gamma delta", "Zeta"]
     rows, received = worker_rows(model, tokenizer, prompts, {1: kind})
@@ -701,7 +701,7 @@ def test_characters_outside_a_char_vocabulary_are_a_400(char_server, prompt, sho
 
 
 def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(tokenizer):
-    from gpt2lab.server import max_token_bytes
+    from gpt2lab.serve import max_token_bytes
 
     class NoTokenizing:
         vocab_size, eot_token = tokenizer.vocab_size, tokenizer.eot_token
@@ -808,7 +808,7 @@ def test_connections_beyond_the_limit_are_closed_and_service_resumes(strict_serv
 def test_repeated_log_messages_are_held_back():
     import logging
 
-    from gpt2lab.server_net import RepeatFilter
+    from gpt2lab.serve.net import RepeatFilter
 
     log_filter = RepeatFilter(interval_s=60)
     records = [logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Invalid HTTP request received.",
@@ -859,3 +859,35 @@ def test_cli_serve_an_empty_key_in_the_environment_is_an_error(monkeypatch, caps
     monkeypatch.setenv("GPT2LAB_API_KEY", "")
     assert main(["serve", "--model", "/no/such/dir"]) == 1
     assert "GPT2LAB_API_KEY is empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- the package
+SERVE_MODULES = ["config", "errors", "request", "choices", "batcher", "net", "app", "run"]
+
+
+def test_serve_modules_import_only_those_below_them():
+    import ast
+    from pathlib import Path
+
+    import gpt2lab.serve
+
+    root = Path(gpt2lab.serve.__file__).parent
+    assert sorted(p.stem for p in root.glob("*.py") if p.stem != "__init__") == sorted(SERVE_MODULES)
+    for i, name in enumerate(SERVE_MODULES):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        inside = {m.rsplit(".", 1)[1] for m in imported if m.startswith("gpt2lab.serve.")}
+        assert inside <= set(SERVE_MODULES[:i]), f"serve/{name}.py imports {sorted(inside - set(SERVE_MODULES[:i]))}"
+        assert "gpt2lab.cli" not in imported and "gpt2lab.server" not in imported
+
+
+def test_the_old_module_path_still_works_with_a_warning():
+    import importlib
+    import sys
+
+    import gpt2lab.serve
+
+    sys.modules.pop("gpt2lab.server", None)
+    with pytest.warns(DeprecationWarning, match="gpt2lab.serve"):
+        old = importlib.import_module("gpt2lab.server")
+    assert old.create_app is gpt2lab.serve.create_app and old.ServerConfig is ServerConfig

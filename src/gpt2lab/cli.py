@@ -133,7 +133,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     import os
 
     try:
-        from gpt2lab.server import LOG_LEVELS, LOOPBACK_HOSTS, ServerConfig, serve
+        from gpt2lab.serve import LOG_LEVELS, LOOPBACK_HOSTS, ServerConfig, serve
     except ImportError as e:  # the `serve` extra is not installed
         raise OSError(str(e)) from None
     if args.log_level not in LOG_LEVELS:
