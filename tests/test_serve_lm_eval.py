@@ -17,7 +17,6 @@ conftest.py once both branches are merged.)
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -88,10 +87,18 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "model", _write_tasks(root)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """No hub: lm-eval and transformers read only the files the test wrote."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in OFFLINE.items():
+            patch.setenv(name, value)
+        yield
+
+
 def _evaluate(model: str, model_args: str, tasks: Path, **kwargs: object) -> dict:
     from lm_eval.tasks import TaskManager
 
-    os.environ.update(OFFLINE)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS, log_samples=True,
                                    task_manager=TaskManager(include_path=str(tasks)), **kwargs)
 
