@@ -20,6 +20,7 @@ from gpt2lab.serve.errors import APIError
 
 log = logging.getLogger("gpt2lab.serve")
 
+
 @dataclass(eq=False)
 class Row:
     """One choice on its way through the decode thread. `deliver` is called from that thread with each Delta, then

@@ -13,6 +13,7 @@ import torch
 from gpt2lab.generate import TokenEvent, prompt_logprobs
 from gpt2lab.generate import _first_stop as first_stop, held_back  # the text assembler of generate's streaming
 
+
 @dataclass(frozen=True)
 class TokenInfo:
     """One token as the API reports it: its text, where it starts in the choice's text, its log-probability and the
