@@ -199,6 +199,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="the largest max_tokens a request may ask for "
                    "(default: the model's context)")
     p.add_argument("--max-request-bytes", type=int, default=None, help="largest request body (default: 1000000)")
+    p.add_argument("--max-choices", type=int, default=None, help="completions per request, prompts × n (default: "
+                   "16); raise it for clients that send many prompts at once, such as lm-eval's batch_size")
+    p.add_argument("--max-stop", type=int, default=None, help="stop strings per request, besides the end-of-text "
+                   "token's (default: 4, as OpenAI)")
+    p.add_argument("--max-logprobs", type=int, default=None, help="the largest `logprobs` (top alternatives per "
+                   "token) a request may ask for (default: 5, as OpenAI)")
     p.add_argument("--max-connections", type=int, default=None, help="open connections; at the limit requests get "
                    "503 and further connections are closed (default: 100)")
     p.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS", help="close a connection that "
@@ -222,7 +228,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     import os
 
     try:
-        from gpt2lab.server import LOG_LEVELS, LOOPBACK_HOSTS, ServerConfig, serve
+        from gpt2lab.serve import LOG_LEVELS, LOOPBACK_HOSTS, ServerConfig, serve
     except ImportError as e:  # the `serve` extra is not installed
         raise OSError(str(e)) from None
     if args.log_level not in LOG_LEVELS:
@@ -238,6 +244,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     hosts = args.allowed_host or (list(LOOPBACK_HOSTS) if args.host in LOOPBACK_HOSTS else ["*"])
     limits = {"api_key": api_key, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
               "max_tokens": args.max_tokens, "max_request_bytes": args.max_request_bytes,
+              "max_choices": args.max_choices, "max_stop": args.max_stop, "max_logprobs": args.max_logprobs,
               "max_connections": args.max_connections, "header_timeout_s": args.header_timeout,
               "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive, "allowed_hosts": tuple(hosts),
               "allowed_origins": tuple(args.allowed_origin or ())}
