@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from gpt2lab import download, tokenizer
+from gpt2lab.tokenizer import bpe_tokenizer, formats, merges, pretokenize, training
 from gpt2lab.cli import main
 from gpt2lab.tokenizer import (
     EOT,
@@ -151,20 +152,20 @@ def test_gpt2_merges_cache_is_checked(gpt2_home, gpt2, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
     ranks = tokenizer.read_tiktoken_ranks(gpt2_home / "gpt2.tiktoken")
     (tmp_path / "gpt2.merges.txt").write_text("#version: 0.2\nĠ t\n")  # wrong: ignored, derived again, replaced
-    assert tokenizer._gpt2_merges(ranks) == gpt2.merges
+    assert formats._gpt2_merges(ranks) == gpt2.merges
     assert download.sha256_file(tmp_path / "gpt2.merges.txt") == tokenizer.GPT2_MERGES_SHA256
-    assert tokenizer._gpt2_merges(ranks) == gpt2.merges  # now read from the cache
+    assert formats._gpt2_merges(ranks) == gpt2.merges  # now read from the cache
 
 
 def test_gpt2_uses_the_cache_without_network(gpt2_home, monkeypatch):
     monkeypatch.setenv("GPT2LAB_CACHE", str(gpt2_home))
-    monkeypatch.setattr(tokenizer, "_gpt2_sources", lambda: [])  # any source use would now fail
+    monkeypatch.setattr(formats, "_gpt2_sources", lambda: [])  # any source use would now fail
     assert Tokenizer.gpt2().encode("Hello world") == [15496, 995]
 
 
 def test_gpt2_offline_fails_with_one_message_naming_a_local_file(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setattr(tokenizer, "_gpt2_sources", lambda: [download.url_source("file:///nowhere/gpt2.tiktoken")])
+    monkeypatch.setattr(formats, "_gpt2_sources", lambda: [download.url_source("file:///nowhere/gpt2.tiktoken")])
     with pytest.raises(ConnectionError) as info:
         Tokenizer.gpt2()
     message = str(info.value)
@@ -182,13 +183,13 @@ def test_gpt2_refuses_a_file_that_is_not_gpt2s(tmp_path, gpt2_home):
 def test_gpt2_from_tiktokens_cache(gpt2_home, tmp_path, monkeypatch):
     tiktoken_dir = tmp_path / "tiktoken"
     tiktoken_dir.mkdir()
-    cached = tokenizer._tiktoken_cache_file(tokenizer.GPT2_RANKS_URL).name
+    cached = formats._tiktoken_cache_file(formats.GPT2_RANKS_URL).name
     (tiktoken_dir / cached).write_bytes((gpt2_home / "gpt2.tiktoken").read_bytes())
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_dir))
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "ours"))
-    sources = tokenizer._gpt2_sources()
+    sources = formats._gpt2_sources()
     assert "tiktoken" in sources[0].description
-    monkeypatch.setattr(tokenizer, "_gpt2_sources", lambda: sources[:1])  # no network: only tiktoken's cache
+    monkeypatch.setattr(formats, "_gpt2_sources", lambda: sources[:1])  # no network: only tiktoken's cache
     assert Tokenizer.gpt2().eot_token == 50256
     assert (tmp_path / "ours" / "gpt2.tiktoken").is_file()
 
@@ -215,10 +216,10 @@ def test_matches_tiktoken_on_shakespeare(gpt2, oracle, shakespeare_text):
 
 
 def test_a_full_piece_cache_starts_afresh_with_the_same_ids(gpt2, oracle, shakespeare_text, monkeypatch):
-    monkeypatch.setattr(tokenizer, "_MAX_CACHE_BYTES", 20_000)
+    monkeypatch.setattr(bpe_tokenizer, "_MAX_CACHE_BYTES", 20_000)
     text = shakespeare_text[-30_000:]
     assert gpt2.encode(text) == oracle.encode_ordinary(text)
-    assert len(gpt2._cache) <= len(set(tokenizer._PATTERN.findall(text)))
+    assert len(gpt2._cache) <= len(set(pretokenize._PATTERN.findall(text)))
 
 
 @PROPERTY
@@ -246,7 +247,7 @@ def test_matches_tiktoken_on_tricky_text_in_both_modes(gpt2, oracle, text):
 def test_split_text_cuts_only_where_the_pieces_do_not_change(text, max_chars):
     chunks = split_text(text, max_chars)
     assert "".join(chunks) == text
-    assert [p for chunk in chunks for p in tokenizer._PATTERN.findall(chunk)] == tokenizer._PATTERN.findall(text)
+    assert [p for chunk in chunks for p in pretokenize._PATTERN.findall(chunk)] == pretokenize._PATTERN.findall(text)
 
 
 @PROPERTY
@@ -262,7 +263,7 @@ def test_fast_pattern_equals_gpt2s_released_pattern(text):
 @given(st.lists(st.sampled_from("ab "), min_size=1, max_size=300))
 def test_heap_merge_equals_scanning_merge(gpt2, chars):
     ids = [gpt2._byte_ids[b] for b in "".join(chars).encode()]
-    assert tokenizer._bpe_heap(ids, gpt2._ranks, gpt2._merged) == tokenizer._bpe_scan(ids, gpt2._ranks, gpt2._merged)
+    assert merges._bpe_heap(ids, gpt2._ranks, gpt2._merged) == merges._bpe_scan(ids, gpt2._ranks, gpt2._merged)
 
 
 def test_decode_of_a_split_character_gives_replacement_and_decode_bytes_is_exact(gpt2):
@@ -398,7 +399,7 @@ def test_training_worked_example_with_tie_break():
 
 def naive_merges(texts: list[str], n_merges: int) -> list[tuple[bytes, bytes]]:
     """Reference trainer: recount every pair from scratch each step (slow, obviously right)."""
-    words = Counter(p for t in texts for p in tokenizer._PATTERN.findall(t))
+    words = Counter(p for t in texts for p in pretokenize._PATTERN.findall(t))
     seqs = {tuple(bytes([b]) for b in w.encode()): c for w, c in words.items()}
     merges = []
     for _ in range(n_merges):
@@ -444,7 +445,7 @@ def test_training_is_deterministic_and_files_equal_texts(tmp_path):
     c = train_bpe(list(reversed(lines)), vocab_size=400)
     assert a.merges == b.merges
     assert Counter(count_pieces([text], [])) == Counter(count_pieces([], [path]))
-    assert "".join(tokenizer._read_blocks(path, False, block_bytes=7)) == text
+    assert "".join(training._read_blocks(path, False, block_bytes=7)) == text
     assert len(c.merges) == len(a.merges)
 
 
@@ -528,11 +529,12 @@ def test_load_tokenizer_specs(gpt2_home, trained, tmp_path, monkeypatch):
         load_tokenizer(tmp_path)
 
 
-def test_module_does_not_import_torch():
-    tree = ast.parse(Path(tokenizer.__file__).read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert not {name for name in imported if name.split(".")[0] == "torch"}
+def test_package_does_not_import_torch():
+    for path in Path(tokenizer.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {name for name in imported if name.split(".")[0] == "torch"}, path.name
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

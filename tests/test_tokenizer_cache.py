@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gpt2lab import tokenizer as tokenizer_module
+from gpt2lab.tokenizer import bpe_tokenizer as tokenizer_module
 from gpt2lab.tokenizer import Tokenizer
 
 
