@@ -27,7 +27,7 @@ def first_and_length(tokenizer, text: str) -> tuple[int | None, int]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tokenizer_pool_runs_jobs_in_order_and_streams_its_input(gpt2, workers):
-    texts = (f"document {k} " * (k % 7) for k in range(50))  # a generator: consumed as the workers need it
+    texts = (f"document {k} " * (k % 7) for k in range(50))  # a generator, as prepare() passes
     expected = [first_and_length(gpt2, f"document {k} " * (k % 7)) for k in range(50)]
     with tokenizer_pool(gpt2, workers) as imap:
         assert list(imap(first_and_length, texts, chunksize=3)) == expected

@@ -35,8 +35,8 @@ def tokenizer_pool(tokenizer: Any, workers: int) -> Iterator[IMap]:
     """Yield `imap(fn, items, chunksize=1)`, which runs `fn(tokenizer, item)` for each item and yields the results
     in order: in `workers` processes, or lazily in this one when `workers` is 1.
 
-    `fn` must be a module-level function (it is sent to the workers by name). Items are consumed as the workers
-    need them, so a stream of documents larger than memory can flow through.
+    `fn` must be a module-level function (it is sent to the workers by name). `items` may be a generator; results
+    are yielded as soon as they are ready, in the order of the items.
 
         >>> with tokenizer_pool(tok, 4) as imap:
         ...     ids = [a.tolist() for a in imap(encode_packed, texts)]
