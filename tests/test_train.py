@@ -18,12 +18,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from gpt2lab import quickstart as Q
 from gpt2lab import train as T
 from gpt2lab.checkpoint import load_model
 from gpt2lab.cli import main as cli_main
 from gpt2lab.config import GPTConfig, TrainConfig, load_train_config, parse_override, train_config_to_toml
-from gpt2lab.data import prepare
+from gpt2lab.data import TokenData, prepare
+from gpt2lab.model import GPT
 from gpt2lab.tokenizer import load_tokenizer
+from gpt2lab.train import checkpoints, loop, run_log
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
@@ -85,7 +88,7 @@ def test_config_file_overrides_and_errors(tmp_path):
 def test_shipped_configs_load_and_quickstart_matches_its_file():
     for name in ("quickstart", "shakespeare_char", "gpt2_124m"):
         load_train_config(REPO / "configs" / f"{name}.toml")
-    assert load_train_config(REPO / "configs" / "quickstart.toml") == T.QUICKSTART
+    assert load_train_config(REPO / "configs" / "quickstart.toml") == Q.QUICKSTART
     big = load_train_config(REPO / "configs" / "gpt2_124m.toml")
     assert big.batch_size * big.seq_len * big.grad_accum * 8 == 524_288
 
@@ -112,7 +115,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_min_lr():
 
 
 def test_weight_decay_only_on_matrices_and_each_tensor_once():
-    model = T.GPT(GPTConfig(vocab_size=50, n_ctx=8, n_layer=2, n_head=2, n_embd=8))
+    model = GPT(GPTConfig(vocab_size=50, n_ctx=8, n_layer=2, n_head=2, n_embd=8))
     decay, no_decay = T.parameter_groups(model, 0.1)
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -192,7 +195,7 @@ def test_a_fresh_run_does_not_overwrite_and_resume_needs_a_checkpoint(char_data,
 
 def test_an_error_while_writing_a_checkpoint_keeps_the_previous_one(char_data, tmp_path, monkeypatch):
     cfg = tiny_run(char_data, tmp_path / "run", max_steps=6, eval_interval=100, checkpoint_interval=2)
-    real_save = T.save_file
+    real_save = checkpoints.save_file
     calls = []
 
     def failing_save(tensors, path, metadata=None):
@@ -202,7 +205,7 @@ def test_an_error_while_writing_a_checkpoint_keeps_the_previous_one(char_data, t
             raise OSError("No space left on device")
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(T, "save_file", failing_save)
+    monkeypatch.setattr(checkpoints, "save_file", failing_save)
     with pytest.raises(OSError, match="No space left"):
         T.train(cfg, progress=False)
     state, _, tensors = T.read_training_state(tmp_path / "run" / "last")
@@ -214,10 +217,11 @@ def test_an_error_while_writing_a_checkpoint_keeps_the_previous_one(char_data, t
 KILL_SCRIPT = """
 import sys, time
 import gpt2lab.train as T
+import gpt2lab.train.checkpoints as checkpoints
 from gpt2lab.config import load_train_config
 
 calls = []
-real = T.write_model_files
+real = checkpoints.write_model_files
 
 def write_then_hang(model, directory):
     calls.append(directory)
@@ -226,7 +230,7 @@ def write_then_hang(model, directory):
         open(sys.argv[2], "w").close()
         time.sleep(120)
 
-T.write_model_files = write_then_hang
+checkpoints.write_model_files = write_then_hang
 T.train(load_train_config(sys.argv[1]), progress=False)
 """
 
@@ -295,7 +299,7 @@ def test_two_processes_equal_one_process_with_gradient_accumulation(char_data, t
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
     torch.manual_seed(ddp.seed)
-    init = T.GPT(dataclasses.replace(ddp.model, vocab_size=load_model(tmp_path / "ddp" / "last").config.vocab_size))
+    init = GPT(dataclasses.replace(ddp.model, vocab_size=load_model(tmp_path / "ddp" / "last").config.vocab_size))
     assert not torch.equal(init.wte.weight, a["transformer.wte.weight"])  # the step did change the weights
     state = json.loads((tmp_path / "ddp" / "last" / "training_state.json").read_text())["state"]
     assert state["micro_batches"] == 4 and state["tokens"] == 2 * 2 * 4 * 16
@@ -376,7 +380,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 
 
 def test_nonfinite_weights_are_never_checkpointed(char_data, tmp_path, monkeypatch):
-    real_step, calls = T._optimizer_step, []
+    real_step, calls = loop.optimizer_step, []
 
     def poisoning_step(step_model, model, *args):
         calls.append(1)
@@ -387,7 +391,7 @@ def test_nonfinite_weights_are_never_checkpointed(char_data, tmp_path, monkeypat
         return loss
 
     cfg = tiny_run(char_data, tmp_path / "run", max_steps=4, eval_interval=100, checkpoint_interval=2)
-    monkeypatch.setattr(T, "_optimizer_step", poisoning_step)
+    monkeypatch.setattr(loop, "optimizer_step", poisoning_step)
     with pytest.raises(ValueError, match=r"step 2: the weights hold inf or NaN \(ln_f.weight\)"):
         T.train(cfg, progress=False)
     assert not (tmp_path / "run" / "last").exists()
@@ -395,7 +399,7 @@ def test_nonfinite_weights_are_never_checkpointed(char_data, tmp_path, monkeypat
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(char_data, tmp_path, monkeypatch):
     straight = T.train(tiny_run(char_data, tmp_path / "straight", max_steps=6, eval_interval=100), progress=False)
-    real_step, calls = T._optimizer_step, []
+    real_step, calls = loop.optimizer_step, []
 
     def step_then_interrupt(*args):
         calls.append(1)
@@ -405,12 +409,12 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(char_data, tmp_path, mon
         return loss
 
     cfg = tiny_run(char_data, tmp_path / "run", max_steps=6, eval_interval=100)
-    monkeypatch.setattr(T, "_optimizer_step", step_then_interrupt)
+    monkeypatch.setattr(loop, "optimizer_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt, match="SIGINT: stopped at step 3; checkpoint .*last") as stopped:
         T.train(cfg, progress=False)
     state, _, _ = T.read_training_state(tmp_path / "run" / "last")
     assert state.step == 3 and stopped.value.checkpoint == tmp_path / "run" / "last"
-    monkeypatch.setattr(T, "_optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     resumed = T.train(cfg, resume=True, progress=False)
     assert resumed.state.step == 6 and resumed.losses == pytest.approx(straight.losses[3:], abs=0)
 
@@ -445,7 +449,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
                                                                                         capsys, error):
     cfg = tiny_run(char_data, tmp_path / "run", max_steps=6, eval_interval=100, checkpoint_interval=2)
     (tmp_path / "run.toml").write_text(train_config_to_toml(cfg))
-    real_save, calls = T.save_file, []
+    real_save, calls = checkpoints.save_file, []
 
     def full_disk(tensors, path, metadata=None):
         calls.append(path)
@@ -453,7 +457,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
             raise error
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(T, "save_file", full_disk)
+    monkeypatch.setattr(checkpoints, "save_file", full_disk)
     assert cli_main(["train", "--config", str(tmp_path / "run.toml"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "No space left on device" in err
@@ -507,7 +511,7 @@ def test_a_full_disk_while_logging_is_one_line(char_data, tmp_path, monkeypatch,
             raise OSError(28, "No space left on device")
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(T, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(run_log, "open", full_disk_open, raising=False)
     assert cli_main(["train", "--config", str(tmp_path / "run.toml"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"could not append to {tmp_path / 'run' / 'log.jsonl'}" in err
@@ -517,15 +521,15 @@ def test_a_full_disk_while_logging_is_one_line(char_data, tmp_path, monkeypatch,
 def test_ensure_prepared_redoes_a_damaged_preparation_of_its_own_and_refuses_another(tmp_path):
     source = tmp_path / "text.txt"
     source.write_text("to be or not to be, that is the question. " * 200)
-    data = T.ensure_prepared(str(source), "char", tmp_path / "data", progress=False)
+    data = Q.ensure_prepared(str(source), "char", tmp_path / "data", progress=False)
     shard = next(data.glob("train_*.bin"))
     shard.write_bytes(shard.read_bytes()[:-8])  # a damaged shard of the same preparation
-    T.ensure_prepared(str(source), "char", data, progress=False)  # prepared again, not refused
-    T.TokenData(data)  # whole again
+    Q.ensure_prepared(str(source), "char", data, progress=False)  # prepared again, not refused
+    TokenData(data)  # whole again
     other = tmp_path / "other.txt"
     other.write_text("a different corpus " * 200)
     with pytest.raises(FileExistsError, match="overwrite"):  # another preparation is not replaced silently
-        T.ensure_prepared(str(other), "char", data, progress=False)
+        Q.ensure_prepared(str(other), "char", data, progress=False)
     from gpt2lab.data import read_meta
 
     assert read_meta(data)["source"] == str(source)
