@@ -1,7 +1,4 @@
-"""Model FLOPs utilization (MFU): the FLOPs a training token costs and the FLOP/s the hardware can do at most.
-
-docs/training.md explains the numbers.
-"""
+"""Model FLOPs utilization (MFU): the FLOPs a training token costs and the FLOP/s the hardware can do at most."""
 
 from __future__ import annotations
 
@@ -53,6 +50,7 @@ def peak_flops(device: torch.device, dtype: str, threads: int | None = None) -> 
 
 
 def _cpu_flags_and_mhz() -> tuple[set[str], float]:
+    """The CPU's feature flags and clock from /proc/cpuinfo (none and 2 GHz where there is no such file)."""
     flags: set[str] = set()
     mhz = 2000.0
     with contextlib.suppress(OSError):

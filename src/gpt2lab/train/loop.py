@@ -173,7 +173,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     with StopSignals() as signals, contextlib.closing(bar):
         while state.step < config.max_steps:
             stop = stop_code(bool(budget_s) and runtime.is_main and elapsed() >= budget_s,
-                              signals.received is not None, runtime)
+                             signals.received is not None, runtime)
             if stop == SIGNALLED:
                 raise interrupted(signals.received or signal.SIGTERM)  # another process may have had the signal
             if stop == TIME_UP:

@@ -41,7 +41,7 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 
 
 def optimizer_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer, data: TokenData,
-                    config: TrainConfig, runtime: Runtime, first_micro_batch: int) -> float:
+                   config: TrainConfig, runtime: Runtime, first_micro_batch: int) -> float:
     """One optimizer step over grad_accum micro-batches; returns the mean loss (over all processes' batches)."""
     total = torch.zeros((), dtype=torch.float32)
     for a in range(config.grad_accum):
