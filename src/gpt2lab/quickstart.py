@@ -99,6 +99,7 @@ def quickstart(minutes: float = QUICKSTART.max_minutes, out_dir: str = QUICKSTAR
     echo(f"[3/3] samples from {best} (temperature 0.8, top-k 40):")
     for text in texts:
         echo("-" * 60 + "\n" + text)
+    run = Path(out_dir)
     echo("-" * 60 + f"\nmodel directory: {best} (loads with GPT.from_pretrained or transformers' GPT2LMHeadModel)\n"
-         f"log: {Path(out_dir) / LOG_FILE}, loss curve: {Path(out_dir) / PLOT_FILE}, config: {Path(out_dir) / CONFIG_FILE}")
+         f"log: {run / LOG_FILE}, loss curve: {run / PLOT_FILE}, config: {run / CONFIG_FILE}")
     return result, texts

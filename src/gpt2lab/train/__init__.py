@@ -67,8 +67,8 @@ _MOVED_TO_QUICKSTART = {"QUICKSTART", "QUICKSTART_SOURCE", "QUICKSTART_TOKENIZER
 
 
 def __getattr__(name: str) -> object:
-    # The quickstart's names moved up a layer; importing them from here would be an upward import, so say where they went.
+    # The quickstart's names moved up a layer; re-exporting them here would be an upward import, so say where they are.
     if name in _MOVED_TO_QUICKSTART:
-        raise AttributeError(f"gpt2lab.train.{name} moved to gpt2lab.quickstart.{name} (the quickstart trains and then "
-                          f"samples, so it is not part of the training job); use: from gpt2lab.quickstart import {name}")
+        raise AttributeError(f"gpt2lab.train.{name} moved to gpt2lab.quickstart (the quickstart trains and then "
+                             f"samples, so it is not part of the training job): from gpt2lab.quickstart import {name}")
     raise AttributeError(f"module 'gpt2lab.train' has no attribute {name!r}")

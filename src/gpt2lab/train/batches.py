@@ -21,7 +21,8 @@ def batch_seed(seed: int, index: int, stream: str = "train") -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def get_batch(data: TokenData, split: str, index: int, config: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(data: TokenData, split: str, index: int, config: TrainConfig,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Micro-batch number `index` of a split: (x, y), each (B, T), on `device`."""
     generator = torch.Generator().manual_seed(batch_seed(config.seed, index, split))
     x, y = data.batch(split, config.batch_size, config.seq_len, generator)

@@ -50,7 +50,8 @@ class RunState:
     last_train_loss: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in dataclasses.asdict(self).items()}
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunState":
@@ -129,7 +130,8 @@ def read_state_file(directory: Path) -> dict[str, Any]:
     """The parsed training_state.json of a checkpoint; refuses a missing, foreign or broken file."""
     path = directory / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {STATE_FILE}; not a training checkpoint (a `last/` directory of a run)")
+        raise FileNotFoundError(f"{directory}: no {STATE_FILE}; not a training checkpoint "
+                                "(a `last/` directory of a run)")
     return read_versioned_json(path, STATE_FORMAT, STATE_VERSION)
 
 

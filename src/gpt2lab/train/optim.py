@@ -74,7 +74,8 @@ def load_optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimi
             continue
         name, _, slot = key.removeprefix("optim.").rpartition(".")
         if name not in params:
-            raise ValueError(f"{source}: optimizer state for unknown parameter {name!r}; was it saved from another model?")
+            raise ValueError(f"{source}: optimizer state for unknown parameter {name!r}; "
+                             "was it saved from another model?")
         if slot != "step" and value.shape != params[name].shape:
             raise ValueError(f"{source}: optimizer state {key} has shape {tuple(value.shape)}, the parameter has "
                              f"{tuple(params[name].shape)}")
