@@ -354,7 +354,8 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quickstart(args: argparse.Namespace) -> None:
-    from gpt2lab.train import QUICKSTART, TrainingInterrupted, quickstart
+    from gpt2lab.quickstart import QUICKSTART, quickstart
+    from gpt2lab.train import TrainingInterrupted
 
     minutes = QUICKSTART.max_minutes if args.minutes is None else args.minutes
     if not minutes > 0:

@@ -1,0 +1,34 @@
+"""The run directory (train/run_dir.py): a fresh run does not overwrite; a run resumes from its checkpoint alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import tiny_run
+from gpt2lab import train as T
+from gpt2lab.cli import main as cli_main
+from gpt2lab.config import TrainConfig
+
+
+def test_a_fresh_run_does_not_overwrite_and_resume_needs_a_checkpoint(char_data, tmp_path):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=2)
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint in"):
+        T.train(cfg, resume=True, progress=False)
+    T.train(cfg, progress=False)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        T.train(cfg, progress=False)
+    assert T.train(cfg, overwrite=True, progress=False).state.step == 2
+
+
+def test_resume_without_config_toml_uses_the_checkpoints_config(char_data, tmp_path):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=2)
+    T.train(cfg, progress=False)
+    (tmp_path / "run" / "config.toml").unlink()
+    assert cli_main(["train", "--resume", str(tmp_path / "run"), "--set", "max_steps=3", "--no-progress"]) == 0
+    state, saved, _ = T.read_training_state(tmp_path / "run" / "last")
+    assert state.step == 3
+    assert TrainConfig.from_dict(saved) == dataclasses.replace(cfg, max_steps=3)  # the whole run config is kept
+    with pytest.raises(FileNotFoundError, match="neither config.toml nor a checkpoint"):
+        T.load_run_config(tmp_path / "elsewhere")
