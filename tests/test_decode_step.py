@@ -12,7 +12,9 @@ import torch
 
 from gpt2lab import GPT
 from gpt2lab.decode_step import DecodeStep
-from gpt2lab.generate import Decoder, KVCache, generate, prepare_for_inference
+from gpt2lab.generate import Decoder, generate
+from gpt2lab.inference import prepare_for_inference
+from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import Block
 
 from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_generate

@@ -289,7 +289,9 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def _run_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from gpt2lab.generate import SamplingParams, load_for_inference, stream_text
+    from gpt2lab.generate import stream_text
+    from gpt2lab.inference import load_for_inference
+    from gpt2lab.sampling import SamplingParams
 
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}
@@ -338,7 +340,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from gpt2lab.data import read_text_source
     from gpt2lab.evaluate import evaluate_text
-    from gpt2lab.generate import load_for_inference
+    from gpt2lab.inference import load_for_inference
 
     if args.stride is not None and args.stride < 1:
         raise ValueError(f"--stride must be >= 1, got {args.stride}")
@@ -368,7 +370,7 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 def _run_attention(args: argparse.Namespace) -> None:
     import torch
 
-    from gpt2lab.generate import load_for_inference
+    from gpt2lab.inference import load_for_inference
     from gpt2lab.visualize import attention_weights, plot_attention, token_labels
 
     model, tokenizer = load_for_inference(args.model, "fp32", args.tokenizer)

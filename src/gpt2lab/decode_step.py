@@ -21,16 +21,13 @@ from the stock blocks with fused attention and no hooks (`DecodeStep.applies`). 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from gpt2lab.model import MLP, Block, CausalSelfAttention
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gpt2lab.generate import KVCache
-    from gpt2lab.model import GPT
+from gpt2lab.kv_cache import KVCache
+from gpt2lab.model import GPT, MLP, Block, CausalSelfAttention
 
 
 class DecodeStep:
@@ -43,7 +40,7 @@ class DecodeStep:
     Returns (B, V) logits and advances the cache by one position, as the model's forward does.
     """
 
-    def __init__(self, model: "GPT") -> None:
+    def __init__(self, model: GPT) -> None:
         cfg = model.config
         self.model = model
         self.n_embd, self.n_head, self.eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_eps
@@ -57,7 +54,7 @@ class DecodeStep:
         self.positions = model.wpe.weight  # (n_ctx, C): the learned table, or the sinusoids' buffer
 
     @staticmethod
-    def applies(model: "GPT") -> bool:
+    def applies(model: GPT) -> bool:
         """Whether the flat step computes what the modules would: eval mode, stock blocks, fused attention, no hooks
         (a hook would be skipped) and no dropout."""
         module = torch.nn.modules.module  # hooks registered for every module (register_module_forward_hook)
@@ -71,7 +68,7 @@ class DecodeStep:
         return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, cache: "KVCache", positions: Optional[torch.Tensor] = None,
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, positions: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, C, H = tokens.size(0), self.n_embd, self.n_head
         D = C // H
