@@ -195,60 +195,6 @@ def _seen_from_prompts(idx: torch.Tensor, mask: torch.Tensor | None, vocab_size:
     return counts > 0
 
 
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-             eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Extend each row of `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + max_new_tokens), prompt first.
-
-    `temperature=0` is greedy decoding; otherwise tokens are sampled (see `SamplingParams`), reproducibly when a
-    seeded `generator` is given. A batch of prompts of different lengths is left-padded with an `attention_mask`
-    (B, T) of 1 for real tokens and 0 for padding. A row that produces `eos_token_id` stops there; its remaining
-    columns are filled with `eos_token_id`. The prompt is encoded once; each new token costs one cached step.
-
-    >>> out = generate(model, torch.tensor([[50256]]), 5, temperature=0)  # doctest: +SKIP
-    """
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    _check_count("max_new_tokens", max_new_tokens)
-    V = model.config.vocab_size
-    eos_token_id = _check_token("eos_token_id", eos_token_id, V)
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
-        raise ValueError(f"idx must be a (B, T) tensor of token ids with T >= 1, got {getattr(idx, 'shape', idx)!r}")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(idx.shape):
-        raise ValueError(f"attention_mask must have the shape of idx {tuple(idx.shape)}, got {tuple(attention_mask.shape)}")
-    B, T = idx.shape
-    idx = idx.to(device=model.ln_f.weight.device, dtype=torch.long)
-    out = torch.full((B, T + max_new_tokens), eos_token_id if eos_token_id is not None else 0, dtype=torch.long,
-                     device=idx.device)
-    out[:, :T] = idx
-    if max_new_tokens == 0:
-        return out
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(idx.device).long()
-    with _EvalMode(model):
-        decoder = Decoder(model, idx, attention_mask, max_new_tokens)
-        seen = _seen_from_prompts(idx, attention_mask, V) if params.repetition_penalty not in (None, 1.0) else None
-        logits = decoder.prefill()  # (B, V)
-        for i in range(max_new_tokens):
-            tokens = choose_tokens(logits, params, seen, generator)  # (B_active,)
-            out[decoder.rows, T + i] = tokens
-            if i == max_new_tokens - 1:
-                break
-            if seen is not None:
-                seen[torch.arange(tokens.numel(), device=tokens.device), tokens] = True
-            if eos_token_id is not None:
-                running = tokens != eos_token_id
-                if not bool(running.all()):
-                    keep = running.nonzero().squeeze(1)
-                    if keep.numel() == 0:
-                        break
-                    decoder.retire(keep)
-                    tokens = tokens[keep]
-                    seen = seen[keep] if seen is not None else None
-            logits = decoder.step(tokens)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- event stream
 @dataclass(frozen=True)
 class TokenEvent:
@@ -277,7 +223,7 @@ def _check_sampling(value: Any) -> SamplingParams:
 
 def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ragged prompts -> (B, T) ids left-padded with 0, and a (B, T) mask (None when all lengths agree)."""
-    T = max(len(p) for p in prompts)
+    T = max((len(p) for p in prompts), default=0)
     idx = torch.zeros(len(prompts), T, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -318,7 +264,7 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
     step; True ends that row without another event (e.g. its client went away). Finished rows leave the batch, so
     they cost nothing afterwards. Log-probabilities are log-softmax of the raw logits, before any sampling filter.
 
-    The generator does its work lazily: nothing runs until the first `next()`.
+    Nothing is decoded until the first `next()`; `generate` runs the same loop.
     """
     n = len(prompts)
     V = model.config.vocab_size
@@ -333,17 +279,19 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
         bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]!r} outside [0, {V})")
-    return _decode_events(model, prompts, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop)
+    idx, mask = _left_pad(prompts, model.ln_f.weight.device)
+    return _decode_events(model, idx, mask, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop)
 
 
-def _decode_events(model: GPT, prompts: list[list[int]], limits: list[int], params: list[SamplingParams],
-                   gens: list, eos_token_id: int | None, top_logprobs: int,
+def _decode_events(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits: list[int],
+                   params: list[SamplingParams], gens: list, eos_token_id: int | None, top_logprobs: int,
                    should_stop: Callable[[int], bool] | None) -> Iterator[list[Optional[TokenEvent]]]:
-    n = len(prompts)
+    """The decode loop behind `decode_steps` and `generate`: idx (B, T) left-padded token ids, mask (B, T) 1 for real
+    tokens (None: no padding), and per-row limits, settings and generators, already checked."""
+    n = idx.size(0)
     if n == 0 or max(limits) == 0:
         return
     V = model.config.vocab_size
-    idx, mask = _left_pad(prompts, model.ln_f.weight.device)
     needs_seen = any(p.repetition_penalty not in (None, 1.0) for p in params)
     # No grad-mode context is held across `yield` (grad mode is per thread and the consumer runs between steps):
     # the decoder's own methods run under no_grad, and only eval mode is kept until the generator ends.
@@ -401,6 +349,50 @@ def _decode_events(model: GPT, prompts: list[list[int]], limits: list[int], para
             logits = decoder.step(tokens)
     finally:
         model.train(was_training)
+
+
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             eos_token_id: int | None = None, generator: torch.Generator | None = None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Extend each row of `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + max_new_tokens), prompt first.
+
+    `temperature=0` is greedy decoding; otherwise tokens are sampled (see `SamplingParams`), reproducibly when a
+    seeded `generator` is given. A batch of prompts of different lengths is left-padded with an `attention_mask`
+    (B, T) of 1 for real tokens and 0 for padding. A row that produces `eos_token_id` stops there; its remaining
+    columns are filled with `eos_token_id`. The prompt is encoded once; each new token costs one cached step.
+    The tokens come from the decode loop that `decode_steps` runs for the CLI and the server.
+
+    >>> out = generate(model, torch.tensor([[50256]]), 5, temperature=0)  # doctest: +SKIP
+    """
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    _check_count("max_new_tokens", max_new_tokens)
+    eos_token_id = _check_token("eos_token_id", eos_token_id, model.config.vocab_size)
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"idx must be a (B, T) tensor of token ids with T >= 1, got {getattr(idx, 'shape', idx)!r}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(idx.shape):
+        raise ValueError(f"attention_mask must have the shape of idx {tuple(idx.shape)}, got {tuple(attention_mask.shape)}")
+    B, T = idx.shape
+    idx = idx.to(device=model.ln_f.weight.device, dtype=torch.long)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(idx.device).long()
+    new: list[list[int]] = [[] for _ in range(B)]  # each row's tokens, up to and including its end-of-text
+    steps = _decode_events(model, idx, attention_mask, [max_new_tokens] * B, [params] * B, [generator] * B,
+                           eos_token_id, 0, None)
+    try:
+        for events in steps:
+            for row, event in enumerate(events):
+                if event is not None:
+                    new[row].append(event.token)
+    finally:
+        steps.close()  # restores the model's training mode at once, even on an error
+    out = torch.full((B, T + max_new_tokens), eos_token_id if eos_token_id is not None else 0, dtype=torch.long,
+                     device=idx.device)  # (B, T + N): a finished row's remaining columns hold end-of-text
+    out[:, :T] = idx
+    for row, tokens in enumerate(new):
+        if tokens:
+            out[row, T:T + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return out
 
 
 def prompt_logprobs(model: GPT, ids: Sequence[int], top_logprobs: int = 0) -> list[Optional[TokenEvent]]:
