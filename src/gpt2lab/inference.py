@@ -49,10 +49,14 @@ def load_tokenizer_for(directory: str, vocab_size: int, tokenizer: str | None = 
         return load_tokenizer("gpt2")
 
 
-def load_for_inference(model: str, dtype: str = "fp32", tokenizer: str | None = None) -> tuple[GPT, Any]:
-    """Load a model directory or hub name in an inference precision, with its tokenizer (see `load_tokenizer_for`)."""
+def load_for_inference(model: str, dtype: str = "fp32", tokenizer: str | None = None,
+                       model_class: type[GPT] = GPT) -> tuple[GPT, Any]:
+    """Load a model directory or hub name in an inference precision, with its tokenizer (see `load_tokenizer_for`).
+
+    The network comes back as `model_class` (the bare `gpt2lab.model.GPT` by default; pass `gpt2lab.GPT` for its
+    `.generate` and `.save_pretrained` methods)."""
     if dtype not in INFERENCE_DTYPES:  # before any loading or download
         raise ValueError(f"unknown inference dtype {dtype!r}; choose one of: {', '.join(INFERENCE_DTYPES)}")
     directory = resolve_model_dir(model)
-    network = prepare_for_inference(load_model(directory), dtype)
+    network = prepare_for_inference(load_model(directory, model_class=model_class), dtype)
     return network, load_tokenizer_for(str(directory), network.config.vocab_size, tokenizer)

@@ -44,6 +44,7 @@ from gpt2lab.config import GPTConfig, TrainConfig, train_config_to_toml
 from gpt2lab.data import TokenData
 from gpt2lab.download import read_versioned_json, write_file_atomic
 from gpt2lab.files import OutputKind, claim_directory, remove_abandoned
+from gpt2lab.generate import generate
 from gpt2lab.model import GPT
 
 STATE_FILE = "training_state.json"
@@ -712,8 +713,8 @@ def sample_texts(model: GPT, tokenizer: Any, prompts: list[str], max_new_tokens:
     out = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=model.device)  # (1, T)
-        new = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k,  # slides past n_ctx
-                             eos_token_id=tokenizer.eot_token, generator=generator)  # (1, T + N)
+        new = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,  # slides past n_ctx
+                       eos_token_id=tokenizer.eot_token, generator=generator)  # (1, T + N)
         tokens = [t for t in new[0].tolist() if t != tokenizer.eot_token]
         out.append(tokenizer.decode(tokens))
     return out
