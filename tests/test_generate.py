@@ -24,7 +24,7 @@ from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLine
                               TransposedLinear,
                               quantize_per_channel)
 
-from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_decode_step
+from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_fast_step
 
 
 def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int, keep: int | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 The pieces, from the bottom up (the cache, sampling and text assembly live in kv_cache.py, sampling.py and text.py):
 
 - `Decoder`: the state of one batched decode (token buffer, padding mask, positions, KV cache, the sliding window);
-  its steps run through `gpt2lab.decode_step.DecodeStep`, the same step written flat, wherever that is exact.
+  its steps run through `gpt2lab.fast_step.FlatStep`, the same step written flat, wherever that is exact.
 - `decode_steps`: THE decode loop. One event per row per step: the token, log-probabilities, stop reasons, per-row
   settings. The CLI, the server and `generate` all consume it.
 - `generate`: tensor in, tensor out, as `transformers`' `generate` (`gpt2lab.GPT.generate` calls it).
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from gpt2lab.decode_step import DecodeStep
+from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
 from gpt2lab.sampling import SamplingParams, choose_tokens
@@ -84,7 +84,7 @@ class Decoder:
         self.cache = KVCache.for_model(model, B, max_length=min(n_ctx, capacity))
         self.padded = False
         self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) position of the next token
-        self.fast_step = DecodeStep(model) if DecodeStep.applies(model) else None  # the flat step, where exact
+        self.fast_step = FlatStep(model) if FlatStep.applies(model) else None  # the flat step, where exact
 
     @property
     def batch_size(self) -> int:
@@ -280,12 +280,12 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]!r} outside [0, {V})")
     idx, mask = _left_pad(prompts, model.ln_f.weight.device)
-    return _decode_events(model, idx, mask, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop)
+    return _run_decode(model, idx, mask, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop)
 
 
-def _decode_events(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits: list[int],
-                   params: list[SamplingParams], gens: list, eos_token_id: int | None, top_logprobs: int,
-                   should_stop: Callable[[int], bool] | None) -> Iterator[list[Optional[TokenEvent]]]:
+def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits: list[int],
+                params: list[SamplingParams], gens: list, eos_token_id: int | None, top_logprobs: int,
+                should_stop: Callable[[int], bool] | None) -> Iterator[list[Optional[TokenEvent]]]:
     """The decode loop behind `decode_steps` and `generate`: idx (B, T) left-padded token ids, mask (B, T) 1 for real
     tokens (None: no padding), and per-row limits, settings and generators, already checked."""
     n = idx.size(0)
@@ -377,8 +377,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     if attention_mask is not None:
         attention_mask = attention_mask.to(idx.device).long()
     new: list[list[int]] = [[] for _ in range(B)]  # each row's tokens, up to and including its end-of-text
-    steps = _decode_events(model, idx, attention_mask, [max_new_tokens] * B, [params] * B, [generator] * B,
-                           eos_token_id, 0, None)
+    steps = _run_decode(model, idx, attention_mask, [max_new_tokens] * B, [params] * B, [generator] * B,
+                        eos_token_id, 0, None)
     try:
         for events in steps:
             for row, event in enumerate(events):

@@ -7,7 +7,7 @@ would make a step cost as much as the whole prefix. The cache keeps them instead
     prefill:  tokens (B, T) ─► model ─► logits of the last position (B, V); cache holds K, V for T positions
     step:     token  (B, 1) ─► model ─► logits (B, V);                      cache grows by one position
 
-The model only needs `length`, `update` and `advance` (its `KVCacheLike`); the flat decode step in decode_step.py also
+The model only needs `length`, `update` and `advance` (its `KVCacheLike`); the flat decode step in fast_step.py also
 writes the buffers `k` and `v` directly.
 """
 
