@@ -188,8 +188,8 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     This is exact in distribution: index i is chosen when u lands in [cdf[i-1], cdf[i]), an interval as wide as its
     probability, so zero-probability tokens are never chosen. The cumulative sum runs in float64 and the target is
     scaled by its own last value, so float rounding in the probabilities cannot push the target past the end (the
-    index is clamped all the same). It costs a cumulative sum and a binary search per row; `torch.multinomial` over
-    GPT-2's 50,257 tokens costs 7 (batch 1) to 15 (batch 16) times as much on CPU (benchmarks/sampling.py).
+    index is clamped all the same). It costs a cumulative sum and a binary search per row, several times less than
+    `torch.multinomial` over GPT-2's vocabulary on CPU (docs/benchmarks.md, benchmarks/sampling.py).
 
     >>> probs = torch.tensor([[0.5, 0.0, 0.5], [0.5, 0.0, 0.5]])
     >>> sample_inverse_cdf(probs, torch.tensor([0.25, 0.75], dtype=torch.float64))
