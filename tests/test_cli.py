@@ -43,3 +43,117 @@ def test_console_script_error_exit_code():
 def test_tokenizer_import_does_not_load_torch():
     code = "import sys, gpt2lab.tokenizer; from gpt2lab import Tokenizer; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------ bad values fail at parsing
+def usage_error(argv: list[str], capsys) -> str:
+    """Run `gpt2lab argv`, expect argparse to refuse it, and return its one stderr line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "usage:" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv,flag,allowed", [
+    (["info", "tiny", "--threads", "0"], "--threads", "1..1024"),
+    (["info", "tiny", "--threads", "99999999999999999999"], "--threads", "1..1024"),
+    (["info", "tiny", "--seq-len", "0"], "--seq-len", ">= 1"),
+    (["info", ""], "model", "must not be empty"),
+    (["generate", "--threads", "0"], "--threads", "1..1024"),
+    (["generate", "--threads", "-3"], "--threads", "1..1024"),
+    (["generate", "--seed", "99999999999999999999"], "--seed", "0..18446744073709551615"),
+    (["generate", "--seed", "-1"], "--seed", "0..18446744073709551615"),
+    (["generate", "--temperature=-1e-300"], "--temperature", "a finite number >= 0"),
+    (["generate", "--temperature", "nan"], "--temperature", "a finite number >= 0"),
+    (["generate", "--temperature=-inf"], "--temperature", "a finite number >= 0"),
+    (["generate", "--top-p", "0"], "--top-p", "(0, 1]"),
+    (["generate", "--top-p", "inf"], "--top-p", "(0, 1]"),
+    (["generate", "--top-p", ""], "--top-p", "(0, 1]"),
+    (["generate", "--top-k", "0"], "--top-k", ">= 1"),
+    (["generate", "--repetition-penalty", "1e-300"], "--repetition-penalty", ">= 0.01"),
+    (["generate", "--max-new-tokens", "99999999999999999999"], "--max-new-tokens", "0..1000000"),
+    (["generate", "--max-new-tokens", "-1"], "--max-new-tokens", "0..1000000"),
+    (["generate", "--num-samples", "0"], "--num-samples", ">= 1"),
+    (["generate", "--stop", ""], "--stop", "must not be empty"),
+    (["generate", "--model", ""], "--model", "must not be empty"),
+    (["generate", "--prompt-file", ""], "--prompt-file", "must not be empty"),
+    (["eval", "--data", "x.txt", "--context", "0"], "--context", ">= 2"),
+    (["eval", "--data", "x.txt", "--stride", "0"], "--stride", ">= 1"),
+    (["eval", "--data", "x.txt", "--batch-size", "0"], "--batch-size", ">= 1"),
+    (["eval", "--data", "x.txt", "--threads", "0"], "--threads", "1..1024"),
+    (["eval", "--data", ""], "--data", "must not be empty"),
+    (["eval", "--data", "x.jsonl", "--text-field", ""], "--text-field", "must not be empty"),
+    (["tokenize", "hi", "--tokenizer", ""], "--tokenizer", "must not be empty"),
+    (["train-tokenizer", "--input", "a.txt", "--vocab-size", "0", "--out", "t"], "--vocab-size", ">= 1"),
+    (["train-tokenizer", "--input", "a.txt", "--vocab-size", "300", "--out", ""], "--out", "must not be empty"),
+    (["prepare", "", "--out", "d"], "source", "must not be empty"),
+    (["prepare", "a.txt", "--out", ""], "--out", "must not be empty"),
+    (["prepare", "a.txt", "--val-fraction", "nan"], "--val-fraction", "[0, 1]"),
+    (["prepare", "a.txt", "--workers", "99999999999999999999"], "--workers", "0..1024"),
+    (["attention", "--prompt", "a", "--out", "a.png", "--layer", "-1"], "--layer", ">= 0"),
+    (["attention", "--prompt", "a", "--out", ""], "--out", "must not be empty"),
+    (["nope"], "COMMAND", "choose from"),
+    ([], "COMMAND", "required"),
+])
+def test_bad_values_are_one_line_naming_the_flag(argv, flag, allowed, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, least of all into the current directory
+    err = usage_error(argv, capsys)
+    assert err.startswith("gpt2lab") and flag in err and allowed in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_is_the_package_version(capsys):
+    import tomllib
+    from pathlib import Path
+
+    import gpt2lab
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"gpt2lab {gpt2lab.__version__}\n"
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["project"]["version"] == gpt2lab.__version__
+
+
+def test_info_help_lists_the_real_presets():
+    from gpt2lab.cli import build_parser
+    from gpt2lab.config import PRESETS
+
+    info = build_parser()._subparsers._group_actions[0].choices["info"]
+    text = info.format_help()
+    assert all(name in text for name in PRESETS) and "gpt2-tiny" not in text
+
+
+@pytest.fixture
+def char_model_dir(tmp_path):
+    """A tiny model saved with its 30-id character tokenizer."""
+    import torch
+
+    from gpt2lab import GPT, GPTConfig
+    from gpt2lab.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .\n"))
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=2, n_head=2, n_embd=16)).save_pretrained(
+        tmp_path / "m", tokenizer=tok)
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hello", "--max-new-tokens", "2"],
+                                     ["attention", "--prompt", "hello", "--out", "attention.png"],
+                                     ["eval", "--data", "data.txt"]])
+def test_a_tokenizer_larger_than_the_model_is_refused_in_one_line(command, char_model_dir, capsys, monkeypatch,
+                                                                  tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("hello world\n" * 4, encoding="utf-8")
+    assert main([*command, "--model", str(char_model_dir), "--tokenizer", "gpt2"]) == 1
+    err = capsys.readouterr().err
+    assert "the tokenizer has 50257 ids but the model" in err and "only 30" in err and err.count("\n") == 1
+    assert not (tmp_path / "attention.png").exists()
+
+
+def test_console_script_usage_error_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "gpt2lab.cli", "generate", "--threads", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("gpt2lab generate: error: argument --threads: must be an integer in 1..1024, got '0' "
+                           "(see gpt2lab generate --help)\n")

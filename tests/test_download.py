@@ -1,7 +1,7 @@
 """gpt2lab.download: cache location, atomic writes, sha256 refusal, archive extraction, source fallback.
 
 All offline: URLs are file:// URLs or unreachable hosts, sdists are archives built here, and pip is replaced
-where a test is about what happens around it. The real PyPI fallback runs once, in test_tokenizer.py.
+where a test is about what happens around it. The real PyPI fallback runs once, in tests/tokenizer/conftest.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ Hugging Face perplexity guide's own loop where the two definitions coincide (str
 
 from __future__ import annotations
 
+import io
 import math
+import sys
 
 import pytest
 import torch
@@ -180,3 +182,68 @@ def test_cli_eval_prints_loss_perplexity_and_bpb(tmp_path, capsys):
     assert "stride" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "nope.txt")]) == 1
     assert "nope.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"context": 0}, "context must be an integer in \\[2, n_ctx=32\\]"),
+    ({"context": 33}, "context must be an integer in \\[2, n_ctx=32\\]"),
+    ({"stride": 0}, "stride must be an integer in \\[1, context=32\\]"),
+    ({"stride": 9, "context": 8}, "stride must be an integer in \\[1, context=8\\]"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+])
+def test_given_values_are_checked_never_replaced(kwargs, message):
+    """0 is not "the default": a window setting that is given is used as given or refused."""
+    torch.manual_seed(0)
+    model = GPT(CFG).eval()
+    ids = torch.arange(40) % 257
+    with pytest.raises(ValueError, match=message):
+        evaluate_ids(model, ids, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        token_nll(model, ids, **kwargs)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_counts_windows_on_a_terminal(progress, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(CFG).eval()
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    evaluate_ids(model, torch.arange(100) % 257, stride=16, batch_size=2, progress=progress)
+    assert ("eval: 100%" in terminal.getvalue() and "6/6" in terminal.getvalue()) == progress
+
+
+def test_progress_bar_hides_itself_when_stderr_is_not_a_terminal(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(CFG).eval()
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    evaluate_ids(model, torch.arange(100) % 257, stride=16, progress=True)
+    assert pipe.getvalue() == ""
+
+
+def test_cli_eval_progress_and_window_errors(tmp_path, monkeypatch, capsys):
+    from gpt2lab.cli import main
+    from gpt2lab.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .\n"))
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=1, n_head=2, n_embd=16)).save_pretrained(
+        tmp_path / "m", tokenizer=tok)
+    (tmp_path / "data.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 2, encoding="utf-8")
+    argv = ["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data.txt")]
+    for extra, shown in [([], True), (["--no-progress"], False)]:
+        terminal = FakeTerminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main(argv + extra) == 0
+        assert ("window" in terminal.getvalue()) == shown
+    monkeypatch.undo()
+    for extra, message in [(["--context", "17"], "context must be an integer in [2, n_ctx=16]"),
+                           (["--context", "8", "--stride", "9"], "stride must be an integer in [1, context=8]")]:
+        assert main(argv + extra) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -746,7 +746,7 @@ def test_cli_generate_reads_stdin_and_prompt_file(char_model_dir, capsys, monkey
     (["--prompt", "x" * 80], "n_ctx=64"),
     (["--dtype", "fp16"], "fp16"),
     (["--max-new-tokens", "-2"], "max-new-tokens"),
-    (["--top-p", "2"], "top_p"),
+    (["--top-p", "2"], "--top-p"),
 ])
 def test_cli_generate_bad_input_is_one_line(char_model_dir, capsys, extra, message):
     argv = ["generate", "--model", str(char_model_dir)] + (["--prompt", "hi"] if "--prompt" not in extra else []) + extra

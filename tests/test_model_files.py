@@ -296,7 +296,7 @@ def test_every_command_refuses_a_hostile_directory_in_one_line(tmp_path, no_mode
     commands = [["info", directory], ["generate", "--model", directory, "--prompt", "hi"],
                 ["eval", "--model", directory, "--data", str(tmp_path / "t.txt")],
                 ["train", "--init-from", directory, "--set", f"data_dir={json.dumps(str(data))}",
-                 "--set", f"out_dir={json.dumps(str(tmp_path / 'run'))}", "--no-progress"]]
+                 "--set", f"out_dir={json.dumps(str(tmp_path / 'run'))}", "--set", "seq_len=16", "--no-progress"]]
     for argv in commands:
         assert main(argv) == 1, argv
         err = capsys.readouterr().err

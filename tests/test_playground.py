@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.server import BackgroundServer, ServerConfig, create_app
+from gpt2lab.serve import BackgroundServer, ServerConfig, create_app
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]

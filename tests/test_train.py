@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from gpt2lab import train as T
@@ -69,6 +71,8 @@ def test_config_file_overrides_and_errors(tmp_path):
                          (["model.vocab_size=10"], "comes from the data's tokenizer"),
                          (["model.n_layers=2"], r"unknown model config key\(s\) 'n_layers'"),
                          (["beta2=1.0"], r"beta2 must be in \[0, 1\)"),
+                         (["max_minutes=inf"], r"max_minutes must be a finite number >= 0, got inf"),
+                         (["lr=nan"], r"lr must be a finite number >= 0, got nan"),
                          (["min_lr=1"], r"min_lr \(1\) must not exceed lr"),
                          (["nonsense"], "--set expects key=value")]:
         with pytest.raises(ValueError, match=message):
@@ -84,6 +88,15 @@ def test_shipped_configs_load_and_quickstart_matches_its_file():
     assert load_train_config(REPO / "configs" / "quickstart.toml") == T.QUICKSTART
     big = load_train_config(REPO / "configs" / "gpt2_124m.toml")
     assert big.batch_size * big.seq_len * big.grad_accum * 8 == 524_288
+
+
+@pytest.mark.parametrize("name", ["quickstart", "shakespeare_char"])
+def test_cpu_configs_promise_a_duration_the_clock_keeps(name):
+    """A config that says how long it takes on a CPU stops by the clock, so the promise holds on any machine."""
+    text = (REPO / "configs" / f"{name}.toml").read_text()
+    cfg = load_train_config(REPO / "configs" / f"{name}.toml")
+    minutes = {60.0: "an hour", 5.0: "5 minutes"}
+    assert cfg.max_minutes in minutes and minutes[cfg.max_minutes] in text and "CPU" in text
 
 
 # --------------------------------------------------------------------------------------------------- pieces
@@ -321,3 +334,198 @@ def test_quickstart_end_to_end(shakespeare_cache, tmp_path, monkeypatch, capsys)
     idx = torch.tensor([tok.encode("ROMEO:\nWhat light")])
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ nothing lost (issue #12)
+def strict_json_lines(path: Path) -> list[dict]:
+    """Every line of a JSONL file, parsed as strict JSON (NaN and Infinity are not JSON)."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("val_fraction, split", [(0.0, "val"), (0.1, "train")])
+def test_data_too_short_for_one_window_is_refused_before_the_first_step(tmp_path, val_fraction, split):
+    text = "\n".join(LINES) + "\n" if split == "val" else "To be, or not.\nTo sleep.\n"
+    (tmp_path / "t.txt").write_text(text)
+    prepare(str(tmp_path / "t.txt"), tmp_path / "data", tokenizer="char", val_fraction=val_fraction, progress=False)
+    cfg = tiny_run(tmp_path / "data", tmp_path / "run", seq_len=32)
+    with pytest.raises(ValueError) as refused:
+        T.train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before any step, log or checkpoint
+    hint = "--val-fraction" if split == "val" else "more text or lower seq_len"
+    assert re.search(rf"the {split} split of .* tokens, too few for one window of seq_len \+ 1 = 33 .*{hint}",
+                     str(refused.value))
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(char_data, tmp_path, capsys):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=2)
+    T.train(cfg, progress=False)
+    good = weights(tmp_path / "run" / "last")
+    code = cli_main(["train", "--resume", str(tmp_path / "run"), "--set", "max_steps=8", "--set", "lr=1e30",
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "diverged" in err and f"{tmp_path / 'run' / 'last'} (step 2), is kept" in err
+    state, _, _ = T.read_training_state(tmp_path / "run" / "last")
+    now = weights(tmp_path / "run" / "last")
+    assert state.step == 2 and all(torch.equal(good[k], now[k]) for k in good)
+    records = strict_json_lines(tmp_path / "run" / "log.jsonl")
+    assert records[-1]["diverged"] is True and records[-1]["loss"] is None
+
+
+def test_nonfinite_weights_are_never_checkpointed(char_data, tmp_path, monkeypatch):
+    real_step, calls = T._optimizer_step, []
+
+    def poisoning_step(step_model, model, *args):
+        calls.append(1)
+        loss = real_step(step_model, model, *args)
+        if len(calls) == 2:
+            with torch.no_grad():
+                model.ln_f.weight[0] = float("inf")  # the loss of this step was finite; the weights are not
+        return loss
+
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=4, eval_interval=100, checkpoint_interval=2)
+    monkeypatch.setattr(T, "_optimizer_step", poisoning_step)
+    with pytest.raises(ValueError, match=r"step 2: the weights hold inf or NaN \(ln_f.weight\)"):
+        T.train(cfg, progress=False)
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(char_data, tmp_path, monkeypatch):
+    straight = T.train(tiny_run(char_data, tmp_path / "straight", max_steps=6, eval_interval=100), progress=False)
+    real_step, calls = T._optimizer_step, []
+
+    def step_then_interrupt(*args):
+        calls.append(1)
+        loss = real_step(*args)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C does, in the middle of the run
+        return loss
+
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=6, eval_interval=100)
+    monkeypatch.setattr(T, "_optimizer_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT: stopped at step 3; checkpoint .*last") as stopped:
+        T.train(cfg, progress=False)
+    state, _, _ = T.read_training_state(tmp_path / "run" / "last")
+    assert state.step == 3 and stopped.value.checkpoint == tmp_path / "run" / "last"
+    monkeypatch.setattr(T, "_optimizer_step", real_step)
+    resumed = T.train(cfg, resume=True, progress=False)
+    assert resumed.state.step == 6 and resumed.losses == pytest.approx(straight.losses[3:], abs=0)
+
+
+SIGTERM_SCRIPT = "import sys; from gpt2lab.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_says_where(char_data, tmp_path):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=100_000, eval_interval=100_000)
+    (tmp_path / "run.toml").write_text(train_config_to_toml(cfg))
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, "train", "--config", str(tmp_path / "run.toml"),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / "run" / "log.jsonl", time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and f"checkpoint {tmp_path / 'run' / 'last'}; continue with" in err.splitlines()[-1]
+    state, _, tensors = T.read_training_state(tmp_path / "run" / "last")
+    assert state.step >= 3 and any(k.startswith("optim.") for k in tensors)
+    resumed = T.train(dataclasses.replace(cfg, max_steps=state.step + 2), resume=True, progress=False)
+    assert resumed.state.step == state.step + 2 and len(resumed.losses) == 2
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   SafetensorError("Error while serializing: I/O error: No space left on device")])
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(char_data, tmp_path, monkeypatch,
+                                                                                        capsys, error):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=6, eval_interval=100, checkpoint_interval=2)
+    (tmp_path / "run.toml").write_text(train_config_to_toml(cfg))
+    real_save, calls = T.save_file, []
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise error
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(T, "save_file", full_disk)
+    assert cli_main(["train", "--config", str(tmp_path / "run.toml"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "No space left on device" in err
+    assert f"could not write the checkpoint {tmp_path / 'run' / 'last'} at step 4" in err and "intact" in err
+    state, _, _ = T.read_training_state(tmp_path / "run" / "last")
+    assert state.step == 2
+    load_model(tmp_path / "run" / "last")
+
+
+def test_resume_without_config_toml_uses_the_checkpoints_config(char_data, tmp_path):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=2)
+    T.train(cfg, progress=False)
+    (tmp_path / "run" / "config.toml").unlink()
+    assert cli_main(["train", "--resume", str(tmp_path / "run"), "--set", "max_steps=3", "--no-progress"]) == 0
+    state, saved, _ = T.read_training_state(tmp_path / "run" / "last")
+    assert state.step == 3
+    assert TrainConfig.from_dict(saved) == dataclasses.replace(cfg, max_steps=3)  # the whole run config is kept
+    with pytest.raises(FileNotFoundError, match="neither config.toml nor a checkpoint"):
+        T.load_run_config(tmp_path / "elsewhere")
+
+
+def test_resume_without_optimizer_state_needs_fresh_optimizer(char_data, tmp_path, capsys):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=2)
+    T.train(cfg, progress=False)
+    (tmp_path / "run" / "last" / "optimizer.safetensors").unlink()
+    more = dataclasses.replace(cfg, max_steps=3)
+    with pytest.raises(FileNotFoundError, match="no optimizer state .* pass --fresh-optimizer"):
+        T.train(more, resume=True, progress=False)
+    with pytest.raises(ValueError, match="only applies when resuming"):
+        T.train(more, overwrite=True, fresh_optimizer=True, progress=False)
+    assert cli_main(["train", "--resume", str(tmp_path / "run"), "--set", "max_steps=3", "--fresh-optimizer",
+                     "--no-progress"]) == 0
+    state, _, tensors = T.read_training_state(tmp_path / "run" / "last")
+    assert state.step == 3 and any(k.startswith("optim.") for k in tensors)
+
+
+def test_the_progress_bar_follows_the_limit_that_ends_the_run(char_data, tmp_path, capsys):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=4, eval_interval=4, max_minutes=60.0)
+    T.train(cfg, progress=True)
+    final = capsys.readouterr().err.split("\r")[-1]
+    assert "train: 100%" in final and "step=4/4" in final  # the steps ended the run, not the hour
+    assert T.progress_fraction(2, 60.0, cfg) == 0.5 and T.progress_fraction(1, 1800.0, cfg) == 0.5
+
+
+def test_a_full_disk_while_logging_is_one_line(char_data, tmp_path, monkeypatch, capsys):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=6, eval_interval=2)
+    (tmp_path / "run.toml").write_text(train_config_to_toml(cfg))
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if mode == "a" and Path(path).name == "log.jsonl" and len(list(T.iter_log(tmp_path / "run"))) >= 3:
+            raise OSError(28, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(T, "open", full_disk_open, raising=False)
+    assert cli_main(["train", "--config", str(tmp_path / "run.toml"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"could not append to {tmp_path / 'run' / 'log.jsonl'}" in err
+    assert T.read_training_state(tmp_path / "run" / "last")[0].step == 2
+
+
+def test_ensure_prepared_redoes_a_damaged_preparation_of_its_own_and_refuses_another(tmp_path):
+    source = tmp_path / "text.txt"
+    source.write_text("to be or not to be, that is the question. " * 200)
+    data = T.ensure_prepared(str(source), "char", tmp_path / "data", progress=False)
+    shard = next(data.glob("train_*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-8])  # a damaged shard of the same preparation
+    T.ensure_prepared(str(source), "char", data, progress=False)  # prepared again, not refused
+    T.TokenData(data)  # whole again
+    other = tmp_path / "other.txt"
+    other.write_text("a different corpus " * 200)
+    with pytest.raises(FileExistsError, match="overwrite"):  # another preparation is not replaced silently
+        T.ensure_prepared(str(other), "char", data, progress=False)
+    from gpt2lab.data import read_meta
+
+    assert read_meta(data)["source"] == str(source)

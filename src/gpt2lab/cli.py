@@ -10,18 +10,109 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 USER_ERRORS = (ValueError, TypeError, OSError)
 
 
+# -------------------------------------------------------------------------------------------------------- value types
+# One argparse type per kind of value. A bad value fails at parse time, before any model is loaded, with one line
+# that names the flag (argparse adds "argument --flag:") and what is allowed.
+MAX_THREADS = 1024  # torch stores the thread count in a C int; far more threads than cores only slows it down
+MAX_NEW_TOKENS = 1_000_000  # the decoder holds a token buffer this long
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper limit when `high` is None)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float = math.inf, *, zero: bool = False, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, high] when `above` is set), or exactly 0 as well when
+    `zero` is set."""
+    opening = "(" if above else "["
+    bounds = f"{'>' if above else '>='} {low:g}" if high == math.inf else f"in {opening}{low:g}, {high:g}]"
+    allowed = f"0 or a finite number {bounds}" if zero else f"a finite number {bounds}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (low < value if above else low <= value) and value <= high
+        if not (math.isfinite(value) and (inside or (zero and value == 0))):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def nonempty(text: str) -> str:
+    """An argparse type for names, paths and texts where an empty string would silently mean something else
+    (the current directory, a default)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+POSITIVE = integer(1)
+THREADS = integer(1, MAX_THREADS)
+THREADS_HELP = f"torch threads, 1..{MAX_THREADS} (default: torch's choice)"
+TEXT_FIELD_HELP = "the field holding the text in a .jsonl source (default: text)"
+MODEL_HELP = "a model directory or a hub name such as gpt2 (default: gpt2)"
+TOKENIZER_HELP = "tokenizer (default: the model directory's, else gpt2)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line: the message and where the usage is, instead of the usage itself."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _load_model(model: str, dtype: str, tokenizer: str | None) -> tuple[Any, Any]:
+    """The model and tokenizer for generate, eval and attention; refuses a tokenizer with ids the model lacks."""
+    from gpt2lab.inference import load_for_inference
+
+    network, tok = load_for_inference(model, dtype, tokenizer)
+    if tok.vocab_size > network.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model {model!r} only "
+                         f"{network.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    return network, tok
+
+
+def _set_threads(threads: int | None) -> None:
+    """Use `threads` torch threads (None: torch's choice)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------------------------- info
 def _add_info(sub: argparse._SubParsersAction) -> None:
+    from gpt2lab.config import PRESETS
+
     p = sub.add_parser("info", help="print a model's architecture, parameter table and forward-pass time")
-    p.add_argument("model", nargs="?", default="gpt2", help="a preset name (e.g. gpt2, gpt2-tiny) or a model directory")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens in the timed forward pass (default: min(n_ctx, 1024))")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("model", nargs="?", default="gpt2", type=nonempty,
+                   help=f"a preset ({', '.join(PRESETS)}) or a model directory (default: gpt2)")
+    p.add_argument("--seq-len", type=POSITIVE, default=None,
+                   help="tokens in the timed forward pass (default: min(n_ctx, 1024))")
+    p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.set_defaults(run=_run_info)
 
 
@@ -35,8 +126,9 @@ def _run_info(args: argparse.Namespace) -> None:
 def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenize", help="print the token ids (or with --show the pieces) of a text")
     p.add_argument("text", nargs="?", help="the text to tokenize (or use --file)")
-    p.add_argument("--file", help="read the text from this UTF-8 file instead")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2, a tokenizer or model directory, or a .tiktoken file")
+    p.add_argument("--file", type=nonempty, help="read the text from this UTF-8 file instead")
+    p.add_argument("--tokenizer", default="gpt2", type=nonempty,
+                   help="gpt2, a tokenizer or model directory, or a .tiktoken file")
     p.add_argument("--show", action="store_true", help="print one token per line: id and the text it stands for")
     p.add_argument("--special", action="store_true", help="map special-token text such as <|endoftext|> to its id")
     p.set_defaults(run=_run_tokenize)
@@ -67,10 +159,13 @@ def _run_tokenize(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------- train-tokenizer
 def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to learn from")
-    p.add_argument("--vocab-size", type=int, required=True, help="ids in the result: 256 bytes + merges + specials")
-    p.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer_config.json")
-    p.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
+    p.add_argument("--input", nargs="+", required=True, type=nonempty, metavar="FILE",
+                   help="UTF-8 text files to learn from")
+    p.add_argument("--vocab-size", type=POSITIVE, required=True,
+                   help="ids in the result: 256 bytes + merges + specials")
+    p.add_argument("--out", required=True, type=nonempty,
+                   help="directory for vocab.json, merges.txt, tokenizer_config.json")
+    p.add_argument("--special", nargs="*", default=["<|endoftext|>"], type=nonempty, metavar="TOKEN",
                    help="special tokens, given the last ids (default: <|endoftext|>)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace tokenizer files already in --out")
     p.set_defaults(run=_run_train_tokenizer)
@@ -104,6 +199,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="the largest max_tokens a request may ask for "
                    "(default: the model's context)")
     p.add_argument("--max-request-bytes", type=int, default=None, help="largest request body (default: 1000000)")
+    p.add_argument("--max-choices", type=int, default=None, help="completions per request, prompts × n (default: "
+                   "16); raise it for clients that send many prompts at once, such as lm-eval's batch_size")
+    p.add_argument("--max-stop", type=int, default=None, help="stop strings per request, besides the end-of-text "
+                   "token's (default: 4, as OpenAI)")
+    p.add_argument("--max-logprobs", type=int, default=None, help="the largest `logprobs` (top alternatives per "
+                   "token) a request may ask for (default: 5, as OpenAI)")
     p.add_argument("--max-connections", type=int, default=None, help="open connections; at the limit requests get "
                    "503 and further connections are closed (default: 100)")
     p.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS", help="close a connection that "
@@ -127,7 +228,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     import os
 
     try:
-        from gpt2lab.server import LOG_LEVELS, LOOPBACK_HOSTS, ServerConfig, serve
+        from gpt2lab.serve import LOG_LEVELS, LOOPBACK_HOSTS, ServerConfig, serve
     except ImportError as e:  # the `serve` extra is not installed
         raise OSError(str(e)) from None
     if args.log_level not in LOG_LEVELS:
@@ -143,6 +244,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     hosts = args.allowed_host or (list(LOOPBACK_HOSTS) if args.host in LOOPBACK_HOSTS else ["*"])
     limits = {"api_key": api_key, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
               "max_tokens": args.max_tokens, "max_request_bytes": args.max_request_bytes,
+              "max_choices": args.max_choices, "max_stop": args.max_stop, "max_logprobs": args.max_logprobs,
               "max_connections": args.max_connections, "header_timeout_s": args.header_timeout,
               "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive, "allowed_hosts": tuple(hosts),
               "allowed_origins": tuple(args.allowed_origin or ())}
@@ -161,13 +263,16 @@ def _run_serve(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------- prepare
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize text into training shards (+ meta.json) for `gpt2lab train`")
-    p.add_argument("source", help="a built-in dataset (shakespeare, tinyshakespeare), a text file, a directory of "
-                                  ".txt files, or a .jsonl file")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, or a tokenizer directory (default: gpt2)")
-    p.add_argument("--out", default=None, help="output directory (default: data/<source>-<tokenizer>)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each document kept for validation")
-    p.add_argument("--workers", type=int, default=0, help="encoding processes (default: one per CPU core)")
-    p.add_argument("--text-field", default="text", help="the field holding the text in a .jsonl source")
+    p.add_argument("source", type=nonempty, help="a built-in dataset (shakespeare, tinyshakespeare), a text file, a "
+                   "directory of .txt files, or a .jsonl file")
+    p.add_argument("--tokenizer", default="gpt2", type=nonempty,
+                   help="gpt2, char, or a tokenizer directory (default: gpt2)")
+    p.add_argument("--out", default=None, type=nonempty, help="output directory (default: data/<source>-<tokenizer>)")
+    p.add_argument("--val-fraction", type=number(0, 1), default=0.1,
+                   help="tail of each document kept for validation, in [0, 1) (default: 0.1)")
+    p.add_argument("--workers", type=integer(0, MAX_THREADS), default=0,
+                   help=f"encoding processes, 0..{MAX_THREADS} (default 0: one per CPU core)")
+    p.add_argument("--text-field", default="text", type=nonempty, help=TEXT_FIELD_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier preparation in --out (other files "
                    "there are kept)")
     p.set_defaults(run=_run_prepare)
@@ -192,28 +297,34 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="override one config field, e.g. --set lr=3e-4 --set model.n_layer=6 (repeatable)")
     p.add_argument("--init-from", default=None, metavar="gpt2|DIR", help="fine-tune this model (same as --set init_from=...)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                   help="continue from the run's last checkpoint (RUN_DIR: use its saved config.toml)")
+                   help="continue from the run's last checkpoint (RUN_DIR: use its saved config.toml, or the config "
+                        "in its checkpoint if that file is gone)")
+    p.add_argument("--fresh-optimizer", action="store_true", help="with --resume: start AdamW's moments from zero "
+                   "(needed when the checkpoint has no optimizer.safetensors; the run then differs from an "
+                   "uninterrupted one)")
     p.add_argument("--overwrite", action="store_true", help="start again even if out_dir already holds a run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still go to log.jsonl)")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from gpt2lab.config import load_train_config
-    from gpt2lab.train import CONFIG_FILE, train
+    from gpt2lab.train import TrainingInterrupted, load_run_config, train
 
-    config_path, overrides = args.config, list(args.overrides)
+    overrides = list(args.overrides)
     if args.resume:  # a run directory: its saved config, unless --config is given
-        if config_path is None:
-            config_path = Path(args.resume) / CONFIG_FILE
         overrides.insert(0, f"out_dir={json.dumps(args.resume)}")
     if args.init_from is not None:
         overrides.append(f"init_from={json.dumps(args.init_from)}")
-    config = load_train_config(config_path, overrides)
+    if args.resume and args.config is None:
+        config = load_run_config(args.resume, overrides)
+    else:
+        config = load_train_config(args.config, overrides)
     try:
-        result = train(config, resume=args.resume is not None, overwrite=args.overwrite, progress=not args.no_progress)
+        result = train(config, resume=args.resume is not None, overwrite=args.overwrite,
+                       fresh_optimizer=args.fresh_optimizer, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        raise _interrupted_exit(e) from None
     finally:
         import torch.distributed
 
@@ -223,6 +334,12 @@ def _run_train(args: argparse.Namespace) -> None:
     if result.checkpoint is not None and s.step:
         print(f"step {s.step}: train loss {s.last_train_loss:.4f}, val loss {s.last_val_loss:.4f} "
               f"({s.last_val_bpb:.4f} bits/byte); checkpoint {result.checkpoint}")
+
+
+def _interrupted_exit(e: KeyboardInterrupt) -> SystemExit:
+    """A training run stopped by SIGINT / SIGTERM after saving: say where in one line; exit with 128 + the signal."""
+    print(f"gpt2lab train: {e}", file=sys.stderr)
+    return SystemExit(128 + getattr(e, "signum", 2))
 
 
 # -------------------------------------------------------------------------------------------------------- quickstart
@@ -237,40 +354,47 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quickstart(args: argparse.Namespace) -> None:
-    from gpt2lab.train import QUICKSTART, quickstart
+    from gpt2lab.train import QUICKSTART, TrainingInterrupted, quickstart
 
     minutes = QUICKSTART.max_minutes if args.minutes is None else args.minutes
     if not minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     if args.samples < 0:
         raise ValueError(f"--samples must be >= 0, got {args.samples}")
-    quickstart(minutes=minutes, out_dir=args.out or QUICKSTART.out_dir, data_dir=args.data_dir or QUICKSTART.data_dir,
-               samples=args.samples, progress=not args.no_progress)
+    try:
+        quickstart(minutes=minutes, out_dir=args.out or QUICKSTART.out_dir,
+                   data_dir=args.data_dir or QUICKSTART.data_dir, samples=args.samples, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        raise _interrupted_exit(e) from None
 
 
 # ---------------------------------------------------------------------------------------------------------- generate
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
-    p.add_argument("--model", default="gpt2", help="a model directory or a hub name such as gpt2 (default: gpt2)")
+    p.add_argument("--model", default="gpt2", type=nonempty, help=MODEL_HELP)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the prompt text (default: stdin if piped, else unconditional)")
-    src.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file ('-' for stdin)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample (default: 100)")
-    # sampling defaults live in generate.SamplingParams; None here means "its default"
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; <1 sharper, >1 flatter "
+    src.add_argument("--prompt-file", default=None, type=nonempty,
+                     help="read the prompt from this UTF-8 file ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=integer(0, MAX_NEW_TOKENS), default=100,
+                   help=f"tokens to generate per sample, 0..{MAX_NEW_TOKENS:,} (default: 100)")
+    # sampling defaults live in generate.SamplingParams; None here means "its default". Any temperature >= 0 and
+    # top-p in (0, 1] is safe (a tiny one is the greedy limit); a penalty below 0.01 would overflow the logits.
+    p.add_argument("--temperature", type=number(0), default=None, help="0 = greedy; <1 sharper, >1 flatter "
                    "(default: 1, the model's own distribution)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens "
-                   "holding probability p")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="> 1 discourages tokens already present (CTRL's penalty)")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples to generate (default: 1)")
-    p.add_argument("--stop", action="append", default=[], metavar="STR", help="end a sample at this text "
-                   "(repeatable; the stop text is not printed)")
+    p.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=number(0, 1, above=True), default=None, help="nucleus sampling, p in (0, 1]: "
+                   "the smallest set of tokens holding probability p")
+    p.add_argument("--repetition-penalty", type=number(0.01), default=None,
+                   help=">= 0.01; > 1 discourages tokens already present (CTRL's penalty)")
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=None,
+                   help="random seed in 0..2**64-1, for reproducible samples")
+    p.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples to generate (default: 1)")
+    p.add_argument("--stop", action="append", default=[], type=nonempty, metavar="STR",
+                   help="end a sample at this text (repeatable; the stop text is not printed)")
     p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16 or int8 (default: fp32)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
+    p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     p.set_defaults(run=_run_generate)
 
@@ -290,20 +414,14 @@ def _run_generate(args: argparse.Namespace) -> None:
     import torch
 
     from gpt2lab.generate import stream_text
-    from gpt2lab.inference import load_for_inference
     from gpt2lab.sampling import SamplingParams
 
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})  # checks before loading
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     prompt = _read_prompt(args)
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.tokenizer)
+    model, tokenizer = _load_model(args.model, args.dtype, args.tokenizer)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     for i in range(args.num_samples):
         if args.num_samples > 1:
@@ -319,19 +437,24 @@ def _run_generate(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------------------------------------------------------------- eval
 def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from gpt2lab.config import EVAL_BATCH_SIZE
+
     p = sub.add_parser("eval", help="loss, sliding-window perplexity and bits per byte of a model on a text")
-    p.add_argument("--model", default="gpt2", help="a model directory or a hub name such as gpt2 (default: gpt2)")
-    p.add_argument("--data", required=True, help="a built-in dataset (shakespeare, tinyshakespeare), a text file, "
-                   "a directory of .txt files or a .jsonl file")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context / 2; "
-                   "= context for disjoint chunks)")
-    p.add_argument("--context", type=int, default=None, help="window length (default: the model's n_ctx)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    p.add_argument("--model", default="gpt2", type=nonempty, help=MODEL_HELP)
+    p.add_argument("--data", required=True, type=nonempty, help="a built-in dataset (shakespeare, tinyshakespeare), "
+                   "a text file, a directory of .txt files or a .jsonl file")
+    p.add_argument("--stride", type=POSITIVE, default=None, help="tokens between window starts, 1..context "
+                   "(default: context / 2; = context for disjoint chunks)")
+    p.add_argument("--context", type=integer(2), default=None, help="window length, 2..n_ctx (default: the "
+                   "model's n_ctx)")
+    p.add_argument("--batch-size", type=POSITIVE, default=EVAL_BATCH_SIZE,
+                   help=f"windows per forward pass; more use more memory (default: {EVAL_BATCH_SIZE})")
     p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16 or int8 (default: fp32)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
-    p.add_argument("--text-field", default="text", help="the field holding the text in a .jsonl source")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
+    p.add_argument("--text-field", default="text", type=nonempty, help=TEXT_FIELD_HELP)
+    p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
     p.set_defaults(run=_run_eval)
 
 
@@ -340,29 +463,25 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from gpt2lab.data import read_text_source
     from gpt2lab.evaluate import evaluate_text
-    from gpt2lab.inference import load_for_inference
 
-    if args.stride is not None and args.stride < 1:
-        raise ValueError(f"--stride must be >= 1, got {args.stride}")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     text = read_text_source(args.data, text_field=args.text_field)
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.tokenizer)
-    result = evaluate_text(model, tokenizer, text, stride=args.stride, context=args.context, batch_size=args.batch_size)
+    model, tokenizer = _load_model(args.model, args.dtype, args.tokenizer)
+    result = evaluate_text(model, tokenizer, text, stride=args.stride, context=args.context, batch_size=args.batch_size,
+                           progress=not args.no_progress)
     print(json.dumps(dataclasses.asdict(result)) if args.json else result.summary())
 
 
 # --------------------------------------------------------------------------------------------------------- attention
 def _add_attention(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attention", help="draw a heatmap of attention weights over a prompt's tokens")
-    p.add_argument("--model", default="gpt2", help="a model directory or a hub name such as gpt2 (default: gpt2)")
+    p.add_argument("--model", default="gpt2", type=nonempty, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the text whose attention to draw")
-    p.add_argument("--layer", type=int, default=0, help="layer index, from 0 (default: 0)")
-    p.add_argument("--head", type=int, default=None, help="head index, from 0 (default: every head of the layer)")
-    p.add_argument("--out", required=True, help="image file to write (.png, .svg or .pdf)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
+    p.add_argument("--layer", type=integer(0), default=0, help="layer index, from 0 (default: 0)")
+    p.add_argument("--head", type=integer(0), default=None,
+                   help="head index, from 0 (default: every head of the layer)")
+    p.add_argument("--out", required=True, type=nonempty, help="image file to write (.png, .svg or .pdf)")
+    p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=_run_attention)
 
@@ -370,10 +489,9 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 def _run_attention(args: argparse.Namespace) -> None:
     import torch
 
-    from gpt2lab.inference import load_for_inference
     from gpt2lab.visualize import attention_weights, plot_attention, token_labels
 
-    model, tokenizer = load_for_inference(args.model, "fp32", args.tokenizer)
+    model, tokenizer = _load_model(args.model, "fp32", args.tokenizer)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty; pass some text with --prompt")
@@ -403,7 +521,10 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2lab", description="A faithful, from-scratch GPT-2.")
+    from gpt2lab import __version__
+
+    parser = OneLineParser(prog="gpt2lab", description="A faithful, from-scratch GPT-2.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
@@ -412,7 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one-line error, the help or the version
+        return e.code if isinstance(e.code, int) else 2
     try:
         args.run(args)
     except KeyboardInterrupt:

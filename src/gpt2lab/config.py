@@ -174,6 +174,11 @@ PRESETS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_ctx=256, n_layer=6, n_head=6, n_embd=384),
 }
 
+# Windows per forward pass in `gpt2lab eval` (and gpt2lab.evaluate): a few windows at once beat one at a time on
+# small models, while each window of GPT-2's 1024 tokens at stride 512 holds 513 x 50257 float32 logits (0.1 GB, about
+# three times that while its loss is computed), so a larger batch mostly adds memory.
+EVAL_BATCH_SIZE = 4
+
 
 # ------------------------------------------------------------------------------------------------------ training run
 DTYPES = ("fp32", "bf16")
@@ -304,8 +309,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
-        raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -18,7 +18,6 @@ meta.json, is refused with the reason rather than read as garbage.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -26,15 +25,14 @@ import struct
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from gpt2lab import download, files
-from gpt2lab.tokenizer import TOKENIZER_FILES
+from gpt2lab.tokenizer import TOKENIZER_FILES, CharTokenizer, load_tokenizer, split_text, tokenizer_pool
 
 FORMAT = "gpt2lab-tokens"
 FORMAT_VERSION = 1
@@ -320,23 +318,14 @@ class ShardWriter:
 
 
 # ----------------------------------------------------------------------------------------------------- preparation
-_worker_tokenizer: Any = None  # set once per encoding worker process by _init_worker
-
-
-def _init_worker(tokenizer: Any) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-
-
-def _encode_job(job: tuple[str, str, bool]) -> tuple[str, list[int], int, bool]:
+def _encode_job(tokenizer: Any, job: tuple[str, str, bool]) -> tuple[str, list[int], int, bool]:
+    """Run by `tokenizer_pool`'s workers: (split, text, ends_document) -> (split, ids, bytes, ends_document)."""
     split, text, ends_document = job
-    return split, _worker_tokenizer.encode(text), len(text.encode("utf-8")), ends_document
+    return split, tokenizer.encode(text), len(text.encode("utf-8")), ends_document
 
 
 def _chunks(text: str, tokenizer: Any, max_chars: int = 1 << 16) -> list[str]:
     """Pieces that encode to exactly the ids of the whole text, so they can go to different processes."""
-    from gpt2lab.tokenizer import CharTokenizer, split_text
-
     if isinstance(tokenizer, CharTokenizer):
         return [text[i:i + max_chars] for i in range(0, len(text), max_chars)] or [""]
     return split_text(text, max_chars)
@@ -354,8 +343,6 @@ def _jobs(documents: Iterable[Document], tokenizer: Any, val_fraction: float) ->
 
 def make_tokenizer(spec: str, source: str, text_field: str = "text") -> Any:
     """'gpt2' (GPT-2's BPE), 'char' (one id per character of the source, plus <|endoftext|>) or a tokenizer dir."""
-    from gpt2lab.tokenizer import CharTokenizer, load_tokenizer
-
     if spec == "char":
         chars: set[str] = set()
         for doc in iter_documents(source, text_field):
@@ -398,8 +385,8 @@ def prepare(source: str, out_dir: str | os.PathLike[str], tokenizer: str = "gpt2
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
         jobs = _jobs(iter_documents(source, text_field), tok, val_fraction)
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encoding ({tokenizer})", disable=not progress)
-        with _maybe_pool(tok, workers) as imap:
-            for split, ids, n_bytes, ends_document in imap(_encode_job, jobs):
+        with tokenizer_pool(tok, workers) as imap:
+            for split, ids, n_bytes, ends_document in imap(_encode_job, jobs, chunksize=4):
                 writer = writers[split]
                 writer.add(ids, n_bytes)
                 if ends_document:
@@ -420,18 +407,6 @@ def prepare(source: str, out_dir: str | os.PathLike[str], tokenizer: str = "gpt2
         tok.save_pretrained(tmp)
         download.write_file_atomic(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-@contextlib.contextmanager
-def _maybe_pool(tokenizer: Any, workers: int) -> Iterator[Callable]:
-    """`imap` over a process pool (ordered results), or the builtin `map` in this process for small inputs."""
-    if workers <= 1:
-        _init_worker(tokenizer)
-        yield map
-        return
-    context = get_context("fork" if "fork" in get_all_start_methods() else None)
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        yield lambda fn, it: pool.imap(fn, it, chunksize=4)
 
 
 def default_out_dir(source: str, tokenizer: str) -> Path:
@@ -489,8 +464,6 @@ class TokenData:
         return info["tokens"] / info["bytes"] if info["bytes"] else float("nan")
 
     def tokenizer(self) -> Any:
-        from gpt2lab.tokenizer import load_tokenizer
-
         return load_tokenizer(self.dir)
 
     def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from gpt2lab.config import EVAL_BATCH_SIZE
+
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT
 
@@ -95,29 +97,46 @@ def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window
         yield batch
 
 
+def resolve_window(n_ctx: int, stride: int | None, context: int | None) -> tuple[int, int]:
+    """The (stride, context) to evaluate with: None means the default (context n_ctx, stride context / 2); a given
+    value is checked, never replaced.
+
+    >>> resolve_window(1024, None, None)
+    (512, 1024)
+    """
+    if context is None:
+        context = n_ctx
+    elif isinstance(context, bool) or not isinstance(context, int) or not 2 <= context <= n_ctx:
+        raise ValueError(f"context must be an integer in [2, n_ctx={n_ctx}] (the model's context), got {context!r}")
+    if stride is None:
+        stride = max(1, context // 2)
+    elif isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= context:
+        raise ValueError(f"stride must be an integer in [1, context={context}], got {stride!r}")
+    return stride, context
+
+
 def token_nll(model: "GPT", ids: torch.Tensor, stride: int | None = None, context: int | None = None,
-              batch_size: int = 1) -> torch.Tensor:
+              batch_size: int = EVAL_BATCH_SIZE, progress: bool = False) -> torch.Tensor:
     """Negative log-likelihood (nats) of every scored token of `ids` (N,) under the sliding window: (N - 1,) float64,
     entry i for token i + 1 (NaN for a token no window scores, which happens only when stride = context).
 
     Only the scored positions go through the LM head (`logits_to_keep`), the largest matmul of a small model.
+    `progress` shows a bar of windows on stderr when it is a terminal.
     """
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-    context = context or model.config.n_ctx
-    if context > model.config.n_ctx:
-        raise ValueError(f"context {context} exceeds the model's n_ctx={model.config.n_ctx}")
-    stride = stride or max(1, context // 2)
+    stride, context = resolve_window(model.config.n_ctx, stride, context)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = model.ln_f.weight.device
     ids = ids.to(device=device, dtype=torch.long)
     nll = torch.full((max(ids.numel() - 1, 0),), float("nan"), dtype=torch.float64)
+    windows = sliding_windows(ids.numel(), context, stride)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for batch in _batches(sliding_windows(ids.numel(), context, stride), batch_size):
+        with torch.no_grad(), _progress_bar(len(windows), progress) as bar:
+            for batch in _batches(windows, batch_size):
                 first = batch[0]
                 keep = first.end - first.first_target + 1  # logits of the positions before each scored token
                 x = torch.stack([ids[w.begin:w.end] for w in batch])  # (B, W)
@@ -126,9 +145,17 @@ def token_nll(model: "GPT", ids: torch.Tensor, stride: int | None = None, contex
                 losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
                 for row, w in enumerate(batch):
                     nll[w.first_target - 1:w.end - 1] = losses[row].double().cpu()
+                bar.update(len(batch))
     finally:
         model.train(was_training)
     return nll
+
+
+def _progress_bar(windows: int, enabled: bool) -> Any:
+    """A tqdm bar of windows on stderr; tqdm itself hides it when stderr is not a terminal (disable=None)."""
+    from tqdm import tqdm
+
+    return tqdm(total=windows, desc="eval", unit="window", disable=None if enabled else True)
 
 
 def summarize(nll: torch.Tensor, n_bytes: Optional[int], stride: int, context: int, windows: int) -> EvalResult:
@@ -154,11 +181,11 @@ def token_byte_lengths(tokenizer: Any, vocab_size: int) -> torch.Tensor:
 
 
 def evaluate_ids(model: "GPT", ids: torch.Tensor, stride: int | None = None, context: int | None = None,
-                 byte_lengths: torch.Tensor | None = None, batch_size: int = 1) -> EvalResult:
+                 byte_lengths: torch.Tensor | None = None, batch_size: int = EVAL_BATCH_SIZE,
+                 progress: bool = False) -> EvalResult:
     """Loss, perplexity and (given each token's byte length) bits per byte of token ids `ids` (N,)."""
-    context = context or model.config.n_ctx
-    stride = stride or max(1, context // 2)
-    nll = token_nll(model, ids, stride, context, batch_size)
+    stride, context = resolve_window(model.config.n_ctx, stride, context)
+    nll = token_nll(model, ids, stride, context, batch_size, progress)
     n_bytes = None
     if byte_lengths is not None:
         scored = ~torch.isnan(nll)
@@ -167,10 +194,10 @@ def evaluate_ids(model: "GPT", ids: torch.Tensor, stride: int | None = None, con
 
 
 def evaluate_text(model: "GPT", tokenizer: Any, text: str, stride: int | None = None, context: int | None = None,
-                  batch_size: int = 1) -> EvalResult:
+                  batch_size: int = EVAL_BATCH_SIZE, progress: bool = False) -> EvalResult:
     """Tokenize `text` (special-token strings are plain text) and evaluate it; see `evaluate_ids`."""
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     if ids.numel() < 2:
         raise ValueError(f"the text has {ids.numel()} token(s); at least 2 are needed to score anything")
     lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-    return evaluate_ids(model, ids, stride, context, lengths, batch_size)
+    return evaluate_ids(model, ids, stride, context, lengths, batch_size, progress)

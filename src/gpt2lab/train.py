@@ -19,6 +19,11 @@ RNG states as uint8 tensors) and `training_state.json` (step, counters, best val
 pickled. Each checkpoint is written to a temp directory that replaces the old one in a single rename, so a run
 killed mid-write leaves the previous checkpoint whole.
 
+A run never loses work it could have kept: data too short for one window is refused before the first step; a
+non-finite loss or weight stops the run before it can overwrite a good checkpoint; the first Ctrl-C or SIGTERM
+finishes the current step, saves `last/` and stops; a failed checkpoint write (a full disk) names the checkpoint
+and leaves the previous one in place.
+
 Nothing happens at import: no seeding, no thread settings, no backend switches; `train()` is the entry point.
 """
 
@@ -31,16 +36,20 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2lab.checkpoint import atomic_directory, import_state_dict, load_model, read_weights, write_model_files
-from gpt2lab.config import GPTConfig, TrainConfig, train_config_to_toml
+from gpt2lab.config import GPTConfig, TrainConfig, apply_overrides, load_train_config, train_config_to_toml
 from gpt2lab.data import TokenData
 from gpt2lab.download import read_versioned_json, write_file_atomic
 from gpt2lab.files import OutputKind, claim_directory, remove_abandoned
@@ -92,6 +101,87 @@ def runtime_from_env(device: str = "auto") -> Runtime:
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Runtime(rank, local_rank, world_size, local_world_size, dev)
+
+
+# -------------------------------------------------------------------------------------------------------- stopping
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite; the run stopped without writing them to a checkpoint."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT (Ctrl-C) or SIGTERM after saving a resumable checkpoint (`checkpoint`, or None when
+    no step had been taken). A KeyboardInterrupt, so callers that handle Ctrl-C keep working."""
+
+    def __init__(self, message: str, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StopSignals:
+    """A context in which the first SIGINT or SIGTERM only asks the training loop to stop (it finishes the step, saves
+    `last/` and raises TrainingInterrupted); a second one interrupts at once. Outside the main thread, where Python
+    cannot install handlers, signals keep their usual effect."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"gpt2lab train: {signal.Signals(signum).name} received; finishing this step and saving a checkpoint "
+              "(send it again to stop without saving)", file=sys.stderr, flush=True)
+
+
+CONTINUE, TIME_UP, SIGNALLED = 0, 1, 2
+
+
+def _stop_code(time_up: bool, signalled: bool, runtime: Runtime) -> int:
+    """CONTINUE, TIME_UP or SIGNALLED, the same on every process (the largest any process reports), so that all
+    stop at the same step. Only rank 0 passes its clock, so rank 0's clock decides the time limit."""
+    local = SIGNALLED if signalled else TIME_UP if time_up else CONTINUE
+    if not runtime.distributed:
+        return local
+    flag = torch.tensor([local], dtype=torch.int64, device=runtime.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding inf or NaN; checked before every checkpoint, since saving such weights would
+    replace a good checkpoint with a broken one."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+def check_data_fits(data: TokenData, seq_len: int) -> None:
+    """Both splits must hold one window of seq_len + 1 tokens in a single shard, or training could not draw its
+    first batch (train) or would fail at its first eval (val), after the work of eval_interval steps."""
+    for split in ("train", "val"):
+        shards = data.splits.get(split, [])
+        if max((shard.size for shard in shards), default=0) >= seq_len + 1:
+            continue
+        hint = "use more text or lower seq_len"
+        if split == "val":
+            fraction = data.meta.get("val_fraction")
+            hint = (f"prepare the data again with a larger --val-fraction (it was {fraction}) or more text, "
+                    "or lower seq_len")
+        raise ValueError(f"the {split} split of {data.dir} has {sum(shard.size for shard in shards)} tokens, too few "
+                         f"for one window of seq_len + 1 = {seq_len + 1} tokens; {hint}")
 
 
 # ------------------------------------------------------------------------------------------------------ schedule
@@ -327,16 +417,25 @@ def restore_rng(tensors: dict[str, torch.Tensor], runtime: Runtime) -> None:
 
 def save_checkpoint(directory: Path, model: GPT, tokenizer: Any, config: TrainConfig, state: RunState,
                     optimizer_state: dict[str, torch.Tensor] | None) -> Path:
-    """Write a checkpoint directory atomically: model files, tokenizer files, optimizer tensors, state JSON."""
-    with atomic_directory(directory) as tmp:
-        write_model_files(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if optimizer_state is not None:
-            save_file(optimizer_state, str(tmp / OPTIMIZER_FILE), metadata={"format": STATE_FORMAT})
-        payload = {"format": STATE_FORMAT, "version": STATE_VERSION, "state": state.to_dict(),
-                   "config": config.to_dict(), "vocab_size": model.config.vocab_size}
-        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    """Write a checkpoint directory atomically: model files, tokenizer files, optimizer tensors, state JSON.
+
+    A failed write (a full disk, say) raises OSError naming the checkpoint and saying whether a previous one is
+    still in place; safetensors reports I/O failures with its own error type, which becomes that OSError too.
+    """
+    try:
+        with atomic_directory(directory) as tmp:
+            write_model_files(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if optimizer_state is not None:
+                save_file(optimizer_state, str(tmp / OPTIMIZER_FILE), metadata={"format": STATE_FORMAT})
+            payload = {"format": STATE_FORMAT, "version": STATE_VERSION, "state": state.to_dict(),
+                       "config": config.to_dict(), "vocab_size": model.config.vocab_size}
+            (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    except (OSError, SafetensorError) as e:
+        kept = ("the previous checkpoint there is intact" if (directory / STATE_FILE).is_file()
+                else "no earlier checkpoint was there")
+        raise OSError(f"could not write the checkpoint {directory} at step {state.step} ({e}); {kept}") from e
     return directory
 
 
@@ -354,12 +453,18 @@ def find_checkpoint(out_dir: Path, name: str = LAST) -> Path | None:
     return None
 
 
-def read_training_state(directory: Path) -> tuple[RunState, dict[str, Any], dict[str, torch.Tensor]]:
-    """(run state, saved config dict, optimizer and RNG tensors) of a checkpoint; refuses foreign or broken files."""
+def read_state_file(directory: Path) -> dict[str, Any]:
+    """The parsed training_state.json of a checkpoint; refuses a missing, foreign or broken file."""
     path = directory / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {STATE_FILE}; not a training checkpoint (a `last/` directory of a run)")
-    payload = read_versioned_json(path, STATE_FORMAT, STATE_VERSION)
+    return read_versioned_json(path, STATE_FORMAT, STATE_VERSION)
+
+
+def read_training_state(directory: Path) -> tuple[RunState, dict[str, Any], dict[str, torch.Tensor]]:
+    """(run state, saved config dict, optimizer and RNG tensors) of a checkpoint; refuses foreign or broken files.
+    The tensors are empty when the checkpoint has no optimizer.safetensors."""
+    payload = read_state_file(directory)
     tensors: dict[str, torch.Tensor] = {}
     if (directory / OPTIMIZER_FILE).is_file():
         try:
@@ -369,7 +474,34 @@ def read_training_state(directory: Path) -> tuple[RunState, dict[str, Any], dict
     return RunState.from_dict(payload.get("state", {})), payload.get("config", {}), tensors
 
 
+def load_run_config(run_dir: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The config of an existing run, with `key=value` overrides: its config.toml, or, if that file is gone, the copy
+    that every checkpoint keeps in training_state.json (so a run can always be resumed from its checkpoint alone)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).is_file():
+        return load_train_config(run_dir / CONFIG_FILE, overrides)
+    ckpt = find_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: neither {CONFIG_FILE} nor a checkpoint ({LAST}/{STATE_FILE}); "
+                                "is it the out_dir of a training run?")
+    saved = read_state_file(ckpt).get("config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{ckpt / STATE_FILE}: holds no run config; resume with --config FILE.toml instead")
+    return TrainConfig.from_dict(apply_overrides(saved, overrides))
+
+
 # ------------------------------------------------------------------------------------------------------- logging
+def json_line(record: dict[str, Any]) -> str:
+    """One line of strict JSON: non-finite numbers become null, since `NaN` and `Infinity` are not JSON and would
+    break every reader of the log but Python's.
+
+    >>> json_line({"step": 3, "loss": float("nan"), "mfu": 0.25})
+    '{"step": 3, "loss": null, "mfu": 0.25}\\n'
+    """
+    finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
 class RunLog:
     """The run directory's JSONL log and loss-curve PNG (rank 0 only)."""
 
@@ -383,12 +515,17 @@ class RunLog:
                     record = json.loads(line)
                     if record.get("step", 0) <= resume_step:
                         self.records.append(record)
-        write_file_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        write_file_atomic(self.path, "".join(json_line(r) for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record; a failed write (a full disk) names the log, and leaves the checkpoints as they were."""
         self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json_line(record))
+        except OSError as e:
+            raise OSError(f"could not append to {self.path} at step {record.get('step')} ({e}); the checkpoints "
+                          "are unaffected") from e
 
     def plot(self) -> None:
         """Train and val loss against step; written to a temp file and renamed, so a viewer never sees half a PNG."""
@@ -397,8 +534,8 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        train = [(r["step"], r["loss"]) for r in self.records if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in self.records if r.get("val_loss") is not None]
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         if train:
             ax.plot(*zip(*train), label="train loss", lw=1, alpha=0.8)
@@ -491,13 +628,18 @@ def _holds_only_run_files(out_dir: Path) -> bool:
 RUN_DIRECTORY = OutputKind("run directory", _holds_only_run_files, RUN_FILES)
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          runtime: Runtime | None = None) -> RunResult:
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, fresh_optimizer: bool = False,
+          progress: bool = True, runtime: Runtime | None = None) -> RunResult:
     """Run (or continue, with `resume`) training as `config` says; returns the final state and losses.
 
     Rank 0 writes `out_dir/`: config.toml (the resolved run config), log.jsonl, loss.png, last/ (checkpoint to
     resume from, written at every eval and checkpoint_interval) and best/ (model with the lowest val loss).
+    A non-finite loss or weight raises TrainingDiverged before anything is saved; the first SIGINT or SIGTERM
+    saves last/ after the current step and raises TrainingInterrupted. `fresh_optimizer` resumes from a
+    checkpoint without using its AdamW state (required when the checkpoint has none).
     """
+    if fresh_optimizer and not resume:
+        raise ValueError("fresh_optimizer (--fresh-optimizer) only applies when resuming a run (--resume)")
     runtime = runtime or runtime_from_env(config.device)
     ckpt = checkpoint_to_resume(config, resume, overwrite)
     out_dir = Path(config.out_dir)
@@ -509,15 +651,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         torch.backends.cudnn.allow_tf32 = True
 
     data = TokenData(config.data_dir)
+    check_data_fits(data, config.seq_len)
     tokenizer = data.tokenizer()
     model = build_model(config, data.vocab_size).to(runtime.device)
     optimizer = make_optimizer(model, config, runtime.device)
     state = RunState()
     if ckpt is not None:
-        state, saved, tensors = read_training_state(ckpt)
-        import_state_dict(model, read_weights(ckpt), source=str(ckpt))
-        load_optimizer_tensors(model, optimizer, tensors, str(ckpt / OPTIMIZER_FILE))
-        restore_rng(tensors, runtime)
+        state = restore_checkpoint(ckpt, model, optimizer, runtime, fresh_optimizer, config.seed)
     else:
         torch.manual_seed(config.seed + runtime.rank)  # dropout masks differ per process
 
@@ -541,17 +681,45 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     elapsed = lambda: earlier_s + time.perf_counter() - session_start  # noqa: E731  (wall time of the whole run)
     result = RunResult(out_dir, ckpt, state)
     bar = _progress_bar(config, state, enabled=progress and runtime.is_main)
+    saved_step = state.step if ckpt is not None else None  # the step of the newest resumable last/ checkpoint
+    lr = learning_rate(state.step, config)
+
+    def diverged(what: str) -> TrainingDiverged:
+        kept = (f"the last good checkpoint, {out_dir / LAST} (step {saved_step}), is kept" if saved_step is not None
+                else "no checkpoint had been written")
+        return TrainingDiverged(f"step {state.step}: {what} (lr {lr:.3g}): the run diverged and stopped; {kept}. "
+                                f"Lower lr or raise warmup_steps, then start again or continue with "
+                                f"--resume {out_dir} --set lr=...")
 
     def checkpoint(name: str, with_optimizer: bool = True) -> None:
+        nonlocal saved_step
+        bad = nonfinite_parameters(model)
+        if bad:
+            raise diverged(f"the weights hold inf or NaN ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
         opt = optimizer_tensors(model, optimizer) if with_optimizer else None
         rng = rng_tensors(runtime) if with_optimizer else {}
         if runtime.is_main:
             state.elapsed_s = elapsed()
             result.checkpoint = save_checkpoint(out_dir / name, model, tokenizer, config, state,
                                                 {**opt, **rng} if opt is not None else None)
+        if name == LAST:
+            saved_step = state.step
+
+    def interrupted(signum: int) -> TrainingInterrupted:
+        if state.step > 0 and saved_step != state.step:
+            checkpoint(LAST)
+        name = signal.Signals(signum).name
+        if saved_step is None:
+            return TrainingInterrupted(f"{name}: stopped before the first step; nothing to save", signum, None)
+        return TrainingInterrupted(f"{name}: stopped at step {state.step}; checkpoint {out_dir / LAST}; continue "
+                                   f"with: gpt2lab train --resume {out_dir}", signum, out_dir / LAST)
 
     def run_eval() -> None:
         val = evaluate(model, data, config, runtime, loss_model)
+        if not math.isfinite(val):
+            if log is not None:
+                log.write({"step": state.step, "val_loss": val, "diverged": True})
+            raise diverged(f"the validation loss is {val}")
         state.last_val_loss, state.last_val_bpb = val, bits_per_byte(val, data.tokens_per_byte("val"))
         improved = val < state.best_val_loss
         state.best_val_loss = min(state.best_val_loss, val)
@@ -567,42 +735,74 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     window_start, window_tokens = time.perf_counter(), 0
     evaluated_at = -1
-    while state.step < config.max_steps:
-        if budget_s and _should_stop(elapsed() >= budget_s, runtime):
-            break
-        lr = learning_rate(state.step, config, elapsed() / budget_s if budget_s and config.clock_schedule else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = _optimizer_step(step_model, model, optimizer, data, config, runtime, state.micro_batches)
-        state.step += 1
-        state.micro_batches += config.grad_accum * runtime.world_size
-        state.tokens += tokens_per_step
-        state.last_train_loss = loss
-        result.losses.append(loss)
-        window_tokens += tokens_per_step
-        if state.step % config.log_interval == 0 or state.step == config.max_steps:
-            dt = time.perf_counter() - window_start
-            tok_s = window_tokens / dt if dt > 0 else 0.0
-            mfu = tok_s / tokens_per_step * flops_step / peak if peak == peak else float("nan")
-            result.tokens_per_s = tok_s
-            if log is not None:
-                log.write({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens, "tok_per_s": round(tok_s, 1),
-                           "mfu": round(mfu, 4), "elapsed_s": round(elapsed(), 3)})
-            bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}",
-                            refresh=False)
-            window_start, window_tokens = time.perf_counter(), 0
-        _advance(bar, elapsed() if budget_s else state.step)
-        if state.step % config.eval_interval == 0:
+    with StopSignals() as signals, contextlib.closing(bar):
+        while state.step < config.max_steps:
+            stop = _stop_code(bool(budget_s) and runtime.is_main and elapsed() >= budget_s,
+                              signals.received is not None, runtime)
+            if stop == SIGNALLED:
+                raise interrupted(signals.received or signal.SIGTERM)  # another process may have had the signal
+            if stop == TIME_UP:
+                break
+            lr = learning_rate(state.step, config, elapsed() / budget_s if budget_s and config.clock_schedule else 0.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = _optimizer_step(step_model, model, optimizer, data, config, runtime, state.micro_batches)
+            state.step += 1
+            state.micro_batches += config.grad_accum * runtime.world_size
+            state.tokens += tokens_per_step
+            if not math.isfinite(loss):
+                if log is not None:
+                    log.write({"step": state.step, "loss": loss, "lr": lr, "diverged": True})
+                raise diverged(f"the training loss is {loss}")
+            state.last_train_loss = loss
+            result.losses.append(loss)
+            window_tokens += tokens_per_step
+            if state.step % config.log_interval == 0 or state.step == config.max_steps:
+                dt = time.perf_counter() - window_start
+                tok_s = window_tokens / dt if dt > 0 else 0.0
+                mfu = tok_s / tokens_per_step * flops_step / peak if peak == peak else float("nan")
+                result.tokens_per_s = tok_s
+                if log is not None:
+                    log.write({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens,
+                               "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed_s": round(elapsed(), 3)})
+                bar.set_postfix(step=f"{state.step}/{config.max_steps}", loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+                window_start, window_tokens = time.perf_counter(), 0
+            _advance(bar, 100.0 * progress_fraction(state.step, elapsed(), config))
+            if state.step % config.eval_interval == 0:
+                run_eval()
+                evaluated_at = state.step
+            elif config.checkpoint_interval and state.step % config.checkpoint_interval == 0:
+                checkpoint(LAST)
+        if evaluated_at != state.step and state.step > 0:
             run_eval()
-            evaluated_at = state.step
-        elif config.checkpoint_interval and state.step % config.checkpoint_interval == 0:
-            checkpoint(LAST)
-    if evaluated_at != state.step and state.step > 0:
-        run_eval()
-    bar.close()
+        _advance(bar, 100.0)  # the run is over, whichever limit ended it
     model.logits_workspace.clear()  # the fused loss's (N, V) buffer is not needed after training
     state.elapsed_s = elapsed()
     return result
+
+
+def restore_checkpoint(ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer, runtime: Runtime,
+                       fresh_optimizer: bool, seed: int) -> RunState:
+    """Load a checkpoint's weights, AdamW state and RNG states into this run; returns its run state.
+
+    A checkpoint without AdamW state is refused unless `fresh_optimizer`: AdamW restarted from zero moments takes
+    steps as large as the learning rate in every weight at first, so the run would quietly differ from the one it
+    continues. With `fresh_optimizer` the saved AdamW state, if any, is not used.
+    """
+    state, _, tensors = read_training_state(ckpt)
+    import_state_dict(model, read_weights(ckpt), source=str(ckpt))
+    if not fresh_optimizer:
+        if not any(key.startswith("optim.") for key in tensors):
+            raise FileNotFoundError(f"{ckpt}: no optimizer state ({OPTIMIZER_FILE} is missing or empty), so the run "
+                                    "cannot continue exactly; pass --fresh-optimizer to resume with AdamW's "
+                                    "moments started again from zero")
+        load_optimizer_tensors(model, optimizer, tensors, str(ckpt / OPTIMIZER_FILE))
+    if any(key.startswith("rng.") for key in tensors):
+        restore_rng(tensors, runtime)
+    else:
+        torch.manual_seed(seed + runtime.rank + state.step)  # no saved RNG: still reproducible from here
+    return state
 
 
 def _optimizer_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer, data: TokenData,
@@ -630,31 +830,33 @@ def _optimizer_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.op
     return float(total)
 
 
-def _should_stop(local: bool, runtime: Runtime) -> bool:
-    """All processes stop together: rank 0's clock decides."""
-    if not runtime.distributed:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0], device=runtime.device)
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
+def progress_fraction(step: int, elapsed_s: float, config: TrainConfig) -> float:
+    """How far the run is towards the limit that will end it: the larger of step / max_steps and, with a time
+    limit, elapsed / max_minutes (whichever is further along is reached first), at most 1.
+
+    >>> cfg = TrainConfig(max_steps=100, max_minutes=10.0)
+    >>> progress_fraction(50, 60.0, cfg), progress_fraction(10, 300.0, cfg), progress_fraction(100, 0.0, cfg)
+    (0.5, 0.5, 1.0)
+    """
+    fraction = step / config.max_steps
+    if config.max_minutes:
+        fraction = max(fraction, elapsed_s / (config.max_minutes * 60.0))
+    return min(1.0, fraction)
 
 
 def _progress_bar(config: TrainConfig, state: RunState, enabled: bool) -> Any:
-    """Steps out of max_steps; with a time limit, seconds out of the budget (the limit that usually ends the run)."""
+    """A bar in percent of the run (see `progress_fraction`): it fills as the steps or the clock run out, whichever
+    ends the run; the postfix shows the step, loss, learning rate, tokens/s and MFU."""
     from tqdm import tqdm
 
-    if config.max_minutes:
-        budget = config.max_minutes * 60
-        return tqdm(total=round(budget, 1), initial=round(min(state.elapsed_s, budget), 1), desc="train", unit="s",
-                    disable=not enabled, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
-    return tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step", disable=not enabled,
-                dynamic_ncols=True)
+    start = 100.0 * progress_fraction(state.step, state.elapsed_s, config)
+    return tqdm(total=100.0, initial=start, desc="train", disable=not enabled, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
 
 def _advance(bar: Any, position: float) -> None:
-    """Move the bar to `position` (a step count, or seconds of the time budget)."""
-    if bar.total is not None:
-        position = min(position, bar.total)
+    """Move the bar forward to `position` percent."""
+    position = min(position, bar.total)
     if position > bar.n:
         bar.update(position - bar.n)
 
@@ -693,15 +895,20 @@ configs/quickstart.toml holds the same values (a test keeps them equal)."""
 
 
 def ensure_prepared(source: str, tokenizer: str, data_dir: str | os.PathLike[str], progress: bool = True) -> Path:
-    """Prepare `source` into `data_dir` unless a complete preparation of the same source and tokenizer is there."""
+    """Prepare `source` into `data_dir` unless a complete preparation of the same source and tokenizer is there.
+
+    A damaged preparation of the same source and tokenizer is gpt2lab's own and is prepared again; anything else in
+    `data_dir` is refused by `prepare` (the caller chooses another directory)."""
     from gpt2lab.data import prepare, read_meta
 
+    same = False
     with contextlib.suppress(OSError, ValueError):
         meta = read_meta(data_dir)
-        if meta.get("source") == source and meta.get("tokenizer") == tokenizer:
+        same = meta.get("source") == source and meta.get("tokenizer") == tokenizer
+        if same:
             TokenData(data_dir)  # checks every shard against meta.json
             return Path(data_dir)
-    prepare(source, data_dir, tokenizer=tokenizer, progress=progress)
+    prepare(source, data_dir, tokenizer=tokenizer, progress=progress, overwrite=same)
     return Path(data_dir)
 
 

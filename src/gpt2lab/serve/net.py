@@ -1,8 +1,8 @@
 """The server's network edge: which connections and requests reach the app at all, and for how long.
 
 uvicorn already gives a keep-alive timeout (`timeout_keep_alive`), a request limit that answers 503
-(`limit_concurrency`) and a cap on buffered headers (`h11_max_incomplete_event_size`); server.py passes those. What it
-lacks is added here, each piece small and separate:
+(`limit_concurrency`) and a cap on buffered headers (`h11_max_incomplete_event_size`); `run.uvicorn_config` passes
+those. What it lacks is added here, each piece small and separate:
 
 - `GuardedH11Protocol`: uvicorn's h11 protocol plus a deadline for a request's headers (a client that connects and
   then sends nothing, or one byte at a time, is closed) and a hard cap on open connections (one more is closed as
@@ -184,7 +184,7 @@ class RepeatFilter(logging.Filter):
 
 def quiet_repeats(interval_s: float = 10.0) -> None:
     """Install a `RepeatFilter` on the loggers that bad clients can make talk: uvicorn's and asyncio's."""
-    for name in ("uvicorn.error", "asyncio", "gpt2lab.server"):
+    for name in ("uvicorn.error", "asyncio", "gpt2lab.serve"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RepeatFilter) for f in logger.filters):
             logger.addFilter(RepeatFilter(interval_s))

@@ -19,7 +19,7 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import TokenEvent
-from gpt2lab.server import (APIError, BackgroundServer, ChoiceText, ServerConfig, create_app,
+from gpt2lab.serve import (APIError, BackgroundServer, ChoiceText, ServerConfig, create_app,
                             parse_completion_request)
 
 openai = pytest.importorskip("openai")  # in the `test` extra; importorskip only keeps a bare checkout importable
@@ -96,7 +96,7 @@ def test_greedy_completion_matches_reference_loop(client, model, tokenizer):
     assert choice.text == tokenizer.decode(tokens)
     assert choice.finish_reason == ("length" if len(tokens) == 12 else "stop")
     assert result.usage.prompt_tokens == len(tokenizer.encode(prompt))
-    assert result.usage.completion_tokens == len(tokens)
+    assert result.usage.completion_tokens == len(tokens) + (choice.finish_reason == "stop")  # end-of-text counts
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
     assert result.object == "text_completion" and result.model == MODEL_ID and result.id.startswith("cmpl-")
 
@@ -260,6 +260,73 @@ def test_max_tokens_zero_with_echo_returns_the_prompt(client):
     assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 0
 
 
+# ------------------------------------------------------------------------------------------ end-of-text, offsets
+@pytest.fixture(scope="module")
+def eot_server(tokenizer):
+    """A model that always predicts <|endoftext|> next: its final norm maps every position to one direction `e`,
+    and the end-of-text token's embedding points along it."""
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(vocab_size=50257, n_ctx=N_CTX, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        e = torch.zeros(16)
+        e[0] = 1.0
+        net.ln_f.weight.zero_()
+        net.ln_f.bias.copy_(e)
+        net.wte.weight[50256] = 20 * e
+    with BackgroundServer(create_app(net, tokenizer, ServerConfig(model_id=MODEL_ID))) as running:
+        yield running
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_sampled_end_of_text_is_reported_in_logprobs(eot_server, tokenizer, stream):
+    """lm-eval scores a continuation from echo + logprobs + max_tokens 1, dropping the last (sampled) token's entry:
+    that entry must be there even when the sampled token is <|endoftext|>, as in OpenAI's API."""
+    prompt = "Hello world"
+    ids = tokenizer.encode(prompt)
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "stream": stream}
+    if not stream:
+        reply = post(eot_server, body).json()
+        choice, usage = reply["choices"][0], reply["usage"]
+        logprobs = choice["logprobs"]
+    else:
+        body["stream_options"] = {"include_usage": True}
+        events = [json.loads(line[6:]) for line in post(eot_server, body).text.splitlines()
+                  if line.startswith("data: {")]
+        choices = [e["choices"][0] for e in events if e["choices"]]
+        usage = events[-1]["usage"]
+        choice = {"text": "".join(c["text"] for c in choices), "finish_reason": choices[-1]["finish_reason"]}
+        logprobs = {key: [v for c in choices for v in c["logprobs"][key]] for key in ("tokens", "token_logprobs")}
+        logprobs["text_offset"] = [v for c in choices for v in c["logprobs"]["text_offset"]]
+    assert choice["text"] == prompt and choice["finish_reason"] == "stop"
+    assert logprobs["tokens"] == [tokenizer.decode([t]) for t in ids] + ["<|endoftext|>"]
+    assert logprobs["token_logprobs"][-1] == pytest.approx(0.0, abs=1e-3)
+    assert logprobs["text_offset"][-1] == len(prompt)
+    assert usage["completion_tokens"] == 1  # counted, as OpenAI counts the stop token
+
+
+def test_echoed_offsets_after_an_invalid_byte(server, tokenizer):
+    lead = byte_token(tokenizer, 0xE2)
+    ids = [*tokenizer.encode("a"), lead, *tokenizer.encode("x"), lead]
+    reply = post(server, {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == "a\ufffdx\ufffd"
+    assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]  # "x" starts after the U+FFFD its lead byte became
+
+
+def test_end_of_text_does_not_count_as_a_stop_string(server, model):
+    five = ["\n\n", ".", "Q:", "?", "<|endoftext|>"]
+    assert post(server, {"prompt": "Hi", "max_tokens": 2, "stop": five}).status_code == 200
+    reply = post(server, {"prompt": "Hi", "max_tokens": 2, "stop": [*five[:4], "!"]})
+    assert reply.status_code == 400 and "at most 4" in reply.json()["error"]["message"]
+
+
+def test_raised_limits_accept_more_stop_strings_and_prompts(model, tokenizer):
+    config = ServerConfig(model_id=MODEL_ID, max_stop=6, max_choices=20)
+    with BackgroundServer(create_app(model, tokenizer, config)) as running:
+        assert post(running, {"prompt": ["a"] * 20, "max_tokens": 1, "stop": list("abcdef")}).status_code == 200
+        assert post(running, {"prompt": ["a"] * 21, "max_tokens": 1}).status_code == 400
+
+
 # ------------------------------------------------------------------------------------------------ text assembly
 
 def events_for(tokenizer, text: str, finish: str = "length") -> list[TokenEvent]:
@@ -286,11 +353,34 @@ def test_choice_text_cuts_at_stop_strings_split_over_tokens(tokenizer, stop, exp
     assert all(t.offset < len(expected) for d in deltas for t in d.tokens)
 
 
-def test_choice_text_end_of_text_token_finishes_without_text(tokenizer):
+def test_choice_text_end_of_text_token_finishes_without_text_but_is_reported(tokenizer):
     choice = ChoiceText(tokenizer)
     assert choice.add(TokenEvent(tokenizer.encode("Hi")[0], -0.5, [], None), 50256).text == "Hi"
-    delta = choice.add(TokenEvent(50256, -0.1, [], "stop"), 50256)
-    assert (delta.text, delta.finish_reason, choice.num_tokens) == ("", "stop", 1)
+    delta = choice.add(TokenEvent(50256, -0.1, [(50256, -0.1)], "stop"), 50256)
+    assert (delta.text, delta.finish_reason, choice.num_tokens, choice.text) == ("", "stop", 2, "Hi")
+    assert [(t.text, t.offset, t.logprob, t.top) for t in delta.tokens] == [("<|endoftext|>", 2, -0.1,
+                                                                             (("<|endoftext|>", -0.1),))]
+
+
+def byte_token(tokenizer, value: int) -> int:
+    return next(i for i in range(256) if tokenizer.decode_bytes([i]) == bytes([value]))
+
+
+def test_choice_text_offsets_after_an_invalid_byte(tokenizer):
+    """A lone lead byte becomes U+FFFD when the next token does not continue it: that token starts after it."""
+    lead, x, eot = byte_token(tokenizer, 0xE2), tokenizer.encode("x")[0], 50256
+    choice = ChoiceText(tokenizer)
+    deltas = [choice.add(TokenEvent(t, -1.0, [], r), eot) for t, r in ((lead, None), (x, None), (lead, None),
+                                                                      (eot, "stop"))]
+    tokens = [t for d in deltas if d is not None for t in d.tokens]
+    assert choice.text == "\ufffdx\ufffd"
+    assert [(t.text, t.offset) for t in tokens] == [("bytes:\\xe2", 0), ("x", 1), ("bytes:\\xe2", 2),
+                                                    ("<|endoftext|>", 3)]
+    # a token that completes the character starts where the character does
+    euro = tokenizer.encode("\u20ac")
+    choice = ChoiceText(tokenizer)
+    deltas = [choice.add(TokenEvent(t, -1.0, [], None), eot) for t in [*tokenizer.encode("a"), *euro]]
+    assert [t.offset for d in deltas if d is not None for t in d.tokens] == [0] + [1] * len(euro)
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
@@ -381,23 +471,23 @@ BAD_REQUESTS = [
     (b"", 400, None, "invalid_json", "empty"),
     (b"[1, 2]", 400, None, "invalid_json", "JSON object"),
     (b'{"prompt": "x", "temperature": NaN}', 400, None, "invalid_json", "NaN"),
-    ({"prompt": "x", "temperature": -0.5}, 422, "temperature", "invalid_value", "[0, 2]"),
-    ({"prompt": "x", "temperature": "hot"}, 422, "temperature", "invalid_value", "'hot'"),
-    ({"prompt": "x", "max_tokens": "ten"}, 422, "max_tokens", "invalid_value", "integer"),
-    ({"prompt": "x", "max_tokens": 10_000}, 422, "max_tokens", "invalid_value", f"[0, {N_CTX}]"),
-    ({"prompt": "x", "max_tokens": -1}, 422, "max_tokens", "invalid_value", "-1"),
-    ({"prompt": "x", "top_p": 0}, 422, "top_p", "invalid_value", "(0, 1]"),
-    ({"prompt": "x", "n": 0}, 422, "n", "invalid_value", "n"),
-    ({"prompt": "x", "logprobs": 6}, 422, "logprobs", "invalid_value", "[0, 5]"),
-    ({"prompt": "x", "stream": "yes"}, 422, "stream", "invalid_value", "true or false"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop", "invalid_value", "at most 4"),
-    ({"prompt": "x", "max_token": 5}, 422, "max_token", "unknown_field", "'max_token'"),
-    ({"prompt": 5}, 422, "prompt", "invalid_value", "'prompt' must be"),
-    ({"prompt": [[1, 2], "mixed"]}, 422, "prompt", "invalid_value", "'prompt' must be"),
-    ({"prompt": [70000]}, 422, "prompt", "invalid_value", "70000"),
-    ({"max_tokens": 5}, 422, "prompt", "missing_field", "required"),
-    ({"prompt": "x", "frequency_penalty": 0.5}, 422, "frequency_penalty", "unsupported", "repetition_penalty"),
-    ({"prompt": "x", "stream_options": {"include_usage": True}}, 422, "stream_options", "invalid_value", "stream"),
+    ({"prompt": "x", "temperature": -0.5}, 400, "temperature", "invalid_value", "[0, 2]"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "invalid_value", "'hot'"),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens", "invalid_value", "integer"),
+    ({"prompt": "x", "max_tokens": 10_000}, 400, "max_tokens", "invalid_value", f"[0, {N_CTX}]"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "invalid_value", "-1"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value", "(0, 1]"),
+    ({"prompt": "x", "n": 0}, 400, "n", "invalid_value", "n"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs", "invalid_value", "[0, 5]"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream", "invalid_value", "true or false"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value", "at most 4"),
+    ({"prompt": "x", "max_token": 5}, 400, "max_token", "unknown_field", "'max_token'"),
+    ({"prompt": 5}, 400, "prompt", "invalid_value", "'prompt' must be"),
+    ({"prompt": [[1, 2], "mixed"]}, 400, "prompt", "invalid_value", "'prompt' must be"),
+    ({"prompt": [70000]}, 400, "prompt", "invalid_value", "70000"),
+    ({"max_tokens": 5}, 400, "prompt", "missing_field", "required"),
+    ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported", "repetition_penalty"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value", "stream"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found", "'gpt-4'"),
     ({"prompt": " hello" * 70}, 413, "prompt", "prompt_too_long", "70 tokens"),
     ({"prompt": " hello" * 50, "max_tokens": 20}, 400, "max_tokens", "context_length_exceeded", "at most 14"),
@@ -408,7 +498,7 @@ BAD_REQUESTS = [
     (b'{"prompt": "x", "model": "\\ud800"}', 400, "model", "invalid_text", "lone surrogate"),
     (b"[" * 9_000 + b"]" * 9_000, 400, None, "invalid_json", "nests more than"),
     ({"prompt": [[[[[[[[[1]]]]]]]]]}, 400, "prompt", "invalid_json", "nests more than"),
-    ({"prompt": "x", "stop": "z" * 257}, 422, "stop", "invalid_value", "1 to 256 characters"),
+    ({"prompt": "x", "stop": "z" * 257}, 400, "stop", "invalid_value", "1 to 256 characters"),
 ]
 
 
@@ -441,7 +531,7 @@ def test_unknown_routes_and_methods_get_error_objects(server):
 
 
 def test_openai_client_raises_typed_errors(client):
-    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL_ID, prompt="x", temperature=-1)
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.completions.create(model=MODEL_ID, prompt=" hi" * 60, max_tokens=10)
@@ -552,7 +642,7 @@ class PoisonedText(ChoiceText):
 def worker_rows(model, tokenizer, prompts, poison):
     """Rows for a BatchWorker, each collecting what it is sent; `poison` maps a row index to how it is broken."""
     from gpt2lab.sampling import SamplingParams
-    from gpt2lab.server import Row
+    from gpt2lab.serve import Row
 
     received = [[] for _ in prompts]
     rows = []
@@ -568,7 +658,7 @@ def worker_rows(model, tokenizer, prompts, poison):
 
 @pytest.mark.parametrize("kind", ["generator", "text"])
 def test_a_poisoned_row_fails_alone_and_its_batch_mates_finish(model, tokenizer, kind):
-    from gpt2lab.server import BatchWorker, Delta
+    from gpt2lab.serve import BatchWorker, Delta
 
     prompts = ["Alpha", "Beta gamma delta", "Zeta"]
     rows, received = worker_rows(model, tokenizer, prompts, {1: kind})
@@ -602,16 +692,16 @@ def char_server():
 
 
 @pytest.mark.parametrize("prompt, shown", [("It\u2019s", "'\u2019'"), ("hi \U0001F600", "'\U0001F600'")])
-def test_characters_outside_a_char_vocabulary_are_a_422(char_server, prompt, shown):
+def test_characters_outside_a_char_vocabulary_are_a_400(char_server, prompt, shown):
     reply = post(char_server, {"prompt": prompt, "max_tokens": 2})
-    assert reply.status_code == 422, reply.text
+    assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["param"] == "prompt" and shown in error["message"] and "char-level vocabulary" in error["message"]
     assert post(char_server, {"prompt": "It's", "max_tokens": 2}).status_code == 200
 
 
 def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(tokenizer):
-    from gpt2lab.server import max_token_bytes
+    from gpt2lab.serve import max_token_bytes
 
     class NoTokenizing:
         vocab_size, eot_token = tokenizer.vocab_size, tokenizer.eot_token
@@ -718,7 +808,7 @@ def test_connections_beyond_the_limit_are_closed_and_service_resumes(strict_serv
 def test_repeated_log_messages_are_held_back():
     import logging
 
-    from gpt2lab.server_net import RepeatFilter
+    from gpt2lab.serve.net import RepeatFilter
 
     log_filter = RepeatFilter(interval_s=60)
     records = [logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Invalid HTTP request received.",
@@ -740,6 +830,8 @@ def test_repeated_log_messages_are_held_back():
     (["--threads", "0"], "--threads must be >= 1"),
     (["--max-connections", "1"], "max_connections must be an integer >= 2"),
     (["--body-timeout", "0"], "body_timeout_s must be a number of seconds"),
+    (["--max-stop", "0"], "max_stop must be an integer >= 1"),
+    (["--max-choices", "0"], "max_choices must be an integer >= 1"),
 ])
 def test_cli_serve_bad_flags_are_one_line(argv, words, capsys):
     from gpt2lab.cli import main
@@ -767,3 +859,35 @@ def test_cli_serve_an_empty_key_in_the_environment_is_an_error(monkeypatch, caps
     monkeypatch.setenv("GPT2LAB_API_KEY", "")
     assert main(["serve", "--model", "/no/such/dir"]) == 1
     assert "GPT2LAB_API_KEY is empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- the package
+SERVE_MODULES = ["config", "errors", "request", "choices", "batcher", "net", "app", "run"]
+
+
+def test_serve_modules_import_only_those_below_them():
+    import ast
+    from pathlib import Path
+
+    import gpt2lab.serve
+
+    root = Path(gpt2lab.serve.__file__).parent
+    assert sorted(p.stem for p in root.glob("*.py") if p.stem != "__init__") == sorted(SERVE_MODULES)
+    for i, name in enumerate(SERVE_MODULES):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        inside = {m.rsplit(".", 1)[1] for m in imported if m.startswith("gpt2lab.serve.")}
+        assert inside <= set(SERVE_MODULES[:i]), f"serve/{name}.py imports {sorted(inside - set(SERVE_MODULES[:i]))}"
+        assert "gpt2lab.cli" not in imported and "gpt2lab.server" not in imported
+
+
+def test_the_old_module_path_still_works_with_a_warning():
+    import importlib
+    import sys
+
+    import gpt2lab.serve
+
+    sys.modules.pop("gpt2lab.server", None)
+    with pytest.warns(DeprecationWarning, match="gpt2lab.serve"):
+        old = importlib.import_module("gpt2lab.server")
+    assert old.create_app is gpt2lab.serve.create_app and old.ServerConfig is ServerConfig
