@@ -36,7 +36,7 @@ LAYERS = {
     # api: the GPT users import (`gpt2lab.GPT`), with loading, saving and generation as methods
     "pretrained": API,
     # faces: parse, dispatch, format
-    "cli": FACES, "server": FACES, "server_net": FACES, "serve": FACES, "lm_eval": FACES,
+    "cli": FACES, "serve": FACES, "server": FACES, "lm_eval": FACES,  # server.py: the old name of serve/
     "": FACES,  # gpt2lab/__init__.py: the package's exports
 }
 

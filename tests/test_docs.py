@@ -68,7 +68,7 @@ def _texts(cwd: Path) -> dict:
 
 SETUP: dict[tuple[str, str], Callable[[Path], dict]] = {
     ("generation.md", "import torch"): _model_directory,
-    ("serving.md", "from gpt2lab.server import BackgroundServer, ServerConfig, create_app"): _model_and_tokenizer,
+    ("serving.md", "from gpt2lab.serve import BackgroundServer, ServerConfig, create_app"): _model_and_tokenizer,
     ("tokenizer.md", "from gpt2lab.tokenizer import Tokenizer, CharTokenizer, train_bpe, load_tokenizer"): _texts,
 }
 
@@ -162,7 +162,7 @@ def test_the_docs_show_commands():
 @pytest.mark.parametrize("where,command", COMMANDS, ids=[f"{w}:{c[:40]}" for w, c in COMMANDS])
 def test_command_line_parses(where, command):
     parser = build_parser()
-    args = shlex.split(command, comments=True)[1:]
+    args = [a for a in shlex.split(command, comments=True)[1:] if a != "&"]  # a trailing & runs it in the background
     if {"-h", "--help", "--version"} & set(args):  # prints and exits 0
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(args)
