@@ -104,7 +104,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def bytes_per_token(model: torch.nn.Module, context: int) -> int:
     """Bytes a batch-1 decode step reads: every weight except the two embedding tables (one row each), the tied head
     once, and the keys and values of `context` cached positions."""
-    from gpt2lab.generate import activation_dtype
+    from gpt2lab.kv_cache import activation_dtype
 
     cfg = model.config
     total = weight_bytes(model)  # the tied token table is counted once: the head reads all of it
@@ -132,7 +132,8 @@ def build_variants(threads: int) -> list[Variant]:
     from transformers import GPT2LMHeadModel
 
     from gpt2lab import GPT, GPTConfig
-    from gpt2lab.generate import generate, prepare_for_inference
+    from gpt2lab.generate import generate
+    from gpt2lab.inference import prepare_for_inference
 
     torch.manual_seed(0)
     base = GPT(GPTConfig.preset("gpt2")).eval()
@@ -233,7 +234,8 @@ def measure_memory(name: str, tokens: int) -> None:
                 model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=0, eos_token_id=None)
     else:
-        from gpt2lab.generate import generate, prepare_for_inference
+        from gpt2lab.generate import generate
+        from gpt2lab.inference import prepare_for_inference
 
         model = prepare_for_inference(GPT(GPTConfig.preset("gpt2")), name.split()[-1])
 

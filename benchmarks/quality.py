@@ -51,7 +51,8 @@ def train_char_model(steps: int):
 
 
 def compare(name: str, ref, prompt: torch.Tensor, tokens: int) -> None:
-    from gpt2lab.generate import generate, prepare_for_inference
+    from gpt2lab.generate import generate
+    from gpt2lab.inference import prepare_for_inference
 
     greedy = generate(ref, prompt, tokens, temperature=0)  # fp32's own continuation
     n_ctx = ref.config.n_ctx

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from gpt2lab.generate import SamplingParams, choose_tokens, process_logits
+from gpt2lab.sampling import SamplingParams, choose_tokens, process_logits
 
 
 def peer(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:

@@ -34,7 +34,7 @@ def server_process(port_queue, preset: str, model_dir: str | None, dtype: str, m
     import torch
 
     from gpt2lab import GPT, GPTConfig
-    from gpt2lab.generate import prepare_for_inference
+    from gpt2lab.inference import prepare_for_inference
     from gpt2lab.serve import BackgroundServer, ServerConfig, create_app
     from gpt2lab.tokenizer import Tokenizer, load_tokenizer
 

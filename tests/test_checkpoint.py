@@ -174,7 +174,7 @@ def test_load_to_dtype(saved):
 
 
 def test_export_refuses_a_model_converted_for_inference(tiny_model, tmp_path):
-    from gpt2lab.generate import prepare_for_inference
+    from gpt2lab.inference import prepare_for_inference
 
     converted = prepare_for_inference(tiny_model, "int8")
     with pytest.raises(ValueError, match="cannot export"):

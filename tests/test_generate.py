@@ -13,15 +13,18 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.generate import (Decoder, KVCache, SamplingParams, TokenEvent, apply_repetition_penalty, apply_top_k,
-                              apply_top_p, choose_tokens, decode_steps, draw_uniforms, generate, held_back, prepare_for_inference,
-                              process_logits, prompt_logprobs, sample_inverse_cdf, stream_text, text_pieces)
+from gpt2lab.generate import Decoder, TokenEvent, decode_steps, generate, prompt_logprobs, stream_text
+from gpt2lab.inference import prepare_for_inference
+from gpt2lab.kv_cache import KVCache
+from gpt2lab.sampling import (SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, choose_tokens,
+                              draw_uniforms, process_logits, sample_inverse_cdf)
+from gpt2lab.text import held_back, text_pieces
 from gpt2lab import quantize
 from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLinear, Int8Linear, OneDNNLinear,
                               TransposedLinear,
                               quantize_per_channel)
 
-from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_decode_step
+from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_fast_step
 
 
 def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int, keep: int | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from gpt2lab.generate import (SamplingParams, apply_temperature, apply_top_p, choose_tokens, process_logits,
+from gpt2lab.sampling import (SamplingParams, apply_temperature, apply_top_p, choose_tokens, process_logits,
                               sample_inverse_cdf)
 
 

@@ -641,7 +641,7 @@ class PoisonedText(ChoiceText):
 
 def worker_rows(model, tokenizer, prompts, poison):
     """Rows for a BatchWorker, each collecting what it is sent; `poison` maps a row index to how it is broken."""
-    from gpt2lab.generate import SamplingParams
+    from gpt2lab.sampling import SamplingParams
     from gpt2lab.serve import Row
 
     received = [[] for _ in prompts]

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {"GPT": "gpt2lab.model", "GPTConfig": "gpt2lab.config", "PRESETS": "gpt2lab.config",
+_EXPORTS = {"GPT": "gpt2lab.pretrained", "GPTConfig": "gpt2lab.config", "PRESETS": "gpt2lab.config",
             "Tokenizer": "gpt2lab.tokenizer"}
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.config import PRESETS, GPTConfig
-    from gpt2lab.model import GPT
+    from gpt2lab.pretrained import GPT
     from gpt2lab.tokenizer import Tokenizer
 
 

@@ -387,8 +387,11 @@ def download_from_hub(repo_id: str, offline: bool = False, timeout: float = 10.0
 
 
 def load_model(path_or_name: str | os.PathLike[str], device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, offline: bool = False) -> GPT:
+               dtype: torch.dtype | None = None, offline: bool = False, model_class: type[GPT] = GPT) -> GPT:
     """Build a GPT from a model directory or hub name, check every tensor, and load it (eval mode).
+
+    `model_class` is the class built: the bare network by default, or a subclass such as `gpt2lab.GPT` (whose
+    `from_pretrained` passes itself), which adds methods but no modules or weights.
 
     The config and the files' headers are checked against each other before the model is built or a weight is read,
     so a hostile or mismatched directory costs no more than reading its headers.
@@ -398,7 +401,7 @@ def load_model(path_or_name: str | os.PathLike[str], device: str | torch.device 
     check_layout(config, read_weight_layout(directory), source=str(directory))
     tensors = read_weights(directory)
     with torch.device("meta"):
-        model = GPT(config)
+        model = model_class(config)
     model = model.to_empty(device="cpu")
     if config.pos_encoding == "sinusoidal":  # buffers are not in the file's state; rebuild them after to_empty
         from gpt2lab.model import sinusoidal_table

@@ -86,7 +86,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _load_model(model: str, dtype: str, tokenizer: str | None) -> tuple[Any, Any]:
     """The model and tokenizer for generate, eval and attention; refuses a tokenizer with ids the model lacks."""
-    from gpt2lab.generate import load_for_inference
+    from gpt2lab.inference import load_for_inference
 
     network, tok = load_for_inference(model, dtype, tokenizer)
     if tok.vocab_size > network.config.vocab_size:
@@ -414,7 +414,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def _run_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from gpt2lab.generate import SamplingParams, stream_text
+    from gpt2lab.generate import stream_text
+    from gpt2lab.sampling import SamplingParams
 
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}

@@ -36,7 +36,9 @@ except ImportError as e:  # the optional `eval` extra is not installed
     raise ImportError(f"the lm-eval adapter needs lm-evaluation-harness ({e}); install it with: "
                       "pip install -e \".[eval]\"") from None
 
-from gpt2lab.generate import INFERENCE_DTYPES, SamplingParams, decode_steps, prepare_for_inference
+from gpt2lab.generate import decode_steps
+from gpt2lab.inference import INFERENCE_DTYPES, load_tokenizer_for, prepare_for_inference
+from gpt2lab.sampling import SamplingParams
 from gpt2lab.model import GPT
 
 DEFAULT_BATCH_SIZE = 8
@@ -285,7 +287,6 @@ def _progress(total: int, what: str, disable: bool) -> Any:
 def _load(pretrained: str | GPT, dtype: str, tokenizer: Any, device: str | None) -> tuple[GPT, Any]:
     """The model in its inference precision and its tokenizer (a model object needs its tokenizer passed)."""
     from gpt2lab.checkpoint import load_model, resolve_model_dir
-    from gpt2lab.generate import load_tokenizer_for
     from gpt2lab.tokenizer import load_tokenizer
 
     on_cpu = _runs_on_cpu(device, dtype)

@@ -12,12 +12,15 @@ S key positions (the cached past plus the T new ones).
 Attribute names follow the GPT-2 checkpoint (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `mlp.c_fc`, `ln_f`), so
 importing official weights is a name table plus transposes (see checkpoint.py). Linear layers are `nn.Linear`
 (out, in); the official checkpoints store the transpose (their `Conv1D` is (in, out)).
+
+This file is the ground floor of the torch code: it imports only config and loss. Loading, saving and generation are
+methods of `gpt2lab.GPT` (pretrained.py), a subclass one floor up; docs/architecture.md says why.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -25,24 +28,6 @@ import torch.nn.functional as F
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.loss import LogitsWorkspace, cross_entropy, fused_loss_applies, linear_cross_entropy
-
-if TYPE_CHECKING:  # pragma: no cover
-    from os import PathLike
-
-
-class KVCacheLike(Protocol):
-    """What attention needs from a key/value cache (the preallocated one lives in generate.py).
-
-    `length` is the number of positions already cached (the same for every layer). `update` stores this step's keys
-    and values for one layer and returns all of them so far: (B, H, length + T, D) each. The model calls `advance(T)`
-    once after the last layer.
-    """
-
-    length: int
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def advance(self, n: int) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------------- positions
@@ -88,14 +73,22 @@ def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Ten
     return k_pos <= q_pos
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                       dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(Q Kᵀ / √D + mask) V, spelled out: the textbook path, and the one that can return the weights.
+def attention_mask_for(t: int, s: int, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Combine causality with a key padding mask: (B, S) of 1/0 -> bool (B, 1, T, S), True = may attend.
 
-    q: (B, H, T, D); k, v: (B, H, S, D); mask: bool, broadcastable to (B, H, T, S), True = may attend; None means
-    causal with the queries as the last T positions. Returns (B, H, T, D).
+    Without padding this returns None and attention applies causality itself (the fast path). Every query is always
+    allowed to see its own position: a padding query would otherwise have no key at all, and its softmax over
+    nothing would be NaN, which then leaks into real positions through 0 × NaN.
     """
-    return explicit_attention_weights(q, k, mask, dropout_p) @ v  # (B, H, T, D)
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.size(1) != s:
+        raise ValueError(f"attention_mask must have shape (B, {s}) covering cached and new positions, got {tuple(attention_mask.shape)}")
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    causal = causal_mask(t, s, attention_mask.device)  # (T, S)
+    diagonal = torch.zeros(t, s, dtype=torch.bool, device=attention_mask.device)
+    diagonal[torch.arange(t), torch.arange(s - t, s)] = True  # each query's own position
+    return (keys & causal) | diagonal  # (B, 1, T, S)
 
 
 def explicit_attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor],
@@ -108,6 +101,16 @@ def explicit_attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, H, T, S)
     return F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                       dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(Q Kᵀ / √D + mask) V, spelled out: the textbook path, and the one that can return the weights.
+
+    q: (B, H, T, D); k, v: (B, H, S, D); mask: bool, broadcastable to (B, H, T, S), True = may attend; None means
+    causal with the queries as the last T positions. Returns (B, H, T, D).
+    """
+    return explicit_attention_weights(q, k, mask, dropout_p) @ v  # (B, H, T, D)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -125,6 +128,21 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     if mask is None:
         mask = causal_mask(T, S, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class KVCacheLike(Protocol):
+    """What attention needs from a key/value cache (the preallocated one is kv_cache.KVCache).
+
+    `length` is the number of positions already cached (the same for every layer). `update` stores this step's keys
+    and values for one layer and returns all of them so far: (B, H, length + T, D) each. The model calls `advance(T)`
+    once after the last layer.
+    """
+
+    length: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, n: int) -> None: ...
 
 
 class CausalSelfAttention(nn.Module):
@@ -220,6 +238,19 @@ class Block(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------- GPT
+def init_residual_projections(model: GPT) -> None:
+    """Scale the init of each residual branch's output projection by 1/√(2·n_layer).
+
+    Every block adds two branches (attention, MLP) to the residual stream, so after L blocks the stream has summed 2L
+    roughly independent contributions; shrinking each one's std by √(2L) keeps the stream's variance at init
+    independent of depth (GPT-2 paper, section 2.3).
+    """
+    std = 0.02 / math.sqrt(2 * model.config.n_layer)
+    for block in model.h:
+        nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=std)
+
+
 class GPT(nn.Module):
     """The full GPT-2 language model: token ids (B, T) -> next-token logits (B, T, V).
 
@@ -345,58 +376,3 @@ class GPT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.wte.weight.device
-
-    @classmethod
-    def from_pretrained(cls, path_or_name: "str | PathLike[str]", **kwargs: Any) -> "GPT":
-        """Load a model directory in Hugging Face's GPT-2 layout, or an official checkpoint by hub name ("gpt2").
-
-        The work lives in checkpoint.py (I/O stays out of the model file); this is the convenient entry point.
-        """
-        from gpt2lab.checkpoint import load_model
-
-        return load_model(path_or_name, **kwargs)
-
-    def save_pretrained(self, directory: "str | PathLike[str]", tokenizer: Any = None, overwrite: bool = False) -> None:
-        """Write `config.json` + `model.safetensors` (GPT2LMHeadModel's names and layout) atomically, plus the
-        tokenizer's files when one is given. An existing model directory is replaced only with `overwrite`, and
-        a directory holding other files is refused (see `gpt2lab.files`)."""
-        from gpt2lab.checkpoint import save_model
-
-        save_model(self, directory, tokenizer=tokenizer, overwrite=overwrite)
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        """Extend `idx` (B, T) by `max_new_tokens` sampled tokens; see `gpt2lab.generate.generate`."""
-        from gpt2lab.generate import generate
-
-        return generate(self, idx, max_new_tokens, **kwargs)
-
-
-def init_residual_projections(model: GPT) -> None:
-    """Scale the init of each residual branch's output projection by 1/√(2·n_layer).
-
-    Every block adds two branches (attention, MLP) to the residual stream, so after L blocks the stream has summed 2L
-    roughly independent contributions; shrinking each one's std by √(2L) keeps the stream's variance at init
-    independent of depth (GPT-2 paper, section 2.3).
-    """
-    std = 0.02 / math.sqrt(2 * model.config.n_layer)
-    for block in model.h:
-        nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=std)
-        nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=std)
-
-
-def attention_mask_for(t: int, s: int, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Combine causality with a key padding mask: (B, S) of 1/0 -> bool (B, 1, T, S), True = may attend.
-
-    Without padding this returns None and attention applies causality itself (the fast path). Every query is always
-    allowed to see its own position: a padding query would otherwise have no key at all, and its softmax over
-    nothing would be NaN, which then leaks into real positions through 0 × NaN.
-    """
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or attention_mask.size(1) != s:
-        raise ValueError(f"attention_mask must have shape (B, {s}) covering cached and new positions, got {tuple(attention_mask.shape)}")
-    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-    causal = causal_mask(t, s, attention_mask.device)  # (T, S)
-    diagonal = torch.zeros(t, s, dtype=torch.bool, device=attention_mask.device)
-    diagonal[torch.arange(t), torch.arange(s - t, s)] = True  # each query's own position
-    return (keys & causal) | diagonal  # (B, 1, T, S)

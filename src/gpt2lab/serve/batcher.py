@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from gpt2lab.generate import SamplingParams, TokenEvent, decode_steps
+from gpt2lab.generate import TokenEvent, decode_steps
+from gpt2lab.sampling import SamplingParams
 from gpt2lab.serve.choices import ChoiceText, Delta
 from gpt2lab.serve.errors import APIError
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from gpt2lab.generate import TokenEvent, prompt_logprobs
-from gpt2lab.generate import _first_stop as first_stop, held_back  # the text assembler of generate's streaming
+from gpt2lab.text import first_stop, held_back  # the one text assembler, shared with generate.stream_text
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from gpt2lab.generate import SamplingParams
+from gpt2lab.sampling import SamplingParams
 from gpt2lab.serve.config import ServerConfig
 from gpt2lab.serve.errors import APIError
 

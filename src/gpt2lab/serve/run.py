@@ -15,7 +15,7 @@ import uvicorn
 
 from starlette.applications import Starlette
 
-from gpt2lab.generate import load_for_inference
+from gpt2lab.inference import load_for_inference
 from gpt2lab.serve.app import create_app
 from gpt2lab.serve.config import ServerConfig
 from gpt2lab.serve.net import GuardedH11Protocol, bind_socket, quiet_repeats

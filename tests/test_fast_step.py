@@ -11,18 +11,20 @@ import pytest
 import torch
 
 from gpt2lab import GPT
-from gpt2lab.decode_step import DecodeStep
-from gpt2lab.generate import Decoder, KVCache, generate, prepare_for_inference
+from gpt2lab.fast_step import FlatStep
+from gpt2lab.generate import Decoder, generate
+from gpt2lab.inference import prepare_for_inference
+from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import Block
 
 from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_generate
 
 
 def both_paths(model: GPT, prompt: torch.Tensor, tokens: list[torch.Tensor], positions=None, mask=None):
-    """Logits of each step through the modules and through DecodeStep, from two caches filled by the same prefill."""
+    """Logits of each step through the modules and through FlatStep, from two caches filled by the same prefill."""
     B, T = prompt.shape
     caches = [KVCache.for_model(model, B, T + len(tokens)) for _ in range(2)]
-    step = DecodeStep(model)
+    step = FlatStep(model)
     out = ([], [])
     with torch.no_grad():
         for cache in caches:
@@ -38,7 +40,7 @@ def both_paths(model: GPT, prompt: torch.Tensor, tokens: list[torch.Tensor], pos
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_decode_step_equals_the_modules(name):
+def test_flat_step_equals_the_modules(name):
     model = make_model(CONFIGS[name])
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -53,7 +55,7 @@ def test_decode_step_equals_the_modules(name):
     torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-6, rtol=1e-6)
 
 
-def test_decode_step_with_left_padding_equals_the_modules():
+def test_flat_step_with_left_padding_equals_the_modules():
     model = make_model(CONFIGS["tiny"])
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, 97, (2, 6), generator=g)
@@ -67,7 +69,7 @@ def test_decode_step_with_left_padding_equals_the_modules():
 
 
 @pytest.mark.parametrize("dtype,threads", [("fp32", 2), ("fp32", 1), ("bf16", 2), ("int8", 2)])
-def test_decode_step_on_inference_layers_equals_their_modules(dtype, threads):
+def test_flat_step_on_inference_layers_equals_their_modules(dtype, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # fp32 prepared under one thread stores wide layers transposed
     try:
@@ -85,23 +87,23 @@ def test_decode_step_on_inference_layers_equals_their_modules(dtype, threads):
 def test_generate_uses_the_step_only_where_it_applies():
     model = make_model(CONFIGS["tiny"])
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
-    assert DecodeStep.applies(model)
+    assert FlatStep.applies(model)
     assert Decoder(model, prompt, max_new_tokens=3).fast_step is not None
     expected = generate(model, prompt, 8, temperature=0)
 
     calls = []
     handle = model.h[0].register_forward_hook(lambda *args: calls.append(1))
-    assert not DecodeStep.applies(model)  # a hook must see every step, so the modules run
+    assert not FlatStep.applies(model)  # a hook must see every step, so the modules run
     assert torch.equal(generate(model, prompt, 8, temperature=0), expected)
     assert len(calls) == 8  # the prefill and the 7 steps after it all went through the block
     handle.remove()
     handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)  # a hook on every module
-    assert not DecodeStep.applies(model)
+    assert not FlatStep.applies(model)
     handle.remove()
-    assert DecodeStep.applies(model)
+    assert FlatStep.applies(model)
 
     model.h[0].attn.use_sdpa = False  # the explicit attention path is the modules' alone
-    assert not DecodeStep.applies(model)
+    assert not FlatStep.applies(model)
     model.h[0].attn.use_sdpa = True
 
     class CustomBlock(Block):
@@ -109,13 +111,13 @@ def test_generate_uses_the_step_only_where_it_applies():
 
     custom = copy.deepcopy(model)
     custom.h[1].__class__ = CustomBlock  # a subclass may change forward: not the stock block
-    assert not DecodeStep.applies(custom)
-    assert not DecodeStep.applies(copy.deepcopy(model).train())
+    assert not FlatStep.applies(custom)
+    assert not FlatStep.applies(copy.deepcopy(model).train())
 
 
-def test_decode_step_refuses_a_full_cache_or_wrong_batch():
+def test_flat_step_refuses_a_full_cache_or_wrong_batch():
     model = make_model(CONFIGS["tiny"])
-    step = DecodeStep(model)
+    step = FlatStep(model)
     cache = KVCache.for_model(model, 2, max_length=3)
     with torch.no_grad():
         model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
@@ -124,3 +126,13 @@ def test_decode_step_refuses_a_full_cache_or_wrong_batch():
     cache.reset()
     with pytest.raises(ValueError, match="holds 2 active rows, got 3"):
         step(torch.zeros(3, dtype=torch.long), cache)
+
+
+def test_the_old_module_name_still_imports_with_a_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("gpt2lab.decode_step", None)
+    with pytest.warns(DeprecationWarning, match="fast_step"):
+        old = importlib.import_module("gpt2lab.decode_step")
+    assert old.DecodeStep is FlatStep
