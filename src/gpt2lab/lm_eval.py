@@ -47,29 +47,24 @@ DEFAULT_MAX_GEN_TOKS = 256
 Request = tuple[Any, list[int], list[int]]  # (cache key, context ids, continuation ids), as TemplateLM builds them
 
 
-def _batch_size(value: int | str | None) -> int:
-    """lm-eval passes `batch_size` as an int, a digit string or "auto[:N]"; auto means our default."""
-    if value is None or (isinstance(value, str) and value.startswith("auto")):
-        return DEFAULT_BATCH_SIZE
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"batch_size must be a positive integer or 'auto', got {value!r}") from None
-    if size < 1:
-        raise ValueError(f"batch_size must be a positive integer or 'auto', got {value!r}")
-    return size
-
-
 def _positive(name: str, value: int | str | None, default: int) -> int:
+    """An lm-eval argument that must be a positive integer (lm-eval passes model_args as strings), or `default`."""
     if value is None:
         return default
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+        number = 0
     if number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return number
+
+
+def _batch_size(value: int | str | None) -> int:
+    """lm-eval passes `batch_size` as an int, a digit string or "auto[:N]"; auto means our default."""
+    if isinstance(value, str) and value.startswith("auto"):
+        return DEFAULT_BATCH_SIZE
+    return _positive("batch_size", value, DEFAULT_BATCH_SIZE)
 
 
 def scoring_windows(requests: Sequence[Request], max_length: int) -> list[tuple[list[int], list[int]]]:
