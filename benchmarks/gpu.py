@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 
 from gpt2lab import GPTConfig
-from gpt2lab.train import GPU_PEAK_BF16, flops_per_token
+from gpt2lab.train import GPU_PEAK_BF16, flops_per_token, gpu_peak_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 16  # tokens of the generation prompt
@@ -98,14 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peak_bf16_flops(gpu_name: str) -> float | None:
-    """The dense bf16 FLOP/s of a GPU by its CUDA name, from `train.GPU_PEAK_BF16`; None when it is not listed.
-    The longest matching key wins, so "NVIDIA L40S" is an L40S, not an L4, and an A100 is not an A10.
-
-    >>> peak_bf16_flops("NVIDIA H100 80GB HBM3") / 1e12
-    989.0
-    """
-    keys = sorted((key for key in GPU_PEAK_BF16 if key in gpu_name), key=len, reverse=True)
-    return GPU_PEAK_BF16[keys[0]] if keys else None
+    """The dense bf16 FLOP/s of a GPU by its CUDA name (`train.gpu_peak_bf16`); None when it is not listed."""
+    return gpu_peak_bf16(gpu_name)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:

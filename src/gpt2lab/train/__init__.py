@@ -31,7 +31,7 @@ from gpt2lab.train.batches import batch_seed, check_data_fits, get_batch
 from gpt2lab.train.checkpoints import (BEST, LAST, OPTIMIZER_FILE, STATE_FILE, STATE_FORMAT, STATE_VERSION, RunState,
                                        find_checkpoint, read_state_file, read_training_state, restore_checkpoint,
                                        restore_rng, rng_tensors, save_checkpoint)
-from gpt2lab.train.flops import GPU_PEAK_BF16, flops_per_token, peak_flops
+from gpt2lab.train.flops import GPU_PEAK_BF16, flops_per_token, gpu_peak_bf16, peak_flops
 from gpt2lab.train.loop import RunResult, build_model, progress_fraction, train
 from gpt2lab.train.optim import (learning_rate, load_optimizer_tensors, make_optimizer, optimizer_tensors,
                                  parameter_groups)
@@ -51,7 +51,7 @@ __all__ = [
     "optimizer_tensors", "load_optimizer_tensors", "TrainingLoss", "autocast", "optimizer_step", "evaluate",
     "bits_per_byte",
     # MFU
-    "flops_per_token", "GPU_PEAK_BF16", "peak_flops",
+    "flops_per_token", "GPU_PEAK_BF16", "gpu_peak_bf16", "peak_flops",
     # checkpoints and the run directory
     "STATE_FILE", "OPTIMIZER_FILE", "STATE_FORMAT", "STATE_VERSION", "LAST", "BEST", "RunState", "rng_tensors",
     "restore_rng", "save_checkpoint", "find_checkpoint", "read_state_file", "read_training_state",

@@ -19,8 +19,21 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     return 6 * matmul_weights + 12 * L * C * seq_len
 
 
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                 "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Dense bf16 tensor-core peaks by a part of the device name (fp16 for GPUs without bf16). A name is matched by the
+# longest key it contains, so "L40S" is not read as "L40" nor "L40" as "L4", and "H100 PCIe" not as the SXM part.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "A100": 312e12,
+                 "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
+                 "V100": 125e12, "T4": 65e12}
+
+
+def gpu_peak_bf16(name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name), or None if unknown.
+
+    >>> gpu_peak_bf16("NVIDIA L40"), gpu_peak_bf16("NVIDIA L40S"), gpu_peak_bf16("NVIDIA H100 PCIe")
+    (181000000000000.0, 362000000000000.0, 756000000000000.0)
+    """
+    keys = [key for key in GPU_PEAK_BF16 if key in name]
+    return GPU_PEAK_BF16[max(keys, key=len)] if keys else None
 
 
 def peak_flops(device: torch.device, dtype: str, threads: int | None = None) -> tuple[float, str]:
@@ -32,10 +45,10 @@ def peak_flops(device: torch.device, dtype: str, threads: int | None = None) -> 
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16.items():
-            if key in name:
-                return value, f"{name}: {value / 1e12:.0f} TFLOP/s dense bf16"
-        return float("nan"), f"{name}: peak unknown"
+        value = gpu_peak_bf16(name)
+        if value is None:
+            return float("nan"), f"{name}: peak unknown"
+        return value, f"{name}: {value / 1e12:.0f} TFLOP/s dense bf16"
     flags, mhz = _cpu_flags_and_mhz()
     cores = threads or torch.get_num_threads()
     per_cycle, unit = (32, "AVX2 fp32") if "avx2" in flags else (16, "SSE fp32")
