@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 
 from gpt2lab import GPTConfig
-from gpt2lab.train import GPU_PEAK_BF16, flops_per_token, gpu_peak_bf16
+from gpt2lab.train import flops_per_token, gpu_peak_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 16  # tokens of the generation prompt
