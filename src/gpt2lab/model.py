@@ -167,14 +167,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = True
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of every head: (B, T, C) -> three (B, H, T, D)."""
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C): one matmul makes all three
+        return (q.view(B, T, H, D).transpose(1, 2),  # (B, H, T, D)
+                k.view(B, T, H, D).transpose(1, 2),  # (B, H, T, D)
+                v.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D)
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCacheLike] = None) -> torch.Tensor:
         B, T, C = x.shape
-        H, D = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        q, k, v = self.heads(x)  # 3 × (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, H, S, D)
         attend = sdpa_attention if self.use_sdpa else explicit_attention

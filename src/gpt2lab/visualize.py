@@ -26,7 +26,8 @@ MAX_LABELS = 48  # beyond this many tokens the axis labels are left off (they wo
 def attention_weights(model: "GPT", idx: torch.Tensor, layer: int) -> torch.Tensor:
     """The attention patterns of every head of `layer` for one prompt idx (T,): (H, T, T) float32, rows sum to 1.
 
-    Runs the blocks below `layer` as the model does, then layer's ln_1 and query/key projection.
+    Runs the model's own forward pass and catches what `layer`'s attention receives, so the queries and keys are the
+    ones the model computes (whatever its position encoding); the pattern is then softmax(Q Kᵀ / √D) made explicit.
     """
     cfg = model.config
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.n_layer:
@@ -36,17 +37,16 @@ def attention_weights(model: "GPT", idx: torch.Tensor, layer: int) -> torch.Tens
     T = idx.numel()
     if T > cfg.n_ctx:
         raise ValueError(f"the prompt is {T} tokens long, more than the model's context n_ctx={cfg.n_ctx}")
-    idx = idx.to(model.ln_f.weight.device)[None]  # (1, T)
-    with torch.no_grad():
-        x = model.wte(idx) + model.wpe(torch.arange(T, device=idx.device))  # (1, T, C)
-        for block in model.h[:layer]:
-            x = block(x)
-        attn = model.h[layer].attn
-        C, H = cfg.n_embd, cfg.n_head
-        q, k, _ = attn.c_attn(model.h[layer].ln_1(x)).split(C, dim=2)  # 2 × (1, T, C)
-        q = q.view(1, T, H, C // H).transpose(1, 2)  # (1, H, T, D)
-        k = k.view(1, T, H, C // H).transpose(1, 2)  # (1, H, T, D)
-        return explicit_attention_weights(q, k, None)[0].float()  # (H, T, T)
+    attn = model.h[layer].attn
+    seen: list[torch.Tensor] = []
+    hook = attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # the layer's input, after ln_1
+    try:
+        with torch.no_grad():
+            model.hidden_states(idx.to(model.ln_f.weight.device)[None])  # (1, T) -> the forward pass, as it runs
+            q, k, _ = attn.heads(seen[0])  # 2 × (1, H, T, D)
+    finally:
+        hook.remove()
+    return explicit_attention_weights(q, k, None)[0].float()  # (H, T, T)
 
 
 def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
