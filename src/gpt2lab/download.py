@@ -11,17 +11,14 @@ distributions. So each file is described by its sha256 and an ordered list of so
         hint="or copy the file to that path yourself",
     )
 
-Every helper writes atomically (a temp file in the destination's directory, then `os.replace`) and checks the sha256
-*before* the file is put in place, so a truncated download or a wrong file is never cached. Network access fails fast
+Every helper writes atomically (`files.atomic_file`: a temp file in the destination's directory, then `os.replace`)
+and checks the sha256 *before* the file is put in place, so a truncated download or a wrong file is never cached. Network access fails fast
 (a short timeout) so that an offline user gets the one error message that tells them how to pass a local file, not a
 minutes-long hang. This module does not import torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -29,11 +26,12 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpt2lab.files import atomic_file, read_json, read_versioned_json, sha256_file, write_file_atomic
 
 __all__ = [
     "Source",
@@ -46,6 +44,8 @@ __all__ = [
     "file_source",
     "obtain",
     "pypi_sdist_source",
+    "read_json",
+    "read_versioned_json",
     "sha256_file",
     "url_source",
     "write_file_atomic",
@@ -69,60 +69,6 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "gpt2lab"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks so large files need no memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_file(dest: Path) -> Iterator[Path]:
-    """Yield a temp path next to `dest`; on success it replaces `dest` in one step, on failure it is removed.
-
-    The temp file lives in the same directory so `os.replace` is a rename on one filesystem: readers see either the
-    old file or the complete new one, never a partial write.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.touch(exist_ok=False)  # unlike mkstemp's 0600, the umask decides the permissions, as for any new file
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` (str is encoded as UTF-8) to `path` atomically and return the path."""
-    dest = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    with atomic_file(dest) as tmp:
-        tmp.write_bytes(payload)
-    return dest
-
-
-def read_json(path: str | os.PathLike) -> object:
-    """Parse a UTF-8 JSON file; a broken one raises ValueError naming the file (never a bare JSONDecodeError)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers too long to convert
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def read_versioned_json(path: str | os.PathLike, fmt: str, version: int) -> dict:
-    """A JSON object written by gpt2lab with `"format": fmt` and `"version": version`; anything else is refused
-    naming the file, so a foreign or future file is never half-understood."""
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("format") != fmt:
-        raise ValueError(f"{path}: not a {fmt} file")
-    if data.get("version") != version:
-        raise ValueError(f"{path}: version {data.get('version')!r} is not supported (only {version})")
-    return data
 
 
 def _check_sha256(path: Path, expected: str, what: str) -> None:

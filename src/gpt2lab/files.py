@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -43,6 +44,62 @@ MARKER_FORMAT = "gpt2lab-partial-directory"
 TOKEN_LENGTH = 12  # hex digits of the random part of temp names
 
 
+# ------------------------------------------------------------------------------------ single files: atomic, checked
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks so large files need no memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path) -> Iterator[Path]:
+    """Yield a temp path next to `dest`; on success it replaces `dest` in one step, on failure it is removed.
+
+    The temp file lives in the same directory so `os.replace` is a rename on one filesystem: readers see either the
+    old file or the complete new one, never a partial write.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.touch(exist_ok=False)  # unlike mkstemp's 0600, the umask decides the permissions, as for any new file
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` (str is encoded as UTF-8) to `path` atomically and return the path."""
+    dest = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_file(dest) as tmp:
+        tmp.write_bytes(payload)
+    return dest
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """Parse a UTF-8 JSON file; a broken one raises ValueError naming the file (never a bare JSONDecodeError)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers too long to convert
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_versioned_json(path: str | os.PathLike, fmt: str, version: int) -> dict:
+    """A JSON object written by gpt2lab with `"format": fmt` and `"version": version`; anything else is refused
+    naming the file, so a foreign or future file is never half-understood."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} file")
+    if data.get("version") != version:
+        raise ValueError(f"{path}: version {data.get('version')!r} is not supported (only {version})")
+    return data
+
+
+# ------------------------------------------------------------------------------------------- the rule for outputs
 @dataclass(frozen=True)
 class OutputKind:
     """A kind of directory gpt2lab writes: a name for messages, the test that proves a directory is one, and the
