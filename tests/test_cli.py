@@ -92,6 +92,17 @@ def usage_error(argv: list[str], capsys) -> str:
     (["prepare", "a.txt", "--workers", "99999999999999999999"], "--workers", "0..1024"),
     (["attention", "--prompt", "a", "--out", "a.png", "--layer", "-1"], "--layer", ">= 0"),
     (["attention", "--prompt", "a", "--out", ""], "--out", "must not be empty"),
+    (["quickstart", "--minutes", "0"], "--minutes", "a finite number > 0"),
+    (["quickstart", "--minutes", "-1"], "--minutes", "a finite number > 0"),
+    (["quickstart", "--minutes", "inf"], "--minutes", "a finite number > 0"),
+    (["quickstart", "--minutes", "nan"], "--minutes", "a finite number > 0"),
+    (["quickstart", "--samples", "-1"], "--samples", ">= 0"),
+    (["quickstart", "--samples", "2.5"], "--samples", ">= 0"),
+    (["quickstart", "--out", ""], "--out", "must not be empty"),
+    (["quickstart", "--data-dir", ""], "--data-dir", "must not be empty"),
+    (["train", "--config", ""], "--config", "must not be empty"),
+    (["train", "--init-from", ""], "--init-from", "must not be empty"),
+    (["train", "--resume", ""], "--resume", "must not be empty"),
     (["nope"], "COMMAND", "choose from"),
     ([], "COMMAND", "required"),
 ])
@@ -157,3 +168,10 @@ def test_console_script_usage_error_is_one_line():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("gpt2lab generate: error: argument --threads: must be an integer in 1..1024, got '0' "
                            "(see gpt2lab generate --help)\n")
+
+
+def test_bare_resume_still_means_the_configs_out_dir():
+    from gpt2lab.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--resume"]).resume is True  # not a string, so `nonempty` passes it
+    assert build_parser().parse_args(["train", "--resume", "runs/a"]).resume == "runs/a"

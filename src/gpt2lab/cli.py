@@ -298,11 +298,13 @@ def _run_prepare(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (under torchrun: on many processes with DDP)")
-    p.add_argument("--config", default=None, help="run file (TOML); see configs/ and docs/training.md")
+    p.add_argument("--config", default=None, type=nonempty,
+                   help="run file (TOML); see configs/ and docs/training.md")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set lr=3e-4 --set model.n_layer=6 (repeatable)")
-    p.add_argument("--init-from", default=None, metavar="gpt2|DIR", help="fine-tune this model (same as --set init_from=...)")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+    p.add_argument("--init-from", default=None, type=nonempty, metavar="gpt2|DIR",
+                   help="fine-tune this model (same as --set init_from=...)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, type=nonempty, metavar="RUN_DIR",
                    help="continue from the run's last checkpoint (RUN_DIR: use its saved config.toml, or the config "
                         "in its checkpoint if that file is gone)")
     p.add_argument("--fresh-optimizer", action="store_true", help="with --resume: start AdamW's moments from zero "
@@ -318,12 +320,13 @@ def _run_train(args: argparse.Namespace) -> None:
     from gpt2lab.train import TrainingInterrupted, load_run_config, train
 
     overrides = list(args.overrides)
-    if args.resume:  # a run directory: its saved config, unless --config is given
-        overrides.insert(0, f"out_dir={json.dumps(args.resume)}")
+    run_dir = args.resume if isinstance(args.resume, str) else None  # a bare --resume is True: the config's out_dir
+    if run_dir:  # a run directory: its saved config, unless --config is given
+        overrides.insert(0, f"out_dir={json.dumps(run_dir)}")
     if args.init_from is not None:
         overrides.append(f"init_from={json.dumps(args.init_from)}")
-    if args.resume and args.config is None:
-        config = load_run_config(args.resume, overrides)
+    if run_dir and args.config is None:
+        config = load_run_config(run_dir, overrides)
     else:
         config = load_train_config(args.config, overrides)
     try:
@@ -351,10 +354,12 @@ def _interrupted_exit(e: KeyboardInterrupt) -> SystemExit:
 # -------------------------------------------------------------------------------------------------------- quickstart
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="prepare Shakespeare, train a small model on the CPU, print samples")
-    p.add_argument("--minutes", type=float, default=None, help="training wall time (default: 5)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/quickstart)")
-    p.add_argument("--data-dir", default=None, help="prepared data directory (default: data/shakespeare-char)")
-    p.add_argument("--samples", type=int, default=3, help="samples to print at the end")
+    p.add_argument("--minutes", type=number(0, above=True), default=None, help="training wall time, > 0 "
+                   "(default: 5)")
+    p.add_argument("--out", default=None, type=nonempty, help="run directory (default: runs/quickstart)")
+    p.add_argument("--data-dir", default=None, type=nonempty,
+                   help="prepared data directory (default: data/shakespeare-char)")
+    p.add_argument("--samples", type=integer(0), default=3, help="samples to print at the end, >= 0 (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_quickstart)
 
@@ -364,10 +369,6 @@ def _run_quickstart(args: argparse.Namespace) -> None:
     from gpt2lab.train import TrainingInterrupted
 
     minutes = QUICKSTART.max_minutes if args.minutes is None else args.minutes
-    if not minutes > 0:
-        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
-    if args.samples < 0:
-        raise ValueError(f"--samples must be >= 0, got {args.samples}")
     try:
         quickstart(minutes=minutes, out_dir=args.out or QUICKSTART.out_dir,
                    data_dir=args.data_dir or QUICKSTART.data_dir, samples=args.samples, progress=not args.no_progress)
