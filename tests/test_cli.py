@@ -170,8 +170,20 @@ def test_console_script_usage_error_is_one_line():
                            "(see gpt2lab generate --help)\n")
 
 
-def test_bare_resume_still_means_the_configs_out_dir():
-    from gpt2lab.cli import build_parser
+def test_bare_resume_resumes_the_configs_out_dir(monkeypatch, tmp_path):
+    import json
+    from types import SimpleNamespace
 
-    assert build_parser().parse_args(["train", "--resume"]).resume is True  # not a string, so `nonempty` passes it
-    assert build_parser().parse_args(["train", "--resume", "runs/a"]).resume == "runs/a"
+    import gpt2lab.train
+
+    calls = []
+
+    def fake_train(config, **kwargs):
+        calls.append((config, kwargs))
+        return SimpleNamespace(checkpoint=None, state=SimpleNamespace(step=0))
+
+    monkeypatch.setattr(gpt2lab.train, "train", fake_train)
+    out_dir = str(tmp_path / "run")
+    assert main(["train", "--resume", "--set", f"out_dir={json.dumps(out_dir)}"]) == 0  # `nonempty` skips the const
+    [(config, kwargs)] = calls
+    assert kwargs["resume"] is True and config.out_dir == out_dir
