@@ -69,8 +69,10 @@ def usage_error(argv: list[str], capsys) -> str:
     (["generate", "--top-p", "0"], "--top-p", "(0, 1]"),
     (["generate", "--top-p", "inf"], "--top-p", "(0, 1]"),
     (["generate", "--top-p", ""], "--top-p", "(0, 1]"),
+    (["generate", "--top-p", "1.5"], "--top-p", "(0, 1]"),
     (["generate", "--top-k", "0"], "--top-k", ">= 1"),
-    (["generate", "--repetition-penalty", "1e-300"], "--repetition-penalty", ">= 0.01"),
+    (["generate", "--repetition-penalty", "1e-300"], "--repetition-penalty", "in [0.01, 10000]"),
+    (["generate", "--repetition-penalty", "1e300"], "--repetition-penalty", "in [0.01, 10000]"),
     (["generate", "--max-new-tokens", "99999999999999999999"], "--max-new-tokens", "0..1000000"),
     (["generate", "--max-new-tokens", "-1"], "--max-new-tokens", "0..1000000"),
     (["generate", "--num-samples", "0"], "--num-samples", ">= 1"),
@@ -187,3 +189,12 @@ def test_bare_resume_resumes_the_configs_out_dir(monkeypatch, tmp_path):
     assert main(["train", "--resume", "--set", f"out_dir={json.dumps(out_dir)}"]) == 0  # `nonempty` skips the const
     [(config, kwargs)] = calls
     assert kwargs["resume"] is True and config.out_dir == out_dir
+
+
+def test_near_zero_temperature_and_top_p_are_accepted():
+    """The sampling core treats them as the greedy limit (test_sampling.py), so the command line takes them."""
+    from gpt2lab.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--temperature", "1e-300", "--top-p", "5e-324",
+                                      "--repetition-penalty", "0.01"])
+    assert (args.temperature, args.top_p, args.repetition_penalty) == (1e-300, 5e-324, 0.01)

@@ -387,14 +387,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=integer(0, MAX_NEW_TOKENS), default=100,
                    help=f"tokens to generate per sample, 0..{MAX_NEW_TOKENS:,} (default: 100)")
     # sampling defaults live in generate.SamplingParams; None here means "its default". Any temperature >= 0 and
-    # top-p in (0, 1] is safe (a tiny one is the greedy limit); a penalty below 0.01 would overflow the logits.
+    # top-p in (0, 1] is safe (a near-zero one is the greedy limit); the penalty is bounded because a more extreme
+    # one overflows float32 logits into NaN.
     p.add_argument("--temperature", type=number(0), default=None, help="0 = greedy; <1 sharper, >1 flatter "
                    "(default: 1, the model's own distribution)")
     p.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=number(0, 1, above=True), default=None, help="nucleus sampling, p in (0, 1]: "
                    "the smallest set of tokens holding probability p")
-    p.add_argument("--repetition-penalty", type=number(0.01), default=None,
-                   help=">= 0.01; > 1 discourages tokens already present (CTRL's penalty)")
+    p.add_argument("--repetition-penalty", type=number(0.01, 1e4), default=None,
+                   help="in [0.01, 10000]; > 1 discourages tokens already present (CTRL's penalty)")
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=None,
                    help="random seed in 0..2**64-1, for reproducible samples")
     p.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples to generate (default: 1)")
