@@ -91,8 +91,18 @@ def test_results_never_replace_a_file_gpt2lab_did_not_write(harness_files: Harne
     notes.write_text('{"mine": true}\n', encoding="utf-8")
     err = one_line_error(["eval", "--model", str(harness_files.model_dir), "--task", "tiny_mc", "--include-path",
                           str(harness_files.tasks), "--output-path", str(notes), "--overwrite"], capsys)
-    assert "is not a gpt2lab eval results file written by gpt2lab" in err
+    assert "is not a results file written by gpt2lab" in err
     assert notes.read_text(encoding="utf-8") == '{"mine": true}\n'
+
+
+def test_an_earlier_results_file_is_replaced_only_with_overwrite(harness_files: HarnessFiles, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("lm_eval", reason="lm-eval is a test dependency: pip install -e '.[test]'")
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps({"format": EVAL_RESULTS_FORMAT, "results": {}}), encoding="utf-8")
+    err = one_line_error(["eval", "--model", str(harness_files.model_dir), "--task", "tiny_mc", "--include-path",
+                          str(harness_files.tasks), "--output-path", str(earlier)], capsys)
+    assert "already exists; pass --overwrite" in err
 
 
 def test_without_lm_eval_one_line_names_the_install(monkeypatch: pytest.MonkeyPatch,
