@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -84,3 +86,67 @@ def tiny_run(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
 def weights(directory: Path) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint's model.safetensors, by name."""
     return load_file(str(directory / "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------- lm-eval: a model and its tasks
+# A small byte-level BPE and a 2-layer model are trained for a few seconds on a repetitive text, so greedy decoding
+# produces real words and reaches the stop strings (random weights repeat one token, and agreement on them proves
+# little). Task files are written locally: lm-eval's hub datasets are unreachable here.
+HARNESS_TEXT = ("Q: What is the color of the sky? A: blue.\n\nQ: What do cows say? A: moo.\n\n"
+                "The cat sat on the mat. The dog ran in the park. Is it raining? Yes, it is raining.\n\n")
+HARNESS_STOPS = ["\n\n", ".", "Q:", "?"]  # four task stop strings; lm-eval adds end-of-text as a fifth
+
+
+class HarnessFiles(NamedTuple):
+    model_dir: Path  # a saved model with its tokenizer files
+    tasks: Path  # lm-eval task YAML files tiny_mc (multiple choice), tiny_roll (rolling), tiny_gen (generate-until)
+
+
+def _write_harness_tasks(root: Path) -> Path:
+    tasks = root / "tasks"
+    tasks.mkdir()
+    mc = [{"question": "Q: What do cows say? A:", "choices": ["moo.", "blue.", "park."], "answer": 0},
+          {"question": "Q: What is the color of the sky? A:", "choices": ["moo.", "blue.", "raining."], "answer": 1},
+          {"question": "The cat sat on the", "choices": ["mat.", "park.", "sky."], "answer": 0},
+          {"question": "", "choices": ["The dog", "The mat", "Yes"], "answer": 0}]
+    roll = [{"text": HARNESS_TEXT * 3}, {"text": "Is it raining? " * 20}, {"text": "<|endoftext|>The cat"}]
+    gen = [{"prompt": "Q: What do cows say? A:", "answer": " moo"}, {"prompt": "The dog ran", "answer": " in"},
+           {"prompt": "Is it", "answer": " raining"}, {"prompt": "Q:", "answer": " What"}]
+    bodies = {
+        "tiny_mc": ("mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+                          'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'),
+        "tiny_roll": ("roll", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                              'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n'),
+        "tiny_gen": ("gen", 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+                            f'generation_kwargs:\n  until: {json.dumps(HARNESS_STOPS)}\n  do_sample: false\n'
+                            '  max_gen_toks: 12\nmetric_list:\n  - metric: exact_match\n'),
+    }
+    for name, docs in (("mc", mc), ("roll", roll), ("gen", gen)):
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    for task, (data, body) in bodies.items():
+        (tasks / f"{task}.yaml").write_text(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                            f"    test: {tasks / (data + '.jsonl')}\ntest_split: test\n{body}")
+    return tasks
+
+
+@pytest.fixture(scope="session")
+def harness_files(tmp_path_factory: pytest.TempPathFactory) -> HarnessFiles:
+    """A small trained model and local lm-eval task files, built once for the adapter's and the CLI's tests."""
+    from gpt2lab.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    tok = train_bpe(HARNESS_TEXT * 4, vocab_size=320)
+    ids = torch.tensor(tok.encode(HARNESS_TEXT * 8))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=64, n_layer=2, n_head=2, n_embd=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
+        x = torch.stack([ids[s:s + 32] for s in starts])  # (B, T)
+        y = torch.stack([ids[s + 1:s + 33] for s in starts])  # (B, T)
+        loss = model.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(root / "model", tokenizer=tok)
+    return HarnessFiles(root / "model", _write_harness_tasks(root))

@@ -69,8 +69,10 @@ def usage_error(argv: list[str], capsys) -> str:
     (["generate", "--top-p", "0"], "--top-p", "(0, 1]"),
     (["generate", "--top-p", "inf"], "--top-p", "(0, 1]"),
     (["generate", "--top-p", ""], "--top-p", "(0, 1]"),
+    (["generate", "--top-p", "1.5"], "--top-p", "(0, 1]"),
     (["generate", "--top-k", "0"], "--top-k", ">= 1"),
-    (["generate", "--repetition-penalty", "1e-300"], "--repetition-penalty", ">= 0.01"),
+    (["generate", "--repetition-penalty", "1e-300"], "--repetition-penalty", "in [0.01, 10000]"),
+    (["generate", "--repetition-penalty", "1e300"], "--repetition-penalty", "in [0.01, 10000]"),
     (["generate", "--max-new-tokens", "99999999999999999999"], "--max-new-tokens", "0..1000000"),
     (["generate", "--max-new-tokens", "-1"], "--max-new-tokens", "0..1000000"),
     (["generate", "--num-samples", "0"], "--num-samples", ">= 1"),
@@ -92,6 +94,17 @@ def usage_error(argv: list[str], capsys) -> str:
     (["prepare", "a.txt", "--workers", "99999999999999999999"], "--workers", "0..1024"),
     (["attention", "--prompt", "a", "--out", "a.png", "--layer", "-1"], "--layer", ">= 0"),
     (["attention", "--prompt", "a", "--out", ""], "--out", "must not be empty"),
+    (["quickstart", "--minutes", "0"], "--minutes", "a finite number > 0"),
+    (["quickstart", "--minutes", "-1"], "--minutes", "a finite number > 0"),
+    (["quickstart", "--minutes", "inf"], "--minutes", "a finite number > 0"),
+    (["quickstart", "--minutes", "nan"], "--minutes", "a finite number > 0"),
+    (["quickstart", "--samples", "-1"], "--samples", ">= 0"),
+    (["quickstart", "--samples", "2.5"], "--samples", ">= 0"),
+    (["quickstart", "--out", ""], "--out", "must not be empty"),
+    (["quickstart", "--data-dir", ""], "--data-dir", "must not be empty"),
+    (["train", "--config", ""], "--config", "must not be empty"),
+    (["train", "--init-from", ""], "--init-from", "must not be empty"),
+    (["train", "--resume", ""], "--resume", "must not be empty"),
     (["nope"], "COMMAND", "choose from"),
     ([], "COMMAND", "required"),
 ])
@@ -157,3 +170,31 @@ def test_console_script_usage_error_is_one_line():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("gpt2lab generate: error: argument --threads: must be an integer in 1..1024, got '0' "
                            "(see gpt2lab generate --help)\n")
+
+
+def test_bare_resume_resumes_the_configs_out_dir(monkeypatch, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import gpt2lab.train
+
+    calls = []
+
+    def fake_train(config, **kwargs):
+        calls.append((config, kwargs))
+        return SimpleNamespace(checkpoint=None, state=SimpleNamespace(step=0))
+
+    monkeypatch.setattr(gpt2lab.train, "train", fake_train)
+    out_dir = str(tmp_path / "run")
+    assert main(["train", "--resume", "--set", f"out_dir={json.dumps(out_dir)}"]) == 0  # `nonempty` skips the const
+    [(config, kwargs)] = calls
+    assert kwargs["resume"] is True and config.out_dir == out_dir
+
+
+def test_near_zero_temperature_and_top_p_are_accepted():
+    """The sampling core treats them as the greedy limit (test_sampling.py), so the command line takes them."""
+    from gpt2lab.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--temperature", "1e-300", "--top-p", "5e-324",
+                                      "--repetition-penalty", "0.01"])
+    assert (args.temperature, args.top_p, args.repetition_penalty) == (1e-300, 5e-324, 0.01)

@@ -1,8 +1,6 @@
 """The lm-eval adapter (gpt2lab.lm_eval) against lm-eval's own `--model hf` on the same export.
 
-A small byte-level BPE and a 2-layer model are trained for a few seconds on a repetitive text, so greedy decoding
-produces real words and reaches the stop strings (random weights repeat one token, and agreement on them proves
-little). Task files are written locally: lm-eval's hub datasets are unreachable here.
+The model and the local task files come from conftest's `harness_files` (shared with test_cli_eval_tasks.py).
 """
 
 from __future__ import annotations
@@ -19,63 +17,11 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test dependency: pip install -e '.[test]'")
 
-from gpt2lab import GPT, GPTConfig  # noqa: E402
+from conftest import HARNESS_STOPS as STOPS, HARNESS_TEXT as TEXT, HarnessFiles  # noqa: E402
 from gpt2lab.lm_eval import HarnessModel, scoring_windows  # noqa: E402
-from gpt2lab.tokenizer import train_bpe  # noqa: E402
 
-TEXT = ("Q: What is the color of the sky? A: blue.\n\nQ: What do cows say? A: moo.\n\n"
-        "The cat sat on the mat. The dog ran in the park. Is it raining? Yes, it is raining.\n\n")
 TASKS = ["tiny_mc", "tiny_roll", "tiny_gen"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-STOPS = ["\n\n", ".", "Q:", "?"]  # four task stop strings; lm-eval adds end-of-text as a fifth
-
-
-def _write_tasks(root: Path) -> Path:
-    tasks = root / "tasks"
-    tasks.mkdir()
-    mc = [{"question": "Q: What do cows say? A:", "choices": ["moo.", "blue.", "park."], "answer": 0},
-          {"question": "Q: What is the color of the sky? A:", "choices": ["moo.", "blue.", "raining."], "answer": 1},
-          {"question": "The cat sat on the", "choices": ["mat.", "park.", "sky."], "answer": 0},
-          {"question": "", "choices": ["The dog", "The mat", "Yes"], "answer": 0}]
-    roll = [{"text": TEXT * 3}, {"text": "Is it raining? " * 20}, {"text": "<|endoftext|>The cat"}]
-    gen = [{"prompt": "Q: What do cows say? A:", "answer": " moo"}, {"prompt": "The dog ran", "answer": " in"},
-           {"prompt": "Is it", "answer": " raining"}, {"prompt": "Q:", "answer": " What"}]
-    bodies = {
-        "tiny_mc": ("mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
-                          'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'),
-        "tiny_roll": ("roll", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                              'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n'),
-        "tiny_gen": ("gen", 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-                            f'generation_kwargs:\n  until: {json.dumps(STOPS)}\n  do_sample: false\n'
-                            '  max_gen_toks: 12\nmetric_list:\n  - metric: exact_match\n'),
-    }
-    for name, docs in (("mc", mc), ("roll", roll), ("gen", gen)):
-        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    for task, (data, body) in bodies.items():
-        (tasks / f"{task}.yaml").write_text(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                                            f"    test: {tasks / (data + '.jsonl')}\ntest_split: test\n{body}")
-    return tasks
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(model directory with tokenizer files, task directory)."""
-    root = tmp_path_factory.mktemp("lm_eval")
-    tok = train_bpe(TEXT * 4, vocab_size=320)
-    ids = torch.tensor(tok.encode(TEXT * 8))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=64, n_layer=2, n_head=2, n_embd=32))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
-        x = torch.stack([ids[s:s + 32] for s in starts])  # (B, T)
-        y = torch.stack([ids[s + 1:s + 33] for s in starts])  # (B, T)
-        loss = model.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(root / "model", tokenizer=tok)
-    return root / "model", _write_tasks(root)
 
 
 def _evaluate(model: object, tasks: Path, **kwargs: object) -> dict:
@@ -87,9 +33,9 @@ def _evaluate(model: object, tasks: Path, **kwargs: object) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hf_results(exported: tuple[Path, Path]) -> dict:
+def hf_results(harness_files: HarnessFiles) -> dict:
     pytest.importorskip("accelerate", reason="lm-eval's --model hf needs accelerate (in the test extra)")
-    model_dir, tasks = exported
+    model_dir, tasks = harness_files
     return _evaluate("hf", tasks, model_args=f"pretrained={model_dir}", batch_size=3, device="cpu")
 
 
@@ -97,8 +43,8 @@ def _responses(results: dict, task: str) -> list:
     return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
-def test_equals_hf_on_every_request_type(exported: tuple[Path, Path], hf_results: dict) -> None:
-    model_dir, tasks = exported
+def test_equals_hf_on_every_request_type(harness_files: HarnessFiles, hf_results: dict) -> None:
+    model_dir, tasks = harness_files
     ours = _evaluate(HarnessModel(str(model_dir), batch_size=3), tasks)
     for task in ("tiny_mc", "tiny_roll"):
         for mine, theirs in zip(_responses(ours, task), _responses(hf_results, task), strict=True):
@@ -117,10 +63,10 @@ def test_equals_hf_on_every_request_type(exported: tuple[Path, Path], hf_results
     assert not any(s in t for t in texts for s in STOPS)  # cut at the stop strings
 
 
-def test_is_greedy_true_where_the_model_predicts_the_continuation(exported: tuple[Path, Path]) -> None:
+def test_is_greedy_true_where_the_model_predicts_the_continuation(harness_files: HarnessFiles) -> None:
     from lm_eval.api.instance import Instance
 
-    model_dir, _ = exported
+    model_dir, _ = harness_files
     lm = HarnessModel(str(model_dir))
     greedy = lm.generate_until([Instance("generate_until", {}, ("The dog ran", {"until": ["."], "max_gen_toks": 6}),
                                          0)])[0]
@@ -132,10 +78,10 @@ def test_is_greedy_true_where_the_model_predicts_the_continuation(exported: tupl
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
-def test_low_precision_scores_stay_close(exported: tuple[Path, Path], dtype: str) -> None:
+def test_low_precision_scores_stay_close(harness_files: HarnessFiles, dtype: str) -> None:
     from lm_eval.api.instance import Instance
 
-    model_dir, _ = exported
+    model_dir, _ = harness_files
     requests = [Instance("loglikelihood", {}, ("The cat sat on the", " mat."), 0),
                 Instance("loglikelihood", {}, ("Q: What do cows say? A:", " moo."), 1)]
     exact = [lp for lp, _ in HarnessModel(str(model_dir)).loglikelihood(requests)]
@@ -143,10 +89,10 @@ def test_low_precision_scores_stay_close(exported: tuple[Path, Path], dtype: str
     assert approx == pytest.approx(exact, abs=0.1)
 
 
-def test_batching_does_not_change_scores(exported: tuple[Path, Path]) -> None:
+def test_batching_does_not_change_scores(harness_files: HarnessFiles) -> None:
     from lm_eval.api.instance import Instance
 
-    model_dir, _ = exported
+    model_dir, _ = harness_files
     requests = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in
                 enumerate([TEXT * 2, "The cat", "Is it raining? " * 12])]
     one = HarnessModel(str(model_dir), batch_size=1).loglikelihood_rolling(requests)
@@ -155,8 +101,8 @@ def test_batching_does_not_change_scores(exported: tuple[Path, Path]) -> None:
     assert all(math.isfinite(x) and x < 0 for x in one)
 
 
-def test_module_command_line_registers_the_model(exported: tuple[Path, Path], tmp_path: Path) -> None:
-    model_dir, tasks = exported
+def test_module_command_line_registers_the_model(harness_files: HarnessFiles, tmp_path: Path) -> None:
+    model_dir, tasks = harness_files
     env = {**os.environ, **OFFLINE}
     cmd = [sys.executable, "-m", "gpt2lab.lm_eval", "--model", "gpt2lab", "--model_args",
            f"pretrained={model_dir},dtype=fp32", "--tasks", "tiny_mc", "--include_path", str(tasks),
@@ -168,10 +114,10 @@ def test_module_command_line_registers_the_model(exported: tuple[Path, Path], tm
     assert results and json.loads(results[0].read_text())["config"]["model"] == "gpt2lab"
 
 
-def test_a_cuda_device_without_cuda_falls_back_to_the_cpu(exported: tuple[Path, Path]) -> None:
+def test_a_cuda_device_without_cuda_falls_back_to_the_cpu(harness_files: HarnessFiles) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the fallback is for machines without it")
-    assert HarnessModel(str(exported[0]), device="cuda:0").device.type == "cpu"
+    assert HarnessModel(str(harness_files.model_dir), device="cuda:0").device.type == "cpu"
 
 
 def test_scoring_windows_keep_the_context_tail() -> None:
@@ -188,6 +134,6 @@ def test_scoring_windows_keep_the_context_tail() -> None:
     ({"batch_size": "many"}, "batch_size must be a positive integer"),
     ({"max_length": 10_000}, "at most the model's n_ctx=64"),
 ])
-def test_bad_arguments_name_the_value(exported: tuple[Path, Path], args: dict, match: str) -> None:
+def test_bad_arguments_name_the_value(harness_files: HarnessFiles, args: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        HarnessModel(str(exported[0]), **args)
+        HarnessModel(str(harness_files.model_dir), **args)

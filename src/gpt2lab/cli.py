@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 USER_ERRORS = (ValueError, TypeError, OSError)
@@ -89,10 +90,15 @@ def _load_model(model: str, dtype: str, tokenizer: str | None) -> tuple[Any, Any
     from gpt2lab.inference import load_for_inference
 
     network, tok = load_for_inference(model, dtype, tokenizer)
+    _check_vocabularies(model, network, tok)
+    return network, tok
+
+
+def _check_vocabularies(model: str, network: Any, tok: Any) -> None:
+    """Refuse a tokenizer with ids the model lacks (the embedding lookup would fail midway)."""
     if tok.vocab_size > network.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model {model!r} only "
                          f"{network.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
-    return network, tok
 
 
 def _set_threads(threads: int | None) -> None:
@@ -292,11 +298,13 @@ def _run_prepare(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (under torchrun: on many processes with DDP)")
-    p.add_argument("--config", default=None, help="run file (TOML); see configs/ and docs/training.md")
+    p.add_argument("--config", default=None, type=nonempty,
+                   help="run file (TOML); see configs/ and docs/training.md")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set lr=3e-4 --set model.n_layer=6 (repeatable)")
-    p.add_argument("--init-from", default=None, metavar="gpt2|DIR", help="fine-tune this model (same as --set init_from=...)")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+    p.add_argument("--init-from", default=None, type=nonempty, metavar="gpt2|DIR",
+                   help="fine-tune this model (same as --set init_from=...)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, type=nonempty, metavar="RUN_DIR",
                    help="continue from the run's last checkpoint (RUN_DIR: use its saved config.toml, or the config "
                         "in its checkpoint if that file is gone)")
     p.add_argument("--fresh-optimizer", action="store_true", help="with --resume: start AdamW's moments from zero "
@@ -312,12 +320,13 @@ def _run_train(args: argparse.Namespace) -> None:
     from gpt2lab.train import TrainingInterrupted, load_run_config, train
 
     overrides = list(args.overrides)
-    if args.resume:  # a run directory: its saved config, unless --config is given
-        overrides.insert(0, f"out_dir={json.dumps(args.resume)}")
+    run_dir = args.resume if isinstance(args.resume, str) else None  # a bare --resume is True: the config's out_dir
+    if run_dir:  # a run directory: its saved config, unless --config is given
+        overrides.insert(0, f"out_dir={json.dumps(run_dir)}")
     if args.init_from is not None:
         overrides.append(f"init_from={json.dumps(args.init_from)}")
-    if args.resume and args.config is None:
-        config = load_run_config(args.resume, overrides)
+    if run_dir and args.config is None:
+        config = load_run_config(run_dir, overrides)
     else:
         config = load_train_config(args.config, overrides)
     try:
@@ -345,10 +354,12 @@ def _interrupted_exit(e: KeyboardInterrupt) -> SystemExit:
 # -------------------------------------------------------------------------------------------------------- quickstart
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="prepare Shakespeare, train a small model on the CPU, print samples")
-    p.add_argument("--minutes", type=float, default=None, help="training wall time (default: 5)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/quickstart)")
-    p.add_argument("--data-dir", default=None, help="prepared data directory (default: data/shakespeare-char)")
-    p.add_argument("--samples", type=int, default=3, help="samples to print at the end")
+    p.add_argument("--minutes", type=number(0, above=True), default=None, help="training wall time, > 0 "
+                   "(default: 5)")
+    p.add_argument("--out", default=None, type=nonempty, help="run directory (default: runs/quickstart)")
+    p.add_argument("--data-dir", default=None, type=nonempty,
+                   help="prepared data directory (default: data/shakespeare-char)")
+    p.add_argument("--samples", type=integer(0), default=3, help="samples to print at the end, >= 0 (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_quickstart)
 
@@ -358,10 +369,6 @@ def _run_quickstart(args: argparse.Namespace) -> None:
     from gpt2lab.train import TrainingInterrupted
 
     minutes = QUICKSTART.max_minutes if args.minutes is None else args.minutes
-    if not minutes > 0:
-        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
-    if args.samples < 0:
-        raise ValueError(f"--samples must be >= 0, got {args.samples}")
     try:
         quickstart(minutes=minutes, out_dir=args.out or QUICKSTART.out_dir,
                    data_dir=args.data_dir or QUICKSTART.data_dir, samples=args.samples, progress=not args.no_progress)
@@ -380,14 +387,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=integer(0, MAX_NEW_TOKENS), default=100,
                    help=f"tokens to generate per sample, 0..{MAX_NEW_TOKENS:,} (default: 100)")
     # sampling defaults live in generate.SamplingParams; None here means "its default". Any temperature >= 0 and
-    # top-p in (0, 1] is safe (a tiny one is the greedy limit); a penalty below 0.01 would overflow the logits.
+    # top-p in (0, 1] is safe (a near-zero one is the greedy limit); the penalty is bounded because a more extreme
+    # one overflows float32 logits into NaN.
     p.add_argument("--temperature", type=number(0), default=None, help="0 = greedy; <1 sharper, >1 flatter "
                    "(default: 1, the model's own distribution)")
     p.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=number(0, 1, above=True), default=None, help="nucleus sampling, p in (0, 1]: "
                    "the smallest set of tokens holding probability p")
-    p.add_argument("--repetition-penalty", type=number(0.01), default=None,
-                   help=">= 0.01; > 1 discourages tokens already present (CTRL's penalty)")
+    p.add_argument("--repetition-penalty", type=number(0.01, 1e4), default=None,
+                   help="in [0.01, 10000]; > 1 discourages tokens already present (CTRL's penalty)")
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=None,
                    help="random seed in 0..2**64-1, for reproducible samples")
     p.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples to generate (default: 1)")
@@ -437,40 +445,147 @@ def _run_generate(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------- eval
+EVAL_RESULTS_FORMAT = "gpt2lab-lm-eval-results"  # the "format" of the results files `eval --output-path` writes
+EVAL_INSTALL = 'pip install -e ".[eval]"'
+
+
+def limit(text: str) -> int | float:
+    """An argparse type for lm-eval's --limit: a count of examples per task (>= 1), or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value >= 1 and value == int(value) and math.isfinite(value):
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"must be a whole number of examples >= 1 or a fraction in (0, 1), got {text!r}")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from gpt2lab.config import EVAL_BATCH_SIZE
 
-    p = sub.add_parser("eval", help="loss, sliding-window perplexity and bits per byte of a model on a text")
+    p = sub.add_parser("eval", help="perplexity and bits per byte on a text (--data), or lm-eval tasks (--task)")
     p.add_argument("--model", default="gpt2", type=nonempty, help=MODEL_HELP)
-    p.add_argument("--data", required=True, type=nonempty, help="a built-in dataset (shakespeare, tinyshakespeare), "
-                   "a text file, a directory of .txt files or a .jsonl file")
-    p.add_argument("--stride", type=POSITIVE, default=None, help="tokens between window starts, 1..context "
-                   "(default: context / 2; = context for disjoint chunks)")
-    p.add_argument("--context", type=integer(2), default=None, help="window length, 2..n_ctx (default: the "
-                   "model's n_ctx)")
-    p.add_argument("--batch-size", type=POSITIVE, default=EVAL_BATCH_SIZE,
-                   help=f"windows per forward pass; more use more memory (default: {EVAL_BATCH_SIZE})")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", type=nonempty, help="a built-in dataset (shakespeare, tinyshakespeare), a text file, "
+                      "a directory of .txt files or a .jsonl file")
+    what.add_argument("--task", nargs="+", type=nonempty, metavar="NAME", help="lm-evaluation-harness tasks, e.g. "
+                      f"hellaswag lambada_openai, or ones from --include-path (needs {EVAL_INSTALL})")
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="windows (--data) or sequences (--task) per "
+                   f"forward pass; more use more memory (default: {EVAL_BATCH_SIZE}, or the adapter's with --task)")
     p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16 or int8 (default: fp32)")
     p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
-    p.add_argument("--text-field", default="text", type=nonempty, help=TEXT_FIELD_HELP)
     p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    text = p.add_argument_group("with --data")
+    text.add_argument("--stride", type=POSITIVE, default=None, help="tokens between window starts, 1..context "
+                      "(default: context / 2; = context for disjoint chunks)")
+    text.add_argument("--context", type=integer(2), default=None, help="window length, 2..n_ctx (default: the "
+                      "model's n_ctx)")
+    text.add_argument("--text-field", default=None, type=nonempty, help=TEXT_FIELD_HELP)
+    text.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
+    tasks = p.add_argument_group("with --task")
+    tasks.add_argument("--limit", type=limit, default=None, help="examples per task: a count, or a fraction in "
+                       "(0, 1) (default: all; a limited score is for testing, not for reporting)")
+    tasks.add_argument("--num-fewshot", type=integer(0), default=None, help="examples in each prompt (default: "
+                       "the task's)")
+    tasks.add_argument("--include-path", type=nonempty, default=None, metavar="DIR", help="a directory of task "
+                       "YAML files of your own")
+    tasks.add_argument("--output-path", type=nonempty, default=None, metavar="FILE", help="also write the results "
+                       "as JSON to this file")
+    tasks.add_argument("--overwrite", action="store_true", help="replace an earlier --output-path results file")
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> None:
+    if args.task is not None:
+        _run_eval_tasks(args)
+        return
     import dataclasses
 
+    from gpt2lab.config import EVAL_BATCH_SIZE
     from gpt2lab.data import read_text_source
     from gpt2lab.evaluate import evaluate_text
 
+    _refuse_flags(args, "--data", ["limit", "num_fewshot", "include_path", "output_path", "overwrite"])
     _set_threads(args.threads)
-    text = read_text_source(args.data, text_field=args.text_field)
+    text = read_text_source(args.data, text_field=args.text_field or "text")
     model, tokenizer = _load_model(args.model, args.dtype, args.tokenizer)
-    result = evaluate_text(model, tokenizer, text, stride=args.stride, context=args.context, batch_size=args.batch_size,
-                           progress=not args.no_progress)
+    result = evaluate_text(model, tokenizer, text, stride=args.stride, context=args.context,
+                           batch_size=args.batch_size or EVAL_BATCH_SIZE, progress=not args.no_progress)
     print(json.dumps(dataclasses.asdict(result)) if args.json else result.summary())
+
+
+def _refuse_flags(args: argparse.Namespace, mode: str, names: list[str]) -> None:
+    """Refuse flags of the other kind of evaluation, which would otherwise be ignored without a word."""
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {mode} evaluation; "
+                         "see gpt2lab eval --help")
+
+
+def _run_eval_tasks(args: argparse.Namespace) -> None:
+    """lm-evaluation-harness tasks through gpt2lab's adapter: lm-eval's table, or its results as JSON."""
+    import importlib.util
+
+    from gpt2lab.files import claim_file
+
+    _refuse_flags(args, "--task", ["stride", "context", "text_field", "no_progress"])
+    if importlib.util.find_spec("lm_eval") is None:
+        raise OSError(f"gpt2lab eval --task needs lm-evaluation-harness; install it with: {EVAL_INSTALL}")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise ValueError(f"--include-path {args.include_path!r} is not a directory of task YAML files")
+    if args.output_path is not None:  # before the evaluation, which can take hours
+        claim_file(args.output_path, args.overwrite, is_own=_is_eval_results, description="results file")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from gpt2lab.lm_eval import HarnessModel
+
+    _set_threads(args.threads)
+    harness = HarnessModel(args.model, dtype=args.dtype, batch_size=args.batch_size, tokenizer=args.tokenizer)
+    _check_vocabularies(args.model, harness.model, harness.tokenizer)
+    task_manager = TaskManager(include_path=args.include_path)
+    _check_task_names(args.task, task_manager)
+    results = lm_eval.simple_evaluate(model=harness, tasks=args.task, num_fewshot=args.num_fewshot,
+                                      limit=args.limit, task_manager=task_manager, log_samples=False)
+    dumped = json.dumps({"format": EVAL_RESULTS_FORMAT, **results}, indent=2, default=handle_non_serializable,
+                        ensure_ascii=False)
+    if args.output_path is not None:
+        from gpt2lab.download import write_file_atomic
+
+        write_file_atomic(args.output_path, dumped + "\n")
+    if args.json:
+        print(dumped)
+        return
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+
+
+def _is_eval_results(path: Path) -> bool:
+    from gpt2lab.files import read_json_field
+
+    return read_json_field(path, "format") == EVAL_RESULTS_FORMAT
+
+
+def _check_task_names(names: list[str], task_manager: Any) -> None:
+    """Refuse unknown task names in one line, suggesting close ones (lm-eval's own error comes from deep inside its
+    task loading)."""
+    import difflib
+    import os
+
+    known = set(task_manager.all_tasks)
+    unknown = [n for n in names if n not in known and not os.path.isfile(n)]
+    if not unknown:
+        return
+    close = dict.fromkeys(m for n in unknown for m in difflib.get_close_matches(n, known, n=3))  # best first
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ValueError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}; list "
+                     "lm-eval's tasks with `lm-eval ls tasks`, or pass --include-path DIR for task YAML files of your "
+                     "own")
 
 
 # --------------------------------------------------------------------------------------------------------- attention

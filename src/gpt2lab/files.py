@@ -1,6 +1,7 @@
 """Where gpt2lab may write: one rule for every output, atomic directories, and the leftovers of killed writers.
 
-The rule, followed by every writer (prepare, save_pretrained, train's out_dir, train-tokenizer, attention):
+The rule, followed by every writer (prepare, save_pretrained, train's out_dir, train-tokenizer, attention,
+eval --output-path):
 
     a new path, or an empty directory                      written
     a directory that is gpt2lab's own output of this kind  replaced only when asked (`--overwrite`, overwrite=True),
@@ -9,7 +10,7 @@ The rule, followed by every writer (prepare, save_pretrained, train's out_dir, t
     a non-empty directory of other files)
 
 "gpt2lab's own" is proven by the directory's signature files (a prepared-data meta.json with gpt2lab's format tag,
-a model's config.json with gpt2lab's key), never guessed from a name alone.
+a model's config.json with gpt2lab's key, an eval results file's format tag), never guessed from a name alone.
 
 A directory is written into a temp directory beside it and swapped in with renames, so readers see the old or the
 new one, never half. The temp directory holds a marker file that its writer keeps locked (`flock`) while it writes;
@@ -151,11 +152,16 @@ def claim_files(directory: str | os.PathLike[str], names: tuple[str, ...], overw
     return d
 
 
-def claim_file(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Check that gpt2lab may write the file `path`: a new path, or an existing file with `overwrite`."""
+def claim_file(path: str | os.PathLike[str], overwrite: bool = False, *,
+               is_own: Callable[[Path], bool] | None = None, description: str = "file") -> Path:
+    """Check that gpt2lab may write the file `path`: a new path, or an existing file with `overwrite`. With `is_own`,
+    an existing file must also prove to be gpt2lab's `description`; any other file is refused even with `overwrite`."""
     path = Path(path)
     if path.is_dir():
         raise FileExistsError(f"{path} is a directory; give a file path")
+    if (path.exists() or path.is_symlink()) and is_own is not None and not is_own(path):
+        raise FileExistsError(f"{path} exists and is not a {description} written by gpt2lab, which never replaces "
+                              "files it did not write; choose another path")
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, "
                               "or choose another path")
