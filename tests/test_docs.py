@@ -32,6 +32,8 @@ NOT_RUN = {
     ("model.md", "q, k, v = self.c_attn(x).split(C, dim=2)   # 3 × (B, T, C): one matmul makes all three"):
         "an excerpt of GPT's attention for reading, with √D written as math",
     ("model.md", "x = x + self.attn(self.ln_1(x))"): "an excerpt of Block.forward for reading",
+    ("evaluation.md", "import lm_eval"): "its tasks' datasets come from the Hugging Face Hub; tests/test_lm_eval.py "
+                                         "makes the same call on local task files",
     ("serving.md", "from openai import OpenAI"): "a client of a server already running on port 8000 (and the "
                                                  "openai package, which gpt2lab does not depend on)",
 }
@@ -135,7 +137,8 @@ def command_lines() -> list[tuple[str, str]]:
                 continue
             for line in body.replace("\\\n", " ").splitlines():
                 m = START.search(line)
-                if m and not line.lstrip().startswith(("src/", "runs/", "config.toml")):
+                if m and not line.lstrip().startswith(("src/", "runs/", "config.toml", "python -m gpt2lab.lm_eval",
+                                                       "lm_eval")):  # lm-eval's command line, naming our model
                     found.append((path.name, m.group(1)))
         found += [(path.name, span.replace("\\|", "|")) for span in INLINE.findall(FENCE.sub("", text))]
     return found
