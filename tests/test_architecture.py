@@ -21,7 +21,7 @@ LAYER_NAMES = ["core", "I/O", "services", "jobs", "api", "faces"]
 # listed by name covers its modules that are not listed.
 LAYERS = {
     # core: the torch model's ground floor, and the tokenizer's pure BPE core (no torch)
-    "config": CORE, "loss": CORE, "model": CORE,
+    "checks": CORE, "config": CORE, "loss": CORE, "model": CORE,
     "tokenizer.pretokenize": CORE, "tokenizer.byte_map": CORE, "tokenizer.merges": CORE, "tokenizer.pool": CORE,
     "tokenizer.base": CORE,
     # I/O: files, downloads, model directories, data shards, tokenizer file formats
@@ -150,3 +150,8 @@ def test_the_checker_sees_lazy_and_type_only_imports(tmp_path, monkeypatch):
                       "def f():\n    from gpt2lab import checkpoint\n    import gpt2lab.cli\n", encoding="utf-8")
     monkeypatch.setattr(sys.modules[__name__], "source_of", lambda name: module)
     assert imports_of("model") >= {"generate", "checkpoint", "cli"}
+
+
+def test_the_checks_import_nothing_from_gpt2lab():
+    """gpt2lab.checks sits under everything that validates a setting, config included, so it stands alone."""
+    assert GRAPH["checks"] == set()

@@ -44,15 +44,15 @@ def test_frozen():
 
 @pytest.mark.parametrize("field,value,message", [
     ("n_embd", 100, "n_embd \\(100\\) must be divisible by n_head \\(12\\)"),
-    ("n_layer", 0, "n_layer must be a positive integer, got 0"),
-    ("vocab_size", -5, "vocab_size must be a positive integer, got -5"),
-    ("n_head", 2.0, "n_head must be a positive integer, got 2.0"),
+    ("n_layer", 0, "GPTConfig.n_layer must be an integer >= 1, got 0"),
+    ("vocab_size", -5, "vocab_size must be an integer >= 1, got -5"),
+    ("n_head", 2.0, "n_head must be an integer >= 1, got 2.0"),
     ("activation", "swish", "activation 'swish' is unknown; choose one of: gelu_tanh, gelu, relu"),
     ("pos_encoding", "rope", "pos_encoding 'rope' is unknown; choose one of: learned, sinusoidal"),
     ("dropout", 1.0, "dropout must be a number in \\[0, 1\\), got 1.0"),
-    ("layer_norm_eps", 0, "layer_norm_eps must be a positive finite number"),
-    ("layer_norm_eps", float("inf"), "layer_norm_eps must be a positive finite number, got inf"),
-    ("bias", "yes", "bias must be true or false"),
+    ("layer_norm_eps", 0, "layer_norm_eps must be a finite number > 0, got 0"),
+    ("layer_norm_eps", float("inf"), "layer_norm_eps must be a finite number > 0, got inf"),
+    ("bias", "yes", "GPTConfig.bias must be true or false, got 'yes'"),
 ])
 def test_invalid_values_name_field_value_and_allowed(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -146,7 +146,7 @@ def test_prepare_jsonl_and_errors(tmp_path):
         prepare(str(bad), tmp_path / "o3", tokenizer="char", progress=False)
     with pytest.raises(ValueError, match=r"'nope' is neither a built-in dataset \(shakespeare, tinyshakespeare\)"):
         prepare("nope", tmp_path / "o4", tokenizer="char", progress=False)
-    with pytest.raises(ValueError, match="val_fraction must be in"):
+    with pytest.raises(ValueError, match=r"val_fraction must be a number in \[0, 1\), got 1.0"):
         prepare(str(src), tmp_path / "o5", val_fraction=1.0, progress=False)
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 

@@ -829,7 +829,7 @@ def test_repeated_log_messages_are_held_back():
     (["--log-level", "loud"], "--log-level must be one of"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--max-connections", "1"], "max_connections must be an integer >= 2"),
-    (["--body-timeout", "0"], "body_timeout_s must be a number of seconds"),
+    (["--body-timeout", "0"], "body_timeout_s must be a number in (0, 3600] (seconds), got 0"),
     (["--max-stop", "0"], "max_stop must be an integer >= 1"),
     (["--max-choices", "0"], "max_choices must be an integer >= 1"),
 ])

@@ -29,9 +29,10 @@ def test_config_file_overrides_and_errors(tmp_path):
                          (["seq_len=4096"], r"seq_len \(4096\) exceeds the model's context model.n_ctx \(256\)"),
                          (["model.vocab_size=10"], "comes from the data's tokenizer"),
                          (["model.n_layers=2"], r"unknown model config key\(s\) 'n_layers'"),
-                         (["beta2=1.0"], r"beta2 must be in \[0, 1\)"),
+                         (["beta2=1.0"], r"TrainConfig.beta2 must be a number in \[0, 1\), got 1.0"),
                          (["max_minutes=inf"], r"max_minutes must be a finite number >= 0, got inf"),
-                         (["lr=nan"], r"lr must be a finite number >= 0, got nan"),
+                         (["lr=nan"], r"TrainConfig.lr must be a finite number > 0, got nan"),
+                         (["lr=0"], r"TrainConfig.lr must be a finite number > 0, got 0"),
                          (["min_lr=1"], r"min_lr \(1\) must not exceed lr"),
                          (["nonsense"], "--set expects key=value")]:
         with pytest.raises(ValueError, match=message):

@@ -26,6 +26,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from gpt2lab import checks
+
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 POS_ENCODINGS = ("learned", "sinusoidal")
 # The largest model a config may describe. Far above anything gpt2lab trains or serves, it turns absurd sizes (a
@@ -66,9 +68,7 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            checks.integer(f"GPTConfig.{name}", getattr(self, name), low=1)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -80,13 +80,9 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.pos_encoding {self.pos_encoding!r} is unknown; choose one of: {', '.join(POS_ENCODINGS)}"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-            raise ValueError(f"GPTConfig.layer_norm_eps must be a positive finite number, got {eps!r}")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
+        checks.number("GPTConfig.dropout", self.dropout, 0, 1, high_open=True)
+        checks.number("GPTConfig.layer_norm_eps", self.layer_norm_eps, low=0, low_open=True)
+        checks.flag("GPTConfig.bias", self.bias)
         if self.parameter_count > MAX_PARAMETERS:
             sizes = ", ".join(f"{name}={_magnitude(getattr(self, name))}" for name in ("n_layer", "n_embd", "vocab_size", "n_ctx"))
             raise ValueError(f"GPTConfig describes {_magnitude(self.parameter_count)} parameters ({sizes}); "
@@ -247,27 +243,22 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ValueError(f"TrainConfig.{name} must not be empty")
         for name in ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_iters", "log_interval", "max_steps"):
-            _check_int(name, getattr(self, name), minimum=1)
+            checks.integer(f"TrainConfig.{name}", getattr(self, name), low=1)
         for name in ("warmup_steps", "decay_steps", "checkpoint_interval", "threads", "seed"):
-            _check_int(name, getattr(self, name), minimum=0)
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_minutes"):
-            _check_number(name, getattr(self, name))
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+            checks.integer(f"TrainConfig.{name}", getattr(self, name), low=0)
+        checks.number("TrainConfig.lr", self.lr, low=0, low_open=True)
+        for name in ("min_lr", "weight_decay", "grad_clip", "max_minutes"):
+            checks.number(f"TrainConfig.{name}", getattr(self, name), low=0)
         if self.min_lr > self.lr:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            _check_number(name, value)
-            if not value < 1:
-                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {value!r}")
+            checks.number(f"TrainConfig.{name}", getattr(self, name), 0, 1, high_open=True)
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             raise ValueError(f"TrainConfig.device {self.device!r} is unknown; choose one of: {', '.join(DEVICES)}")
         for name in ("compile", "clock_schedule"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}")
+            checks.flag(f"TrainConfig.{name}", getattr(self, name))
         if self.seq_len > self.model.n_ctx and not self.init_from:
             raise ValueError(f"TrainConfig.seq_len ({self.seq_len}) exceeds the model's context model.n_ctx "
                              f"({self.model.n_ctx}); lower seq_len or raise model.n_ctx")
@@ -301,16 +292,6 @@ class TrainConfig:
         model = dict(model)
         model.setdefault("preset", "mini")  # a partial table changes the default architecture, not GPT-2 small
         return cls(model=GPTConfig.from_dict(model), **data)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from gpt2lab import download, files
+from gpt2lab import checks, download, files
 from gpt2lab.tokenizer import TOKENIZER_FILES, CharTokenizer, load_tokenizer, split_text, tokenizer_pool
 
 FORMAT = "gpt2lab-tokens"
@@ -372,10 +372,8 @@ def prepare(source: str, out_dir: str | os.PathLike[str], tokenizer: str = "gpt2
     from tqdm import tqdm
 
     files.claim_directory(out_dir, PREPARED_DATA, overwrite)  # before the slow part
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be an integer >= 0 (0: one per CPU core), got {workers!r}")
+    checks.number("val_fraction", val_fraction, 0, 1, high_open=True)
+    checks.integer("workers", workers, low=0, note="0: one per CPU core")
     tok = make_tokenizer(tokenizer, source, text_field)
     dtype = token_dtype(tok.vocab_size)
     eot = tok.eot_token

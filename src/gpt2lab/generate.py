@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from gpt2lab import checks
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
@@ -171,18 +172,13 @@ class _EvalMode:
         self.grad.__exit__(*exc)
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
-
-
 def _check_token(name: str, value: object, vocab_size: int) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
-        raise ValueError(f"{name} must be a token id in [0, {vocab_size}) or None, got {value!r}")
-    return value
+    return None if value is None else checks.integer(name, value, 0, vocab_size - 1, note="a token id, or None")
+
+
+def _check_ids(name: str, ids: Sequence[object], vocab_size: int) -> None:
+    for t in ids:
+        checks.integer(f"a token id of {name}", t, 0, vocab_size - 1)
 
 
 def _seen_from_prompts(idx: torch.Tensor, mask: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
@@ -268,17 +264,15 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
     """
     n = len(prompts)
     V = model.config.vocab_size
-    limits = _per_row("max_new_tokens", max_new_tokens, n, lambda v: _check_count("max_new_tokens", v))
+    limits = _per_row("max_new_tokens", max_new_tokens, n, lambda v: checks.integer("max_new_tokens", v, low=0))
     params = _per_row("sampling", sampling, n, _check_sampling)
     gens = _per_row("generators", generators if generators is not None else None, n, lambda g: g)
     eos_token_id = _check_token("eos_token_id", eos_token_id, V)
-    _check_count("top_logprobs", top_logprobs)
+    checks.integer("top_logprobs", top_logprobs, low=0)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; start it with at least one token (GPT-2 uses <|endoftext|>)")
-        bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]!r} outside [0, {V})")
+        _check_ids(f"prompt {i}", p, V)
     idx, mask = _left_pad(prompts, model.ln_f.weight.device)
     return _run_decode(model, idx, mask, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop)
 
@@ -366,7 +360,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     >>> out = generate(model, torch.tensor([[50256]]), 5, temperature=0)  # doctest: +SKIP
     """
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    _check_count("max_new_tokens", max_new_tokens)
+    checks.integer("max_new_tokens", max_new_tokens, low=0)
     eos_token_id = _check_token("eos_token_id", eos_token_id, model.config.vocab_size)
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must be a (B, T) tensor of token ids with T >= 1, got {getattr(idx, 'shape', idx)!r}")
@@ -407,13 +401,11 @@ def prompt_logprobs(model: GPT, ids: Sequence[int], top_logprobs: int = 0) -> li
     [None, 3290, 318]
     """
     V, n_ctx = model.config.vocab_size, model.config.n_ctx
-    _check_count("top_logprobs", top_logprobs)
+    checks.integer("top_logprobs", top_logprobs, low=0)
     ids = list(ids)
     if not ids:
         raise ValueError("the prompt is empty; there is nothing to score")
-    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V]
-    if bad:
-        raise ValueError(f"the prompt has token id {bad[0]!r} outside [0, {V})")
+    _check_ids("the prompt", ids, V)
     if len(ids) > n_ctx:
         raise ValueError(f"the prompt is {len(ids)} tokens long, more than the model's context n_ctx={n_ctx}")
     if len(ids) == 1:

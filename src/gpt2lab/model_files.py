@@ -8,7 +8,6 @@ directory. checkpoint.py compares the result with the config before a model is b
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, NamedTuple
@@ -17,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from gpt2lab import checks
 from gpt2lab.download import read_json
 
 WEIGHTS_FILE = "model.safetensors"
@@ -81,32 +81,20 @@ def check_hf_fields(data: Mapping[str, Any], source: str) -> None:
     refused here rather than failing later with a message that names nothing.
     """
     for key in HF_INT_FIELDS:
-        value = data.get(key)
-        if key in data and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{source}: {key} must be a positive integer, got {show(value)}")
+        if key in data:
+            checks.integer(f"{source}: {key}", data[key], low=1)
     for key in HF_NUMBER_FIELDS:
-        if key in data and not _is_finite_number(data[key]):
-            raise ValueError(f"{source}: {key} must be a finite number, got {show(data[key])}")
+        if key in data:
+            checks.number(f"{source}: {key}", data[key])
     for key in HF_STRING_FIELDS:
         if key in data and not isinstance(data[key], str):
             raise ValueError(f"{source}: {key} must be a string, got {show(data[key])}")
     for key in HF_FLAG_FIELDS:
-        if key in data and not isinstance(data[key], bool):
-            raise ValueError(f"{source}: {key} must be true or false, got {show(data[key])}")
-    n_inner = data.get("n_inner")
-    if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int)):
-        raise ValueError(f"{source}: n_inner must be null or an integer, got {show(n_inner)}")
+        if key in data:
+            checks.flag(f"{source}: {key}", data[key])
+    if data.get("n_inner") is not None:
+        checks.integer(f"{source}: n_inner", data["n_inner"], note="or null")
     _check_gpt2lab_section(data.get("gpt2lab", {}), source)
-
-
-def _is_finite_number(value: Any) -> bool:
-    """An int or float that converts to a finite float (JSON allows NaN, Infinity and integers of any length)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float's range
-        return False
 
 
 def _check_gpt2lab_section(extra: Any, source: str) -> None:

@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from gpt2lab import checks
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,13 @@ class SamplingParams:
     repetition_penalty: Optional[float] = None
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"top_k must be a positive integer or None (no limit), got {k!r}")
-        p = self.top_p
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1] or None (no limit), got {p!r}")
-        r = self.repetition_penalty
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = none) or None, got {r!r}")
+        checks.number("temperature", self.temperature, low=0, note="0 = greedy")
+        if self.top_k is not None:
+            checks.integer("top_k", self.top_k, low=1, note="None: no limit")
+        if self.top_p is not None:
+            checks.number("top_p", self.top_p, 0, 1, low_open=True, note="None: no limit")
+        if self.repetition_penalty is not None:
+            checks.number("repetition_penalty", self.repetition_penalty, low=0, low_open=True, note="1 or None: none")
 
     @property
     def greedy(self) -> bool:

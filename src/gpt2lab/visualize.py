@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from gpt2lab import checks
 from gpt2lab.files import claim_file
 from gpt2lab.model import explicit_attention_weights
 
@@ -30,8 +31,7 @@ def attention_weights(model: "GPT", idx: torch.Tensor, layer: int) -> torch.Tens
     ones the model computes (whatever its position encoding); the pattern is then softmax(Q Kᵀ / √D) made explicit.
     """
     cfg = model.config
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.n_layer:
-        raise ValueError(f"layer must be in [0, {cfg.n_layer - 1}] for this model, got {layer!r}")
+    checks.integer("layer", layer, 0, cfg.n_layer - 1, note=f"this model has {cfg.n_layer} layers")
     if idx.dim() != 1 or idx.numel() == 0:
         raise ValueError(f"idx must be a non-empty 1-D tensor of token ids, got shape {tuple(idx.shape)}")
     T = idx.numel()

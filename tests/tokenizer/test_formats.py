@@ -98,7 +98,7 @@ BYTES_VOCAB = {c: i for i, c in enumerate(bytes_to_unicode().values())}
         ({"abc": 256, "bc": 257}, ["a bc", "b c"], "merges.txt, line 2: 'bc' is neither a byte nor the result"),
         ({}, ["a b"], "merges.txt, line 2: the merged token 'ab' is not in the vocabulary"),
         ({"ab": 256}, ["a b", "a b"], "merges.txt, line 3: .* listed twice"),
-        ({"ab": "x"}, ["a b"], "vocab.json: token 'ab' has id 'x'"),
+        ({"ab": "x"}, ["a b"], "vocab.json: the id of token 'ab' must be an integer >= 0, got 'x'"),
         ({"中": 256}, [], "vocab.json: token '中'"),
     ],
 )

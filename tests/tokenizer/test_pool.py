@@ -35,7 +35,7 @@ def test_tokenizer_pool_runs_jobs_in_order_and_streams_its_input(gpt2, workers):
 
 def test_tokenizer_pool_refuses_a_bad_worker_count(gpt2):
     for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="num_workers must be an int >= 1"):
+        with pytest.raises(ValueError, match="num_workers must be an integer >= 1"):
             with tokenizer_pool(gpt2, bad):
                 pass
 

@@ -23,6 +23,6 @@ def test_cli_train_tokenizer_and_errors(tmp_path, capsys):
     assert load_tokenizer(tmp_path / "tok").encode(" the cat") == train_bpe(corpus.read_text(), vocab_size=270).encode(" the cat")
     assert main(["train-tokenizer", "--input", str(corpus), "--vocab-size", "10", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "vocab_size must be an int >= 257" in err and "10" in err
+    assert err.count("\n") == 1 and "vocab_size must be an integer >= 257" in err and "10" in err
     assert main(["tokenize", "--tokenizer", str(tmp_path / "nope"), "hi"]) == 1
     assert "unknown tokenizer" in capsys.readouterr().err

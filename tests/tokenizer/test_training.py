@@ -97,7 +97,8 @@ def test_trained_tokenizer_loads_in_transformers_with_identical_ids(trained, tmp
 
 
 def test_train_bpe_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="vocab_size must be an int >= 257"):
+    message = r"vocab_size must be an integer >= 257 \(256 bytes \+ 1 special tokens\), got 100"
+    with pytest.raises(ValueError, match=message):
         train_bpe("abc", vocab_size=100)
     with pytest.raises(ValueError, match="special_tokens"):
         train_bpe("abc", vocab_size=300, special_tokens=EOT)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from gpt2lab import checks
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -64,30 +65,17 @@ class ServerConfig:
         positive = ("max_batch_size", "default_max_tokens", "max_request_bytes", "max_choices", "max_stop",
                     "max_stop_length", "max_pending")
         for name in positive:
-            _check_config_int(name, getattr(self, name), 1)
-        _check_config_int("max_connections", self.max_connections, 2)
+            checks.integer(f"ServerConfig.{name}", getattr(self, name), low=1)
+        checks.integer("ServerConfig.max_connections", self.max_connections, low=2)
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
-            _check_config_seconds(name, getattr(self, name))
+            checks.number(f"ServerConfig.{name}", getattr(self, name), 0, 3600, low_open=True, note="seconds")
         for name in ("allowed_hosts", "allowed_origins"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"ServerConfig.{name} must be a tuple of non-empty strings, got {value!r}")
         if not self.allowed_hosts:
             raise ValueError("ServerConfig.allowed_hosts is empty; list the host names to answer to, or '*' for any")
-        _check_config_int("max_logprobs", self.max_logprobs, 0)
+        checks.integer("ServerConfig.max_logprobs", self.max_logprobs, low=0)
         if self.max_tokens is not None:
-            _check_config_int("max_tokens", self.max_tokens, 1)
-        if isinstance(self.batch_wait_ms, bool) or not isinstance(self.batch_wait_ms, (int, float)) \
-                or not 0 <= self.batch_wait_ms <= 1000:
-            raise ValueError("ServerConfig.batch_wait_ms must be a number of milliseconds in [0, 1000], "
-                             f"got {self.batch_wait_ms!r}")
-
-
-def _check_config_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"ServerConfig.{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_config_seconds(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
-        raise ValueError(f"ServerConfig.{name} must be a number of seconds in (0, 3600], got {value!r}")
+            checks.integer("ServerConfig.max_tokens", self.max_tokens, low=1, note="None: the model's context")
+        checks.number("ServerConfig.batch_wait_ms", self.batch_wait_ms, 0, 1000, note="milliseconds")

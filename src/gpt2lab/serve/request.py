@@ -3,10 +3,10 @@ problem. Work is bounded before it is done: a prompt's length is judged before i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from gpt2lab import checks
 from gpt2lab.sampling import SamplingParams
 from gpt2lab.serve.config import ServerConfig
 from gpt2lab.serve.errors import APIError
@@ -46,34 +46,28 @@ def _invalid(param: str, message: str, status: int = 400, code: str = "invalid_v
     return APIError(status, message, param=param, code=code)
 
 
+def _checked(name: str, check: Callable[..., Any], value: Any, *args: Any, **kwargs: Any) -> Any:
+    """`check` (one of gpt2lab.checks) on the field `name`, its ValueError turned into a 400 that names the field."""
+    try:
+        return check(f"'{name}'", value, *args, **kwargs)
+    except ValueError as e:
+        raise _invalid(name, str(e)) from None
+
+
 def _get_int(body: Mapping[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
     value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _invalid(name, f"'{name}' must be an integer in [{low}, {high}], got {value!r}")
-    return value
+    return default if value is None else _checked(name, checks.integer, value, low, high)
 
 
 def _get_number(body: Mapping[str, Any], name: str, default: float | None, low: float, high: float,
                 low_open: bool = False) -> float | None:
     value = body.get(name)
-    if value is None:
-        return default
-    bad_type = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if bad_type or value > high or value < low or (low_open and value == low):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise _invalid(name, f"'{name}' must be a number in {interval}, got {value!r}")
-    return float(value)
+    return default if value is None else _checked(name, checks.number, value, low, high, low_open=low_open)
 
 
 def _get_bool(body: Mapping[str, Any], name: str) -> bool:
     value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _invalid(name, f"'{name}' must be true or false, got {value!r}")
-    return value
+    return False if value is None else _checked(name, checks.flag, value)
 
 
 def _check_fields(body: Any) -> None:

@@ -15,6 +15,7 @@ import uvicorn
 
 from starlette.applications import Starlette
 
+from gpt2lab import checks
 from gpt2lab.inference import load_for_inference
 from gpt2lab.serve.app import create_app
 from gpt2lab.serve.config import ServerConfig
@@ -98,8 +99,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str =
     """
     if log_level not in LOG_LEVELS:
         raise ValueError(f"unknown log level {log_level!r}; choose one of: {', '.join(LOG_LEVELS)}")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
+    checks.integer("port", port, 0, 65535, note="0: any free port")
     sock = bind_socket(host, port, backlog=min(2048, (config or ServerConfig()).max_connections))
     try:
         app = load_app(model, dtype, config, model_name, tokenizer)

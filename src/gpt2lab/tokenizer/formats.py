@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from gpt2lab import checks
 from gpt2lab.download import (
     cache_dir,
     file_source,
@@ -179,8 +180,7 @@ def _split_vocab(vocab: object, specials: Mapping[str, int] | None, path: Path):
         specials = {EOT: vocab[EOT]} if isinstance(vocab.get(EOT), int) else {}
     ordinary: dict[int, bytes] = {}
     for text, i in vocab.items():
-        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-            raise ValueError(f"{path}: token {text!r} has id {i!r}; ids must be ints >= 0")
+        checks.integer(f"{path}: the id of token {text!r}", i, low=0)
         if text in specials:
             continue
         token = _from_visible(text)

@@ -14,6 +14,8 @@ from functools import partial
 from multiprocessing import get_all_start_methods, get_context
 from typing import Any, TypeVar
 
+from gpt2lab import checks
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 # imap(fn, items, chunksize=1): fn(tokenizer, item) for each item, in order.
@@ -25,9 +27,7 @@ _WORKER_TOKENIZER: Any = None
 
 def check_workers(num_workers: object) -> int:
     """`num_workers` if it is an int >= 1; else a ValueError naming it."""
-    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
-        raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
-    return num_workers
+    return checks.integer("num_workers", num_workers, low=1)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 
+from gpt2lab import checks
 from gpt2lab.tokenizer.bpe_tokenizer import Tokenizer
 from gpt2lab.tokenizer.byte_map import _BYTE_TO_CHAR
 from gpt2lab.tokenizer.pretokenize import EOT, _check_specials, _check_text, _PATTERN, _special_splitter, split_text
@@ -40,9 +41,8 @@ def train_bpe(
     smaller than asked.
     """
     specials = _check_specials(special_tokens)
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size must be an int >= {256 + len(specials)} (256 bytes + {len(specials)} special"
-                         f" tokens), got {vocab_size!r}")  # fmt: skip
+    checks.integer("vocab_size", vocab_size, low=256 + len(specials),
+                   note=f"256 bytes + {len(specials)} special tokens")
     counts = count_pieces([texts] if isinstance(texts, str) else texts, files, specials, progress)
     base = [bytes([b]) for b in _BYTE_TO_CHAR]  # GPT-2's order: printable bytes first
     merges = learn_merges(counts, vocab_size - 256 - len(specials), base, progress)
