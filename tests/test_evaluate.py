@@ -185,11 +185,11 @@ def test_cli_eval_prints_loss_perplexity_and_bpb(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"context": 0}, "context must be an integer in \\[2, n_ctx=32\\]"),
-    ({"context": 33}, "context must be an integer in \\[2, n_ctx=32\\]"),
-    ({"stride": 0}, "stride must be an integer in \\[1, context=32\\]"),
-    ({"stride": 9, "context": 8}, "stride must be an integer in \\[1, context=8\\]"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"context": 0}, "context must be an integer in \\[2, 32\\] \\(n_ctx=32"),
+    ({"context": 33}, "context must be an integer in \\[2, 32\\] \\(n_ctx=32"),
+    ({"stride": 0}, "stride must be an integer in \\[1, 32\\] \\(context=32\\)"),
+    ({"stride": 9, "context": 8}, "stride must be an integer in \\[1, 8\\] \\(context=8\\)"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
 ])
 def test_given_values_are_checked_never_replaced(kwargs, message):
     """0 is not "the default": a window setting that is given is used as given or refused."""
@@ -242,8 +242,8 @@ def test_cli_eval_progress_and_window_errors(tmp_path, monkeypatch, capsys):
         assert main(argv + extra) == 0
         assert ("window" in terminal.getvalue()) == shown
     monkeypatch.undo()
-    for extra, message in [(["--context", "17"], "context must be an integer in [2, n_ctx=16]"),
-                           (["--context", "8", "--stride", "9"], "stride must be an integer in [1, context=8]")]:
+    for extra, message in [(["--context", "17"], "context must be an integer in [2, 16] (n_ctx=16"),
+                           (["--context", "8", "--stride", "9"], "stride must be an integer in [1, 8] (context=8)")]:
         assert main(argv + extra) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1

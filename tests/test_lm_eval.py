@@ -130,8 +130,8 @@ def test_scoring_windows_keep_the_context_tail() -> None:
 
 @pytest.mark.parametrize("args, match", [
     ({"dtype": "fp16"}, "unknown dtype 'fp16'"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"batch_size": "many"}, "batch_size must be a positive integer"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": "many"}, "batch_size must be an integer >= 1, got 'many'"),
     ({"max_length": 10_000}, "at most the model's n_ctx=64"),
 ])
 def test_bad_arguments_name_the_value(harness_files: HarnessFiles, args: dict, match: str) -> None:

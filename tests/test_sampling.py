@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from gpt2lab.sampling import (SamplingParams, apply_temperature, apply_top_p, choose_tokens, process_logits,
-                              sample_inverse_cdf)
+from gpt2lab.sampling import (REPETITION_PENALTY_RANGE, SamplingParams, apply_repetition_penalty, apply_temperature,
+                              apply_top_p, choose_tokens, process_logits, sample_inverse_cdf)
 
 
 @pytest.mark.parametrize("vocab", [100, 5000, 50257])  # the sort path, the 256-candidate path, the 4096 path
@@ -58,3 +58,28 @@ def test_cli_generate_with_a_tiny_top_p_prints_text(tiny_model, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout.startswith("ab")
+
+
+@pytest.mark.parametrize("penalty", REPETITION_PENALTY_RANGE)
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1e-30])
+def test_the_penalty_bounds_keep_a_row_of_seen_tokens_sampleable(penalty, temperature):
+    logits = torch.tensor([[-900.0, -5.0, -1.0], [900.0, 5.0, 1.0]])
+    seen = torch.ones_like(logits, dtype=torch.bool)
+    params = SamplingParams(temperature=temperature, repetition_penalty=penalty)
+    probs = torch.softmax(process_logits(logits, params, seen), dim=-1)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(2))
+    if temperature < 1:
+        assert choose_tokens(logits, params, seen).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("penalty", [1e300, 1e-300])
+def test_past_the_penalty_bounds_logits_overflow(penalty):
+    logits = torch.tensor([[-900.0, -5.0, -1.0], [900.0, 5.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.ones_like(logits, dtype=torch.bool), penalty)
+    assert not torch.isfinite(out).all()  # one row overflows to +-inf, the other collapses to 0: why they are refused
+
+
+@pytest.mark.parametrize("penalty", [0.005, 1e5, float("nan"), float("inf")])
+def test_sampling_params_refuse_a_penalty_outside_its_range(penalty):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=penalty)

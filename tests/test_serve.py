@@ -487,6 +487,7 @@ BAD_REQUESTS = [
     ({"prompt": [70000]}, 400, "prompt", "invalid_value", "70000"),
     ({"max_tokens": 5}, 400, "prompt", "missing_field", "required"),
     ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported", "repetition_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0.005}, 400, "repetition_penalty", "invalid_value", "[0.01, 10]"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value", "stream"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found", "'gpt-4'"),
     ({"prompt": " hello" * 70}, 413, "prompt", "prompt_too_long", "70 tokens"),

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from gpt2lab import checks
 from gpt2lab.config import EVAL_BATCH_SIZE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,10 +67,8 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     >>> [(w.begin, w.end, w.first_target) for w in sliding_windows(10, 6, 3)]
     [(0, 6, 1), (3, 9, 6), (6, 10, 9)]
     """
-    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
-        raise ValueError(f"the context must be an integer >= 2, got {context!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= context:
-        raise ValueError(f"stride must be an integer in [1, context={context}], got {stride!r}")
+    checks.integer("context", context, 2)
+    checks.integer("stride", stride, 1, context, note=f"context={context}")
     windows: list[Window] = []
     previous_end = 0
     for begin in range(0, n_tokens, stride):
@@ -106,12 +105,12 @@ def resolve_window(n_ctx: int, stride: int | None, context: int | None) -> tuple
     """
     if context is None:
         context = n_ctx
-    elif isinstance(context, bool) or not isinstance(context, int) or not 2 <= context <= n_ctx:
-        raise ValueError(f"context must be an integer in [2, n_ctx={n_ctx}] (the model's context), got {context!r}")
+    else:
+        checks.integer("context", context, 2, n_ctx, note=f"n_ctx={n_ctx}, the model's context")
     if stride is None:
         stride = max(1, context // 2)
-    elif isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= context:
-        raise ValueError(f"stride must be an integer in [1, context={context}], got {stride!r}")
+    else:
+        checks.integer("stride", stride, 1, context, note=f"context={context}")
     return stride, context
 
 
@@ -126,8 +125,7 @@ def token_nll(model: "GPT", ids: torch.Tensor, stride: int | None = None, contex
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
     stride, context = resolve_window(model.config.n_ctx, stride, context)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    checks.integer("batch_size", batch_size, 1)
     device = model.ln_f.weight.device
     ids = ids.to(device=device, dtype=torch.long)
     nll = torch.full((max(ids.numel() - 1, 0),), float("nan"), dtype=torch.float64)

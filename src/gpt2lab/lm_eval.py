@@ -36,6 +36,7 @@ except ImportError as e:  # the optional `eval` extra is not installed
     raise ImportError(f"the lm-eval adapter needs lm-evaluation-harness ({e}); install it with: "
                       "pip install -e \".[eval]\"") from None
 
+from gpt2lab import checks
 from gpt2lab.generate import decode_steps
 from gpt2lab.inference import INFERENCE_DTYPES, load_tokenizer_for, prepare_for_inference
 from gpt2lab.sampling import SamplingParams
@@ -54,10 +55,8 @@ def _positive(name: str, value: int | str | None, default: int) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = 0
-    if number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return number
+        number = value  # checks.integer names it
+    return checks.integer(name, number, 1)
 
 
 def _batch_size(value: int | str | None) -> int:

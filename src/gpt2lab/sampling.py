@@ -17,6 +17,11 @@ import torch
 from gpt2lab import checks
 
 
+# Past these the penalized logits of seen tokens overflow float32 (a row of +-inf is NaN in the softmax). Any
+# temperature >= 0 and top_p in (0, 1] is safe: near 0 they are the greedy limit (apply_temperature, apply_top_p).
+REPETITION_PENALTY_RANGE = (0.01, 1e4)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen from the model's logits.
@@ -42,7 +47,8 @@ class SamplingParams:
         if self.top_p is not None:
             checks.number("top_p", self.top_p, 0, 1, low_open=True, note="None: no limit")
         if self.repetition_penalty is not None:
-            checks.number("repetition_penalty", self.repetition_penalty, low=0, low_open=True, note="1 or None: none")
+            low, high = REPETITION_PENALTY_RANGE
+            checks.number("repetition_penalty", self.repetition_penalty, low, high, note="1 or None: none")
 
     @property
     def greedy(self) -> bool:

@@ -238,7 +238,7 @@ def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: Serv
     temperature = _get_number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _get_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     top_k = _get_int(body, "top_k", 0, 0, tokenizer.vocab_size)
-    repetition_penalty = _get_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
+    repetition_penalty = _get_number(body, "repetition_penalty", 1.0, 0.01, 10.0)
     n = _get_int(body, "n", 1, 1, config.max_choices)
     best_of = _get_int(body, "best_of", n, 1, config.max_choices)
     if best_of != n:
