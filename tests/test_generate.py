@@ -18,7 +18,6 @@ from gpt2lab.inference import prepare_for_inference
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.sampling import (SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, choose_tokens,
                               draw_uniforms, process_logits, sample_inverse_cdf)
-from gpt2lab.text import held_back, text_pieces
 from gpt2lab import quantize
 from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLinear, Int8Linear, OneDNNLinear,
                               TransposedLinear,
@@ -466,40 +465,6 @@ def test_prompt_logprobs_validates():
 
 
 # ----------------------------------------------------------------------------------------------------- streaming
-def test_held_back_keeps_possible_stop_prefixes():
-    assert held_back("Hello wor", ["world"]) == 3
-    assert held_back("Hello", ["\n\n"]) == 0
-    assert held_back("ab\n", ["\n\n", "b\nx"]) == 2
-    assert held_back("", ["abc"]) == 0
-    assert held_back("xx", []) == 0
-
-
-def test_text_pieces_never_split_characters():
-    emoji = "🙂".encode()
-    chunks = [b"Hi ", emoji[:1], emoji[1:3], emoji[3:] + b" caf\xc3", b"\xa9"]
-    pieces = list(text_pieces(chunks))
-    assert "".join(pieces) == "Hi 🙂 café" and "\ufffd" not in "".join(pieces)
-    assert pieces == ["Hi ", "🙂 caf", "é"]
-    assert list(text_pieces([b"ok\xe2\x82"])) == ["ok", "\ufffd"]  # incomplete at the very end
-
-
-def test_text_pieces_cut_stop_strings_cleanly():
-    chunks = [b"one\n", b"two\n\n", b"three"]
-    assert "".join(text_pieces(chunks, stops=["\n\n"])) == "one\ntwo"
-    chunks = [b"Hello W", b"or", b"ld and more"]
-    pieces = list(text_pieces(chunks, stops=["World"]))
-    assert pieces == ["Hello "]
-    assert "".join(text_pieces([b"a Wor", b"k"], stops=["World"])) == "a Work"  # a false start is released
-    read = []
-
-    def chunks_read():
-        for c in [b"xSTO", b"P", b"never"]:
-            read.append(c)
-            yield c
-    assert list(text_pieces(chunks_read(), stops=["STOP", "x"])) == []
-    assert read == [b"xSTO"]  # stops reading at the first stop string
-
-
 class ByteTokenizer:
     """Tokens 0..255 are bytes, 256 is end-of-text: enough to exercise stream_text without GPT-2's vocabulary."""
 

@@ -383,6 +383,16 @@ def test_choice_text_offsets_after_an_invalid_byte(tokenizer):
     assert [t.offset for d in deltas if d is not None for t in d.tokens] == [0] + [1] * len(euro)
 
 
+
+def test_choice_text_a_stop_string_completed_by_the_final_flush_still_stops(tokenizer):
+    """A dangling lead byte becomes U+FFFD when the choice ends; a stop string it completes cuts the text there, as
+    in generate's streaming (one assembler for both)."""
+    lead, a = byte_token(tokenizer, 0xE2), tokenizer.encode("a")[0]
+    choice = ChoiceText(tokenizer, stop=["\ufffd"])
+    assert choice.add(TokenEvent(a, -1.0, [], None), 50256).text == "a"
+    delta = choice.add(TokenEvent(lead, -1.0, [], "length"), 50256)
+    assert (delta.text, delta.tokens, delta.finish_reason, choice.text) == ("", (), "stop", "a")
+
 # ---------------------------------------------------------------------------------------------- concurrency
 def run_concurrently(fn, args_list):
     results = [None] * len(args_list)
