@@ -111,7 +111,6 @@ EVAL_RESULTS_FORMAT = "gpt2lab-lm-eval-results"  # the "format" of the results f
 EVAL_INSTALL = 'pip install -e ".[eval]"'
 
 
-
 def add_eval(sub: argparse._SubParsersAction) -> None:
     from gpt2lab.config import EVAL_BATCH_SIZE
 
