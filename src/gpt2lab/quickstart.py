@@ -1,7 +1,7 @@
 """The quickstart recipe: prepare Shakespeare (char-level), train a small model for a few minutes on the CPU, and
 print samples from it.
 
-It uses two jobs, training and generation, so it sits at the faces' level beside cli.py (which runs it as
+It uses two jobs, training and generation, so it sits at the faces' level beside cli/ (which runs it as
 `gpt2lab quickstart`), not inside either job.
 """
 

@@ -1,0 +1,87 @@
+"""The command line's value types: one argparse type per kind of value, the shared help texts, and the parser class.
+
+A bad value fails at parse time, before any model is loaded, with one line that names the flag (argparse adds
+"argument --flag:") and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, NoReturn
+
+MAX_THREADS = 1024  # torch stores the thread count in a C int; far more threads than cores only slows it down
+MAX_NEW_TOKENS = 1_000_000  # the decoder holds a token buffer this long
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper limit when `high` is None)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float = math.inf, *, zero: bool = False, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, high] when `above` is set), or exactly 0 as well when
+    `zero` is set."""
+    opening = "(" if above else "["
+    bounds = f"{'>' if above else '>='} {low:g}" if high == math.inf else f"in {opening}{low:g}, {high:g}]"
+    allowed = f"0 or a finite number {bounds}" if zero else f"a finite number {bounds}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (low < value if above else low <= value) and value <= high
+        if not (math.isfinite(value) and (inside or (zero and value == 0))):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def nonempty(text: str) -> str:
+    """An argparse type for names, paths and texts where an empty string would silently mean something else
+    (the current directory, a default)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def limit(text: str) -> int | float:
+    """An argparse type for lm-eval's --limit: a count of examples per task (>= 1), or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value >= 1 and value == int(value) and math.isfinite(value):
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"must be a whole number of examples >= 1 or a fraction in (0, 1), got {text!r}")
+
+
+POSITIVE = integer(1)
+THREADS = integer(1, MAX_THREADS)
+THREADS_HELP = f"torch threads, 1..{MAX_THREADS} (default: torch's choice)"
+TEXT_FIELD_HELP = "the field holding the text in a .jsonl source (default: text)"
+MODEL_HELP = "a model directory or a hub name such as gpt2 (default: gpt2)"
+TOKENIZER_HELP = "tokenizer (default: the model directory's, else gpt2)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line: the message and where the usage is, instead of the usage itself."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
