@@ -1,12 +1,12 @@
 """Generation: the cache is exact, batches and padding are exact, sampling is controlled and reproducible, streaming
-never splits characters or stop strings, and the inference dtypes stay close to float32.
+never splits characters or stop strings. (The inference precisions are tested in test_quantize.py, the command line
+in test_cli_generate.py.)
 
 Oracles: decoding without the cache (the model's plain forward), and `transformers`' `generate` on the same weights.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -14,14 +14,9 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import Decoder, TokenEvent, decode_steps, generate, prompt_logprobs, stream_text
-from gpt2lab.inference import prepare_for_inference
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.sampling import (SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, choose_tokens,
                               draw_uniforms, process_logits, sample_inverse_cdf)
-from gpt2lab import quantize
-from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLinear, Int8Linear, OneDNNLinear,
-                              TransposedLinear,
-                              quantize_per_channel)
 
 from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_fast_step
 
@@ -497,157 +492,6 @@ def test_stream_text_equals_generate_and_stops():
         stream_text(model, tok, "x", 3, temperature=-1)
 
 
-# ------------------------------------------------------------------------------------------ inference dtypes
-def test_int8_linear_matches_its_dequantized_weight():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 48)
-    q, s = quantize_per_channel(linear.weight)
-    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
-    assert torch.allclose(q.float() * s[:, None], linear.weight, atol=float(s.max()) / 2 + 1e-7)
-    layer = Int8Linear.from_linear(linear)
-    x = torch.randn(2, 3, 64)
-    ref = x @ layer.dequantized().t() + linear.bias
-    assert torch.allclose(layer(x), ref, rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_prepare_for_inference_stays_close_to_fp32(dtype):
-    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
-    torch.manual_seed(0)
-    ref = GPT(cfg).eval()
-    model = GPT(cfg)
-    model.load_state_dict(ref.state_dict())
-    prepare_for_inference(model, dtype)
-    idx = torch.randint(0, 128, (2, 10))
-    with torch.no_grad():
-        a, b = ref(idx), model(idx).float()
-    err = (a - b).abs().max() / a.abs().max()
-    assert err < {"fp32": 1e-5, "bf16": 0.02, "int8": 0.03}[dtype]
-    out = generate(model, idx, 5, temperature=0)
-    assert out.shape == (2, 15)
-
-
-def test_prepare_for_inference_fp32_decodes_token_for_token():
-    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
-    torch.manual_seed(0)
-    ref = GPT(cfg).eval()
-    model = prepare_for_inference(copy.deepcopy(ref), "fp32")
-    idx = torch.randint(0, 128, (2, 10))
-    assert torch.equal(generate(model, idx, 5, temperature=0), generate(ref, idx, 5, temperature=0))
-
-
-def test_prepare_for_inference_rejects_unknown_dtype_and_double_preparation():
-    with pytest.raises(ValueError, match="fp16"):
-        prepare_for_inference(make_model(CONFIGS["tiny"]), "fp16")
-    model = prepare_for_inference(make_model(CONFIGS["tiny"]), "int8")
-    with pytest.raises(ValueError, match="already prepared"):
-        prepare_for_inference(model, "fp32")
-
-
-KERNELS = [Int8Linear, BF16Linear, TransposedLinear,
-           pytest.param(OneDNNLinear, marks=pytest.mark.skipif(not quantize.onednn_linear(), reason="no oneDNN")),
-           pytest.param(HalfPackedLinear, marks=pytest.mark.skipif(not quantize.fbgemm_half(), reason="no FBGEMM"))]
-
-
-@pytest.mark.parametrize("layer_type", KERNELS)
-def test_inference_linears_agree_on_small_and_large_batches(layer_type):
-    """Decode-sized inputs use the low-precision kernel, prefill-sized ones a float32 GEMM: both are the same layer."""
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(48, 80)
-    layer = layer_type.from_linear(linear)
-    x = torch.randn(SMALL_M + 9, 48)
-    ref = x @ (layer.dequantized() if hasattr(layer, "dequantized") else linear.weight).t() + linear.bias
-    tol = 1e-5 if layer_type in (TransposedLinear, OneDNNLinear) else 3e-2
-    assert torch.allclose(layer(x), ref, atol=tol, rtol=tol)  # large batch
-    assert torch.allclose(layer(x[:3]), ref[:3], atol=tol, rtol=tol)  # small batch
-    assert layer(x.view(1, -1, 48)).shape == (1, SMALL_M + 9, 80)
-
-
-@pytest.mark.skipif(not quantize.onednn_linear(), reason="no oneDNN")
-def test_onednn_linear_is_the_float32_linear_for_any_number_of_rows():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 96)
-    layer = OneDNNLinear.from_linear(linear)
-    assert layer.weight.data_ptr() == linear.weight.data_ptr()  # no copy of the weight
-    for rows in (1, 3, 8, SMALL_M + 1, 70):  # oneDNN for few rows, MKL for many
-        x = torch.randn(rows, 64)
-        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-    x = torch.randn(8, 128)[:, ::2]  # a strided input is made contiguous first
-    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("chunks", [1, 2, 4])
-def test_chunked_linear_is_the_float32_linear_for_any_number_of_rows(chunks, bias):
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 96, bias=bias)
-    layer = ChunkedLinear.from_linear(linear, chunks)
-    assert layer.weight.data_ptr() == linear.weight.data_ptr()  # the blocks are views of the same weight
-    for rows in (1, 3, 8, SMALL_M, SMALL_M + 1):  # row blocks for few rows, MKL for many
-        x = torch.randn(2, rows, 64)
-        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-    x = torch.randn(5, 128)[:, ::2]  # a strided input
-    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="chunks must divide out_features=96, got 5"):
-        ChunkedLinear.from_linear(linear, 5)
-
-
-def test_decode_linear_gives_each_thread_two_row_blocks_where_they_divide():
-    assert quantize.decode_linear(torch.nn.Linear(8, 96), threads=2).chunks == 4
-    assert quantize.decode_linear(torch.nn.Linear(8, 1600), threads=16).chunks == 32  # gpt2-xl's width
-    assert quantize.decode_linear(torch.nn.Linear(8, 30), threads=2).chunks == 3  # the most that divides, up to 4
-    odd = quantize.decode_linear(torch.nn.Linear(8, 7), threads=2)
-    assert type(odd) is OneDNNLinear  # 7 rows do not split: one oneDNN product
-
-
-@pytest.mark.skipif(not quantize.fbgemm_half(), reason="no FBGEMM")
-def test_half_packed_linear_holds_exactly_the_bf16_weights():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 96)
-    with torch.no_grad():
-        linear.weight[0, :4] = torch.tensor([3e-7, -2e-6, 70.0, 1e-4])  # subnormal in fp16, large, small normal
-    half, bf16 = HalfPackedLinear.from_linear(linear), BF16Linear.from_linear(linear)
-    assert (half.dequantized() - bf16.dequantized()).abs().max() <= 2.0 ** -25
-    x = torch.randn(5, 64)
-    torch.testing.assert_close(half(x), x @ bf16.dequantized().t() + linear.bias, rtol=1e-5, atol=1e-5)
-    assert not HalfPackedLinear.fits(torch.tensor([[1e5]]))
-
-
-def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
-    """oneDNN for fp32 and FBGEMM's fp16 layout for bf16 when available; otherwise the portable layers,
-    with the same logits."""
-    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
-    torch.manual_seed(0)
-    ref = GPT(cfg).eval()
-    idx = torch.randint(0, 128, (2, 10))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        fast = {d: prepare_for_inference(copy.deepcopy(ref), d) for d in ("fp32", "bf16")}
-        torch.set_num_threads(1)  # one thread: MKL's layout is the faster batch-1 kernel
-        assert isinstance(prepare_for_inference(copy.deepcopy(ref), "fp32").lm_head, TransposedLinear)
-    finally:
-        torch.set_num_threads(threads)
-    # what this CPU and torch build offer decides the layers; every branch is checked on the machine that has it
-    fp32_head, fp32_block = (OneDNNLinear, ChunkedLinear) if quantize.onednn_linear() else (TransposedLinear,) * 2
-    assert type(fast["fp32"].lm_head) is fp32_head
-    assert type(fast["fp32"].h[0].mlp.c_fc) is fp32_block
-    storages = [{t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()]}
-                for m in (fast["fp32"].lm_head, fast["fp32"].wte)]
-    assert storages[0] & storages[1]  # either way the head still shares the embedding's table
-    packed = quantize.fbgemm_half() and not quantize.native_bf16()
-    assert type(fast["bf16"].h[0].mlp.c_fc) is (HalfPackedLinear if packed else BF16Linear)
-    monkeypatch.setattr(quantize, "onednn_linear", lambda: False)
-    monkeypatch.setattr(quantize, "fbgemm_half", lambda: False)
-    plain = {d: prepare_for_inference(copy.deepcopy(ref), d) for d in ("fp32", "bf16")}
-    assert isinstance(plain["fp32"].lm_head, TransposedLinear)
-    assert isinstance(plain["bf16"].lm_head, BF16Linear)
-    with torch.no_grad():
-        torch.testing.assert_close(fast["fp32"](idx), plain["fp32"](idx), rtol=1e-5, atol=1e-5)
-        # same bf16 weights; BF16Linear also rounds the activations to bf16 inside its matmul, hence the tolerance
-        torch.testing.assert_close(fast["bf16"](idx), plain["bf16"](idx), rtol=0, atol=1e-2)
-
-
 def test_token_events_carry_alternatives_only_when_asked_and_are_frozen():
     model = make_model(CONFIGS["tiny"], seed=1)
     (step,) = list(decode_steps(model, [[1, 2]], 1, SamplingParams(temperature=0)))
@@ -656,100 +500,3 @@ def test_token_events_carry_alternatives_only_when_asked_and_are_frozen():
     assert event.top_logprobs == [] and event.finish_reason == "length"
     with pytest.raises(dataclasses.FrozenInstanceError):  # one event may be shared by several consumers
         event.token = 0
-
-
-# ------------------------------------------------------------------------------------------------------- CLI
-CHARS = "abcdefghijklmnopqrstuvwxyz ,.!?\n"
-
-
-@pytest.fixture(scope="module")
-def char_model_dir(tmp_path_factory):
-    """A tiny model saved with its own character tokenizer (no GPT-2 vocabulary needed)."""
-    from gpt2lab.tokenizer import CharTokenizer
-
-    tok = CharTokenizer(list(CHARS))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=64, n_layer=2, n_head=2, n_embd=32))
-    d = tmp_path_factory.mktemp("cli") / "model"
-    model.save_pretrained(d, tokenizer=tok)
-    return d
-
-
-def run_cli(argv, capsys, stdin=None, monkeypatch=None):
-    from gpt2lab.cli import main
-
-    if stdin is not None:
-        import io
-
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_generate_streams_reproducibly(char_model_dir, capsys):
-    argv = ["generate", "--model", str(char_model_dir), "--prompt", "hello", "--max-new-tokens", "12", "--seed", "3",
-            "--top-k", "5", "--num-samples", "2"]
-    code, out, err = run_cli(argv, capsys)
-    assert code == 0 and err == ""
-    assert out.count("hello") >= 2 and "sample 2" in out
-    assert run_cli(argv, capsys)[1] == out  # same seed, same text
-    code, greedy, _ = run_cli(["generate", "--model", str(char_model_dir), "--prompt", "hello", "--temperature", "0",
-                               "--max-new-tokens", "10", "--no-echo", "--dtype", "int8"], capsys)
-    assert code == 0 and not greedy.startswith("hello") and len(greedy) <= 11
-
-
-def test_cli_generate_reads_stdin_and_prompt_file(char_model_dir, capsys, monkeypatch, tmp_path):
-    base = ["generate", "--model", str(char_model_dir), "--temperature", "0", "--max-new-tokens", "6"]
-    code, from_stdin, _ = run_cli(base, capsys, stdin="to be", monkeypatch=monkeypatch)
-    (tmp_path / "p.txt").write_text("to be", encoding="utf-8")
-    code2, from_file, _ = run_cli(base + ["--prompt-file", str(tmp_path / "p.txt")], capsys)
-    assert code == code2 == 0 and from_stdin == from_file and from_file.startswith("to be")
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--temperature", "-1"], "temperature"),
-    (["--prompt", "x" * 80], "n_ctx=64"),
-    (["--dtype", "fp16"], "fp16"),
-    (["--max-new-tokens", "-2"], "max-new-tokens"),
-    (["--top-p", "2"], "--top-p"),
-])
-def test_cli_generate_bad_input_is_one_line(char_model_dir, capsys, extra, message):
-    argv = ["generate", "--model", str(char_model_dir)] + (["--prompt", "hi"] if "--prompt" not in extra else []) + extra
-    code, out, err = run_cli(argv, capsys)
-    assert code != 0 and out == "" and message in err and len(err.strip().splitlines()) == 1
-
-
-def test_cli_generate_missing_model_is_one_line(tmp_path, capsys):
-    code, out, err = run_cli(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"], capsys)
-    assert code == 1 and "missing" in err and len(err.strip().splitlines()) == 1
-
-
-def test_attention_weights_match_transformers(tmp_path):
-    from transformers import GPT2LMHeadModel
-
-    from gpt2lab.visualize import attention_weights
-
-    model = make_model(CONFIGS["wide"], seed=2)
-    model.save_pretrained(tmp_path / "m")
-    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
-    idx = torch.randint(0, 211, (9,), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        theirs = hf(idx[None], output_attentions=True).attentions
-    for layer in range(model.config.n_layer):
-        ours = attention_weights(model, idx, layer)
-        assert ours.shape == (4, 9, 9)
-        assert torch.allclose(ours, theirs[layer][0], atol=1e-5)
-    with pytest.raises(ValueError, match="layer"):
-        attention_weights(model, idx, 3)
-
-
-def test_cli_attention_writes_a_png(char_model_dir, capsys, tmp_path):
-    out = tmp_path / "pics" / "attn.png"
-    code, text, err = run_cli(["attention", "--model", str(char_model_dir), "--prompt", "to be or not",
-                               "--layer", "1", "--head", "0", "--out", str(out)], capsys)
-    assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in out.parent.iterdir()] == ["attn.png"]  # no temp file left behind
-    code, _, err = run_cli(["attention", "--model", str(char_model_dir), "--prompt", "hi", "--head", "5",
-                            "--out", str(out)], capsys)
-    assert code == 1 and "--head" in err
