@@ -194,6 +194,7 @@ class Variant:
 
     name: str
     generate: Callable[[list[int], int], list[int]]
+    weight_bytes: int = 0  # of the GGUF file, for llama.cpp's variants: about what one decode step reads
     rates: list[float] = dataclasses.field(default_factory=list)  # tokens/s, one per round
 
     def measure(self, prompt: list[int], repeats: int) -> float:
@@ -219,6 +220,19 @@ def gpt2lab_variant(name: str, model: object) -> Variant:
     return Variant(name, generate)
 
 
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of a streaming read with every core (the best sum over a 512 MiB tensor), as
+    benchmarks/generate.py measures it: what bounds a batch-1 decode step, which reads every weight once."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = torch.ones(128 * 1024 * 1024)
+    best = min(_seconds(a.sum) for _ in range(repeats))
+    torch.set_num_threads(threads)
+    return a.numel() * 4 / best
+
+
 def llama_variant(name: str, llama_cpp: ModuleType, gguf: Path, threads: int) -> Variant:
     llm = llama_cpp.Llama(str(gguf), n_ctx=PROMPT + TOKENS, n_batch=PROMPT + TOKENS, n_threads=threads,
                           n_threads_batch=threads, seed=0, verbose=False)
@@ -228,7 +242,7 @@ def llama_variant(name: str, llama_cpp: ModuleType, gguf: Path, threads: int) ->
         steps = llm.generate(prompt, temp=0.0, repeat_penalty=1.0)  # temp 0: llama.cpp's greedy sampler
         return list(itertools.islice(steps, n))
 
-    return Variant(name, generate)
+    return Variant(name, generate, gguf.stat().st_size)
 
 
 def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) -> list[Variant]:
@@ -249,26 +263,37 @@ def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) 
     for ours, theirs in PAIRS:
         variants.append(gpt2lab_variant(f"gpt2lab {ours}", load_for_inference(str(model_dir), ours)[0]))
         gguf = convert_to_gguf(args.converter, model_dir, theirs, root / f"{args.preset}-{theirs}.gguf")
-        print(f"{gguf.name}: {gguf.stat().st_size / 1e6:.0f} MB", flush=True)
         variants.append(llama_variant(f"llama.cpp {theirs}", llama_cpp, gguf, args.threads))
     return variants
 
 
 # ------------------------------------------------------------------------------------------------------ speed
-def run_speed(variants: list[Variant], prompt: list[int], rounds: int, repeats: int) -> None:
+def run_speed(variants: list[Variant], prompt: list[int], rounds: int, repeats: int) -> float:
+    """Time every variant round after round; returns the best read bandwidth seen before and between rounds."""
     for v in variants:  # warm-up: first calls allocate buffers and pick kernels
         v.generate(prompt, 3)
+    bandwidth = read_bandwidth()
     for r in range(rounds):
         for v in variants:
             rate = v.measure(prompt, repeats)
             print(f"round {r + 1}: {v.name:<24} {rate:6.1f} tok/s", flush=True)
+        bandwidth = max(bandwidth, read_bandwidth(3))  # the machine's, not the noise's
+    return bandwidth
 
 
-def report_speed(variants: list[Variant]) -> None:
+def report_speed(variants: list[Variant], bandwidth: float) -> None:
     by_name = {v.name: v for v in variants}
-    print("\ndecode tokens/s, batch 1 (range over rounds):")
+    print(f"\nread bandwidth (best during the run, all cores): {bandwidth / 1e9:.1f} GB/s; bound = bandwidth / "
+          "bytes of the GGUF file (each step reads every weight once)")
+    print("decode tokens/s, batch 1 (range over rounds), and of the bound of its precision:")
+    same_bytes = {"gpt2lab model.generate": "llama.cpp f32"}  # whose file holds each variant's precision
+    same_bytes.update({f"{side} {name}": f"llama.cpp {theirs}" for ours, theirs in PAIRS
+                       for side, name in (("gpt2lab", ours), ("llama.cpp", theirs))})
     for v in variants:
-        print(f"  {v.name:<24} {span(v.rates):>11}")
+        size = by_name[same_bytes[v.name]].weight_bytes
+        bound = bandwidth / size  # tokens/s
+        print(f"  {v.name:<24} {span(v.rates):>11}   {span([r / bound for r in v.rates], '{:.0%}'):>9} of "
+              f"{bound:.0f} ({size / 1e6:.0f} MB)")
     print("ratios within each round (range over rounds; > 1: gpt2lab faster):")
     plain, fp32 = by_name["gpt2lab model.generate"], by_name["gpt2lab fp32"]
     rows = [(f"gpt2lab {ours} / llama.cpp {theirs}", by_name[f"gpt2lab {ours}"], by_name[f"llama.cpp {theirs}"])
@@ -361,6 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     llama_cpp = import_llama_cpp()
     torch.set_num_threads(args.threads)  # before loading: the fp32 layout is chosen for the thread count
     print(f"CPU: {cpu_description(read_cpuinfo())}")
+    print(f"llama.cpp built with: {llama_cpp.llama_print_system_info().decode().strip(' |')}")
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, llama-cpp-python "
           f"{llama_cpp.__version__}; {args.preset}, {args.threads} threads, batch 1, greedy, {TOKENS} tokens after "
           f"a {PROMPT}-token prompt, best of {args.repeats}, {args.rounds} interleaved rounds; load average "
@@ -368,8 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     prompt = torch.randint(0, 50257, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args, llama_cpp, Path(tmp))
-        run_speed(variants, prompt, args.rounds, args.repeats)
-        report_speed(variants)
+        bandwidth = run_speed(variants, prompt, args.rounds, args.repeats)
+        report_speed(variants, bandwidth)
         print(f"load average after the timed rounds: {os.getloadavg()[0]:.1f}")
         del variants
         if args.train_seconds > 0:
