@@ -85,3 +85,11 @@ def test_bad_optimizer_settings_are_one_line_errors():
     for bad in (0.0, -1.0, float("nan"), "0.02", True):
         with pytest.raises(ValueError, match=r"TrainConfig.muon_lr must be"):
             TrainConfig(optimizer="muon", muon_lr=bad)
+
+
+def test_resuming_with_the_other_optimizer_is_refused(char_data, tmp_path):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=4, optimizer="muon")
+    T.train(cfg, progress=False)
+    with pytest.raises(ValueError, match=r"no exp_avg for h\.0\.attn\.c_attn\.weight; was it saved with another"):
+        T.train(dataclasses.replace(cfg, optimizer="adamw", max_steps=8), resume=True, progress=False)
+    T.train(dataclasses.replace(cfg, optimizer="adamw", max_steps=8), resume=True, fresh_optimizer=True, progress=False)
