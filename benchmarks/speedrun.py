@@ -13,7 +13,7 @@ turned into bits per byte of text (so char-level and BPE recipes compare).
   at step 2000, AdamW betas (0.9, 0.99), weight decay 0.1, gradient clipping 1.0, fp32). nanoGPT's code is not used:
   gpt2lab's model and loop stand in for it with those hyperparameters. If 2000 steps finish early it keeps going at
   min_lr, so it gets the whole wall time too.
-- gpt2lab: the recipe chosen for this budget (see RECIPES and docs/training.md).
+- gpt2lab: the recipe chosen for this budget, configs/speedrun.toml (see RECIPES and docs/training.md).
 
 `--concurrent` trains the recipes at the same time, one thread each, so a noisy shared machine slows both alike;
 without it they run one after the other with `--threads` each.
@@ -35,7 +35,12 @@ RECIPES = {
         tokenizer="char", model=dict(n_ctx=64, n_layer=4, n_head=4, n_embd=128), batch_size=12, seq_len=64,
         lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=2000, beta2=0.99, clock_schedule=False,
     ),
-    "gpt2lab": dict(  # measured best of the variants tried (docs/training.md): same shape, hotter, clock-timed
+    "gpt2lab": dict(  # configs/speedrun.toml: Muon on the block matrices, AdamW on the rest, clock-timed cosine
+        tokenizer="char", model=dict(n_ctx=64, n_layer=4, n_head=4, n_embd=128), batch_size=12, seq_len=64,
+        lr=3e-3, min_lr=1e-4, warmup_steps=30, decay_steps=0, beta2=0.99, clock_schedule=True,
+        optimizer="muon", muon_lr=0.05,
+    ),
+    "adamw": dict(  # the previous winner: the same with AdamW everywhere (the quickstart's recipe)
         tokenizer="char", model=dict(n_ctx=64, n_layer=4, n_head=4, n_embd=128), batch_size=12, seq_len=64,
         lr=3e-3, min_lr=1e-4, warmup_steps=30, decay_steps=0, beta2=0.99, clock_schedule=True,
     ),
@@ -81,18 +86,18 @@ def val_bits_per_byte(model, data, seq_len: int) -> float:
     return total / math.log(2) / data.meta["splits"]["val"]["bytes"]
 
 
-def run_recipe(name: str, text_path: str, minutes: float, threads: int, root: str, queue=None) -> dict:
+def run_recipe(name: str, recipe: dict, text_path: str, minutes: float, threads: int, root: str, queue=None) -> dict:
     from gpt2lab.checkpoint import load_model
     from gpt2lab.config import GPTConfig, TrainConfig
     from gpt2lab.data import TokenData
     from gpt2lab.train import train
 
-    recipe = dict(RECIPES[name])
+    recipe = dict(recipe)
     data_dir = prepare_data(text_path, recipe.pop("tokenizer"), Path(root))
     model = GPTConfig(**recipe.pop("model"))
-    config = TrainConfig(data_dir=str(data_dir), out_dir=str(Path(root) / f"run-{name}"), model=model,
-                         max_steps=10**7, max_minutes=minutes, threads=threads, eval_interval=10**7, eval_iters=5,
-                         log_interval=50, **recipe)  # fmt: skip
+    run = dict(max_steps=10**7, max_minutes=minutes, threads=threads, eval_interval=10**7, eval_iters=5,
+               log_interval=50) | recipe  # a recipe may set its own max_steps (a step-count comparison)
+    config = TrainConfig(data_dir=str(data_dir), out_dir=str(Path(root) / f"run-{name}"), model=model, **run)
     result = train(config, overwrite=True, progress=False)
     torch.set_num_threads(threads)
     best = load_model(Path(config.out_dir) / "last")
@@ -120,25 +125,32 @@ def main() -> None:
         if args.concurrent:
             ctx = multiprocessing.get_context("spawn")
             queue = ctx.Queue()
-            procs = [ctx.Process(target=run_recipe, args=(n, args.data, args.minutes, 1, root, queue)) for n in names]
+            procs = [ctx.Process(target=run_recipe, args=(n, RECIPES[n], args.data, args.minutes, 1, root, queue))
+                     for n in names]
             for p in procs:
                 p.start()
             rows = [queue.get() for _ in procs]
             for p in procs:
                 p.join()
         else:
-            rows = [run_recipe(n, args.data, args.minutes, args.threads, root) for n in names]
+            rows = [run_recipe(n, RECIPES[n], args.data, args.minutes, args.threads, root) for n in names]
     threads = 1 if args.concurrent else args.threads
     print(f"speedrun: tiny Shakespeare, {args.minutes:g} min of training per recipe, {threads} thread(s) each"
           f"{', concurrently' if args.concurrent else ''}, torch {torch.__version__} ({time.time() - t0:.0f} s total)")
-    print(f"{'recipe':>10} {'params':>8} {'steps':>7} {'tokens':>10} {'seconds':>8} {'val bits/byte':>14}")
+    print(f"{'recipe':>10} {'params':>8} {'steps':>7} {'steps/s':>8} {'tokens':>10} {'seconds':>8} "
+          f"{'val bits/byte':>14}")
     for row in sorted(rows, key=lambda r: names.index(r["recipe"])):
-        print(f"{row['recipe']:>10} {row['params'] / 1e6:>7.2f}M {row['steps']:>7} {row['tokens']:>10,} "
-              f"{row['seconds']:>8.0f} {row['val_bpb']:>14.4f}")
-    by = {r["recipe"]: r["val_bpb"] for r in rows}
-    if "baseline" in by and "gpt2lab" in by:
-        print(f"gpt2lab - baseline: {by['gpt2lab'] - by['baseline']:+.4f} bits/byte "
-              f"({'gpt2lab wins' if by['gpt2lab'] < by['baseline'] else 'baseline wins'})")
+        print(f"{row['recipe']:>10} {row['params'] / 1e6:>7.2f}M {row['steps']:>7} "
+              f"{row['steps'] / row['seconds']:>8.2f} {row['tokens']:>10,} {row['seconds']:>8.0f} "
+              f"{row['val_bpb']:>14.4f}")
+    by = {r["recipe"]: r for r in rows}
+    if "baseline" in by:
+        base = by["baseline"]
+        for name in (n for n in names if n != "baseline"):
+            row = by[name]
+            print(f"{name} / baseline: bits/byte {row['val_bpb'] / base['val_bpb']:.3f}x "
+                  f"({1 - row['val_bpb'] / base['val_bpb']:+.1%} fewer), steps/s "
+                  f"{row['steps'] / row['seconds'] / (base['steps'] / base['seconds']):.2f}x")
 
 
 if __name__ == "__main__":

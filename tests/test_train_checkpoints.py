@@ -22,12 +22,12 @@ from gpt2lab.config import GPTConfig, train_config_to_toml
 from gpt2lab.train import checkpoints
 
 
-def test_resume_continues_exactly(char_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(char_data, tmp_path, optimizer):
     """N steps straight == N/2 steps, stop, resume (a new model, optimizer and process state), N/2 more."""
-    straight = T.train(tiny_run(char_data, tmp_path / "a", model=GPTConfig(n_ctx=32, n_layer=2, n_head=2, n_embd=32,
-                                                                           dropout=0.1)), progress=False)
-    half = tiny_run(char_data, tmp_path / "b", model=GPTConfig(n_ctx=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1),
-                    max_steps=4, decay_steps=8)
+    model = GPTConfig(n_ctx=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    straight = T.train(tiny_run(char_data, tmp_path / "a", model=model, optimizer=optimizer), progress=False)
+    half = tiny_run(char_data, tmp_path / "b", model=model, optimizer=optimizer, max_steps=4, decay_steps=8)
     first = T.train(half, progress=False)
     torch.manual_seed(12345)  # disturb the global RNG: resume must restore it (dropout)
     assert cli_main(["train", "--resume", str(tmp_path / "b"), "--set", "max_steps=8", "--no-progress"]) == 0
@@ -39,6 +39,8 @@ def test_resume_continues_exactly(char_data, tmp_path):
     opt_a = load_file(str(tmp_path / "a" / "last" / "optimizer.safetensors"))
     opt_b = load_file(str(tmp_path / "b" / "last" / "optimizer.safetensors"))
     assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+    slot = "momentum_buffer" if optimizer == "muon" else "exp_avg"
+    assert f"optim.h.0.attn.c_attn.weight.{slot}" in opt_a and "optim.wte.weight.exp_avg" in opt_a
 
 
 def test_an_error_while_writing_a_checkpoint_keeps_the_previous_one(char_data, tmp_path, monkeypatch):

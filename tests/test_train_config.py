@@ -43,14 +43,16 @@ def test_config_file_overrides_and_errors(tmp_path):
 
 
 def test_shipped_configs_load_and_quickstart_matches_its_file():
-    for name in ("quickstart", "shakespeare_char", "gpt2_124m"):
+    for name in ("quickstart", "shakespeare_char", "gpt2_124m", "speedrun"):
         load_train_config(REPO / "configs" / f"{name}.toml")
+    speedrun = load_train_config(REPO / "configs" / "speedrun.toml")
+    assert (speedrun.optimizer, speedrun.max_minutes, speedrun.clock_schedule) == ("muon", 5.0, True)
     assert load_train_config(REPO / "configs" / "quickstart.toml") == Q.QUICKSTART
     big = load_train_config(REPO / "configs" / "gpt2_124m.toml")
     assert big.batch_size * big.seq_len * big.grad_accum * 8 == 524_288
 
 
-@pytest.mark.parametrize("name", ["quickstart", "shakespeare_char"])
+@pytest.mark.parametrize("name", ["quickstart", "shakespeare_char", "speedrun"])
 def test_cpu_configs_promise_a_duration_the_clock_keeps(name):
     """A config that says how long it takes on a CPU stops by the clock, so the promise holds on any machine."""
     text = (REPO / "configs" / f"{name}.toml").read_text()

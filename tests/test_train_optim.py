@@ -1,11 +1,13 @@
-"""The optimizer (train/optim.py): the learning-rate schedule and AdamW's parameter groups."""
+"""The optimizer (train/optim.py): the learning-rate schedule, AdamW's parameter groups, Muon for the matrices."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import torch
 
+from conftest import tiny_run
 from gpt2lab import train as T
 from gpt2lab.config import GPTConfig, TrainConfig
 from gpt2lab.model import GPT
@@ -29,3 +31,65 @@ def test_weight_decay_only_on_matrices_and_each_tensor_once():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert sum(p is model.wte.weight for p in decay["params"]) == 1  # the tied LM head is not counted twice
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = GPT(GPTConfig(vocab_size=50, n_ctx=8, n_layer=2, n_head=2, n_embd=8))
+    opt = T.make_optimizer(model, TrainConfig(model=model.config, seq_len=8, optimizer="muon", lr=1e-3,
+                                              muon_lr=0.02), torch.device("cpu"))
+    muon, adamw = opt.optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    assert in_muon == sorted(n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("h."))
+    in_adamw = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert "wte.weight" in in_adamw and "ln_f.weight" in in_adamw and not set(in_muon) & set(in_adamw)
+    T.set_learning_rate(opt, 5e-4)  # half the peak: both halves follow the one schedule
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 5e-4, 5e-4])
+
+
+def test_orthogonalise_flattens_the_singular_values():
+    g = torch.randn(3, 16, 48) * torch.logspace(-2, 1, 48)  # (L, R, K), singular values spread over 3 decades
+    s = torch.linalg.svdvals(T.optim.orthogonalise(g))  # (L, 16)
+    assert s.shape == (3, 16) and s.min() > 0.5 and s.max() < 1.3
+    assert T.optim.orthogonalise(g.mT).shape == (3, 48, 16)  # tall matrices come back tall
+
+
+def test_muon_steps_like_torch_muon():
+    """Our Muon (fp32 Newton-Schulz, matrices batched by shape) takes the step torch.optim.Muon takes (bf16)."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in [(48, 16), (48, 16), (16, 64)]]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    a, b = T.optim.Muon(ours, lr=0.02, weight_decay=0.1), torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, p0 in zip(ours, theirs, start):
+        ours_moved, theirs_moved = (p - p0).detach(), (q - p0).detach()
+        assert (ours_moved - theirs_moved).norm() < 0.03 * theirs_moved.norm()  # bf16 rounding in theirs
+
+
+def test_muon_option_trains(char_data, tmp_path):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=40, eval_interval=40, warmup_steps=5, lr=1e-2,
+                   optimizer="muon", muon_lr=0.05)
+    losses = T.train(cfg, progress=False).losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_bad_optimizer_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"TrainConfig.optimizer 'sgd' is unknown; choose one of: adamw, muon"):
+        TrainConfig(optimizer="sgd")
+    for bad in (0.0, -1.0, float("nan"), "0.02", True):
+        with pytest.raises(ValueError, match=r"TrainConfig.muon_lr must be"):
+            TrainConfig(optimizer="muon", muon_lr=bad)
+
+
+def test_resuming_with_the_other_optimizer_is_refused(char_data, tmp_path):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=4, optimizer="muon")
+    T.train(cfg, progress=False)
+    with pytest.raises(ValueError, match=r"no exp_avg for h\.0\.attn\.c_attn\.weight; was it saved with another"):
+        T.train(dataclasses.replace(cfg, optimizer="adamw", max_steps=8), resume=True, progress=False)
+    T.train(dataclasses.replace(cfg, optimizer="adamw", max_steps=8), resume=True, fresh_optimizer=True, progress=False)

@@ -178,6 +178,7 @@ EVAL_BATCH_SIZE = 4
 
 # ------------------------------------------------------------------------------------------------------ training run
 DTYPES = ("fp32", "bf16")
+OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -198,6 +199,9 @@ class TrainConfig:
       whichever budget is further along, so a run stopped by the clock still ends at `min_lr`.
     - AdamW: `beta1`, `beta2`, `weight_decay` (2-D weights only: matmuls and embeddings, not biases or LayerNorm),
       `grad_clip` on the global gradient norm (0 turns it off).
+    - `optimizer`: "adamw" for every parameter (GPT-2's), or "muon": Muon (momentum, then the update orthogonalised
+      by Newton-Schulz iterations) on the blocks' matmul weights at peak rate `muon_lr`, AdamW at `lr` on the
+      embeddings, LayerNorms and biases. Both follow the same schedule; the model itself is unchanged.
     - Speed: `dtype` fp32 or bf16 (autocast; weights and optimizer stay fp32), `compile` (torch.compile), `threads`
       (0: all cores shared among the processes on this machine), `device` auto | cpu | cuda.
     - Bookkeeping: `eval_interval` steps between evals of `eval_iters` batches, `checkpoint_interval` steps between
@@ -232,6 +236,8 @@ class TrainConfig:
     max_steps: int = 5000
     max_minutes: float = 0.0
     clock_schedule: bool = True
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, GPTConfig):
@@ -253,6 +259,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         for name in ("beta1", "beta2"):
             checks.number(f"TrainConfig.{name}", getattr(self, name), 0, 1, high_open=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer {self.optimizer!r} is unknown; "
+                             f"choose one of: {', '.join(OPTIMIZERS)}")
+        checks.number("TrainConfig.muon_lr", self.muon_lr, 0, low_open=True)
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
         if self.device not in DEVICES:

@@ -33,8 +33,9 @@ from gpt2lab.train.checkpoints import (BEST, LAST, OPTIMIZER_FILE, STATE_FILE, S
                                        restore_rng, rng_tensors, save_checkpoint)
 from gpt2lab.train.flops import GPU_PEAK_BF16, flops_per_token, gpu_peak_bf16, peak_flops
 from gpt2lab.train.loop import RunResult, build_model, progress_fraction, train
-from gpt2lab.train.optim import (learning_rate, load_optimizer_tensors, make_optimizer, optimizer_tensors,
-                                 parameter_groups)
+from gpt2lab.train.optim import (MuonAdamW, is_muon_parameter, learning_rate, load_optimizer_tensors, make_adamw,
+                                 make_muon_adamw, make_optimizer, optimizer_tensors, parameter_groups,
+                                 set_learning_rate)
 from gpt2lab.train.run_dir import CONFIG_FILE, RUN_DIRECTORY, RUN_FILES, checkpoint_to_resume, load_run_config
 from gpt2lab.train.run_log import LOG_FILE, PLOT_FILE, RunLog, iter_log, json_line
 from gpt2lab.train.runtime import Runtime, runtime_from_env
@@ -48,8 +49,8 @@ __all__ = [
     "SIGNALLED", "stop_code", "nonfinite_parameters",
     # data, optimizer, one step
     "batch_seed", "get_batch", "check_data_fits", "learning_rate", "parameter_groups", "make_optimizer",
-    "optimizer_tensors", "load_optimizer_tensors", "TrainingLoss", "autocast", "optimizer_step", "evaluate",
-    "bits_per_byte",
+    "make_adamw", "make_muon_adamw", "MuonAdamW", "is_muon_parameter", "set_learning_rate", "optimizer_tensors",
+    "load_optimizer_tensors", "TrainingLoss", "autocast", "optimizer_step", "evaluate", "bits_per_byte",
     # MFU
     "flops_per_token", "GPU_PEAK_BF16", "gpu_peak_bf16", "peak_flops",
     # checkpoints and the run directory

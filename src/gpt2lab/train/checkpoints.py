@@ -1,8 +1,8 @@
 """Training checkpoints: the run state, writing a checkpoint atomically, and reading it back to resume exactly.
 
 A checkpoint directory is a Hugging Face GPT-2 model directory (config.json, model.safetensors) plus the tokenizer
-files and the training state: `optimizer.safetensors` (AdamW's moments and step counts, by parameter name, and the
-RNG states as uint8 tensors) and `training_state.json` (step, counters, best val loss, the run config). Nothing is
+files and the training state: `optimizer.safetensors` (AdamW's moments and step counts, or Muon's momentum for the
+block matrices, by parameter name, and the RNG states as uint8 tensors) and `training_state.json` (step, counters, best val loss, the run config). Nothing is
 pickled. Each checkpoint is written to a temp directory that replaces the old one in a single rename, so a run
 killed mid-write leaves the previous checkpoint whole; a failed write (a full disk) names the checkpoint and leaves
 the previous one in place.

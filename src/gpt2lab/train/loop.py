@@ -29,7 +29,7 @@ from gpt2lab.model import GPT
 from gpt2lab.train.batches import check_data_fits
 from gpt2lab.train.checkpoints import BEST, LAST, RunState, restore_checkpoint, rng_tensors, save_checkpoint
 from gpt2lab.train.flops import flops_per_token, peak_flops
-from gpt2lab.train.optim import learning_rate, make_optimizer, optimizer_tensors
+from gpt2lab.train.optim import learning_rate, make_optimizer, optimizer_tensors, set_learning_rate
 from gpt2lab.train.run_dir import CONFIG_FILE, checkpoint_to_resume
 from gpt2lab.train.run_log import RunLog
 from gpt2lab.train.runtime import Runtime, runtime_from_env
@@ -179,8 +179,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             if stop == TIME_UP:
                 break
             lr = learning_rate(state.step, config, elapsed() / budget_s if budget_s and config.clock_schedule else 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             loss = optimizer_step(step_model, model, optimizer, data, config, runtime, state.micro_batches)
             state.step += 1
             state.micro_batches += config.grad_accum * runtime.world_size
