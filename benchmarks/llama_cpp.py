@@ -261,7 +261,7 @@ def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) 
     GPT(config).save_pretrained(model_dir, tokenizer=Tokenizer.gpt2())  # + GPT-2's vocab files
     variants = [gpt2lab_variant("gpt2lab model.generate", GPT.from_pretrained(model_dir))]
     for ours, theirs in PAIRS:
-        variants.append(gpt2lab_variant(f"gpt2lab {ours}", load_for_inference(str(model_dir), ours)[0]))
+        variants.append(gpt2lab_variant(f"gpt2lab {ours}", load_for_inference(str(model_dir), ours, model_class=GPT)[0]))
         gguf = convert_to_gguf(args.converter, model_dir, theirs, root / f"{args.preset}-{theirs}.gguf")
         variants.append(llama_variant(f"llama.cpp {theirs}", llama_cpp, gguf, args.threads))
     return variants
@@ -348,7 +348,7 @@ def run_agreement(args: argparse.Namespace, llama_cpp: ModuleType, root: Path, p
                   new_tokens: int = 48) -> None:
     import torch
 
-    from gpt2lab import Tokenizer
+    from gpt2lab import GPT, Tokenizer
     from gpt2lab.generate import load_for_inference
 
     name, text = practice_text()
@@ -362,7 +362,7 @@ def run_agreement(args: argparse.Namespace, llama_cpp: ModuleType, root: Path, p
     model.save_pretrained(model_dir, tokenizer=tokenizer)
     llama = llama_variant("llama.cpp f32", llama_cpp, convert_to_gguf(args.converter, model_dir, "f32",
                                                                      root / "trained-f32.gguf"), args.threads)
-    ours = gpt2lab_variant("gpt2lab fp32", load_for_inference(str(model_dir), "fp32")[0])
+    ours = gpt2lab_variant("gpt2lab fp32", load_for_inference(str(model_dir), "fp32", model_class=GPT)[0])
     step = (len(ids) - cut - PROMPT) // prompts
     pairs = []
     for i in range(prompts):
