@@ -16,6 +16,15 @@ from gpt2lab.config import TrainConfig
 from gpt2lab.data import prepare
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with torch's thread count as the one before it found it (the CLI and the lm-eval adapter
+    set it for the process, which in tests is the test process)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     return GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16)

@@ -51,8 +51,9 @@ def test_flat_step_equals_the_modules(name):
         assert b.shape == (3, V)
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert caches[0].length == caches[1].length == 11
-    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-6, rtol=1e-6)
+    # float32 both ways; the decode kernel sums in another order than nn.Linear, hence the float32 tolerance
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-5, rtol=1e-5)
 
 
 def test_flat_step_with_left_padding_equals_the_modules():

@@ -11,6 +11,7 @@ import torch
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import generate
 from gpt2lab import quantize
+from gpt2lab.cpu import CPUFeatures, cpu_features
 from gpt2lab.inference import prepare_for_inference
 from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLinear, Int8Linear, OneDNNLinear,
                               TransposedLinear, quantize_per_channel)
@@ -165,3 +166,76 @@ def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
         torch.testing.assert_close(fast["fp32"](idx), plain["fp32"](idx), rtol=1e-5, atol=1e-5)
         # same bf16 weights; BF16Linear also rounds the activations to bf16 inside its matmul, hence the tolerance
         torch.testing.assert_close(fast["bf16"](idx), plain["bf16"](idx), rtol=0, atol=1e-2)
+
+
+# the three machine types seen so far, as gpt2lab.cpu reads them
+MACHINES = {
+    "AVX2 (Zen 3)": CPUFeatures(avx2=True, fma=True, f16c=True),
+    "AVX-512-BF16 + VNNI (Zen 4)": CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True, avx512_bf16=True,
+                                               vnni=True),
+    "AMX (Sapphire Rapids)": CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True, avx512_bf16=True, vnni=True,
+                                         amx=True),
+}
+EXPECTED = {  # (machine, dtype) -> (block layer, head layer) with 2 threads, oneDNN and FBGEMM present
+    ("AVX2 (Zen 3)", "fp32"): (ChunkedLinear, OneDNNLinear),
+    ("AVX2 (Zen 3)", "bf16"): (HalfPackedLinear, HalfPackedLinear),  # no bf16 arithmetic: fp16 layout, F16C widens
+    ("AVX2 (Zen 3)", "int8"): (Int8Linear, Int8Linear),
+    ("AVX-512-BF16 + VNNI (Zen 4)", "fp32"): (ChunkedLinear, OneDNNLinear),
+    ("AVX-512-BF16 + VNNI (Zen 4)", "bf16"): (BF16Linear, BF16Linear),  # native bf16 dot products
+    ("AVX-512-BF16 + VNNI (Zen 4)", "int8"): (Int8Linear, Int8Linear),
+    ("AMX (Sapphire Rapids)", "fp32"): (ChunkedLinear, OneDNNLinear),
+    ("AMX (Sapphire Rapids)", "bf16"): (BF16Linear, BF16Linear),
+    ("AMX (Sapphire Rapids)", "int8"): (Int8Linear, Int8Linear),
+}
+
+
+@pytest.mark.parametrize("machine, dtype", list(EXPECTED))
+def test_choose_kernels_for_each_machine_type(machine, dtype):
+    plan = quantize.choose_kernels(dtype, MACHINES[machine], threads=2, onednn=True, fbgemm=True)
+    assert (plan.block, plan.head) == EXPECTED[machine, dtype]
+
+
+def test_choose_kernels_without_the_optional_libraries_or_with_one_thread():
+    zen3 = MACHINES["AVX2 (Zen 3)"]
+    one_thread = quantize.choose_kernels("fp32", zen3, threads=1, onednn=True, fbgemm=True)
+    assert (one_thread.block, one_thread.head) == (TransposedLinear, TransposedLinear)
+    assert quantize.choose_kernels("fp32", zen3, 2, onednn=False, fbgemm=True).block is TransposedLinear
+    assert quantize.choose_kernels("bf16", zen3, 2, onednn=True, fbgemm=False).block is BF16Linear
+    assert quantize.choose_kernels("bf16", CPUFeatures(), 2, onednn=True, fbgemm=True).block is BF16Linear  # no F16C
+    with pytest.raises(ValueError, match="'fp16'"):
+        quantize.choose_kernels("fp16", zen3, 2, True, True)
+
+
+def test_prepare_for_inference_follows_the_plan_for_this_cpu():
+    """The layers a prepared model holds are the ones `choose_kernels` names for what this machine reports."""
+    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=1, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    ref = GPT(cfg).eval()
+    for dtype in ("fp32", "bf16", "int8"):
+        plan = quantize.choose_kernels(dtype, cpu_features(), torch.get_num_threads(), quantize.onednn_linear(),
+                                       quantize.fbgemm_half())
+        model = prepare_for_inference(copy.deepcopy(ref), dtype)
+        assert isinstance(model.h[0].attn.c_attn, plan.block)
+        assert isinstance(model.lm_head, plan.head)
+
+
+@pytest.mark.skipif(not quantize.onednn_linear(), reason="no oneDNN: plain float32 layers keep their own forward")
+def test_a_fresh_float32_model_decodes_through_the_fast_kernel_over_its_own_weights():
+    """Fast by default: FlatStep runs a freshly built model's nn.Linear layers through the decode kernel, reading
+    the very same weight tensors (no copy), so it follows later changes to the weights."""
+    from gpt2lab.fast_step import FlatStep
+
+    cfg = GPTConfig(vocab_size=96, n_ctx=32, n_layer=1, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    step = FlatStep(model)
+    head = step.head.__self__
+    assert isinstance(head, OneDNNLinear)
+    assert head.weight.data_ptr() == model.wte.weight.data_ptr()
+    c_fc = step.layers[0][6].__self__
+    assert isinstance(c_fc, OneDNNLinear)
+    assert c_fc.weight.data_ptr() == model.h[0].mlp.c_fc.weight.data_ptr()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight.mul_(2.0)  # a change after the step was built is seen
+        torch.testing.assert_close(c_fc(x), model.h[0].mlp.c_fc(x), rtol=1e-5, atol=1e-5)

@@ -15,7 +15,9 @@ One layer of the step, for B rows with S positions cached after this token is wr
     x ─ LayerNorm ─ c_fc ─ activation ─ c_proj ─► x += ...
 
 The model's modules stay the reference: `FlatStep` reads their tensors and calls their linear layers' `forward`
-(any kind: float32, bf16, int8), and is used only where it computes exactly what they do: an eval-mode `GPT` built
+(any kind: float32, bf16, int8), except that a plain float32 `nn.Linear` on the CPU runs through the float32 decode
+kernel of gpt2lab.quantize over the same weight tensor (`fast_float32_forward`), so that a freshly loaded model
+decodes at the prepared fp32 speed with no extra call. It is used only where it computes exactly what they do: an eval-mode `GPT` built
 from the stock blocks with fused attention and no hooks (`FlatStep.applies`). Tests compare it with the modules.
 """
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT, MLP, Block, CausalSelfAttention
+from gpt2lab.quantize import fast_float32_forward
 
 
 class FlatStep:
@@ -44,13 +47,14 @@ class FlatStep:
         cfg = model.config
         self.model = model
         self.n_embd, self.n_head, self.eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_eps
+        fast = fast_float32_forward  # plain float32 layers get the decode kernel; prepared ones keep their own
         self.layers = [
-            (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.forward, b.attn.c_proj.forward,
-             b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.forward, b.mlp.act, b.mlp.c_proj.forward)
+            (b.ln_1.weight, b.ln_1.bias, fast(b.attn.c_attn), fast(b.attn.c_proj),
+             b.ln_2.weight, b.ln_2.bias, fast(b.mlp.c_fc), b.mlp.act, fast(b.mlp.c_proj))
             for b in model.h
         ]
         self.ln_f = (model.ln_f.weight, model.ln_f.bias)
-        self.head = model.lm_head.forward
+        self.head = fast(model.lm_head)
         self.positions = model.wpe.weight  # (n_ctx, C): the learned table, or the sinusoids' buffer
 
     @staticmethod

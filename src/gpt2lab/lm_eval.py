@@ -37,6 +37,7 @@ except ImportError as e:  # the optional `eval` extra is not installed
                       "pip install -e \".[eval]\"") from None
 
 from gpt2lab import checks
+from gpt2lab.cpu import decode_threads
 from gpt2lab.generate import decode_steps
 from gpt2lab.inference import INFERENCE_DTYPES, load_tokenizer_for, prepare_for_inference
 from gpt2lab.sampling import SamplingParams
@@ -111,8 +112,8 @@ class HarnessModel(TemplateLM):
         super().__init__()
         if dtype not in INFERENCE_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(INFERENCE_DTYPES)}")
-        if threads is not None:
-            torch.set_num_threads(_positive("threads", threads, 1))
+        # threads: given, or the cores other programs leave idle (shared busy cores slow decoding several times)
+        torch.set_num_threads(_positive("threads", threads, 1) if threads is not None else decode_threads())
         self.model, self.tokenizer = _load(pretrained, dtype, tokenizer, device)
         if getattr(self.tokenizer, "eot_token", None) is None:
             raise ValueError("lm-eval needs an end-of-text token (its empty-context prefix); this tokenizer has none")

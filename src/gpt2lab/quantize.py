@@ -30,11 +30,14 @@ separate bf16 copy where the head's weight is packed opaquely (FBGEMM's fp16 lay
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gpt2lab.cpu import CPUFeatures, cpu_features
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT
@@ -47,11 +50,8 @@ SMALL_M = 32
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (oneDNN's check: AVX-512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # builds without oneDNN
-        return False
+    """Whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX; see gpt2lab.cpu)."""
+    return cpu_features().native_bf16
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,21 +348,57 @@ class LowPrecisionEmbedding(nn.Module):
         return rows if self.scale is None else rows * self.scale[idx].unsqueeze(-1)
 
 
+@dataclass(frozen=True)
+class KernelPlan:
+    """Which layer computes the block matrices and which the tied head, for one precision on one CPU."""
+
+    block: type[nn.Module]
+    head: type[nn.Module]
+
+
+def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool, fbgemm: bool) -> KernelPlan:
+    """The fastest layers for batch-1 decoding in `dtype`, from the CPU's features, the thread count and what this
+    torch build offers (oneDNN's float32 linear, FBGEMM's fp16-layout GEMM). A pure function: tests check the choice
+    for every machine type on any machine.
+
+    - fp32: row-block batched matmuls (`ChunkedLinear`) for the blocks and oneDNN for the head with several threads;
+      with one thread or without oneDNN, MKL's GEMM on (K, N) copies of the wide weights (`TransposedLinear`).
+    - bf16: bf16 tensors where the CPU has bf16 dot products (AVX-512-BF16, AMX); elsewhere FBGEMM's fp16 layout,
+      which widens two-byte weights in one F16C instruction, where FBGEMM and F16C are there.
+    - int8: int8 weights with per-channel scales (`Int8Linear`).
+    """
+    if dtype == "fp32":
+        if onednn and threads > 1:
+            return KernelPlan(ChunkedLinear, OneDNNLinear)
+        return KernelPlan(TransposedLinear, TransposedLinear)
+    if dtype == "bf16":
+        if not features.native_bf16 and features.f16c and fbgemm:
+            return KernelPlan(HalfPackedLinear, HalfPackedLinear)
+        return KernelPlan(BF16Linear, BF16Linear)
+    if dtype == "int8":
+        return KernelPlan(Int8Linear, Int8Linear)
+    raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
+
+
 def convert_weights(model: "GPT", dtype: str) -> "GPT":
     """Replace the linear layers of `model` and its tied head/embedding by inference versions, in place: weight-only
-    "bf16" or "int8", or the "fp32" decode layout. The model stays a GPT: same forward, same KV cache, float32
-    activations."""
+    "bf16" or "int8", or the "fp32" decode layout, as `choose_kernels` picks for this CPU. The model stays a GPT:
+    same forward, same KV cache, float32 activations."""
     if dtype not in ("fp32", "bf16", "int8"):
         raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
-    cpu = model.wte.weight.device.type == "cpu"
+    if model.wte.weight.device.type == "cpu":
+        plan = choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm_half())
+    else:  # other devices: the portable layers
+        plan = KernelPlan(TransposedLinear, TransposedLinear) if dtype == "fp32" else \
+            choose_kernels(dtype, CPUFeatures(), 1, False, False)
     if dtype == "fp32":
-        if not (cpu and onednn_linear() and torch.get_num_threads() > 1):
-            return _transpose_wide(model)  # no oneDNN, or one thread, where MKL's (K, N) GEMV is faster at batch 1
+        if plan.block is TransposedLinear:
+            return _transpose_wide(model)
         _replace_linears(model, lambda linear: decode_linear(linear, torch.get_num_threads()))
         model.lm_head = OneDNNLinear(model.wte.weight)  # the same (V, C) storage as the embedding
     elif dtype == "bf16":
         weights = [model.wte.weight] + [m.weight for m in model.h.modules() if isinstance(m, nn.Linear)]
-        if cpu and not native_bf16() and fbgemm_half() and all(HalfPackedLinear.fits(w) for w in weights):
+        if plan.block is HalfPackedLinear and all(HalfPackedLinear.fits(w) for w in weights):
             _replace_linears(model, HalfPackedLinear.from_linear)
             model.lm_head = HalfPackedLinear(model.wte.weight)
             model.wte = LowPrecisionEmbedding(model.wte.weight.detach().to(torch.bfloat16))  # (V, C) for lookups
@@ -379,9 +415,22 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
 
 
 def decode_linear(linear: nn.Linear, threads: int) -> OneDNNLinear:
-    """The float32 decode layer of a block: two row blocks per thread (the most that divides N), else oneDNN."""
-    chunks = next((c for c in range(2 * threads, 1, -1) if linear.out_features % c == 0), 1)
+    """The float32 decode layer of a block: two row blocks per thread (the most that divides N), else oneDNN.
+    It reads the linear layer's own weight tensor (no copy)."""
+    chunks = next((c for c in range(2 * threads, 1, -1) if linear.out_features % c == 0), 1) if threads > 1 else 1
     return ChunkedLinear.from_linear(linear, chunks) if chunks > 1 else OneDNNLinear.from_linear(linear)
+
+
+def fast_float32_forward(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batch-1 decode kernel for a plain float32 `nn.Linear` on the CPU, over the layer's own weight (a view:
+    later changes to the weight are seen, and no memory is added); any other layer's own forward.
+
+    This is what makes a freshly loaded model decode fast without `prepare_for_inference`: the same float32
+    weights, the faster kernel of `decode_linear`."""
+    if (type(linear) is nn.Linear and linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
+            and linear.weight.is_contiguous() and onednn_linear()):
+        return decode_linear(linear, torch.get_num_threads()).forward
+    return linear.forward
 
 
 def _replace_linears(model: "GPT", make: Callable[[nn.Linear], nn.Module]) -> None:

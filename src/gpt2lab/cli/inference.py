@@ -31,11 +31,13 @@ def _check_vocabularies(model: str, network: Any, tok: Any) -> None:
 
 
 def _set_threads(threads: int | None) -> None:
-    """Use `threads` torch threads (None: torch's choice)."""
-    if threads is not None:
-        import torch
+    """Use `threads` torch threads; None: the CPUs that other programs leave idle (`gpt2lab.cpu.decode_threads`),
+    since threads that must share a busy core slow decoding down several times."""
+    import torch
 
-        torch.set_num_threads(threads)
+    from gpt2lab.cpu import decode_threads
+
+    torch.set_num_threads(threads if threads is not None else decode_threads())
 
 
 # ---------------------------------------------------------------------------------------------------------- generate

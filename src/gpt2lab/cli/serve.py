@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2lab.cli.args import THREADS, THREADS_HELP
+
 
 # --------------------------------------------------------------------------------------------------------------- serve
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +45,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    "else any)")
     p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN", help="a web origin such as "
                    "http://localhost:3000 that may POST besides the server's own page (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.add_argument("--log-level", default="info", help="uvicorn log level: critical, error, warning, info, debug, "
                    "trace (default: info)")
     p.set_defaults(run=_run_serve)
@@ -60,8 +62,6 @@ def _run_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--log-level must be one of: {', '.join(LOG_LEVELS)}; got {args.log_level!r}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {args.port}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2LAB_API_KEY")
     if api_key is not None and not api_key.strip():
         where = "--api-key" if args.api_key is not None else "GPT2LAB_API_KEY"
@@ -74,10 +74,11 @@ def _run_serve(args: argparse.Namespace) -> None:
               "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive, "allowed_hosts": tuple(hosts),
               "allowed_origins": tuple(args.allowed_origin or ())}
     config = ServerConfig(**{k: v for k, v in limits.items() if v is not None})
-    if args.threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    from gpt2lab.cpu import decode_threads
+
+    torch.set_num_threads(args.threads if args.threads is not None else decode_threads())
     if args.host not in LOOPBACK_HOSTS and config.api_key is None:
         print(f"gpt2lab serve: warning: listening on {args.host} without --api-key; anyone who can reach this "
               "address can use the model", file=sys.stderr)

@@ -1,0 +1,153 @@
+"""What the CPU offers, read at run time, and the choices made from it: instruction sets and thread counts.
+
+The machines gpt2lab runs on change (an AVX2-only laptop, an AVX-512 server with bf16 dot products, a Xeon with AMX),
+so nothing about the CPU is fixed when the package is built or tuned: `cpu_features()` reads what this CPU reports,
+and the code that picks a kernel (gpt2lab.quantize) or a thread count (`decode_threads`) asks it. The choices are
+small pure functions of a `CPUFeatures` value, so tests can check every machine type's choice on any machine.
+
+Threads: a batch-1 decode step is ~100 short parallel regions per token, and OpenMP's threads wait for each other at
+the end of every region. On a quiet machine two threads on two cores beat one; on a machine where another program
+keeps a core busy, a thread that loses its core stalls the other at every region, and decoding runs several times
+slower than with one thread (docs/benchmarks.md, threads). `decode_threads` therefore counts the cores that other
+programs leave idle, over a short look at /proc/stat, and uses only those.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+# /proc/cpuinfo flag names of the instruction sets the kernels care about
+_FLAGS = {
+    "avx2": ("avx2",),
+    "fma": ("fma",),
+    "f16c": ("f16c",),
+    "avx512": ("avx512f",),
+    "avx512_bf16": ("avx512_bf16",),
+    "vnni": ("avx512_vnni", "avx_vnni"),
+    "amx": ("amx_tile",),
+}
+
+
+@dataclass(frozen=True)
+class CPUFeatures:
+    """The instruction sets that decide which kernels are fastest, as this CPU reports them."""
+
+    avx2: bool = False
+    fma: bool = False
+    f16c: bool = False
+    avx512: bool = False
+    avx512_bf16: bool = False  # native bf16 dot products (VDPBF16PS)
+    vnni: bool = False  # int8 dot products (AVX-512 VNNI or AVX-VNNI)
+    amx: bool = False  # tile matrix units (bf16 and int8)
+
+    @property
+    def native_bf16(self) -> bool:
+        """Whether bf16 products run natively (oneDNN's own test is the same two features)."""
+        return self.avx512_bf16 or self.amx
+
+    @property
+    def name(self) -> str:
+        """The widest level this CPU reaches, e.g. "AVX-512 + BF16 + VNNI"."""
+        if not (self.avx2 or self.avx512):
+            return "baseline"
+        parts = ["AVX-512" if self.avx512 else "AVX2"]
+        parts += [label for label, has in (("BF16", self.avx512_bf16), ("VNNI", self.vnni), ("AMX", self.amx)) if has]
+        return " + ".join(parts)
+
+    @classmethod
+    def from_flags(cls, flags: Iterable[str]) -> CPUFeatures:
+        """From /proc/cpuinfo-style flag names (lower case, e.g. "avx512_bf16")."""
+        have = set(flags)
+        return cls(**{field: any(f in have for f in names) for field, names in _FLAGS.items()})
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> Optional[set[str]]:
+    """The flags of the first CPU in /proc/cpuinfo, or None where there is no such file (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> CPUFeatures:
+    """This CPU's features: /proc/cpuinfo's flags on Linux, else what torch detected (its dispatch level)."""
+    flags = cpu_flags(cpuinfo)
+    if flags is not None:
+        return CPUFeatures.from_flags(flags)
+    level = torch.backends.cpu.get_cpu_capability().upper()  # "AVX2", "AVX512", "DEFAULT", ...
+    avx512 = level.startswith("AVX512")
+    avx2 = avx512 or level.startswith("AVX2")
+    return CPUFeatures(avx2=avx2, fma=avx2, f16c=avx2, avx512=avx512)
+
+
+# ------------------------------------------------------------------------------------------------------- threads
+TORCH_THREADS = torch.get_num_threads()  # torch's own default (its physical cores), read before anyone changes it
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_times(stat: str | Path) -> Optional[tuple[float, float]]:
+    """(busy, total) jiffies of all CPUs from /proc/stat's first line; `nice` time counts as idle, since a niced
+    program yields its core to ours."""
+    try:
+        first = Path(stat).read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if first[0] != "cpu" or len(first) < 5:
+        return None
+    user, nice, system, idle, *rest = (float(v) for v in first[1:9])
+    iowait = rest[0] if rest else 0.0
+    busy = user + system + sum(rest[1:])  # irq, softirq, steal
+    return busy, busy + nice + idle + iowait
+
+
+def busy_cpus(window: float = 0.1, stat: str | Path = "/proc/stat") -> Optional[float]:
+    """How many CPUs other programs keep busy, averaged over `window` seconds while this one sleeps; None where
+    /proc/stat is missing. Niced programs do not count (they give way)."""
+    first = _cpu_times(stat)
+    if first is None:
+        return None
+    time.sleep(window)
+    second = _cpu_times(stat)
+    if second is None or second[1] <= first[1]:
+        return None
+    share = (second[0] - first[0]) / (second[1] - first[1])  # fraction of all CPUs' time
+    return share * (os.cpu_count() or 1)
+
+
+def pick_threads(cpus: int, busy: Optional[float]) -> int:
+    """Threads for decoding on `cpus` CPUs of which `busy` are kept busy by other programs: the idle ones, at least
+    one (a CPU counts as idle when less than half of it is in use). Unknown load: all of them.
+
+    >>> pick_threads(2, 0.1), pick_threads(2, 0.7), pick_threads(2, 1.9), pick_threads(8, 2.2)
+    (2, 1, 1, 6)
+    """
+    if busy is None:
+        return max(1, cpus)
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
+
+
+def decode_threads(window: float = 0.1) -> int:
+    """The thread count `pick_threads` gives for this machine now, capped at torch's own default (its physical
+    cores): what the CLI, the server and the lm-eval adapter use when no thread count is given."""
+    cpus = min(usable_cpus(), TORCH_THREADS)
+    return pick_threads(cpus, busy_cpus(window))

@@ -1,0 +1,90 @@
+"""What the CPU reports, and the thread count chosen from the load, checked with made-up /proc files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2lab import cpu
+from gpt2lab.cpu import CPUFeatures
+
+# flags as three machine types report them (abridged /proc/cpuinfo lines)
+ZEN3 = "fpu sse2 avx f16c fma avx2 bmi2"
+ZEN4 = ZEN3 + " avx512f avx512bw avx512_vnni avx512_bf16"
+SAPPHIRE_RAPIDS = ZEN4 + " amx_bf16 amx_tile amx_int8"
+
+
+@pytest.mark.parametrize("flags, name, native_bf16", [
+    (ZEN3, "AVX2", False),
+    (ZEN4, "AVX-512 + BF16 + VNNI", True),
+    (SAPPHIRE_RAPIDS, "AVX-512 + BF16 + VNNI + AMX", True),
+    ("fpu sse2", "baseline", False),
+    ("avx2 fma avx_vnni", "AVX2 + VNNI", False),
+])
+def test_features_from_flags(flags, name, native_bf16):
+    features = CPUFeatures.from_flags(flags.split())
+    assert features.name == name
+    assert features.native_bf16 is native_bf16
+
+
+def test_cpu_flags_reads_the_first_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {ZEN4}\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu.cpu_flags(info) == set(ZEN4.split())
+    assert cpu.cpu_features(info).avx512_bf16
+    assert cpu.cpu_flags(tmp_path / "missing") is None
+
+
+def test_cpu_features_fall_back_to_torchs_dispatch_level(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    features = cpu.cpu_features(tmp_path / "no-cpuinfo-here")
+    assert features.avx512 and features.avx2 and not features.avx512_bf16
+
+
+def test_this_cpu_reports_what_torch_dispatches_to():
+    level = torch.backends.cpu.get_cpu_capability()
+    features = cpu.cpu_features()
+    if level.startswith("AVX512"):
+        assert features.avx512
+    if level.startswith("AVX2"):
+        assert features.avx2
+
+
+@pytest.mark.parametrize("cpus, busy, threads", [
+    (2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 2.0, 1), (2, 5.0, 1),
+    (8, 2.2, 6), (8, None, 8), (1, 0.0, 1),
+])
+def test_pick_threads_uses_the_cpus_others_leave_idle(cpus, busy, threads):
+    assert cpu.pick_threads(cpus, busy) == threads
+
+
+def _stat_line(user, nice, system, idle):
+    return f"cpu  {user} {nice} {system} {idle} 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n"
+
+
+def test_busy_cpus_counts_other_programs_but_not_niced_ones(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 2)
+
+    def measure(before, after):
+        stat.write_text(_stat_line(*before))
+        monkeypatch.setattr(cpu.time, "sleep", lambda s: stat.write_text(_stat_line(*after)))
+        return cpu.busy_cpus(0.1, stat)
+
+    # 200 jiffies pass (2 CPUs x 100): one CPU busy with user + system time, the other idle
+    assert measure((0, 0, 0, 0), (80, 0, 20, 100)) == pytest.approx(1.0)
+    # the same, but the busy program is niced: it yields its core, so nothing counts as busy
+    assert measure((0, 0, 0, 0), (0, 100, 0, 100)) == pytest.approx(0.0)
+    assert measure((5, 0, 0, 5), (5, 0, 0, 5)) is None  # no time passed
+    assert cpu.busy_cpus(0.0, tmp_path / "missing") is None
+
+
+def test_decode_threads_never_exceed_torchs_default(monkeypatch):
+    monkeypatch.setattr(cpu, "busy_cpus", lambda window: 0.0)
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 64)
+    monkeypatch.setattr(cpu, "TORCH_THREADS", 4)
+    assert cpu.decode_threads() == 4
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 3)  # e.g. taskset -c 0-2
+    assert cpu.decode_threads() == 3
+    monkeypatch.setattr(cpu, "busy_cpus", lambda window: 2.0)
+    assert cpu.decode_threads() == 1
