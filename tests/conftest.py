@@ -111,24 +111,22 @@ class HarnessFiles(NamedTuple):
     tasks: Path  # lm-eval task YAML files tiny_mc (multiple choice), tiny_roll (rolling), tiny_gen (generate-until)
 
 
-def _write_harness_tasks(root: Path) -> Path:
+def write_lm_eval_tasks(root: Path, prefix: str, mc: list[dict], roll: list[dict], gen: list[dict],
+                        stops: list[str], target_delimiter: str | None = None) -> Path:
+    """lm-eval task files {prefix}_mc (multiple choice), {prefix}_roll (rolling log-likelihood) and {prefix}_gen
+    (generate-until with `stops`, greedy, 12 tokens) over local JSON lines; returns the task directory."""
     tasks = root / "tasks"
     tasks.mkdir()
-    mc = [{"question": "Q: What do cows say? A:", "choices": ["moo.", "blue.", "park."], "answer": 0},
-          {"question": "Q: What is the color of the sky? A:", "choices": ["moo.", "blue.", "raining."], "answer": 1},
-          {"question": "The cat sat on the", "choices": ["mat.", "park.", "sky."], "answer": 0},
-          {"question": "", "choices": ["The dog", "The mat", "Yes"], "answer": 0}]
-    roll = [{"text": HARNESS_TEXT * 3}, {"text": "Is it raining? " * 20}, {"text": "<|endoftext|>The cat"}]
-    gen = [{"prompt": "Q: What do cows say? A:", "answer": " moo"}, {"prompt": "The dog ran", "answer": " in"},
-           {"prompt": "Is it", "answer": " raining"}, {"prompt": "Q:", "answer": " What"}]
+    delimiter = "" if target_delimiter is None else f"target_delimiter: {json.dumps(target_delimiter)}\n"
     bodies = {
-        "tiny_mc": ("mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
-                          'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'),
-        "tiny_roll": ("roll", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                              'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n'),
-        "tiny_gen": ("gen", 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-                            f'generation_kwargs:\n  until: {json.dumps(HARNESS_STOPS)}\n  do_sample: false\n'
-                            '  max_gen_toks: 12\nmetric_list:\n  - metric: exact_match\n'),
+        f"{prefix}_mc": ("mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+                               f'doc_to_choice: "{{{{choices}}}}"\n{delimiter}doc_to_target: "{{{{answer}}}}"\n'
+                               'metric_list:\n  - metric: acc\n'),
+        f"{prefix}_roll": ("roll", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                                   'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n'),
+        f"{prefix}_gen": ("gen", 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+                                 f'generation_kwargs:\n  until: {json.dumps(stops)}\n  do_sample: false\n'
+                                 '  max_gen_toks: 12\nmetric_list:\n  - metric: exact_match\n'),
     }
     for name, docs in (("mc", mc), ("roll", roll), ("gen", gen)):
         (tasks / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -138,16 +136,15 @@ def _write_harness_tasks(root: Path) -> Path:
     return tasks
 
 
-@pytest.fixture(scope="session")
-def harness_files(tmp_path_factory: pytest.TempPathFactory) -> HarnessFiles:
-    """A small trained model and local lm-eval task files, built once for the adapter's and the CLI's tests."""
+def train_harness_model(text: str, directory: Path, n_ctx: int = 64) -> None:
+    """A byte-level BPE (320 ids) and a 2-layer model trained for 150 steps on `text` (special tokens allowed),
+    saved with the tokenizer to `directory`: small, but greedy decoding produces real words."""
     from gpt2lab.tokenizer import train_bpe
 
-    root = tmp_path_factory.mktemp("lm_eval")
-    tok = train_bpe(HARNESS_TEXT * 4, vocab_size=320)
-    ids = torch.tensor(tok.encode(HARNESS_TEXT * 8))
+    tok = train_bpe(text * 4, vocab_size=320)
+    ids = torch.tensor(tok.encode(text * 8, allowed_special="all"))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=64, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=n_ctx, n_layer=2, n_head=2, n_embd=32))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(150):
         starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
@@ -157,5 +154,21 @@ def harness_files(tmp_path_factory: pytest.TempPathFactory) -> HarnessFiles:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.save_pretrained(root / "model", tokenizer=tok)
-    return HarnessFiles(root / "model", _write_harness_tasks(root))
+    model.save_pretrained(directory, tokenizer=tok)
+
+
+@pytest.fixture(scope="session")
+def harness_files(tmp_path_factory: pytest.TempPathFactory) -> HarnessFiles:
+    """A small trained model and local lm-eval task files, built once for the adapter's and the CLI's tests."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    mc = [{"question": "Q: What do cows say? A:", "choices": ["moo.", "blue.", "park."], "answer": 0},
+          {"question": "Q: What is the color of the sky? A:", "choices": ["moo.", "blue.", "raining."], "answer": 1},
+          {"question": "The cat sat on the", "choices": ["mat.", "park.", "sky."], "answer": 0},
+          {"question": "", "choices": ["The dog", "The mat", "Yes"], "answer": 0}]
+    roll = [{"text": HARNESS_TEXT * 3}, {"text": "Is it raining? " * 20}, {"text": "<|endoftext|>The cat"}]
+    gen = [{"prompt": "Q: What do cows say? A:", "answer": " moo"}, {"prompt": "The dog ran", "answer": " in"},
+           {"prompt": "Is it", "answer": " raining"}, {"prompt": "Q:", "answer": " What"}]
+    train_harness_model(HARNESS_TEXT, root / "model")
+    return HarnessFiles(root / "model", write_lm_eval_tasks(root, "tiny", mc, roll, gen, HARNESS_STOPS))
+
+

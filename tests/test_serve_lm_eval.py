@@ -10,25 +10,22 @@ has four stop strings, so lm-eval sends five (it adds end-of-text).
 Rolling texts fit one window: `local-completions` sends each window as a prompt plus one generated token, so its
 windows are two tokens shorter than `hf`'s, and texts longer than that would be cut differently (not a server error).
 
-(The lead's tests/test_lm_eval.py builds a similar fixture for the in-process adapter; the two can share it in
-conftest.py once both branches are merged.)
+The model and the task files are built by conftest.py's helpers, shared with tests/test_lm_eval.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test dependency: pip install -e '.[test]'")
 pytest.importorskip("tenacity", reason="lm-eval's local-completions needs lm-eval[api] (in the test extra)")
 httpx = pytest.importorskip("httpx")
 
-from gpt2lab import GPT, GPTConfig  # noqa: E402
 from gpt2lab.serve import BackgroundServer, ServerConfig, load_app  # noqa: E402
-from gpt2lab.tokenizer import train_bpe  # noqa: E402
+
+from conftest import train_harness_model, write_lm_eval_tasks  # noqa: E402
 
 DOCS = ["Q: What is the color of the sky? A: blue.", "Q: What do cows say? A: moo.",
         "The cat sat on the mat. The dog ran in the park.", "Is it raining? Yes, it is raining."]
@@ -39,9 +36,10 @@ STOPS = ["\n\n", ".", "Q:", "?"]  # four task stop strings; lm-eval adds end-of-
 N_CTX = 64
 
 
-def _write_tasks(root: Path) -> Path:
-    tasks = root / "tasks"
-    tasks.mkdir()
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model directory with tokenizer files, task directory)."""
+    root = tmp_path_factory.mktemp("serve_lm_eval")
     mc = [{"question": "Q: What do cows say? A:", "choices": [" moo.", " blue.", " park."], "answer": 0},
           {"question": "Q: What is the color of the sky? A:", "choices": [" moo.", " blue.", " raining."], "answer": 1},
           {"question": "The cat sat on the", "choices": [" mat.", " park.", " sky."], "answer": 0},
@@ -49,42 +47,8 @@ def _write_tasks(root: Path) -> Path:
     roll = [{"text": DOCS[2]}, {"text": "Is it raining? " * 3}, {"text": "<|endoftext|>The cat"}]
     gen = [{"prompt": "Q: What do cows say? A:", "answer": " moo"}, {"prompt": "The dog ran", "answer": " in"},
            {"prompt": "Is it", "answer": " raining"}, {"prompt": "Q:", "answer": " What"}]
-    bodies = {
-        "serve_mc": ("mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
-                           'target_delimiter: ""\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'),
-        "serve_roll": ("roll", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                               'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n'),
-        "serve_gen": ("gen", 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-                             f'generation_kwargs:\n  until: {json.dumps(STOPS)}\n  do_sample: false\n'
-                             '  max_gen_toks: 12\nmetric_list:\n  - metric: exact_match\n'),
-    }
-    for name, docs in (("mc", mc), ("roll", roll), ("gen", gen)):
-        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    for task, (data, body) in bodies.items():
-        (tasks / f"{task}.yaml").write_text(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                                            f"    test: {tasks / (data + '.jsonl')}\ntest_split: test\n{body}")
-    return tasks
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(model directory with tokenizer files, task directory)."""
-    root = tmp_path_factory.mktemp("serve_lm_eval")
-    tok = train_bpe(TEXT * 4, vocab_size=320)
-    ids = torch.tensor(tok.encode(TEXT * 8, allowed_special="all"))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=N_CTX, n_layer=2, n_head=2, n_embd=32))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
-        x = torch.stack([ids[s:s + 32] for s in starts])  # (B, T)
-        y = torch.stack([ids[s + 1:s + 33] for s in starts])  # (B, T)
-        loss = model.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(root / "model", tokenizer=tok)
-    return root / "model", _write_tasks(root)
+    train_harness_model(TEXT, root / "model", n_ctx=N_CTX)
+    return root / "model", write_lm_eval_tasks(root, "serve", mc, roll, gen, STOPS, target_delimiter="")
 
 
 @pytest.fixture(scope="module", autouse=True)
