@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gpt2lab.cli import main
 
@@ -16,6 +17,14 @@ def test_info_preset(capsys):
     assert "2 layers, 2 heads of 32, width 64" in out
     assert "attn.c_attn" in out and "lm_head (tied to wte)" in out
     assert "forward (1, 16)" in out and "tokens/s" in out
+    # what this CPU reports, and the layers choose_kernels gives it
+    from gpt2lab import quantize
+    from gpt2lab.cpu import cpu_features
+
+    assert f"CPU: {cpu_features().name};" in out
+    plan = quantize.choose_kernels("bf16", cpu_features(), torch.get_num_threads(), quantize.onednn_linear(),
+                                   quantize.fbgemm_half())
+    assert f"bf16 layers on {torch.get_num_threads()} thread(s): blocks {plan.block.__name__}" in out
 
 
 def test_info_model_directory(tiny_model, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`gpt2lab info`: what a model is made of, and how long one forward pass takes on this machine.
+"""`gpt2lab info`: what a model is made of, how long one forward pass takes on this machine, and what this CPU gets.
 
     $ gpt2lab info gpt2
     gpt2: 12 layers, 12 heads of 64, width 768, context 1024, vocab 50257, gelu_tanh, learned positions
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from gpt2lab import quantize
 from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.cpu import cpu_features, decode_threads
 from gpt2lab.model import GPT
 
 
@@ -102,4 +104,16 @@ def describe(spec: str, seq_len: int | None = None, threads: int | None = None) 
     seconds = time_forward(model, seq_len)
     lines += ["", f"forward (1, {seq_len}) fp32 on {torch.get_num_threads()} thread(s): {seconds * 1000:.1f} ms "
                   f"= {seq_len / seconds:,.0f} tokens/s"]
-    return "\n".join(lines)
+    return "\n".join(lines + cpu_report())
+
+
+def cpu_report() -> list[str]:
+    """What this CPU reports and the decode layers and thread count gpt2lab picks from it (gpt2lab.cpu,
+    quantize.choose_kernels)."""
+    features = cpu_features()
+    threads = torch.get_num_threads()
+    lines = ["", f"CPU: {features.name}; decode threads for the CLI now: {decode_threads()} (others' load counted)"]
+    for dtype in ("fp32", "bf16", "int8"):
+        plan = quantize.choose_kernels(dtype, features, threads, quantize.onednn_linear(), quantize.fbgemm_half())
+        lines.append(f"  {dtype} layers on {threads} thread(s): blocks {plan.block.__name__}, head {plan.head.__name__}")
+    return lines
