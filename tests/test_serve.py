@@ -838,7 +838,6 @@ def test_repeated_log_messages_are_held_back():
     (["--api-key", ""], "--api-key is empty"),
     (["--port", "-1"], "--port must be in [0, 65535]"),
     (["--log-level", "loud"], "--log-level must be one of"),
-    (["--threads", "0"], "--threads must be >= 1"),
     (["--max-connections", "1"], "max_connections must be an integer >= 2"),
     (["--body-timeout", "0"], "body_timeout_s must be a number in (0, 3600] (seconds), got 0"),
     (["--max-stop", "0"], "max_stop must be an integer >= 1"),
