@@ -1,13 +1,13 @@
 """What bf16 and int8 weights cost in quality, against float32 on the same model.
 
-    python benchmarks/quality.py [--tokens 300] [--train-steps 300] [--train-seconds 60]
+    python -u benchmarks/quality.py [--tokens 300] [--train-steps 300] [--gpt2-steps 300] [--data FILE] [--skip-random]
 
 Three models:
 - GPT-2 124M with random weights (the architecture and tensor sizes of the real one; its outputs are near-uniform,
   so only the logit error means something there);
 - a small character-level model trained here for a minute or two on ../shared/data/tinyshakespeare.txt, whose
   distributions are peaked like a trained model's (greedy agreement is meaningful);
-- the "mini" preset with GPT-2's vocabulary trained for `--train-seconds` on the same text in GPT-2's tokens (as
+- the "mini" preset with GPT-2's vocabulary trained for `--gpt2-steps` steps on the same text in GPT-2's tokens (as
   benchmarks/llama_cpp.py trains its agreement model), so the 50257-row head is a trained one.
 
 For each precision, and for each int8 kernel this machine runs (int8pack: bf16 activations; fbgemm: activations
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def train_char_model(steps: int):
+def train_char_model(steps: int, path: Path):
     from gpt2lab import GPT, GPTConfig
 
-    text = DATA.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
     chars = sorted(set(text))
     data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
     torch.manual_seed(0)
@@ -67,26 +67,25 @@ def variants() -> dict:
     return out
 
 
-def train_gpt2_vocab_model(seconds: float):
+def train_gpt2_vocab_model(steps: int, path: Path):
     """The "mini" preset with GPT-2's vocabulary, AdamW on 64-token windows of the text in GPT-2's tokens."""
     from gpt2lab import GPT, GPTConfig, Tokenizer
 
-    ids = torch.tensor(Tokenizer.gpt2().encode(DATA.read_text(encoding="utf-8")), dtype=torch.long)
+    ids = torch.tensor(Tokenizer.gpt2().encode(path.read_text(encoding="utf-8")), dtype=torch.long)
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("mini", vocab_size=50257))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     cut = int(len(ids) * 0.9)  # prompts come from the last 10%, which training never sees
     windows = ids[:cut].unfold(0, 65, 1)  # (N, 65)
     g = torch.Generator().manual_seed(0)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    start = time.perf_counter()
+    for _ in range(steps):  # a fixed count, so every run compares the same trained model
         batch = windows[torch.randint(0, len(windows), (8,), generator=g)]  # (8, 65)
         loss = model.loss(batch[:, :-1], batch[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        steps += 1
-    print(f"trained the mini preset with GPT-2's vocabulary for {steps} steps in {seconds:.0f} s: "
+    print(f"trained the mini preset with GPT-2's vocabulary for {steps} steps in {time.perf_counter() - start:.0f} s: "
           f"loss {loss.item():.3f}")
     return model.eval(), ids[cut:]
 
@@ -121,17 +120,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--train-seconds", type=float, default=60.0, help="training time of the GPT-2-vocab model")
+    parser.add_argument("--gpt2-steps", type=int, default=300, help="training steps of the GPT-2-vocabulary model")
+    parser.add_argument("--data", type=Path, default=DATA, help=f"the training text (default {DATA})")
+    parser.add_argument("--skip-random", action="store_true", help="skip the random GPT-2 124M")
     args = parser.parse_args()
     from gpt2lab import GPT, GPTConfig
 
-    torch.manual_seed(0)
-    gpt2 = GPT(GPTConfig.preset("gpt2")).eval()
-    compare("GPT-2 124M, random weights", gpt2, torch.randint(0, 50257, (1, 16)), min(args.tokens, 200))
-    del gpt2
-    model, data = train_char_model(args.train_steps)
+    if not args.skip_random:
+        torch.manual_seed(0)
+        gpt2 = GPT(GPTConfig.preset("gpt2")).eval()
+        compare("GPT-2 124M, random weights", gpt2, torch.randint(0, 50257, (1, 16)), min(args.tokens, 200))
+        del gpt2
+    model, data = train_char_model(args.train_steps, args.data)
     compare("4-layer char model trained on tinyshakespeare", model, data[None, :32], args.tokens)
-    model, held_out = train_gpt2_vocab_model(args.train_seconds)
+    model, held_out = train_gpt2_vocab_model(args.gpt2_steps, args.data)
     compare("mini preset, GPT-2 vocabulary, trained on tinyshakespeare", model, held_out[None, :16], args.tokens)
 
 
