@@ -1,6 +1,6 @@
 """What bf16 and int8 weights cost in quality, against float32 on the same model.
 
-    python -u benchmarks/quality.py [--tokens 300] [--train-steps 300] [--gpt2-steps 300] [--data FILE] [--skip-random]
+    python -u benchmarks/quality.py [--tokens 300] [--train-steps 300] [--gpt2-steps 300] [--data FILE] [--models random,char,gpt2]
 
 Three models:
 - GPT-2 124M with random weights (the architecture and tensor sizes of the real one; its outputs are near-uniform,
@@ -122,19 +122,23 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--gpt2-steps", type=int, default=300, help="training steps of the GPT-2-vocabulary model")
     parser.add_argument("--data", type=Path, default=DATA, help=f"the training text (default {DATA})")
-    parser.add_argument("--skip-random", action="store_true", help="skip the random GPT-2 124M")
+    parser.add_argument("--models", default="random,char,gpt2",
+                        help="which models to compare: random (GPT-2 124M), char, gpt2 (the GPT-2-vocabulary one)")
     args = parser.parse_args()
     from gpt2lab import GPT, GPTConfig
 
-    if not args.skip_random:
+    models = set(args.models.split(","))
+    if "random" in models:
         torch.manual_seed(0)
         gpt2 = GPT(GPTConfig.preset("gpt2")).eval()
         compare("GPT-2 124M, random weights", gpt2, torch.randint(0, 50257, (1, 16)), min(args.tokens, 200))
         del gpt2
-    model, data = train_char_model(args.train_steps, args.data)
-    compare("4-layer char model trained on tinyshakespeare", model, data[None, :32], args.tokens)
-    model, held_out = train_gpt2_vocab_model(args.gpt2_steps, args.data)
-    compare("mini preset, GPT-2 vocabulary, trained on tinyshakespeare", model, held_out[None, :16], args.tokens)
+    if "char" in models:
+        model, data = train_char_model(args.train_steps, args.data)
+        compare("4-layer char model trained on tinyshakespeare", model, data[None, :32], args.tokens)
+    if "gpt2" in models:
+        model, held_out = train_gpt2_vocab_model(args.gpt2_steps, args.data)
+        compare("mini preset, GPT-2 vocabulary, trained on tinyshakespeare", model, held_out[None, :16], args.tokens)
 
 
 if __name__ == "__main__":
