@@ -1,6 +1,7 @@
 """What bf16 and int8 weights cost in quality, against float32 on the same model.
 
-    python -u benchmarks/quality.py [--tokens 300] [--train-steps 300] [--gpt2-steps 300] [--data FILE] [--models random,char,gpt2]
+    python -u benchmarks/quality.py [--tokens 300] [--train-steps 300] [--gpt2-steps 300] [--data FILE]
+                                    [--models random,char,gpt2]
 
 Three models:
 - GPT-2 124M with random weights (the architecture and tensor sizes of the real one; its outputs are near-uniform,

@@ -19,10 +19,11 @@ streams them to the memory's speed. Three levers, one per mode:
   llama.cpp's q8_0 does; elsewhere `torch._weight_int8pack_mm` computes x · Qᵀ · s with bf16 activations
   (`quantize_int` makes the choice).
 
-Only the weights change: the residual stream, LayerNorm, attention, softmax and the KV cache stay float32, which keeps
-the quality cost small (docs/benchmarks.md, quality). Large matmuls (a 512-token prefill) are compute-bound; the
-int8pack layer, and the bf16 tensor layer on CPUs without native bf16, widen their weight to float32 for them and use the
-float32 GEMM.
+Outside the matmuls nothing changes: the residual stream, LayerNorm, attention, softmax and the KV cache stay
+float32, which keeps the quality cost small (docs/benchmarks.md, quality). Large matmuls (a 512-token prefill) are
+compute-bound; the int8pack layer, and the bf16 tensor layer on CPUs without native bf16, widen their weight to
+float32 for them and use the float32 GEMM; FBGEMM's integer GEMM is faster than that, so its layer uses it for every
+number of rows.
 
 The tied LM head (V, C) is the largest single matrix of GPT-2 small (38.6M of 124M weights); it is converted too. The
 token embedding reads rows of the head's own table where the layout allows (fp32, bf16 tensors, int8) and of a
