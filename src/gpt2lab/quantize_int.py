@@ -36,9 +36,9 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (Q (N, K) int8, scale (N,) float32) with weight ≈ Q * scale[:, None], symmetric, no zero point.
 
-    >>> q, s = quantize_per_channel(torch.tensor([[1.0, -0.5], [0.01, 0.02]]))
+    >>> q, s = quantize_per_channel(torch.tensor([[1.0, -0.25], [0.1, 0.4]]))
     >>> q.tolist()
-    [[127, -64], [64, 127]]
+    [[127, -32], [32, 127]]
     """
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # (N,)
