@@ -30,7 +30,7 @@ def test_features_from_flags(flags, name, native_bf16):
 def test_cpu_flags_reads_the_first_flags_line(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nflags\t\t: {ZEN4}\n\nprocessor\t: 1\nflags\t\t: fpu\n")
-    assert cpu.cpu_flags(info) == set(ZEN4.split())
+    assert cpu.cpu_flags(info) == frozenset(ZEN4.split())
     assert cpu.cpu_features(info).avx512_bf16
     assert cpu.cpu_flags(tmp_path / "missing") is None
 

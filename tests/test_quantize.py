@@ -7,12 +7,15 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import generate
 from gpt2lab import quantize
 from gpt2lab.cpu import CPUFeatures, cpu_features
 from gpt2lab.inference import prepare_for_inference
+from gpt2lab import quantize_int
+from gpt2lab.quantize_int import FbgemmInt8Linear, activation_bits, choose_int8_kernel, parse_cpu_flags
 from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLinear, Int8Linear, OneDNNLinear,
                               TransposedLinear, quantize_per_channel)
 
@@ -66,7 +69,8 @@ def test_prepare_for_inference_rejects_unknown_dtype_and_double_preparation():
 
 KERNELS = [Int8Linear, BF16Linear, TransposedLinear,
            pytest.param(OneDNNLinear, marks=pytest.mark.skipif(not quantize.onednn_linear(), reason="no oneDNN")),
-           pytest.param(HalfPackedLinear, marks=pytest.mark.skipif(not quantize.fbgemm_half(), reason="no FBGEMM"))]
+           pytest.param(HalfPackedLinear, marks=pytest.mark.skipif(not quantize.fbgemm_half(), reason="no FBGEMM")),
+           pytest.param(FbgemmInt8Linear, marks=pytest.mark.skipif(not quantize_int.fbgemm_int8(), reason="no FBGEMM"))]
 
 
 @pytest.mark.parametrize("layer_type", KERNELS)
@@ -179,13 +183,13 @@ MACHINES = {
 EXPECTED = {  # (machine, dtype) -> (block layer, head layer) with 2 threads, oneDNN and FBGEMM present
     ("AVX2 (Zen 3)", "fp32"): (ChunkedLinear, OneDNNLinear),
     ("AVX2 (Zen 3)", "bf16"): (HalfPackedLinear, HalfPackedLinear),  # no bf16 arithmetic: fp16 layout, F16C widens
-    ("AVX2 (Zen 3)", "int8"): (Int8Linear, Int8Linear),
+    ("AVX2 (Zen 3)", "int8"): (FbgemmInt8Linear, FbgemmInt8Linear),  # integer GEMM, activations per row
     ("AVX-512-BF16 + VNNI (Zen 4)", "fp32"): (ChunkedLinear, OneDNNLinear),
     ("AVX-512-BF16 + VNNI (Zen 4)", "bf16"): (BF16Linear, BF16Linear),  # native bf16 dot products
-    ("AVX-512-BF16 + VNNI (Zen 4)", "int8"): (Int8Linear, Int8Linear),
+    ("AVX-512-BF16 + VNNI (Zen 4)", "int8"): (FbgemmInt8Linear, FbgemmInt8Linear),  # integer GEMM, activations per row
     ("AMX (Sapphire Rapids)", "fp32"): (ChunkedLinear, OneDNNLinear),
     ("AMX (Sapphire Rapids)", "bf16"): (BF16Linear, BF16Linear),
-    ("AMX (Sapphire Rapids)", "int8"): (Int8Linear, Int8Linear),
+    ("AMX (Sapphire Rapids)", "int8"): (FbgemmInt8Linear, FbgemmInt8Linear),  # integer GEMM, activations per row
 }
 
 
@@ -202,6 +206,8 @@ def test_choose_kernels_without_the_optional_libraries_or_with_one_thread():
     assert quantize.choose_kernels("fp32", zen3, 2, onednn=False, fbgemm=True).block is TransposedLinear
     assert quantize.choose_kernels("bf16", zen3, 2, onednn=True, fbgemm=False).block is BF16Linear
     assert quantize.choose_kernels("bf16", CPUFeatures(), 2, onednn=True, fbgemm=True).block is BF16Linear  # no F16C
+    assert quantize.choose_kernels("int8", zen3, 2, onednn=True, fbgemm=False).block is Int8Linear
+    assert quantize.choose_kernels("int8", CPUFeatures(), 2, onednn=True, fbgemm=True).block is Int8Linear  # no AVX2
     with pytest.raises(ValueError, match="'fp16'"):
         quantize.choose_kernels("fp16", zen3, 2, True, True)
 
@@ -212,8 +218,9 @@ def test_prepare_for_inference_follows_the_plan_for_this_cpu():
     torch.manual_seed(0)
     ref = GPT(cfg).eval()
     for dtype in ("fp32", "bf16", "int8"):
+        fbgemm = quantize.fbgemm_int8() if dtype == "int8" else quantize.fbgemm_half()
         plan = quantize.choose_kernels(dtype, cpu_features(), torch.get_num_threads(), quantize.onednn_linear(),
-                                       quantize.fbgemm_half())
+                                       fbgemm)
         model = prepare_for_inference(copy.deepcopy(ref), dtype)
         assert isinstance(model.h[0].attn.c_attn, plan.block)
         assert isinstance(model.lm_head, plan.head)
@@ -239,3 +246,101 @@ def test_a_fresh_float32_model_decodes_through_the_fast_kernel_over_its_own_weig
     with torch.no_grad():
         model.h[0].mlp.c_fc.weight.mul_(2.0)  # a change after the step was built is seen
         torch.testing.assert_close(c_fc(x), model.h[0].mlp.c_fc(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- int8 kernels
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})  # an AVX2-only Zen 3
+AVX512_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}  # a Zen 4
+AMX = AVX512_VNNI | {"amx_tile", "amx_int8", "amx_bf16"}  # a Sapphire Rapids Xeon
+ARM = frozenset({"fp", "asimd", "asimddp", "sve"})
+needs_fbgemm = pytest.mark.skipif(not quantize_int.fbgemm_int8(), reason="this torch has no working FBGEMM int8")
+
+
+def test_cpu_flags_are_read_from_cpuinfo_text():
+    text = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu AVX2 fma avx512_vnni\n\nprocessor\t: 1\n"
+    assert parse_cpu_flags(text) == {"fpu", "avx2", "fma", "avx512_vnni"}
+    assert parse_cpu_flags("Features\t: fp asimd asimddp\n") == {"fp", "asimd", "asimddp"}  # ARM's name for them
+    assert parse_cpu_flags("") == frozenset()
+    assert isinstance(quantize_int.cpu_flags(), frozenset)
+
+
+@pytest.mark.parametrize("flags,fbgemm,kernel,bits", [
+    (AVX2, True, "fbgemm", 7),  # 16-bit pair sums in vpmaddubsw: 7-bit activations cannot saturate them
+    (AVX512_VNNI, True, "fbgemm", 8),  # vpdpbusd sums into 32 bits
+    (AMX, True, "fbgemm", 8),
+    (AVX2, False, "int8pack", 7),  # a torch without FBGEMM
+    (ARM, False, "int8pack", 7),
+    (ARM, True, "int8pack", 7),  # FBGEMM without AVX2 runs scalar code
+    (frozenset({"sse4_2", "avx"}), True, "int8pack", 7),
+])
+def test_int8_kernel_is_a_function_of_the_cpu_flags(flags, fbgemm, kernel, bits):
+    assert choose_int8_kernel(flags, fbgemm) == kernel
+    assert activation_bits(flags) == bits
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("bits", [7, pytest.param(8, marks=pytest.mark.skipif(
+    activation_bits(quantize_int.cpu_flags()) != 8, reason="8-bit activations saturate AVX2's 16-bit pair sums"))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fbgemm_int8_linear_is_close_to_its_dequantized_weight(bits, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, bias=bias)
+    q, s = quantize_per_channel(linear.weight)
+    layer = FbgemmInt8Linear.from_linear(linear, bits)
+    assert torch.equal(layer.dequantized(), q.float() * s[:, None])  # packed without a change of value
+    for rows in (1, 3, SMALL_M + 9):  # one row straight through FBGEMM, several mapped onto [0, 1] first
+        x = torch.randn(rows, 96) * 3 + 1
+        ref = F.linear(x, layer.dequantized(), linear.bias)
+        step = float((x.amax(1) - x.amin(1).clamp(max=0)).max()) / (2 ** bits - 1)  # the activation grid
+        tol = step * float(layer.dequantized().abs().sum(1).max()) / 2  # at most half a step per product
+        assert (layer(x) - ref).abs().max() <= tol
+        assert (layer(x) - ref).abs().mean() <= tol / 10  # errors of single steps cancel in a sum
+    assert layer(torch.randn(2, 5, 96)).shape == (2, 5, 80)
+    with pytest.raises(ValueError, match="bits must be 7 or 8, got 4"):
+        FbgemmInt8Linear.from_linear(linear, 4)
+
+
+@needs_fbgemm
+def test_fbgemm_int8_rows_do_not_depend_on_the_rest_of_the_batch():
+    """FBGEMM quantizes a tensor with one scale; each row's own range is what decides its result here."""
+    torch.manual_seed(0)
+    layer = FbgemmInt8Linear.from_linear(torch.nn.Linear(64, 48))
+    x = torch.randn(4, 64)
+    x[2] *= 50  # a row with outliers would coarsen its neighbours' grid under one shared scale
+    x[3] = 0.25  # a constant row
+    together = layer(x)
+    torch.testing.assert_close(together[0], layer(x[[0, 1]])[0], rtol=0, atol=1e-6)  # one shared scale: 0.7 off
+    torch.testing.assert_close(together[1], layer(x[[1, 3]])[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(together[3], F.linear(x[3], layer.dequantized(), layer.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x[:1]), together[:1], rtol=0, atol=0.05)  # one row: the unmapped path
+
+
+@pytest.mark.parametrize("fbgemm", [True, False])
+def test_int8_kernel_is_chosen_by_what_the_cpu_offers(monkeypatch, fbgemm):
+    """The CPU's flags pick the layers; every kernel that runs here gives logits close to the float32 model, and the
+    embedding reads the head's int8 rows either way."""
+    if fbgemm and not quantize_int.fbgemm_int8():
+        pytest.skip("this torch has no working FBGEMM int8")
+    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    ref = GPT(cfg).eval()
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: AVX2)
+    monkeypatch.setattr(quantize, "fbgemm_int8", lambda: fbgemm)
+    model = prepare_for_inference(copy.deepcopy(ref), "int8")
+    kind = FbgemmInt8Linear if fbgemm else Int8Linear
+    assert all(type(m) is kind for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+    assert type(model.lm_head) is kind
+    if fbgemm:
+        assert model.lm_head.reduce_range  # AVX2: 7-bit activations
+    idx = torch.randint(0, 128, (2, 10))
+    torch.testing.assert_close(model.wte(idx), model.lm_head.dequantized()[idx], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        a, b = ref(idx), model(idx)
+    assert float((a - b).abs().max() / a.abs().max()) < 0.03
+    assert torch.equal(generate(model, idx, 4, temperature=0), generate(model, idx, 4, temperature=0))
+
+
+def test_convert_int8_rejects_an_unknown_kernel():
+    with pytest.raises(ValueError, match="unknown int8 kernel 'vnni'; choose one of: fbgemm, int8pack"):
+        quantize.convert_int8(make_model(CONFIGS["tiny"]), "vnni")

@@ -68,17 +68,22 @@ class CPUFeatures:
         return cls(**{field: any(f in have for f in names) for field, names in _FLAGS.items()})
 
 
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> Optional[set[str]]:
-    """The flags of the first CPU in /proc/cpuinfo, or None where there is no such file (not Linux)."""
+def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The flags of the first processor in the text of /proc/cpuinfo ("flags : fpu ... avx2 ..."), lower case."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return frozenset(value.lower().split())
+    return frozenset()
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> Optional[frozenset[str]]:
+    """The flags of the first CPU in /proc/cpuinfo, or None where there is no such file or no flags line."""
     try:
-        text = Path(cpuinfo).read_text()
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return None
+    return parse_cpu_flags(text) or None
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,19 +12,22 @@ streams them to the memory's speed. Three levers, one per mode:
 - bf16 (`BF16Linear`, `HalfPackedLinear`): half the bytes. With native bf16 arithmetic (AVX-512-BF16, AMX) the weight
   is a bf16 tensor; without it, the bf16-rounded weight is held exactly in FBGEMM's packed fp16 layout, whose kernel
   widens it in one instruction per 8 weights instead of emulating bf16.
-- int8 (`Int8Linear`): a quarter of the bytes. Symmetric, per output channel: row n of a weight W (N, K) gets its own
-  scale s_n = max_k |W[n, k]| / 127 and W ≈ s ⊙ Q with Q = round(W / s) in [-127, 127]. A per-channel scale follows
-  the spread of each row, so a row of small weights keeps its resolution next to a row of large ones.
-  `torch._weight_int8pack_mm` computes x · Qᵀ · s in one kernel without materialising W.
+- int8 (`quantize_int.FbgemmInt8Linear`, `Int8Linear`): a quarter of the bytes. Symmetric, per output channel: row n
+  of a weight W (N, K) gets its own scale s_n = max_k |W[n, k]| / 127 and W ≈ s ⊙ Q with Q = round(W / s) in
+  [-127, 127]. A per-channel scale follows the spread of each row, so a row of small weights keeps its resolution
+  next to a row of large ones. On x86 CPUs with AVX2, FBGEMM's integer kernel also quantizes each activation row, as
+  llama.cpp's q8_0 does; elsewhere `torch._weight_int8pack_mm` computes x · Qᵀ · s with bf16 activations
+  (`quantize_int` makes the choice).
 
-Only the weights change: the residual stream, LayerNorm, attention, softmax and the KV cache stay float32, which keeps
-the quality cost small (docs/benchmarks.md, quality). Large matmuls (a 512-token prefill) are compute-bound; the
-int8 layer, and the bf16 tensor layer on CPUs without native bf16, widen their weight to float32 for them and use the
-float32 GEMM.
+Outside the matmuls nothing changes: the residual stream, LayerNorm, attention, softmax and the KV cache stay
+float32, which keeps the quality cost small (docs/benchmarks.md, quality). Large matmuls (a 512-token prefill) are
+compute-bound; the int8pack layer, and the bf16 tensor layer on CPUs without native bf16, widen their weight to
+float32 for them and use the float32 GEMM; FBGEMM's integer GEMM is faster than that, so its layer uses it for every
+number of rows.
 
 The tied LM head (V, C) is the largest single matrix of GPT-2 small (38.6M of 124M weights); it is converted too. The
 token embedding reads rows of the head's own table where the layout allows (fp32, bf16 tensors, int8) and of a
-separate bf16 copy where the head's weight is packed opaquely (FBGEMM's fp16 layout).
+separate bf16 or int8 copy where the head's weight is packed opaquely (FBGEMM's layouts).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2lab.cpu import CPUFeatures, cpu_features
+from gpt2lab.quantize_int import (FbgemmInt8Linear, activation_bits, choose_int8_kernel, cpu_flags, fbgemm_int8,
+                                  quantize_per_channel)
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT
@@ -52,19 +57,6 @@ SMALL_M = 32
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX; see gpt2lab.cpu)."""
     return cpu_features().native_bf16
-
-
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> (Q (N, K) int8, scale (N,) float32) with weight ≈ Q * scale[:, None], symmetric, no zero point.
-
-    >>> q, s = quantize_per_channel(torch.tensor([[1.0, -0.5], [0.01, 0.02]]))
-    >>> q.tolist()
-    [[127, -64], [64, 127]]
-    """
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # (N,)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
-    return q.contiguous(), scale
 
 
 class _WeightOnlyLinear(nn.Module):
@@ -358,14 +350,15 @@ class KernelPlan:
 
 def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool, fbgemm: bool) -> KernelPlan:
     """The fastest layers for batch-1 decoding in `dtype`, from the CPU's features, the thread count and what this
-    torch build offers (oneDNN's float32 linear, FBGEMM's fp16-layout GEMM). A pure function: tests check the choice
-    for every machine type on any machine.
+    torch build offers (oneDNN's float32 linear; FBGEMM's fp16-layout GEMM for bf16, its int8 GEMM for int8). A pure
+    function: tests check the choice for every machine type on any machine.
 
     - fp32: row-block batched matmuls (`ChunkedLinear`) for the blocks and oneDNN for the head with several threads;
       with one thread or without oneDNN, MKL's GEMM on (K, N) copies of the wide weights (`TransposedLinear`).
     - bf16: bf16 tensors where the CPU has bf16 dot products (AVX-512-BF16, AMX); elsewhere FBGEMM's fp16 layout,
       which widens two-byte weights in one F16C instruction, where FBGEMM and F16C are there.
-    - int8: int8 weights with per-channel scales (`Int8Linear`).
+    - int8: int8 weights with per-channel scales: FBGEMM's integer GEMM where it works and the CPU has AVX2
+      (`quantize_int.FbgemmInt8Linear`, the choice of `quantize_int.choose_int8_kernel`), else `Int8Linear`.
     """
     if dtype == "fp32":
         if onednn and threads > 1:
@@ -376,6 +369,8 @@ def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool
             return KernelPlan(HalfPackedLinear, HalfPackedLinear)
         return KernelPlan(BF16Linear, BF16Linear)
     if dtype == "int8":
+        if choose_int8_kernel(frozenset({"avx2"} if features.avx2 else ()), fbgemm) == "fbgemm":
+            return KernelPlan(FbgemmInt8Linear, FbgemmInt8Linear)
         return KernelPlan(Int8Linear, Int8Linear)
     raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
 
@@ -387,7 +382,8 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     if dtype not in ("fp32", "bf16", "int8"):
         raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
     if model.wte.weight.device.type == "cpu":
-        plan = choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm_half())
+        fbgemm = fbgemm_int8() if dtype == "int8" else fbgemm_half()
+        plan = choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm)
     else:  # other devices: the portable layers
         plan = KernelPlan(TransposedLinear, TransposedLinear) if dtype == "fp32" else \
             choose_kernels(dtype, CPUFeatures(), 1, False, False)
@@ -407,10 +403,26 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
             model.lm_head = BF16Linear(model.wte.weight)
             model.wte = LowPrecisionEmbedding(model.lm_head.weight)  # the head's own bf16 table
     else:
+        convert_int8(model, "fbgemm" if plan.block is FbgemmInt8Linear else "int8pack")
+    return model
+
+
+def convert_int8(model: "GPT", kernel: str, bits: Optional[int] = None) -> "GPT":
+    """convert_weights(model, "int8") with a named kernel (one of quantize_int.INT8_KERNELS) and, for "fbgemm", bits
+    of activation (7 or 8; default the CPU's choice): per-channel int8 weights in every block and the tied head, whose
+    table the embedding reads."""
+    q, s = quantize_per_channel(model.wte.weight)  # (V, C), (V,)
+    if kernel == "fbgemm":
+        bits = activation_bits(cpu_flags()) if bits is None else bits
+        _replace_linears(model, lambda linear: FbgemmInt8Linear.from_linear(linear, bits))
+        model.lm_head = FbgemmInt8Linear(q, s, bits=bits)
+        model.wte = LowPrecisionEmbedding(q, s)  # the same int8 rows, a copy beside the packed head
+    elif kernel == "int8pack":
         _replace_linears(model, Int8Linear.from_linear)
-        q, s = quantize_per_channel(model.wte.weight)
         model.lm_head = Int8Linear(q, s)
         model.wte = LowPrecisionEmbedding(q, model.lm_head.scale)
+    else:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of: fbgemm, int8pack")
     return model
 
 
@@ -454,5 +466,5 @@ def _transpose_wide(model: "GPT") -> "GPT":
 def is_converted(model: nn.Module) -> bool:
     """Whether `model` holds inference-only layers (and so should not be trained or saved)."""
     kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, TransposedLinear, ColumnEmbedding, OneDNNLinear,
-             HalfPackedLinear)  # ChunkedLinear is a OneDNNLinear
+             HalfPackedLinear, FbgemmInt8Linear)  # ChunkedLinear is a OneDNNLinear
     return any(isinstance(m, kinds) for m in model.modules())

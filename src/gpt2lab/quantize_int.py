@@ -1,0 +1,172 @@
+"""Integer weights for CPU decoding: per-channel int8 quantization, the FBGEMM int8 layer, and the choice of the int8
+kernel from what the CPU reports.
+
+A decode step at batch 1 streams every weight once, so an int8 weight (one byte) should run near twice as fast as a
+bf16 one. Two kernels compute x · Wᵀ with W held in int8:
+
+- "fbgemm" (`FbgemmInt8Linear`): FBGEMM's dynamically quantized linear, the kernel behind
+  `torch.ao.nn.quantized.dynamic.Linear`. It quantizes each activation row to unsigned integers on the fly and runs an
+  integer GEMM over the packed weight, as llama.cpp's q8_0 does with its 32-value blocks. On AVX2 the integer dot
+  products are `vpmaddubsw`, which sums two byte products into 16 bits and could saturate with 8-bit activations,
+  so activations get 7 bits (`reduce_range`); AVX-512-VNNI's `vpdpbusd` sums into 32 bits, so they get 8 there.
+- "int8pack" (`quantize.Int8Linear`): `torch._weight_int8pack_mm`, which widens the weights to bf16 and keeps the
+  activations in bf16: exact in the activations, but slower than FBGEMM on CPUs with AVX2, and the portable choice
+  for CPUs without FBGEMM (ARM, or a torch built without it).
+
+`choose_int8_kernel` is a pure function of the CPU's flags and of whether FBGEMM works in this torch, so each branch is
+tested by injecting the flags of another machine. docs/benchmarks.md has the measurements behind the choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from gpt2lab.cpu import cpu_flags as read_cpu_flags
+from gpt2lab.cpu import parse_cpu_flags  # noqa: F401  (re-exported: the int8 tests parse made-up cpuinfo text)
+
+INT8_KERNELS = ("fbgemm", "int8pack")
+# /proc/cpuinfo flag names the choice reads; the vector width the kernels need and the dot-product instructions
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (Q (N, K) int8, scale (N,) float32) with weight ≈ Q * scale[:, None], symmetric, no zero point.
+
+    >>> q, s = quantize_per_channel(torch.tensor([[1.0, -0.25], [0.1, 0.4]]))
+    >>> q.tolist()
+    [[127, -32], [32, 127]]
+    """
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # (N,)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
+    return q.contiguous(), scale
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's flags (gpt2lab.cpu reads /proc/cpuinfo), else the ones torch's own CPU check implies."""
+    flags = read_cpu_flags()
+    if flags:
+        return flags
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "DEFAULT", ...
+    return frozenset({"AVX2": {"avx2"}, "AVX512": {"avx2", "avx512f"}}.get(capability, set()))
+
+
+def choose_int8_kernel(flags: frozenset[str], fbgemm: bool) -> str:
+    """The int8 kernel for a CPU with these flags: FBGEMM's where it works and the CPU has AVX2 (its integer kernels
+    need 256-bit vectors; below that it runs scalar code), else torch's int8pack."""
+    return "fbgemm" if fbgemm and "avx2" in flags else "int8pack"
+
+
+def activation_bits(flags: frozenset[str]) -> int:
+    """Bits of FBGEMM's activation quantization: 8 where VNNI sums byte products into 32 bits, else 7, so that
+    AVX2's 16-bit pair sums (255 · 127 · 2 > 32767) cannot saturate."""
+    return 8 if "avx512_vnni" in flags else 7
+
+
+@contextlib.contextmanager
+def _quantized_engine(name: str) -> Iterator[None]:
+    """Pack with one quantized engine and restore the caller's: the engine is process-wide state."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def pack_fbgemm(qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> object:
+    """FBGEMM's packed form of the per-channel int8 weight (N, K) with its scales (N,) and optional float32 bias."""
+    n = qweight.size(0)
+    with warnings.catch_warnings(), _quantized_engine("fbgemm"):
+        warnings.simplefilter("ignore", UserWarning)  # quantized tensors are deprecated; only FBGEMM's input here
+        w = torch.quantize_per_channel(qweight.float() * scale[:, None], scale.double(),
+                                       torch.zeros(n, dtype=torch.long), 0, torch.qint8)  # exactly qweight
+        return torch.ops.quantized.linear_prepack(w, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_linear() -> object:
+    """FBGEMM's dynamic linear, the bare C++ op (see quantize._half_linear for why the Python wrapper is skipped)."""
+    op = torch.ops.quantized.linear_dynamic.default
+    return getattr(op, "_op", op)
+
+
+@functools.lru_cache(maxsize=None)
+def fbgemm_int8() -> bool:
+    """Whether FBGEMM's dynamic int8 linear works in this torch (x86 builds) and computes what it should."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        q = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8)
+        packed = pack_fbgemm(q, torch.tensor([0.5, 0.25]), None)
+        y = _dynamic_linear()(torch.tensor([[2.0, 1.0]]), packed, True)
+        return bool(torch.allclose(y, torch.tensor([[0.0, 2.5]]), atol=0.05))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class FbgemmInt8Linear(nn.Module):
+    """A drop-in for nn.Linear with per-channel int8 weights in FBGEMM's packed layout; each activation row is
+    quantized on the fly over its own range.
+
+    FBGEMM quantizes a whole input tensor with one scale, which would make a row's result depend on the other rows of
+    a batch. For several rows the layer first maps each row onto [0, 1], x = lo + r·x' (r = max - min per row), so
+    every row gets the same scale and its full resolution, and then undoes the map exactly:
+    x·Wᵀ + b = r·(x'·Wᵀ + b) + lo·Σₖ W[:, k] + (1 - r)·b. A single row needs no map.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 bits: int = 7) -> None:
+        super().__init__()
+        if bits not in (7, 8):
+            raise ValueError(f"activation bits must be 7 or 8, got {bits!r}")
+        self.out_features, self.in_features = qweight.shape
+        self.reduce_range = bits == 7
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (N,)
+        weight = qweight.float() * scale.float()[:, None]  # (N, K), the dequantized weight
+        sums = weight.sum(1, keepdim=True).t()  # (1, N)
+        # (2, N): what a row's [lo, 1 - r] multiplies to undo the [0, 1] map (see the class docstring)
+        self.register_buffer("correction", sums if bias is None else torch.cat([sums, self.bias[None]]))
+        self.packed = pack_fbgemm(qweight, scale.float(), self.bias)  # opaque; adds the bias itself
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 7) -> "FbgemmInt8Linear":
+        q, s = quantize_per_channel(linear.weight)
+        return cls(q, s, linear.bias, bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
+        y = self._rows(x2) if x2.size(0) > 1 else self._packed(x2)  # (M, N)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        with torch._C.DisableTorchFunctionSubclass():  # see quantize._half_linear
+            return _dynamic_linear()(x, self.packed, self.reduce_range)  # (M, N), bias included
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.aminmax(x, dim=1, keepdim=True)  # (M, 1) each
+        r = (hi - lo).clamp_(min=1e-30)  # (M, 1); a constant row maps to zeros
+        y = self._packed((x - lo) / r).mul_(r)  # (M, N)
+        undo = lo if self.bias is None else torch.cat([lo, 1.0 - r], dim=1)  # (M, 1) or (M, 2)
+        return y.addmm_(undo, self.correction)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the packed weight (not a buffer, so `model.buffers()` does not see it)."""
+        return self.out_features * self.in_features
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight this layer computes with, (N, K)."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0].dequantize()
+
+    def extra_repr(self) -> str:
+        bits = 7 if self.reduce_range else 8
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8 in FBGEMM layout, {bits}-bit activations per row")
