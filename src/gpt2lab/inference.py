@@ -23,8 +23,9 @@ def prepare_for_inference(model: GPT, dtype: str = "fp32") -> GPT:
     - "bf16": every linear layer and the tied LM head / embedding hold bfloat16 weights (half the bytes per token).
     - "int8": the same with int8 weights and one scale per output channel (a quarter of the bytes).
 
-    Both low-precision modes are weight-only: activations, LayerNorm, attention and the KV cache stay float32. Which
-    layer and kernel each mode uses on which CPU is `gpt2lab.quantize`'s business. A converted model is for inference;
+    The low-precision modes change the weights: the residual stream, LayerNorm, attention and the KV cache stay
+    float32 (int8's FBGEMM kernel, chosen on x86 CPUs with AVX2, also rounds each activation row to integers inside
+    its matmul). Which layer each mode uses on which CPU is `gpt2lab.quantize.choose_kernels`'s business. A converted model is for inference;
     train and save the float32 one.
     """
     if dtype not in INFERENCE_DTYPES:
