@@ -38,15 +38,15 @@ from gpt2lab.train.optim import (MuonAdamW, is_muon_parameter, learning_rate, lo
                                  set_learning_rate)
 from gpt2lab.train.run_dir import CONFIG_FILE, RUN_DIRECTORY, RUN_FILES, checkpoint_to_resume, load_run_config
 from gpt2lab.train.run_log import LOG_FILE, PLOT_FILE, RunLog, iter_log, json_line
-from gpt2lab.train.runtime import Runtime, runtime_from_env
+from gpt2lab.train.runtime import Runtime, backend_settings, runtime_from_env
 from gpt2lab.train.step import TrainingLoss, autocast, bits_per_byte, evaluate, optimizer_step
 from gpt2lab.train.stopping import (CONTINUE, SIGNALLED, TIME_UP, StopSignals, TrainingDiverged, TrainingInterrupted,
                                     nonfinite_parameters, stop_code)
 
 __all__ = [
     # runtime, stopping
-    "Runtime", "runtime_from_env", "TrainingDiverged", "TrainingInterrupted", "StopSignals", "CONTINUE", "TIME_UP",
-    "SIGNALLED", "stop_code", "nonfinite_parameters",
+    "Runtime", "runtime_from_env", "backend_settings", "TrainingDiverged", "TrainingInterrupted", "StopSignals",
+    "CONTINUE", "TIME_UP", "SIGNALLED", "stop_code", "nonfinite_parameters",
     # data, optimizer, one step
     "batch_seed", "get_batch", "check_data_fits", "learning_rate", "parameter_groups", "make_optimizer",
     "make_adamw", "make_muon_adamw", "MuonAdamW", "is_muon_parameter", "set_learning_rate", "optimizer_tensors",

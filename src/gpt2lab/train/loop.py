@@ -32,7 +32,7 @@ from gpt2lab.train.flops import flops_per_token, peak_flops
 from gpt2lab.train.optim import learning_rate, make_optimizer, optimizer_tensors, set_learning_rate
 from gpt2lab.train.run_dir import CONFIG_FILE, checkpoint_to_resume
 from gpt2lab.train.run_log import RunLog
-from gpt2lab.train.runtime import Runtime, runtime_from_env
+from gpt2lab.train.runtime import Runtime, backend_settings, runtime_from_env
 from gpt2lab.train.step import TrainingLoss, bits_per_byte, evaluate, optimizer_step
 from gpt2lab.train.stopping import (SIGNALLED, TIME_UP, StopSignals, TrainingDiverged, TrainingInterrupted,
                                     nonfinite_parameters, stop_code)
@@ -77,14 +77,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise ValueError("fresh_optimizer (--fresh-optimizer) only applies when resuming a run (--resume)")
     runtime = runtime or runtime_from_env(config.device)
     ckpt = checkpoint_to_resume(config, resume, overwrite)
-    out_dir = Path(config.out_dir)
     threads = config.threads or max(1, (os.cpu_count() or 1) // runtime.local_world_size)
-    if runtime.device.type == "cpu":
-        torch.set_num_threads(threads)
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    with backend_settings(runtime.device, threads):  # thread count, TF32: restored when the run ends
+        return _run(config, runtime, ckpt, threads, fresh_optimizer, progress)
 
+
+def _run(config: TrainConfig, runtime: Runtime, ckpt: Path | None, threads: int, fresh_optimizer: bool,
+         progress: bool) -> RunResult:
+    """The body of `train`, with the run directory checked and the backend switches set."""
+    out_dir = Path(config.out_dir)
     data = TokenData(config.data_dir)
     check_data_fits(data, config.seq_len)
     tokenizer = data.tokenizer()
