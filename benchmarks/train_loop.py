@@ -286,6 +286,8 @@ def main() -> None:
                 rows = [run_one(n, args, paths, root, round_, args.threads) for n in order]
             for row in rows:
                 rates[row["name"]].append(row["steps"] / row["seconds"])
+                print(f"round {round_ + 1}: {row['name']} {row['steps'] / row['seconds']:.2f} steps/s "
+                      f"({row['steps']} steps, {row['seconds']:.1f} s)", flush=True)  # survives a killed run
     threads = 1 if args.concurrent else args.threads
     print(f"train loop: nanoGPT's CPU recipe (4x128, block 64, batch 12, fp32{', biases' if args.bias else ''}), "
           f"{args.steps} steps x {args.rounds} round(s), {threads} thread(s) each"
