@@ -10,7 +10,7 @@ One optimizer step, in order:
 
 The modules, each one job, in the order they import one another (each uses only those above it):
 
-    runtime.py      Runtime: rank, world size and device of this process (torchrun's environment)
+    runtime.py      Runtime: rank, world size and device (torchrun's environment); the switches a run sets
     flops.py        FLOPs per training token and the hardware's peak FLOP/s: the two halves of MFU
     optim.py        the learning-rate schedule, AdamW and its parameter groups, AdamW's state by parameter name
     batches.py      the data stream: micro-batch `index` as a pure function of (seed, index); data too short
