@@ -108,3 +108,32 @@ def test_the_progress_bar_follows_the_limit_that_ends_the_run(char_data, tmp_pat
     final = capsys.readouterr().err.split("\r")[-1]
     assert "train: 100%" in final and "step=4/4" in final  # the steps ended the run, not the hour
     assert T.progress_fraction(2, 60.0, cfg) == 0.5 and T.progress_fraction(1, 1800.0, cfg) == 0.5
+
+
+def test_train_puts_back_the_thread_count_it_set(char_data, tmp_path):
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    T.train(tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=2, threads=other), progress=False)
+    assert torch.get_num_threads() == before
+
+
+def test_backend_settings_restore_tf32_and_threads():
+    """On a GPU a run turns TF32 matmuls on; the switches are process-wide, so they go back when the run ends (the
+    flags can be read and set without a GPU, so this runs everywhere)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision(), torch.get_num_threads())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        with T.backend_settings(torch.device("cuda"), threads=1):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+        with pytest.raises(RuntimeError, match="inside"), T.backend_settings(torch.device("cpu"), threads=1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == saved[3]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+        torch.set_num_threads(saved[3])

@@ -72,6 +72,51 @@ def test_muon_steps_like_torch_muon():
         assert (ours_moved - theirs_moved).norm() < 0.03 * theirs_moved.norm()  # bf16 rounding in theirs
 
 
+def test_muon_honours_a_closure_as_torch_optimizers_do():
+    """step(closure) evaluates the loss with gradients, returns it and steps on those gradients: the same update as
+    a backward pass followed by step()."""
+    torch.manual_seed(0)
+    target = torch.randn(16, 8)
+    weights = [torch.nn.Parameter(torch.randn(16, 8) * 0.1) for _ in range(2)]
+    for p in weights[1:]:
+        p.data.copy_(weights[0].data)
+    by_closure, by_hand = T.optim.Muon([weights[0]], lr=0.02), T.optim.Muon([weights[1]], lr=0.02)
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        by_closure.zero_grad()
+        loss = ((weights[0] - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    returned = by_closure.step(closure)
+    ((weights[1] - target) ** 2).sum().backward()
+    assert by_hand.step() is None
+    assert calls == [True] and torch.is_tensor(returned) and returned.item() > 0
+    assert not torch.equal(weights[0], target) and torch.equal(weights[0], weights[1])
+
+
+def test_muon_adamw_runs_the_closure_once_and_returns_its_loss():
+    model = GPT(GPTConfig(n_ctx=8, n_layer=1, n_head=2, n_embd=16, vocab_size=11))
+    optimizer = T.make_optimizer(model, TrainConfig(model=model.config, seq_len=8, optimizer="muon"),
+                                 torch.device("cpu"))
+    x = torch.randint(0, 11, (2, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = model.loss(x, x)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert len(calls) == 1 and torch.is_tensor(loss)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # Muon's and AdamW's moved
+
+
 def test_muon_option_trains(char_data, tmp_path):
     cfg = tiny_run(char_data, tmp_path / "run", max_steps=40, eval_interval=40, warmup_steps=5, lr=1e-2,
                    optimizer="muon", muon_lr=0.05)

@@ -107,3 +107,31 @@ def test_sigterm_saves_a_resumable_checkpoint_and_says_where(char_data, tmp_path
     assert state.step >= 3 and any(k.startswith("optim.") for k in tensors)
     resumed = T.train(dataclasses.replace(cfg, max_steps=state.step + 2), resume=True, progress=False)
     assert resumed.state.step == state.step + 2 and len(resumed.losses) == 2
+
+
+def test_losses_read_in_batches_still_stop_at_the_step_that_diverged(char_data, tmp_path, monkeypatch):
+    """The loop reads the losses only at log lines and checkpoints (no host sync per step); a non-finite loss is
+    still reported at its own step, and no checkpoint is written after it."""
+    real_step, calls = loop.optimizer_step, []
+
+    def nan_at_step_3(*args):
+        calls.append(1)
+        loss = real_step(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=8, log_interval=5, eval_interval=100, checkpoint_interval=4)
+    monkeypatch.setattr(loop, "optimizer_step", nan_at_step_3)
+    with pytest.raises(T.TrainingDiverged, match=r"^step 3: the training loss is nan"):
+        T.train(cfg, progress=False)
+    assert len(calls) == 4 and not (tmp_path / "run" / "last").exists()  # caught at step 4's checkpoint
+    records = strict_json_lines(tmp_path / "run" / "log.jsonl")
+    assert records == [{"step": 3, "loss": None, "lr": pytest.approx(T.learning_rate(2, cfg)), "diverged": True}]
+
+
+def test_every_steps_loss_is_returned_when_the_log_skips_steps(char_data, tmp_path):
+    every = T.train(tiny_run(char_data, tmp_path / "a", max_steps=7, log_interval=1, eval_interval=100),
+                    progress=False)
+    sparse = T.train(tiny_run(char_data, tmp_path / "b", max_steps=7, log_interval=3, eval_interval=100),
+                     progress=False)
+    assert len(sparse.losses) == 7 and sparse.losses == every.losses
+    assert sparse.state.last_train_loss == every.losses[-1]

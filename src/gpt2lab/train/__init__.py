@@ -10,7 +10,7 @@ One optimizer step, in order:
 
 The modules, each one job, in the order they import one another (each uses only those above it):
 
-    runtime.py      Runtime: rank, world size and device of this process (torchrun's environment)
+    runtime.py      Runtime: rank, world size and device (torchrun's environment); the switches a run sets
     flops.py        FLOPs per training token and the hardware's peak FLOP/s: the two halves of MFU
     optim.py        the learning-rate schedule, AdamW and its parameter groups, AdamW's state by parameter name
     batches.py      the data stream: micro-batch `index` as a pure function of (seed, index); data too short
@@ -38,15 +38,15 @@ from gpt2lab.train.optim import (MuonAdamW, is_muon_parameter, learning_rate, lo
                                  set_learning_rate)
 from gpt2lab.train.run_dir import CONFIG_FILE, RUN_DIRECTORY, RUN_FILES, checkpoint_to_resume, load_run_config
 from gpt2lab.train.run_log import LOG_FILE, PLOT_FILE, RunLog, iter_log, json_line
-from gpt2lab.train.runtime import Runtime, runtime_from_env
+from gpt2lab.train.runtime import Runtime, backend_settings, runtime_from_env
 from gpt2lab.train.step import TrainingLoss, autocast, bits_per_byte, evaluate, optimizer_step
 from gpt2lab.train.stopping import (CONTINUE, SIGNALLED, TIME_UP, StopSignals, TrainingDiverged, TrainingInterrupted,
                                     nonfinite_parameters, stop_code)
 
 __all__ = [
     # runtime, stopping
-    "Runtime", "runtime_from_env", "TrainingDiverged", "TrainingInterrupted", "StopSignals", "CONTINUE", "TIME_UP",
-    "SIGNALLED", "stop_code", "nonfinite_parameters",
+    "Runtime", "runtime_from_env", "backend_settings", "TrainingDiverged", "TrainingInterrupted", "StopSignals",
+    "CONTINUE", "TIME_UP", "SIGNALLED", "stop_code", "nonfinite_parameters",
     # data, optimizer, one step
     "batch_seed", "get_batch", "check_data_fits", "learning_rate", "parameter_groups", "make_optimizer",
     "make_adamw", "make_muon_adamw", "MuonAdamW", "is_muon_parameter", "set_learning_rate", "optimizer_tensors",

@@ -32,7 +32,7 @@ from gpt2lab.train.flops import flops_per_token, peak_flops
 from gpt2lab.train.optim import learning_rate, make_optimizer, optimizer_tensors, set_learning_rate
 from gpt2lab.train.run_dir import CONFIG_FILE, checkpoint_to_resume
 from gpt2lab.train.run_log import RunLog
-from gpt2lab.train.runtime import Runtime, runtime_from_env
+from gpt2lab.train.runtime import Runtime, backend_settings, runtime_from_env
 from gpt2lab.train.step import TrainingLoss, bits_per_byte, evaluate, optimizer_step
 from gpt2lab.train.stopping import (SIGNALLED, TIME_UP, StopSignals, TrainingDiverged, TrainingInterrupted,
                                     nonfinite_parameters, stop_code)
@@ -77,14 +77,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise ValueError("fresh_optimizer (--fresh-optimizer) only applies when resuming a run (--resume)")
     runtime = runtime or runtime_from_env(config.device)
     ckpt = checkpoint_to_resume(config, resume, overwrite)
-    out_dir = Path(config.out_dir)
     threads = config.threads or max(1, (os.cpu_count() or 1) // runtime.local_world_size)
-    if runtime.device.type == "cpu":
-        torch.set_num_threads(threads)
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    with backend_settings(runtime.device, threads):  # thread count, TF32: restored when the run ends
+        return _run(config, runtime, ckpt, threads, fresh_optimizer, progress)
 
+
+def _run(config: TrainConfig, runtime: Runtime, ckpt: Path | None, threads: int, fresh_optimizer: bool,
+         progress: bool) -> RunResult:
+    """The body of `train`, with the run directory checked and the backend switches set."""
+    out_dir = Path(config.out_dir)
     data = TokenData(config.data_dir)
     check_data_fits(data, config.seq_len)
     tokenizer = data.tokenizer()
@@ -119,15 +120,36 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     saved_step = state.step if ckpt is not None else None  # the step of the newest resumable last/ checkpoint
     lr = learning_rate(state.step, config)
 
-    def diverged(what: str) -> TrainingDiverged:
+    pending: list[tuple[torch.Tensor, float]] = []  # (loss, lr) of the steps whose loss is not read yet
+
+    def diverged(what: str, step: int | None = None, at_lr: float | None = None) -> TrainingDiverged:
         kept = (f"the last good checkpoint, {out_dir / LAST} (step {saved_step}), is kept" if saved_step is not None
                 else "no checkpoint had been written")
-        return TrainingDiverged(f"step {state.step}: {what} (lr {lr:.3g}): the run diverged and stopped; {kept}. "
+        step, at_lr = state.step if step is None else step, lr if at_lr is None else at_lr
+        return TrainingDiverged(f"step {step}: {what} (lr {at_lr:.3g}): the run diverged and stopped; {kept}. "
                                 f"Lower lr or raise warmup_steps, then start again or continue with "
                                 f"--resume {out_dir} --set lr=...")
 
+    def read_losses() -> None:
+        """Bring the pending steps' losses to the host in one transfer (not one sync per step: a GPU keeps
+        running ahead) and stop at the first non-finite one. Runs before every log line and every checkpoint."""
+        if not pending:
+            return
+        values = torch.stack([loss for loss, _ in pending]).tolist()
+        first_step = state.step - len(pending) + 1
+        for i, (value, (_, step_lr)) in enumerate(zip(values, pending)):
+            if not math.isfinite(value):
+                pending.clear()
+                if log is not None:
+                    log.write({"step": first_step + i, "loss": value, "lr": step_lr, "diverged": True})
+                raise diverged(f"the training loss is {value}", first_step + i, step_lr)
+        pending.clear()
+        result.losses.extend(values)
+        state.last_train_loss = values[-1]
+
     def checkpoint(name: str, with_optimizer: bool = True) -> None:
         nonlocal saved_step
+        read_losses()
         bad = nonfinite_parameters(model)
         if bad:
             raise diverged(f"the weights hold inf or NaN ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
@@ -180,18 +202,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 break
             lr = learning_rate(state.step, config, elapsed() / budget_s if budget_s and config.clock_schedule else 0.0)
             set_learning_rate(optimizer, lr)
-            loss = optimizer_step(step_model, model, optimizer, data, config, runtime, state.micro_batches)
+            pending.append((optimizer_step(step_model, model, optimizer, data, config, runtime,
+                                           state.micro_batches), lr))
             state.step += 1
             state.micro_batches += config.grad_accum * runtime.world_size
             state.tokens += tokens_per_step
-            if not math.isfinite(loss):
-                if log is not None:
-                    log.write({"step": state.step, "loss": loss, "lr": lr, "diverged": True})
-                raise diverged(f"the training loss is {loss}")
-            state.last_train_loss = loss
-            result.losses.append(loss)
             window_tokens += tokens_per_step
             if state.step % config.log_interval == 0 or state.step == config.max_steps:
+                read_losses()
+                loss = state.last_train_loss
                 dt = time.perf_counter() - window_start
                 tok_s = window_tokens / dt if dt > 0 else 0.0
                 mfu = tok_s / tokens_per_step * flops_step / peak if peak == peak else float("nan")
@@ -208,6 +227,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 evaluated_at = state.step
             elif config.checkpoint_interval and state.step % config.checkpoint_interval == 0:
                 checkpoint(LAST)
+        read_losses()
         if evaluated_at != state.step and state.step > 0:
             run_eval()
         _advance(bar, 100.0)  # the run is over, whichever limit ended it

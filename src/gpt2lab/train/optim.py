@@ -5,7 +5,7 @@ continues exactly)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -82,9 +82,16 @@ class MuonAdamW:
     def state(self) -> dict[torch.Tensor, dict[str, Any]]:
         return {p: s for optimizer in self.optimizers for p, s in optimizer.state.items()}
 
-    def step(self) -> None:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of both optimizers; `closure` (re-evaluate the loss and its gradients, as torch optimizers take
+        it) runs once, before either steps, and its loss is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for optimizer in self.optimizers:
             optimizer.step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:
@@ -105,7 +112,13 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "ns_steps": ns_steps})
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every matrix that has a gradient; `closure`, if given, re-evaluates the loss (with
+        gradients) first, as torch optimizers do, and its loss is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
@@ -120,6 +133,7 @@ class Muon(torch.optim.Optimizer):
                 lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr)
+        return loss
 
 
 def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:

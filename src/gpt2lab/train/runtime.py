@@ -6,8 +6,10 @@ says so in its arguments.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -46,3 +48,25 @@ def runtime_from_env(device: str = "auto") -> Runtime:
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Runtime(rank, local_rank, world_size, local_world_size, dev)
+
+
+@contextlib.contextmanager
+def backend_settings(device: torch.device, threads: int) -> Iterator[None]:
+    """The process-wide switches a run wants, put back as they were when it ends: the CPU thread count, and on a GPU
+    TF32 matmuls (fp32 matmuls on tensor cores with a 10-bit mantissa, which training tolerates). A caller that
+    trains and then needs exact fp32 or its own thread count (a test, a notebook, the quickstart's sampling) finds
+    them as it left them."""
+    saved_threads = torch.get_num_threads()
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    saved_precision = torch.get_float32_matmul_precision()
+    try:
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+        torch.set_float32_matmul_precision(saved_precision)

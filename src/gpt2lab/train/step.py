@@ -41,9 +41,11 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 
 
 def optimizer_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer, data: TokenData,
-                   config: TrainConfig, runtime: Runtime, first_micro_batch: int) -> float:
-    """One optimizer step over grad_accum micro-batches; returns the mean loss (over all processes' batches)."""
-    total = torch.zeros((), dtype=torch.float32)
+                   config: TrainConfig, runtime: Runtime, first_micro_batch: int) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the mean loss (over all processes' batches) as a
+    0-d float32 tensor on the device, so that the step never waits for the device: the loop reads the losses of
+    many steps at once."""
+    total = torch.zeros((), dtype=torch.float32, device=runtime.device)
     for a in range(config.grad_accum):
         index = first_micro_batch + a * runtime.world_size + runtime.rank
         x, y = get_batch(data, "train", index, config, runtime.device)
@@ -53,16 +55,15 @@ def optimizer_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.opt
             with autocast(runtime.device, config.dtype):
                 loss = step_model(x, y) / config.grad_accum
             loss.backward()
-        total += loss.detach().float().cpu()
+        total += loss.detach().float()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if runtime.distributed:
-        total = total.to(runtime.device)
         torch.distributed.all_reduce(total)
-        total = total.cpu() / runtime.world_size
-    return float(total)
+        total /= runtime.world_size
+    return total
 
 
 @torch.no_grad()
