@@ -357,7 +357,10 @@ class GPT(nn.Module):
             )
         if torch.compiler.is_compiling() or idx.numel() == 0:
             return
-        lo, hi = int(idx.min()), int(idx.max())
+        if self.training and idx.device.type != "cpu":  # reading the range would stall a GPU every step; training
+            return  # batches come from shards written by the data's tokenizer, whose vocabulary sizes the model
+        lo, hi = torch.aminmax(idx)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size} (allowed: 0..{self.config.vocab_size - 1})")
