@@ -15,8 +15,9 @@ Two choices keep one graph valid for every step:
   everything after a failed compile.
 
 Where the graph is traced again: once for a batch of 1 and once for a larger batch (torch specializes sizes 0 and 1),
-and once each with and without a padding mask. Compiling takes tens of seconds for GPT-2 small on a laptop-class CPU;
-inductor keeps what it compiled in its on-disk cache, which shortens the next process's start-up.
+and once each with and without a padding mask. Each compile is slow next to a step (docs/benchmarks.md has the
+start-up times); inductor keeps what it compiled in its on-disk cache, which shortens the next process's start-up, so
+the compiled step is for long-lived processes that decode many tokens, and it is never the default.
 """
 
 from __future__ import annotations
