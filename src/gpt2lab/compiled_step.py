@@ -3,7 +3,9 @@
 Eager PyTorch pays a fixed cost for every tensor operation of a step (Python, dispatch, a fresh output tensor), some
 300 of them a token on GPT-2 small. torch.compile traces the step once into a graph and inductor writes it as a few
 C++ loops (LayerNorm, GELU, the residual adds and the attention fused between the matmuls) called from one wrapper,
-so that cost is paid a few dozen times instead; the matmuls stay the layers' own kernels (MKL, oneDNN, the int8 one).
+so that cost is paid a few dozen times instead. The matmuls stay library kernels: the bf16 and int8 layers' own, and
+MKL's GEMM on the (N, K) weight for every float32 layer (oneDNN's and the row-blocked products of `quantize` do not
+trace).
 
 Two choices keep one graph valid for every step:
 
