@@ -7,6 +7,9 @@ For each thread count, one run measures, for every variant:
 - decode tokens/s at batch 1 and batch 8: greedy `generate` of N tokens minus `generate` of 1 token (which is the
   prefill plus one sampling), so the figure is the per-token cost of cached decoding alone;
 - prefill tokens/s of a 512-token prompt (`generate` of 1 token);
+- for the compiled variants (`gpt2lab.compiled_step`, the decode step through torch.compile), the start-up: the
+  seconds of the warm-up calls, which compile a batch-1 and a batch-8 graph (less when inductor's on-disk cache
+  already holds them, as on a second run); `--no-compiled` leaves them out;
 - peak memory: the bytes of weights, and the peak resident memory of a fresh process that loads the variant and
   runs the batch-8 decode and the 512-token prefill (the kernel's VmHWM, reset after loading so the float32 copy a
   conversion starts from does not count), next to the same process's RSS before loading anything (Python + torch).
@@ -21,6 +24,7 @@ each, plus the cache).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -123,12 +127,49 @@ class Variant:
         self.name, self.generate, self.weights, self.per_token = name, generate, weights, per_token
         self.best: dict[str, float] = {}
         self.peak = self.baseline = 0
+        self.startup = 0.0
+
+
+@contextlib.contextmanager
+def decoding_with(step: object):
+    """Run `generate` with `step` in place of the flat decode step: the Decoder it builds gets `step` as its
+    `fast_step` (a benchmark-only patch until generate.py takes a step of its choice)."""
+    import gpt2lab.generate as gen
+
+    plain = gen.Decoder
+
+    class Patched(plain):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fast_step = step
+
+    gen.Decoder = Patched
+    try:
+        yield
+    finally:
+        gen.Decoder = plain
+
+
+def compiled_generate(model: torch.nn.Module) -> Callable[[torch.Tensor, int], object] | None:
+    """`generate` through the compiled decode step, or None where `compiled_step` gives none (no compiler, or a layer
+    kind it cannot trace, such as FBGEMM's packed fp16)."""
+    from gpt2lab.compiled_step import compiled_step
+    from gpt2lab.generate import generate
+
+    step = compiled_step(model)
+    if step is None:
+        return None
+
+    def gen(idx: torch.Tensor, n: int):
+        with decoding_with(step):
+            return generate(model, idx, n, temperature=0)
+    return gen
 
     def time(self, key: str, fn: Callable[[], object]) -> None:
         self.best[key] = min(self.best.get(key, float("inf")), _timed(fn))
 
 
-def build_variants(threads: int) -> list[Variant]:
+def build_variants(threads: int, compiled: bool = True) -> list[Variant]:
     from transformers import GPT2LMHeadModel
 
     from gpt2lab import GPT, GPTConfig
@@ -146,6 +187,11 @@ def build_variants(threads: int) -> list[Variant]:
         model = prepare_for_inference(copy.deepcopy(base), dtype)
         gen = (lambda m: lambda idx, n: generate(m, idx, n, temperature=0))(model)
         variants.append(Variant(f"ours {dtype}", gen, weight_bytes(model), bytes_per_token(model, context)))
+        fast = compiled_generate(model) if compiled else None
+        if fast is not None:
+            variants.append(Variant(f"ours {dtype} compiled", fast, weight_bytes(model), bytes_per_token(model, context)))
+        elif compiled:
+            print(f"ours {dtype} compiled: no compiled step here (no C++ compiler, or a layer kind it cannot trace)")
     del base
 
     def hf_generate(idx: torch.Tensor, n: int):
@@ -157,16 +203,18 @@ def build_variants(threads: int) -> list[Variant]:
     return variants
 
 
-def run(threads: int, tokens: int, rounds: int, bandwidth: float) -> None:
+def run(threads: int, tokens: int, rounds: int, bandwidth: float, compiled: bool = True) -> None:
     torch.set_num_threads(threads)
-    variants = build_variants(threads)
+    variants = build_variants(threads, compiled)
     g = torch.Generator().manual_seed(1)
     prompt1 = torch.randint(0, 50257, (1, PROMPT), generator=g)
     prompt8 = torch.randint(0, 50257, (8, PROMPT), generator=g)
     long = torch.randint(0, 50257, (1, PREFILL), generator=g)
-    for v in variants:  # warm-up (first calls allocate and pick kernels)
+    for v in variants:  # warm-up (first calls allocate and pick kernels, or compile)
+        t0 = time.perf_counter()
         v.generate(prompt1, 3)
         v.generate(prompt8, 2)
+        v.startup = time.perf_counter() - t0
     for _ in range(rounds):
         for v in variants:
             v.time("b1_1", lambda: v.generate(prompt1, 1))
@@ -177,7 +225,8 @@ def run(threads: int, tokens: int, rounds: int, bandwidth: float) -> None:
         bandwidth = max(bandwidth, read_bandwidth(3))  # the best seen during the run: the machine's, not the noise's
     print(f"read bandwidth (best during the run, all cores): {bandwidth / 1e9:.1f} GB/s")
     for v in variants:
-        v.peak, v.baseline = peak_memory(v.name, threads, tokens)
+        if not v.name.endswith("compiled"):  # a compiled variant holds the same weights (and compiles in a child)
+            v.peak, v.baseline = peak_memory(v.name, threads, tokens)
 
     print(f"\n== {threads} thread(s), {tokens} new tokens, best of {rounds} rounds ==")
     print(f"{'variant':<18} {'b1 tok/s':>9} {'b8 tok/s':>9} {'prefill':>9} {'weights':>9} {'peak RSS':>9} "
@@ -190,8 +239,11 @@ def run(threads: int, tokens: int, rounds: int, bandwidth: float) -> None:
         rates[v.name] = (b1, b8, prefill)
         bound = bandwidth / v.per_token if v.per_token else None
         print(f"{v.name:<18} {b1:>9.1f} {b8:>9.1f} {prefill:>9.0f} {v.weights / 2**20:>7.0f}MB "
-              f"{v.peak / 2**20:>7.0f}MB "
+              + (f"{v.peak / 2**20:>7.0f}MB " if v.peak else f"{'-':>9} ")
               + (f"{v.per_token / 1e6:>9.0f} {bound:>7.1f} {b1 / bound:>7.0%}" if bound else f"{'':>9} {'':>7} {'':>8}"))
+    for v in variants:
+        if v.name.endswith("compiled"):
+            print(f"start-up of {v.name}: {v.startup:.1f} s (warm-up calls, compiling the batch-1 and batch-8 graphs)")
     hf = rates["transformers fp32"]
     print("ratios vs transformers fp32 (batch 1 / batch 8 / prefill):")
     for name, (b1, b8, prefill) in rates.items():
@@ -254,6 +306,8 @@ def main() -> None:
     parser.add_argument("--threads", default="2,1", help="comma-separated thread counts to measure (default 2,1)")
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per decode measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="leave out the variants through torch.compile (their warm-up compiles for minutes)")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one variant's peak memory
     args = parser.parse_args()
     if args.memory_of:
@@ -265,7 +319,7 @@ def main() -> None:
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         bandwidth = read_bandwidth()
-        run(threads, args.tokens, args.rounds, bandwidth)
+        run(threads, args.tokens, args.rounds, bandwidth, args.compiled)
 
 
 if __name__ == "__main__":

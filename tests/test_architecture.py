@@ -29,7 +29,7 @@ LAYERS = {
     "tokenizer": IO,  # the package (or, before it was split, the single module) with its formats and loaders
     # services: what decoding and loading are built from
     "kv_cache": SERVICES, "sampling": SERVICES, "text": SERVICES, "quantize": SERVICES, "fast_step": SERVICES,
-    "quantize_int": SERVICES, "inference": SERVICES,
+    "quantize_int": SERVICES, "compiled_step": SERVICES, "inference": SERVICES,
     "decode_step": SERVICES,  # the old name of fast_step.py, kept for imports
     # jobs: each uses the layers below
     "generate": JOBS, "train": JOBS, "evaluate": JOBS, "visualize": JOBS, "info": JOBS,
