@@ -1,5 +1,8 @@
 """Generation speed: gpt2lab (fp32, bf16, int8) vs transformers' `generate` (fp32) on the same 124M random weights.
 
+"ours fp32 fresh" is the model as loaded, with no `prepare_for_inference` (what `model.generate` gets by default);
+"ours fp32/bf16/int8" are prepared for inference.
+
     python benchmarks/generate.py [--threads 2,1] [--tokens 48] [--rounds 3]
 
 For each thread count, one run measures, for every variant:
@@ -129,6 +132,9 @@ class Variant:
         self.peak = self.baseline = 0
         self.startup = 0.0
 
+    def time(self, key: str, fn: Callable[[], object]) -> None:
+        self.best[key] = min(self.best.get(key, float("inf")), _timed(fn))
+
 
 @contextlib.contextmanager
 def decoding_with(step: object):
@@ -165,9 +171,6 @@ def compiled_generate(model: torch.nn.Module) -> Callable[[torch.Tensor, int], o
             return generate(model, idx, n, temperature=0)
     return gen
 
-    def time(self, key: str, fn: Callable[[], object]) -> None:
-        self.best[key] = min(self.best.get(key, float("inf")), _timed(fn))
-
 
 def build_variants(threads: int, compiled: bool = True) -> list[Variant]:
     from transformers import GPT2LMHeadModel
@@ -182,7 +185,9 @@ def build_variants(threads: int, compiled: bool = True) -> list[Variant]:
         base.save_pretrained(d)
         hf = GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa").eval()
     context = PROMPT + 24
-    variants = []
+    fresh = copy.deepcopy(base)  # as loaded, no prepare_for_inference: what `model.generate` gets by default
+    variants = [Variant("ours fp32 fresh", lambda idx, n: generate(fresh, idx, n, temperature=0), weight_bytes(fresh),
+                        bytes_per_token(fresh, context))]
     for dtype in ("fp32", "bf16", "int8"):
         model = prepare_for_inference(copy.deepcopy(base), dtype)
         gen = (lambda m: lambda idx, n: generate(m, idx, n, temperature=0))(model)
@@ -289,7 +294,9 @@ def measure_memory(name: str, tokens: int) -> None:
         from gpt2lab.generate import generate
         from gpt2lab.inference import prepare_for_inference
 
-        model = prepare_for_inference(GPT(GPTConfig.preset("gpt2")), name.split()[-1])
+        model = GPT(GPTConfig.preset("gpt2")).eval()
+        if not name.endswith("fresh"):  # "ours fp32 fresh" decodes the model as loaded
+            model = prepare_for_inference(model, name.split()[-1])
 
         def gen(idx, n):
             generate(model, idx, n, temperature=0)
