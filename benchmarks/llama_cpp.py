@@ -23,7 +23,8 @@ precision next to its llama.cpp peer, so a noisy machine hits both alike; the ra
 within a round and printed as a range over rounds.
 
 Agreement: random weights repeat one token, so greedy agreement on them proves nothing. The script trains a small
-model with GPT-2's vocabulary for `--train-seconds` on Shakespeare (obtained by `gpt2lab.data`; a generated counting
+model with GPT-2's vocabulary for `--train-seconds` on Shakespeare (its line breaks collapsed into spaces, Muon + AdamW
+as configs/speedrun.toml, so that greedy decoding writes words rather than newlines) (obtained by `gpt2lab.data`; a generated counting
 text when that is unavailable), converts it to f32 GGUF, and reports the fraction of greedy tokens that gpt2lab fp32
 and llama.cpp f32 produce identically (every token after the first difference counts as different).
 
@@ -322,15 +323,19 @@ def practice_text() -> tuple[str, str]:
 
 
 def train_small(ids: torch.Tensor, seconds: float) -> tuple[object, int, float]:
-    """A 4-layer, 128-wide model with GPT-2's vocabulary ("mini" preset), AdamW on random 64-token windows of `ids`
-    for `seconds`. Returns (model, steps, last training loss)."""
+    """A 4-layer, 128-wide model with GPT-2's vocabulary ("mini" preset), trained as configs/speedrun.toml trains
+    (Muon on the block matrices, AdamW on the rest) on random 64-token windows of `ids` for `seconds`. Returns
+    (model, steps, last training loss)."""
     import torch
 
     from gpt2lab import GPT, GPTConfig
+    from gpt2lab.config import TrainConfig
+    from gpt2lab.train.optim import make_muon_adamw
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("mini", vocab_size=50257))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    recipe = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.05, weight_decay=0.0)
+    optimizer = make_muon_adamw(model, recipe, torch.device("cpu"))
     windows = ids.unfold(0, 65, 1)  # (N, 65): each window gives 64 inputs and their 64 next tokens
     g = torch.Generator().manual_seed(0)
     steps, start = 0, time.perf_counter()
@@ -352,6 +357,7 @@ def run_agreement(args: argparse.Namespace, llama_cpp: ModuleType, root: Path, p
     from gpt2lab.generate import load_for_inference
 
     name, text = practice_text()
+    text = " ".join(text.split())  # one line: a briefly trained model otherwise answers every prompt with newlines
     tokenizer = Tokenizer.gpt2()
     ids = torch.tensor(tokenizer.encode(text))
     cut = int(len(ids) * 0.9)  # prompts come from the last 10%, which training never sees
