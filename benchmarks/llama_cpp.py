@@ -23,9 +23,9 @@ precision next to its llama.cpp peer, so a noisy machine hits both alike; the ra
 within a round and printed as a range over rounds.
 
 Agreement: random weights repeat one token, so greedy agreement on them proves nothing. The script trains a small
-model with GPT-2's vocabulary for `--train-seconds` on Shakespeare (its line breaks collapsed into spaces, Muon + AdamW
-as configs/speedrun.toml, so that greedy decoding writes words rather than newlines) (obtained by `gpt2lab.data`; a generated counting
-text when that is unavailable), converts it to f32 GGUF, and reports the fraction of greedy tokens that gpt2lab fp32
+model with GPT-2's vocabulary for `--train-seconds` on Shakespeare (obtained by `gpt2lab.data`; a generated counting
+text when that is unavailable), its line breaks collapsed into spaces and with Muon + AdamW as configs/speedrun.toml
+trains, so that greedy decoding writes words rather than newlines, converts it to f32 GGUF, and reports the fraction of greedy tokens that gpt2lab fp32
 and llama.cpp f32 produce identically (every token after the first difference counts as different).
 
 Without an importable llama_cpp or a converter the script prints how to get them and exits 0.
