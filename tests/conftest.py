@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -172,3 +174,54 @@ def harness_files(tmp_path_factory: pytest.TempPathFactory) -> HarnessFiles:
     return HarnessFiles(root / "model", write_lm_eval_tasks(root, "tiny", mc, roll, gen, HARNESS_STOPS))
 
 
+
+
+def lm_eval_responses(results: dict, task: str) -> list:
+    """lm-eval's responses to one task's requests, in document order."""
+    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def assert_same_lm_eval_scores(ours: dict, theirs: dict, prefix: str, stops: list[str]) -> None:
+    """Two lm-eval runs of the {prefix}_mc / _roll / _gen tasks agree: accuracy, bits per byte, and the greedy
+    generations, which are non-empty and cut at the stop strings."""
+    assert ours["results"][f"{prefix}_mc"]["acc,none"] == theirs["results"][f"{prefix}_mc"]["acc,none"]
+    assert ours["results"][f"{prefix}_roll"]["bits_per_byte,none"] == pytest.approx(
+        theirs["results"][f"{prefix}_roll"]["bits_per_byte,none"], rel=1e-5)
+    generated = lm_eval_responses(ours, f"{prefix}_gen")
+    assert generated == lm_eval_responses(theirs, f"{prefix}_gen")
+    texts = [r[0] for r in generated]
+    assert any(texts), "the trained model should generate text before a stop string"
+    assert not any(s in t for t in texts for s in stops)  # cut at the stop strings
+
+
+# ------------------------------------------------------------------------------------------------------ benchmarks
+def load_benchmark(name: str):
+    """benchmarks/{name}.py as a module (benchmarks/ is not a package, so it is loaded from its file), registered in
+    sys.modules as benchmarks_{name}, where dataclasses look their module up."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------------ decoding
+def modules_and_step(model, step, prompt, tokens, positions=None, mask=None, max_length=None):
+    """Each step's logits through the modules and through `step` (FlatStep's signature), from two caches filled by
+    the same prefill; returns ((module logits, step logits), (module cache, step cache))."""
+    from gpt2lab.kv_cache import KVCache
+
+    B, T = prompt.shape
+    caches = [KVCache.for_model(model, B, max_length or T + len(tokens)) for _ in range(2)]
+    out = ([], [])
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
+                  position_ids=None if positions is None else positions[:, :T])
+        for i, tok in enumerate(tokens):
+            pos = None if positions is None else positions[:, T + i:T + i + 1]  # (B, 1)
+            m = None if mask is None else mask[:, :T + i + 1]  # (B, S)
+            out[0].append(model(tok[:, None], kv_cache=caches[0], position_ids=pos, attention_mask=m)[:, -1])
+            out[1].append(step(tok, caches[1], pos, m))
+    return out, caches

@@ -3,7 +3,6 @@ one-line exit without a CUDA device. (What it measures needs a GPU; tests/test_c
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,14 @@ import torch
 from gpt2lab import GPTConfig
 from gpt2lab.train import GPU_PEAK_BF16, flops_per_token
 
+from conftest import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    """The script as a module (benchmarks/ is not a package, so it is loaded from its file)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu")
 
 
 def test_defaults_are_the_issue_settings_and_fit_in_8_minutes(gpu):

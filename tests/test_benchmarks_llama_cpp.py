@@ -4,7 +4,6 @@ converter is missing (the benchmark itself needs a llama-cpp-python build and is
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,19 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llama_cpp.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_llama_cpp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    return load_benchmark("llama_cpp")
 
 
 def test_docstring_examples(bench):

@@ -3,7 +3,6 @@ batches and sets the rate as nanoGPT's train.py does, and both loops run. (The s
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,14 @@ from gpt2lab.config import GPTConfig
 from gpt2lab.data import TokenData
 from gpt2lab.model import GPT
 
+from conftest import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_loop.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module (benchmarks/ is not a package, so it is loaded from its file)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_train_loop", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_loop")
 
 
 @pytest.mark.parametrize("bias", [False, True])

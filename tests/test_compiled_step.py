@@ -21,7 +21,7 @@ from gpt2lab.kv_cache import KVCache
 from gpt2lab.quantize import BF16Linear, HalfPackedLinear, LowPrecisionEmbedding, convert_int8, fbgemm_half
 from gpt2lab.quantize_int import fbgemm_int8
 
-from conftest import CONFIGS, make_model
+from conftest import CONFIGS, make_model, modules_and_step
 
 needs_compiler = pytest.mark.skipif(not compiler_available(),
                                     reason="torch.compile needs a C++ compiler (g++, c++ or clang++ on PATH)")
@@ -40,23 +40,6 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def compare(model, step, prompt, tokens, positions=None, mask=None, max_length=None):
-    """Each step's logits through the modules and through `step`, from two caches filled by the same prefill."""
-    B, T = prompt.shape
-    caches = [KVCache.for_model(model, B, max_length or T + len(tokens)) for _ in range(2)]
-    out = ([], [])
-    with torch.no_grad():
-        for cache in caches:
-            model(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
-                  position_ids=None if positions is None else positions[:, :T])
-        for i, tok in enumerate(tokens):
-            pos = None if positions is None else positions[:, T + i:T + i + 1]  # (B, 1)
-            m = None if mask is None else mask[:, :T + i + 1]  # (B, S)
-            out[0].append(model(tok[:, None], kv_cache=caches[0], position_ids=pos, attention_mask=m)[:, -1])
-            out[1].append(step(tok, caches[1], pos, m))
-    return out, caches
-
-
 def random_tokens(V: int, B: int, T: int, steps: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, V, (B, T), generator=g), [torch.randint(0, V, (B,), generator=g) for _ in range(steps)]
@@ -69,7 +52,7 @@ def test_fp32_equals_the_modules_with_one_graph_for_every_length():
     assert isinstance(step, CompiledStep)
     prompt, tokens = random_tokens(model.config.vocab_size, 2, 3, 40)
     for max_length, n in ((3 + 40, 40), (48, 20)):  # two caches of different sizes, the first filled to the end
-        (ref, ours), caches = compare(model, step, prompt, tokens[:n], max_length=max_length)
+        (ref, ours), caches = modules_and_step(model, step, prompt, tokens[:n], max_length=max_length)
         for a, b in zip(ref, ours):
             torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)  # fused sums round differently
         torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-3, rtol=1e-3)
@@ -87,7 +70,7 @@ def test_int8_with_left_padding_equals_the_modules():
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[1, :3] = 0  # row 1 is left-padded by 3
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, 13)
-    (ref, ours), _ = compare(model, step, prompt, tokens, positions, mask)
+    (ref, ours), _ = modules_and_step(model, step, prompt, tokens, positions, mask)
     for a, b in zip(ref, ours):
         torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-2)  # bf16 activations into the int8 kernel
     assert not step.failed and graphs() == 1
@@ -98,7 +81,7 @@ def test_prepared_fp32_at_batch_one_equals_the_modules():
     model = prepare_for_inference(make_model(CONFIGS["tiny"]), "fp32")  # ChunkedLinear with two threads or more
     step = compiled_step(model)
     prompt, tokens = random_tokens(model.config.vocab_size, 1, 2, 12, seed=3)
-    (ref, ours), _ = compare(model, step, prompt, tokens)
+    (ref, ours), _ = modules_and_step(model, step, prompt, tokens)
     for a, b in zip(ref, ours):
         torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)  # fused sums round differently
     assert not step.failed and graphs() == 1
@@ -114,7 +97,7 @@ def test_bf16_tensor_layers_equal_the_modules():
     model.wte = LowPrecisionEmbedding(model.lm_head.weight)
     step = compiled_step(model)
     prompt, tokens = random_tokens(model.config.vocab_size, 1, 4, 10, seed=4)
-    (ref, ours), _ = compare(model, step, prompt, tokens)
+    (ref, ours), _ = modules_and_step(model, step, prompt, tokens)
     for a, b in zip(ref, ours):
         torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-2)
     assert not step.failed and graphs() == 1
@@ -158,7 +141,7 @@ def test_a_failed_compile_falls_back_to_the_flat_step(monkeypatch):
     step = compiled_step(model)
     prompt, tokens = random_tokens(model.config.vocab_size, 2, 3, 4, seed=5)
     with pytest.warns(UserWarning, match="no compiler"):
-        (ref, ours), _ = compare(model, step, prompt, tokens)
+        (ref, ours), _ = modules_and_step(model, step, prompt, tokens)
     assert step.failed
     for a, b in zip(ref, ours):
         torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)

@@ -17,26 +17,12 @@ from gpt2lab.inference import prepare_for_inference
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import Block
 
-from conftest import CONFIGS, make_model  # the config families and sharpened weights shared with test_generate
+from conftest import CONFIGS, make_model, modules_and_step  # the config families and sharpened weights shared with test_generate
 
 
 def both_paths(model: GPT, prompt: torch.Tensor, tokens: list[torch.Tensor], positions=None, mask=None):
     """Logits of each step through the modules and through FlatStep, from two caches filled by the same prefill."""
-    B, T = prompt.shape
-    caches = [KVCache.for_model(model, B, T + len(tokens)) for _ in range(2)]
-    step = FlatStep(model)
-    out = ([], [])
-    with torch.no_grad():
-        for cache in caches:
-            model(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
-                  position_ids=None if positions is None else positions[:, :T])
-        for i, tok in enumerate(tokens):
-            S = T + i + 1
-            pos = None if positions is None else positions[:, T + i:T + i + 1]  # (B, 1)
-            m = None if mask is None else mask[:, :S]  # (B, S)
-            out[0].append(model(tok[:, None], kv_cache=caches[0], position_ids=pos, attention_mask=m)[:, -1])
-            out[1].append(step(tok, caches[1], pos, m))
-    return out, caches
+    return modules_and_step(model, FlatStep(model), prompt, tokens, positions, mask)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

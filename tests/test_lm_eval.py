@@ -18,6 +18,7 @@ import torch
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test dependency: pip install -e '.[test]'")
 
 from conftest import HARNESS_STOPS as STOPS, HARNESS_TEXT as TEXT, HarnessFiles  # noqa: E402
+from conftest import assert_same_lm_eval_scores, lm_eval_responses  # noqa: E402
 from gpt2lab.lm_eval import HarnessModel, scoring_windows  # noqa: E402
 
 TASKS = ["tiny_mc", "tiny_roll", "tiny_gen"]
@@ -39,28 +40,17 @@ def hf_results(harness_files: HarnessFiles) -> dict:
     return _evaluate("hf", tasks, model_args=f"pretrained={model_dir}", batch_size=3, device="cpu")
 
 
-def _responses(results: dict, task: str) -> list:
-    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
-
-
 def test_equals_hf_on_every_request_type(harness_files: HarnessFiles, hf_results: dict) -> None:
     model_dir, tasks = harness_files
     ours = _evaluate(HarnessModel(str(model_dir), batch_size=3), tasks)
     for task in ("tiny_mc", "tiny_roll"):
-        for mine, theirs in zip(_responses(ours, task), _responses(hf_results, task), strict=True):
+        for mine, theirs in zip(lm_eval_responses(ours, task), lm_eval_responses(hf_results, task), strict=True):
             for a, b in zip(mine, theirs, strict=True):
                 a, b = (a[0] if isinstance(a[0], (list, tuple)) else a), (b[0] if isinstance(b[0], (list, tuple)) else b)
                 assert a[0] == pytest.approx(b[0], abs=1e-4)
                 if task == "tiny_mc":
                     assert a[1] == b[1]  # is_greedy
-    assert ours["results"]["tiny_mc"]["acc,none"] == hf_results["results"]["tiny_mc"]["acc,none"]
-    assert ours["results"]["tiny_roll"]["bits_per_byte,none"] == pytest.approx(
-        hf_results["results"]["tiny_roll"]["bits_per_byte,none"], rel=1e-5)
-    generated = _responses(ours, "tiny_gen")
-    assert generated == _responses(hf_results, "tiny_gen")
-    texts = [r[0] for r in generated]
-    assert any(texts), "the trained model should generate text before a stop string"
-    assert not any(s in t for t in texts for s in STOPS)  # cut at the stop strings
+    assert_same_lm_eval_scores(ours, hf_results, "tiny", STOPS)
 
 
 def test_is_greedy_true_where_the_model_predicts_the_continuation(harness_files: HarnessFiles) -> None:

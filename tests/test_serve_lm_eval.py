@@ -25,7 +25,8 @@ httpx = pytest.importorskip("httpx")
 
 from gpt2lab.serve import BackgroundServer, ServerConfig, load_app  # noqa: E402
 
-from conftest import train_harness_model, write_lm_eval_tasks  # noqa: E402
+from conftest import (assert_same_lm_eval_scores, lm_eval_responses, train_harness_model,  # noqa: E402
+                      write_lm_eval_tasks)
 
 DOCS = ["Q: What is the color of the sky? A: blue.", "Q: What do cows say? A: moo.",
         "The cat sat on the mat. The dog ran in the park.", "Is it raining? Yes, it is raining."]
@@ -91,14 +92,10 @@ def hf_results(exported: tuple[Path, Path]) -> dict:
     return _evaluate("hf", f"pretrained={model_dir}", tasks, batch_size=4, device="cpu")
 
 
-def _responses(results: dict, task: str) -> list:
-    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
-
-
 def _scores(results: dict, task: str) -> list[tuple[float, bool | None]]:
     """Per request: (log-likelihood, is_greedy), is_greedy None for rolling requests."""
     out = []
-    for responses in _responses(results, task):
+    for responses in lm_eval_responses(results, task):
         for r in responses:
             r = r[0] if isinstance(r[0], (list, tuple)) else r
             out.append((r[0], r[1]) if isinstance(r, (list, tuple)) and len(r) > 1 else (r[0], None))
@@ -123,11 +120,4 @@ def test_local_completions_against_the_server_equals_hf(served_results: dict, hf
         for (lp, greedy), (hf_lp, hf_greedy) in zip(served, hf):
             assert lp == pytest.approx(hf_lp, abs=1e-4)
             assert greedy == hf_greedy
-    assert served_results["results"]["serve_mc"]["acc,none"] == hf_results["results"]["serve_mc"]["acc,none"]
-    assert served_results["results"]["serve_roll"]["bits_per_byte,none"] == pytest.approx(
-        hf_results["results"]["serve_roll"]["bits_per_byte,none"], rel=1e-5)
-    generated = _responses(served_results, "serve_gen")
-    assert generated == _responses(hf_results, "serve_gen")
-    texts = [r[0] for r in generated]
-    assert any(texts), "the trained model should generate text before a stop string"
-    assert not any(s in t for t in texts for s in STOPS)  # cut at the stop strings
+    assert_same_lm_eval_scores(served_results, hf_results, "serve", STOPS)

@@ -85,3 +85,13 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` torch threads; None: the cores other programs leave idle (`gpt2lab.cpu.decode_threads`),
+    since threads that must share a busy core slow decoding down several times."""
+    import torch
+
+    from gpt2lab.cpu import decode_threads
+
+    torch.set_num_threads(threads if threads is not None else decode_threads())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.cli.args import (MAX_NEW_TOKENS, MAX_SEED, MODEL_HELP, POSITIVE, TEXT_FIELD_HELP, THREADS, THREADS_HELP,
-                              TOKENIZER_HELP, integer, limit, nonempty, number)
+                              TOKENIZER_HELP, integer, limit, nonempty, number, set_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -28,16 +28,6 @@ def _check_vocabularies(model: str, network: Any, tok: Any) -> None:
     if tok.vocab_size > network.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model {model!r} only "
                          f"{network.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
-
-
-def _set_threads(threads: int | None) -> None:
-    """Use `threads` torch threads; None: the CPUs that other programs leave idle (`gpt2lab.cpu.decode_threads`),
-    since threads that must share a busy core slow decoding down several times."""
-    import torch
-
-    from gpt2lab.cpu import decode_threads
-
-    torch.set_num_threads(threads if threads is not None else decode_threads())
 
 
 # ---------------------------------------------------------------------------------------------------------- generate
@@ -92,7 +82,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})  # checks before loading
-    _set_threads(args.threads)
+    set_threads(args.threads)
     prompt = _read_prompt(args)
     model, tokenizer = _load_model(args.model, args.dtype, args.tokenizer)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
@@ -160,7 +150,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     from gpt2lab.evaluate import evaluate_text
 
     _refuse_flags(args, "--data", ["limit", "num_fewshot", "include_path", "output_path", "overwrite"])
-    _set_threads(args.threads)
+    set_threads(args.threads)
     text = read_text_source(args.data, text_field=args.text_field or "text")
     model, tokenizer = _load_model(args.model, args.dtype, args.tokenizer)
     result = evaluate_text(model, tokenizer, text, stride=args.stride, context=args.context,
@@ -195,7 +185,7 @@ def _run_eval_tasks(args: argparse.Namespace) -> None:
 
     from gpt2lab.lm_eval import HarnessModel
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     harness = HarnessModel(args.model, dtype=args.dtype, batch_size=args.batch_size, tokenizer=args.tokenizer)
     _check_vocabularies(args.model, harness.model, harness.tokenizer)
     task_manager = TaskManager(include_path=args.include_path)

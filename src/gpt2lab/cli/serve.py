@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2lab.cli.args import THREADS, THREADS_HELP
+from gpt2lab.cli.args import THREADS, THREADS_HELP, set_threads
 
 
 # --------------------------------------------------------------------------------------------------------------- serve
@@ -74,11 +74,7 @@ def _run_serve(args: argparse.Namespace) -> None:
               "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive, "allowed_hosts": tuple(hosts),
               "allowed_origins": tuple(args.allowed_origin or ())}
     config = ServerConfig(**{k: v for k, v in limits.items() if v is not None})
-    import torch
-
-    from gpt2lab.cpu import decode_threads
-
-    torch.set_num_threads(args.threads if args.threads is not None else decode_threads())
+    set_threads(args.threads)
     if args.host not in LOOPBACK_HOSTS and config.api_key is None:
         print(f"gpt2lab serve: warning: listening on {args.host} without --api-key; anyone who can reach this "
               "address can use the model", file=sys.stderr)
