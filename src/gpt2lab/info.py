@@ -114,6 +114,6 @@ def cpu_report() -> list[str]:
     threads = torch.get_num_threads()
     lines = ["", f"CPU: {features.name}; decode threads for the CLI now: {decode_threads()} (others' load counted)"]
     for dtype in ("fp32", "bf16", "int8"):
-        plan = quantize.choose_kernels(dtype, features, threads, quantize.onednn_linear(), quantize.fbgemm_half())
+        plan = quantize.plan_for_this_cpu(dtype)
         lines.append(f"  {dtype} layers on {threads} thread(s): blocks {plan.block.__name__}, head {plan.head.__name__}")
     return lines

@@ -375,6 +375,12 @@ def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool
     raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
 
 
+def plan_for_this_cpu(dtype: str) -> KernelPlan:
+    """`choose_kernels` for this CPU, the current thread count and what this torch build offers."""
+    fbgemm = fbgemm_int8() if dtype == "int8" else fbgemm_half()
+    return choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm)
+
+
 def convert_weights(model: "GPT", dtype: str) -> "GPT":
     """Replace the linear layers of `model` and its tied head/embedding by inference versions, in place: weight-only
     "bf16" or "int8", or the "fp32" decode layout, as `choose_kernels` picks for this CPU. The model stays a GPT:
@@ -382,8 +388,7 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     if dtype not in ("fp32", "bf16", "int8"):
         raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
     if model.wte.weight.device.type == "cpu":
-        fbgemm = fbgemm_int8() if dtype == "int8" else fbgemm_half()
-        plan = choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm)
+        plan = plan_for_this_cpu(dtype)
     else:  # other devices: the portable layers
         plan = KernelPlan(TransposedLinear, TransposedLinear) if dtype == "fp32" else \
             choose_kernels(dtype, CPUFeatures(), 1, False, False)
