@@ -134,12 +134,12 @@ def main() -> None:
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
-    from gpt2lab.quantize_int import cpu_flags
+    from gpt2lab.cpu import cpu_flags
 
     torch.set_num_threads(args.threads)
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
     print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: "
-          f"{' '.join(f for f in wanted if f in cpu_flags()) or 'none of ' + ', '.join(wanted)}")
+          f"{' '.join(f for f in wanted if f in (cpu_flags() or ())) or 'none of ' + ', '.join(wanted)}")
     rows = [int(r) for r in args.rows.split(",")]
     if not args.skip_layers:
         run_layers(rows)

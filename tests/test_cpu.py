@@ -27,6 +27,24 @@ def test_features_from_flags(flags, name, native_bf16):
     assert features.native_bf16 is native_bf16
 
 
+@pytest.mark.parametrize("flags, vnni, avx512_vnni", [
+    (ZEN3, False, False),
+    (ZEN4, True, True),
+    (SAPPHIRE_RAPIDS, True, True),
+    ("avx2 fma avx_vnni", True, False),  # AVX-VNNI without AVX-512 (an Alder Lake)
+])
+def test_vnni_of_either_width_and_the_512_bit_one(flags, vnni, avx512_vnni):
+    features = CPUFeatures.from_flags(flags.split())
+    assert (features.vnni, features.avx512_vnni) == (vnni, avx512_vnni)
+
+
+def test_flags_are_parsed_from_cpuinfo_text():
+    text = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu AVX2 fma avx512_vnni\n\nprocessor\t: 1\n"
+    assert cpu.parse_cpu_flags(text) == {"fpu", "avx2", "fma", "avx512_vnni"}
+    assert cpu.parse_cpu_flags("Features\t: fp asimd asimddp\n") == {"fp", "asimd", "asimddp"}  # ARM's name for them
+    assert cpu.parse_cpu_flags("") == frozenset()
+
+
 def test_cpu_flags_reads_the_first_flags_line(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nflags\t\t: {ZEN4}\n\nprocessor\t: 1\nflags\t\t: fpu\n")

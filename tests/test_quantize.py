@@ -15,7 +15,7 @@ from gpt2lab import quantize
 from gpt2lab.cpu import CPUFeatures, cpu_features
 from gpt2lab.inference import prepare_for_inference
 from gpt2lab import quantize_int
-from gpt2lab.quantize_int import FbgemmInt8Linear, activation_bits, choose_int8_kernel, parse_cpu_flags
+from gpt2lab.quantize_int import FbgemmInt8Linear, activation_bits, choose_int8_kernel
 from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLinear, Int8Linear, OneDNNLinear,
                               TransposedLinear, quantize_per_channel)
 
@@ -176,9 +176,9 @@ def test_inference_kernels_are_chosen_by_what_the_cpu_offers(monkeypatch):
 MACHINES = {
     "AVX2 (Zen 3)": CPUFeatures(avx2=True, fma=True, f16c=True),
     "AVX-512-BF16 + VNNI (Zen 4)": CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True, avx512_bf16=True,
-                                               vnni=True),
+                                               vnni=True, avx512_vnni=True),
     "AMX (Sapphire Rapids)": CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True, avx512_bf16=True, vnni=True,
-                                         amx=True),
+                                         avx512_vnni=True, amx=True),
 }
 EXPECTED = {  # (machine, dtype) -> (block layer, head layer) with 2 threads, oneDNN and FBGEMM present
     ("AVX2 (Zen 3)", "fp32"): (ChunkedLinear, OneDNNLinear),
@@ -257,31 +257,28 @@ ARM = frozenset({"fp", "asimd", "asimddp", "sve"})
 needs_fbgemm = pytest.mark.skipif(not quantize_int.fbgemm_int8(), reason="this torch has no working FBGEMM int8")
 
 
-def test_cpu_flags_are_read_from_cpuinfo_text():
-    text = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu AVX2 fma avx512_vnni\n\nprocessor\t: 1\n"
-    assert parse_cpu_flags(text) == {"fpu", "avx2", "fma", "avx512_vnni"}
-    assert parse_cpu_flags("Features\t: fp asimd asimddp\n") == {"fp", "asimd", "asimddp"}  # ARM's name for them
-    assert parse_cpu_flags("") == frozenset()
-    assert isinstance(quantize_int.cpu_flags(), frozenset)
-
-
 @pytest.mark.parametrize("flags,fbgemm,kernel,bits", [
     (AVX2, True, "fbgemm", 7),  # 16-bit pair sums in vpmaddubsw: 7-bit activations cannot saturate them
     (AVX512_VNNI, True, "fbgemm", 8),  # vpdpbusd sums into 32 bits
     (AMX, True, "fbgemm", 8),
+    (AVX2 | {"avx_vnni"}, True, "fbgemm", 7),  # AVX-VNNI alone (an Alder Lake): FBGEMM's kernels do not use it
+    (AVX2 | {"avx512f", "avx_vnni"}, True, "fbgemm", 7),  # AVX-512 without its VNNI: still 16-bit pair sums
     (AVX2, False, "int8pack", 7),  # a torch without FBGEMM
     (ARM, False, "int8pack", 7),
     (ARM, True, "int8pack", 7),  # FBGEMM without AVX2 runs scalar code
     (frozenset({"sse4_2", "avx"}), True, "int8pack", 7),
 ])
-def test_int8_kernel_is_a_function_of_the_cpu_flags(flags, fbgemm, kernel, bits):
-    assert choose_int8_kernel(flags, fbgemm) == kernel
-    assert activation_bits(flags) == bits
+def test_int8_kernel_is_a_function_of_the_cpu_features(flags, fbgemm, kernel, bits):
+    features = CPUFeatures.from_flags(flags)  # as gpt2lab.cpu reads them from /proc/cpuinfo
+    assert choose_int8_kernel(features, fbgemm) == kernel
+    assert activation_bits(features) == bits
+    int8 = quantize.choose_kernels("int8", features, threads=2, onednn=True, fbgemm=fbgemm)
+    assert int8.block is int8.head is (FbgemmInt8Linear if kernel == "fbgemm" else Int8Linear)
 
 
 @needs_fbgemm
 @pytest.mark.parametrize("bits", [7, pytest.param(8, marks=pytest.mark.skipif(
-    activation_bits(quantize_int.cpu_flags()) != 8, reason="8-bit activations saturate AVX2's 16-bit pair sums"))])
+    activation_bits(cpu_features()) != 8, reason="8-bit activations saturate AVX2's 16-bit pair sums"))])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fbgemm_int8_linear_is_close_to_its_dequantized_weight(bits, bias):
     torch.manual_seed(0)
@@ -318,14 +315,14 @@ def test_fbgemm_int8_rows_do_not_depend_on_the_rest_of_the_batch():
 
 @pytest.mark.parametrize("fbgemm", [True, False])
 def test_int8_kernel_is_chosen_by_what_the_cpu_offers(monkeypatch, fbgemm):
-    """The CPU's flags pick the layers; every kernel that runs here gives logits close to the float32 model, and the
-    embedding reads the head's int8 rows either way."""
+    """The CPU's features pick the layers; every kernel that runs here gives logits close to the float32 model, and
+    the embedding reads the head's int8 rows either way."""
     if fbgemm and not quantize_int.fbgemm_int8():
         pytest.skip("this torch has no working FBGEMM int8")
     cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
     torch.manual_seed(0)
     ref = GPT(cfg).eval()
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: AVX2)
+    monkeypatch.setattr(quantize, "cpu_features", lambda: CPUFeatures.from_flags(AVX2))
     monkeypatch.setattr(quantize, "fbgemm_int8", lambda: fbgemm)
     model = prepare_for_inference(copy.deepcopy(ref), "int8")
     kind = FbgemmInt8Linear if fbgemm else Int8Linear
@@ -339,6 +336,17 @@ def test_int8_kernel_is_chosen_by_what_the_cpu_offers(monkeypatch, fbgemm):
         a, b = ref(idx), model(idx)
     assert float((a - b).abs().max() / a.abs().max()) < 0.03
     assert torch.equal(generate(model, idx, 4, temperature=0), generate(model, idx, 4, temperature=0))
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("flags, reduce_range", [(AVX2, True), (AVX512_VNNI, False)])
+def test_fbgemm_activation_bits_follow_the_cpu_features(monkeypatch, flags, reduce_range):
+    """convert_int8's default bits come from what gpt2lab.cpu reports: 7 on AVX2, 8 with AVX-512-VNNI."""
+    monkeypatch.setattr(quantize, "cpu_features", lambda: CPUFeatures.from_flags(flags))
+    model = quantize.convert_int8(make_model(CONFIGS["tiny"]), "fbgemm")
+    layers = [model.lm_head] + [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    assert all(layer.reduce_range is reduce_range for layer in layers)
+    assert quantize.convert_int8(make_model(CONFIGS["tiny"]), "fbgemm", bits=7).lm_head.reduce_range  # an explicit choice
 
 
 def test_convert_int8_rejects_an_unknown_kernel():

@@ -31,6 +31,7 @@ _FLAGS = {
     "avx512": ("avx512f",),
     "avx512_bf16": ("avx512_bf16",),
     "vnni": ("avx512_vnni", "avx_vnni"),
+    "avx512_vnni": ("avx512_vnni",),
     "amx": ("amx_tile",),
 }
 
@@ -45,6 +46,7 @@ class CPUFeatures:
     avx512: bool = False
     avx512_bf16: bool = False  # native bf16 dot products (VDPBF16PS)
     vnni: bool = False  # int8 dot products (AVX-512 VNNI or AVX-VNNI)
+    avx512_vnni: bool = False  # the 512-bit ones, which FBGEMM's integer kernels use (they have no AVX-VNNI path)
     amx: bool = False  # tile matrix units (bf16 and int8)
 
     @property

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2lab.cpu import CPUFeatures, cpu_features
-from gpt2lab.quantize_int import (FbgemmInt8Linear, activation_bits, choose_int8_kernel, cpu_flags, fbgemm_int8,
+from gpt2lab.quantize_int import (FbgemmInt8Linear, activation_bits, choose_int8_kernel, fbgemm_int8,
                                   quantize_per_channel)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -369,7 +369,7 @@ def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool
             return KernelPlan(HalfPackedLinear, HalfPackedLinear)
         return KernelPlan(BF16Linear, BF16Linear)
     if dtype == "int8":
-        if choose_int8_kernel(frozenset({"avx2"} if features.avx2 else ()), fbgemm) == "fbgemm":
+        if choose_int8_kernel(features, fbgemm) == "fbgemm":
             return KernelPlan(FbgemmInt8Linear, FbgemmInt8Linear)
         return KernelPlan(Int8Linear, Int8Linear)
     raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
@@ -418,7 +418,7 @@ def convert_int8(model: "GPT", kernel: str, bits: Optional[int] = None) -> "GPT"
     table the embedding reads."""
     q, s = quantize_per_channel(model.wte.weight)  # (V, C), (V,)
     if kernel == "fbgemm":
-        bits = activation_bits(cpu_flags()) if bits is None else bits
+        bits = activation_bits(cpu_features()) if bits is None else bits
         _replace_linears(model, lambda linear: FbgemmInt8Linear.from_linear(linear, bits))
         model.lm_head = FbgemmInt8Linear(q, s, bits=bits)
         model.wte = LowPrecisionEmbedding(q, s)  # the same int8 rows, a copy beside the packed head

@@ -13,8 +13,9 @@ bf16 one. Two kernels compute x · Wᵀ with W held in int8:
   activations in bf16: exact in the activations, but slower than FBGEMM on CPUs with AVX2, and the portable choice
   for CPUs without FBGEMM (ARM, or a torch built without it).
 
-`choose_int8_kernel` is a pure function of the CPU's flags and of whether FBGEMM works in this torch, so each branch is
-tested by injecting the flags of another machine. docs/benchmarks.md has the measurements behind the choice.
+`choose_int8_kernel` and `activation_bits` are pure functions of the CPU's features (`gpt2lab.cpu.CPUFeatures`, read
+by gpt2lab.cpu) and of whether FBGEMM works in this torch, so each branch is tested with the features of another
+machine. docs/benchmarks.md has the measurements behind the choice.
 """
 
 from __future__ import annotations
@@ -27,12 +28,9 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from gpt2lab.cpu import cpu_flags as read_cpu_flags
-from gpt2lab.cpu import parse_cpu_flags  # noqa: F401  (re-exported: the int8 tests parse made-up cpuinfo text)
+from gpt2lab.cpu import CPUFeatures
 
 INT8_KERNELS = ("fbgemm", "int8pack")
-# /proc/cpuinfo flag names the choice reads; the vector width the kernels need and the dot-product instructions
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,26 +46,17 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.contiguous(), scale
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """This CPU's flags (gpt2lab.cpu reads /proc/cpuinfo), else the ones torch's own CPU check implies."""
-    flags = read_cpu_flags()
-    if flags:
-        return flags
-    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "DEFAULT", ...
-    return frozenset({"AVX2": {"avx2"}, "AVX512": {"avx2", "avx512f"}}.get(capability, set()))
+def choose_int8_kernel(features: CPUFeatures, fbgemm: bool) -> str:
+    """The int8 kernel for a CPU with these features: FBGEMM's where it works and the CPU has AVX2 (its integer
+    kernels need 256-bit vectors; below that it runs scalar code), else torch's int8pack."""
+    return "fbgemm" if fbgemm and features.avx2 else "int8pack"
 
 
-def choose_int8_kernel(flags: frozenset[str], fbgemm: bool) -> str:
-    """The int8 kernel for a CPU with these flags: FBGEMM's where it works and the CPU has AVX2 (its integer kernels
-    need 256-bit vectors; below that it runs scalar code), else torch's int8pack."""
-    return "fbgemm" if fbgemm and "avx2" in flags else "int8pack"
-
-
-def activation_bits(flags: frozenset[str]) -> int:
-    """Bits of FBGEMM's activation quantization: 8 where VNNI sums byte products into 32 bits, else 7, so that
-    AVX2's 16-bit pair sums (255 · 127 · 2 > 32767) cannot saturate."""
-    return 8 if "avx512_vnni" in flags else 7
+def activation_bits(features: CPUFeatures) -> int:
+    """Bits of FBGEMM's activation quantization: 8 where AVX-512-VNNI sums byte products into 32 bits, else 7, so
+    that AVX2's 16-bit pair sums (255 · 127 · 2 > 32767) cannot saturate. AVX-VNNI alone does not count: FBGEMM's
+    kernels do not use it."""
+    return 8 if features.avx512_vnni else 7
 
 
 @contextlib.contextmanager
