@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from _procs import run_concurrently
 
 RECIPES = {
     "baseline": dict(
@@ -123,15 +124,7 @@ def main() -> None:
             prepare_data(args.data, RECIPES[name]["tokenizer"], Path(root))
         t0 = time.time()
         if args.concurrent:
-            ctx = multiprocessing.get_context("spawn")
-            queue = ctx.Queue()
-            procs = [ctx.Process(target=run_recipe, args=(n, RECIPES[n], args.data, args.minutes, 1, root, queue))
-                     for n in names]
-            for p in procs:
-                p.start()
-            rows = [queue.get() for _ in procs]
-            for p in procs:
-                p.join()
+            rows = run_concurrently(run_recipe, [(n, RECIPES[n], args.data, args.minutes, 1, root) for n in names])
         else:
             rows = [run_recipe(n, RECIPES[n], args.data, args.minutes, args.threads, root) for n in names]
     threads = 1 if args.concurrent else args.threads

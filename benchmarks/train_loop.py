@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import multiprocessing
 import os
 import statistics
 import tempfile
@@ -42,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from _procs import run_concurrently
 
 RECIPE = dict(batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128, lr=1e-3, min_lr=1e-4, warmup=100,
               beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=20,
@@ -274,14 +275,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = names if round_ % 2 == 0 else names[::-1]
             if args.concurrent:
-                ctx = multiprocessing.get_context("spawn")
-                queue = ctx.Queue()
-                procs = [ctx.Process(target=run_one, args=(n, args, paths, root, round_, 1, queue)) for n in order]
-                for p in procs:
-                    p.start()
-                rows = [queue.get() for _ in procs]
-                for p in procs:
-                    p.join()
+                rows = run_concurrently(run_one, [(n, args, paths, root, round_, 1) for n in order])
             else:
                 rows = [run_one(n, args, paths, root, round_, args.threads) for n in order]
             for row in rows:

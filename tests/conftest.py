@@ -197,12 +197,17 @@ def assert_same_lm_eval_scores(ours: dict, theirs: dict, prefix: str, stops: lis
 # ------------------------------------------------------------------------------------------------------ benchmarks
 def load_benchmark(name: str):
     """benchmarks/{name}.py as a module (benchmarks/ is not a package, so it is loaded from its file), registered in
-    sys.modules as benchmarks_{name}, where dataclasses look their module up."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    sys.modules as benchmarks_{name}, where dataclasses look their module up. While it loads, benchmarks/ is first on
+    sys.path, as it is for `python benchmarks/{name}.py`, so its shared helpers (`import _procs`) are found."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(folder) / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     return module
 
 

@@ -346,7 +346,7 @@ def test_fbgemm_activation_bits_follow_the_cpu_features(monkeypatch, flags, redu
     model = quantize.convert_int8(make_model(CONFIGS["tiny"]), "fbgemm")
     layers = [model.lm_head] + [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
     assert all(layer.reduce_range is reduce_range for layer in layers)
-    assert quantize.convert_int8(make_model(CONFIGS["tiny"]), "fbgemm", bits=7).lm_head.reduce_range  # an explicit choice
+    assert quantize.convert_int8(make_model(CONFIGS["tiny"]), "fbgemm", bits=7).lm_head.reduce_range  # given bits win
 
 
 def test_convert_int8_rejects_an_unknown_kernel():
