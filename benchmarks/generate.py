@@ -27,7 +27,6 @@ each, plus the cache).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import platform
@@ -136,29 +135,10 @@ class Variant:
         self.best[key] = min(self.best.get(key, float("inf")), _timed(fn))
 
 
-@contextlib.contextmanager
-def decoding_with(step: object):
-    """Run `generate` with `step` in place of the flat decode step: the Decoder it builds gets `step` as its
-    `fast_step` (a benchmark-only patch until generate.py takes a step of its choice)."""
-    import gpt2lab.generate as gen
-
-    plain = gen.Decoder
-
-    class Patched(plain):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.fast_step = step
-
-    gen.Decoder = Patched
-    try:
-        yield
-    finally:
-        gen.Decoder = plain
-
-
 def compiled_generate(model: torch.nn.Module) -> Callable[[torch.Tensor, int], object] | None:
     """`generate` through the compiled decode step, or None where `compiled_step` gives none (no compiler, or a layer
-    kind it cannot trace, such as FBGEMM's packed fp16)."""
+    kind it cannot trace, such as FBGEMM's packed fp16). The step is built once and handed to every call through
+    `make_step`, so its graphs compile once."""
     from gpt2lab.compiled_step import compiled_step
     from gpt2lab.generate import generate
 
@@ -167,8 +147,7 @@ def compiled_generate(model: torch.nn.Module) -> Callable[[torch.Tensor, int], o
         return None
 
     def gen(idx: torch.Tensor, n: int):
-        with decoding_with(step):
-            return generate(model, idx, n, temperature=0)
+        return generate(model, idx, n, temperature=0, make_step=lambda _: step)
     return gen
 
 

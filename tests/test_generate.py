@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.generate import Decoder, TokenEvent, decode_steps, generate, prompt_logprobs, stream_text
+from gpt2lab import generate as generation
+from gpt2lab.fast_step import FlatStep
+from gpt2lab.generate import Decoder, TokenEvent, decode_steps, default_step, generate, prompt_logprobs, stream_text
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.sampling import (SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, choose_tokens,
                               draw_uniforms, process_logits, sample_inverse_cdf)
@@ -160,6 +162,87 @@ def test_decoder_keep_controls_the_slide():
     assert decoder.length == 35 and decoder.start == 35 - 8 - 2  # slid at 33 tokens, then 2 cached steps
     with pytest.raises(ValueError, match="keep"):
         Decoder(model, idx, keep=0)
+
+
+# --------------------------------------------------------------------------------------------------- decode steps
+def test_the_default_step_is_the_flat_step_where_it_applies():
+    model = make_model(CONFIGS["tiny"])
+    prompt = torch.tensor([[3, 1, 4]])
+    assert isinstance(default_step(model), FlatStep)
+    assert isinstance(Decoder(model, prompt, max_new_tokens=2).fast_step, FlatStep)
+    model.train()
+    assert default_step(model) is None  # dropout: the modules run
+    model.eval()
+
+
+def test_a_custom_step_is_called_for_every_token_after_the_prefill():
+    """`make_step` gets the model once per decode; its step replaces the flat one and computes the same tokens."""
+    model = make_model(CONFIGS["tiny"], seed=12)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]  # left padding: the step gets positions and a mask
+    made, calls = [], []
+
+    def make_step(m):
+        made.append(m)
+        flat = FlatStep(m)
+
+        def step(tokens, cache, positions=None, attention_mask=None):
+            calls.append((tokens.shape, positions is not None, attention_mask is not None))
+            return flat(tokens, cache, positions, attention_mask)
+        return step
+
+    plain = list(decode_steps(model, prompts, 6, SamplingParams(temperature=0)))
+    custom = list(decode_steps(model, prompts, 6, SamplingParams(temperature=0), make_step=make_step))
+    assert [[e.token for e in ev] for ev in custom] == [[e.token for e in ev] for ev in plain]
+    assert made == [model] and calls == [((2,), True, True)] * 5  # 6 tokens: the prefill's, then 5 steps
+    idx = torch.tensor([prompts[0]])
+    assert torch.equal(generate(model, idx, 4, temperature=0, make_step=make_step),
+                       generate(model, idx, 4, temperature=0))
+    assert len(made) == 2 and len(calls) == 5 + 3
+
+
+def test_the_step_decides_the_logits_and_none_runs_the_modules():
+    model = make_model(CONFIGS["tiny"], seed=13)
+    idx = torch.tensor([[5, 6, 7]])
+
+    def always_seven(m):
+        def step(tokens, cache, positions=None, attention_mask=None):
+            cache.advance(1)
+            logits = torch.zeros(tokens.size(0), m.config.vocab_size)  # (B, V)
+            logits[:, 7] = 1.0
+            return logits
+        return step
+
+    out = generate(model, idx, 5, temperature=0, make_step=always_seven)
+    assert out[0, 4:].tolist() == [7] * 4  # the first new token comes from the prefill, the rest from the step
+    assert out[0, 3] == generate(model, idx, 1, temperature=0)[0, 3]
+    calls = []
+    handle = model.h[0].register_forward_hook(lambda *args: calls.append(1))  # counts the modules' forwards
+    try:
+        modules = generate(model, idx, 5, temperature=0, make_step=lambda m: None)
+    finally:
+        handle.remove()
+    assert len(calls) == 5 and torch.equal(modules, generate(model, idx, 5, temperature=0))
+
+
+def test_decoding_asks_default_step_at_call_time(monkeypatch):
+    """The one place that picks the default step: replacing `default_step` changes what every decode uses."""
+    model = make_model(CONFIGS["tiny"])
+    asked = []
+    monkeypatch.setattr(generation, "default_step", lambda m: asked.append(m))  # -> None: the modules
+    generate(model, torch.tensor([[1, 2]]), 3, temperature=0)
+    list(decode_steps(model, [[1, 2]], 3, SamplingParams(temperature=0)))
+    assert asked == [model, model]
+
+
+def test_a_bad_make_step_is_refused_by_name():
+    model = make_model(CONFIGS["tiny"])
+    idx = torch.tensor([[1, 2]])
+    with pytest.raises(TypeError, match="make_step must be a function model -> decode step .*, got str"):
+        generate(model, idx, 3, make_step="flat")
+    with pytest.raises(TypeError, match="make_step must be a function"):
+        decode_steps(model, [[1, 2]], 3, SamplingParams(), make_step=42)
+    with pytest.raises(TypeError, match="make_step returned int, not a decode step"):
+        generate(model, idx, 3, make_step=lambda m: 1)
 
 
 # ------------------------------------------------------------------------------------------------------- sampling

@@ -3,7 +3,8 @@
 The pieces, from the bottom up (the cache, sampling and text assembly live in kv_cache.py, sampling.py and text.py):
 
 - `Decoder`: the state of one batched decode (token buffer, padding mask, positions, KV cache, the sliding window);
-  its steps run through `gpt2lab.fast_step.FlatStep`, the same step written flat, wherever that is exact.
+  its steps run through the decode step that `make_step` picks for the model: by default (`default_step`)
+  `gpt2lab.fast_step.FlatStep`, the same step written flat, wherever that is exact, else the model's own forward.
 - `decode_steps`: THE decode loop. One event per row per step: the token, log-probabilities, stop reasons, per-row
   settings. The CLI, the server and `generate` all consume it.
 - `generate`: tensor in, tensor out, as `transformers`' `generate` (`gpt2lab.GPT.generate` calls it).
@@ -49,6 +50,45 @@ from gpt2lab.text import held_back  # noqa: F401
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------- decode steps
+# One token per active row through the model with its cache, as FlatStep computes it: tokens (B,), the cache,
+# positions (B, 1) of a padded batch or None, attention mask (B, S) over the cached positions and the new one or
+# None -> next-token logits (B, V); the step advances the cache by one position, as the model's forward does.
+DecodeStep = Callable[[torch.Tensor, KVCache, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+# What picks the decode step for a model: a step, or None for the model's own forward.
+StepFactory = Callable[[GPT], Optional[DecodeStep]]
+
+
+def default_step(model: GPT) -> Optional[DecodeStep]:
+    """The decode step a `Decoder` uses unless given a `make_step`: `FlatStep` where it computes exactly what the
+    model's forward does (eval mode, stock blocks, no hooks), else None, so the modules run.
+
+    Another step (the compiled one of gpt2lab.compiled_step, a native one) is chosen per call with `make_step`; a
+    step that keeps state across calls (a compiled graph) is built once and handed back for every decode:
+
+    >>> step = compiled_step(model)  # doctest: +SKIP
+    >>> generate(model, idx, 20, temperature=0, make_step=lambda m: step or default_step(m))  # doctest: +SKIP
+    """
+    return FlatStep(model) if FlatStep.applies(model) else None
+
+
+def _check_make_step(make_step: object) -> StepFactory:
+    """The step factory to use: `make_step`, or `default_step` for None; anything else is refused by name."""
+    if make_step is None:
+        return default_step
+    if not callable(make_step):
+        raise TypeError(f"make_step must be a function model -> decode step (or None), got {type(make_step).__name__}")
+    return make_step
+
+
+def _pick_step(model: GPT, make_step: StepFactory | None = None) -> Optional[DecodeStep]:
+    """`make_step(model)` (default `default_step`), checked: a callable step, or None for the model's forward."""
+    step = _check_make_step(make_step)(model)
+    if step is not None and not callable(step):
+        raise TypeError(f"make_step returned {type(step).__name__}, not a decode step (a callable) or None")
+    return step
+
+
 # ------------------------------------------------------------------------------------------------------- decoding
 class Decoder:
     """The state of one batched, left-padded decode: feed it tokens, get next-token logits.
@@ -59,10 +99,12 @@ class Decoder:
 
     It owns a token buffer (B, T + max_new_tokens) and its padding mask, the next position id of each row, and the
     KV cache; only the model's own outputs are allocated per step. See the module docstring for the sliding window.
+    `make_step(model)` gives the one-token step (`DecodeStep`), or None for the model's forward; None (the default)
+    means `default_step`. The prefill and the window's re-encoding always run the model's forward.
     """
 
     def __init__(self, model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 0, keep: int | None = None) -> None:
+                 max_new_tokens: int = 0, keep: int | None = None, make_step: StepFactory | None = None) -> None:
         n_ctx = model.config.n_ctx
         B, T = idx.shape
         if T > n_ctx:
@@ -85,7 +127,7 @@ class Decoder:
         self.cache = KVCache.for_model(model, B, max_length=min(n_ctx, capacity))
         self.padded = False
         self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) position of the next token
-        self.fast_step = FlatStep(model) if FlatStep.applies(model) else None  # the flat step, where exact
+        self.fast_step = _pick_step(model, make_step)  # None: the model's own forward
 
     @property
     def batch_size(self) -> int:
@@ -251,7 +293,8 @@ def _choose_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
 def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingParams | list[SamplingParams], eos_token_id: int | None = None,
                  generators: list[torch.Generator | None] | None = None, top_logprobs: int = 0,
-                 should_stop: Callable[[int], bool] | None = None) -> Iterator[list[Optional[TokenEvent]]]:
+                 should_stop: Callable[[int], bool] | None = None, make_step: StepFactory | None = None
+                 ) -> Iterator[list[Optional[TokenEvent]]]:
     """Decode all prompts together (one left-padded batch, one KV cache), yielding one list per step.
 
     Each list has one entry per prompt: a `TokenEvent`, or None for a row that has already finished. A row's last
@@ -259,6 +302,7 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
     `max_new_tokens`, `sampling` and `generators` may be given per row. `should_stop(row)` is asked before every
     step; True ends that row without another event (e.g. its client went away). Finished rows leave the batch, so
     they cost nothing afterwards. Log-probabilities are log-softmax of the raw logits, before any sampling filter.
+    `make_step` picks the one-token decode step for the model (see `default_step`, which it defaults to).
 
     Nothing is decoded until the first `next()`; `generate` runs the same loop.
     """
@@ -273,13 +317,16 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; start it with at least one token (GPT-2 uses <|endoftext|>)")
         _check_ids(f"prompt {i}", p, V)
+    _check_make_step(make_step)
     idx, mask = _left_pad(prompts, model.ln_f.weight.device)
-    return _run_decode(model, idx, mask, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop)
+    return _run_decode(model, idx, mask, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop,
+                       make_step)
 
 
 def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits: list[int],
                 params: list[SamplingParams], gens: list, eos_token_id: int | None, top_logprobs: int,
-                should_stop: Callable[[int], bool] | None) -> Iterator[list[Optional[TokenEvent]]]:
+                should_stop: Callable[[int], bool] | None, make_step: StepFactory | None = None
+                ) -> Iterator[list[Optional[TokenEvent]]]:
     """The decode loop behind `decode_steps` and `generate`: idx (B, T) left-padded token ids, mask (B, T) 1 for real
     tokens (None: no padding), and per-row limits, settings and generators, already checked."""
     n = idx.size(0)
@@ -292,7 +339,7 @@ def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits
     was_training = model.training
     model.eval()
     try:
-        decoder = Decoder(model, idx, mask, max(limits))
+        decoder = Decoder(model, idx, mask, max(limits), make_step=make_step)
         seen = _seen_from_prompts(idx, mask, V) if needs_seen else None
         # rows with a zero limit never start
         active = [r for r in range(n) if limits[r] > 0]
@@ -348,20 +395,22 @@ def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, make_step: StepFactory | None = None) -> torch.Tensor:
     """Extend each row of `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + max_new_tokens), prompt first.
 
     `temperature=0` is greedy decoding; otherwise tokens are sampled (see `SamplingParams`), reproducibly when a
     seeded `generator` is given. A batch of prompts of different lengths is left-padded with an `attention_mask`
     (B, T) of 1 for real tokens and 0 for padding. A row that produces `eos_token_id` stops there; its remaining
     columns are filled with `eos_token_id`. The prompt is encoded once; each new token costs one cached step.
-    The tokens come from the decode loop that `decode_steps` runs for the CLI and the server.
+    The tokens come from the decode loop that `decode_steps` runs for the CLI and the server. `make_step` picks the
+    one-token decode step (see `default_step`, which it defaults to).
 
     >>> out = generate(model, torch.tensor([[50256]]), 5, temperature=0)  # doctest: +SKIP
     """
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     checks.integer("max_new_tokens", max_new_tokens, low=0)
     eos_token_id = _check_token("eos_token_id", eos_token_id, model.config.vocab_size)
+    _check_make_step(make_step)
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must be a (B, T) tensor of token ids with T >= 1, got {getattr(idx, 'shape', idx)!r}")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(idx.shape):
@@ -372,7 +421,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
         attention_mask = attention_mask.to(idx.device).long()
     new: list[list[int]] = [[] for _ in range(B)]  # each row's tokens, up to and including its end-of-text
     steps = _run_decode(model, idx, attention_mask, [max_new_tokens] * B, [params] * B, [generator] * B,
-                        eos_token_id, 0, None)
+                        eos_token_id, 0, None, make_step)
     try:
         for events in steps:
             for row, event in enumerate(events):
