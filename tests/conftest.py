@@ -27,6 +27,17 @@ def _torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _native_kernel(tmp_path_factory):
+    """The native decode kernel is built once per session, into a temporary cache rather than the user's."""
+    from gpt2lab import native
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPT2LAB_CACHE", str(tmp_path_factory.mktemp("native-cache")))
+        native.library()
+    yield
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     return GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16)

@@ -25,11 +25,11 @@ LAYERS = {
     "tokenizer.pretokenize": CORE, "tokenizer.byte_map": CORE, "tokenizer.merges": CORE, "tokenizer.pool": CORE,
     "tokenizer.base": CORE,
     # I/O: files, downloads, model directories, data shards, tokenizer file formats
-    "files": IO, "download": IO, "model_files": IO, "checkpoint": IO, "data": IO,
+    "files": IO, "download": IO, "model_files": IO, "checkpoint": IO, "data": IO, "native": IO,
     "tokenizer": IO,  # the package (or, before it was split, the single module) with its formats and loaders
     # services: what decoding and loading are built from
     "kv_cache": SERVICES, "sampling": SERVICES, "text": SERVICES, "quantize": SERVICES, "fast_step": SERVICES,
-    "quantize_int": SERVICES, "compiled_step": SERVICES, "inference": SERVICES,
+    "quantize_int": SERVICES, "compiled_step": SERVICES, "inference": SERVICES, "native_step": SERVICES,
     "decode_step": SERVICES,  # the old name of fast_step.py, kept for imports
     # jobs: each uses the layers below
     "generate": JOBS, "train": JOBS, "evaluate": JOBS, "visualize": JOBS, "info": JOBS,

@@ -165,11 +165,18 @@ def test_decoder_keep_controls_the_slide():
 
 
 # --------------------------------------------------------------------------------------------------- decode steps
-def test_the_default_step_is_the_flat_step_where_it_applies():
+def test_the_default_step_is_the_native_or_flat_step_where_it_applies(monkeypatch):
+    from gpt2lab import native
+    from gpt2lab.native_step import NativeStep
+
     model = make_model(CONFIGS["tiny"])
     prompt = torch.tensor([[3, 1, 4]])
-    assert isinstance(default_step(model), FlatStep)
-    assert isinstance(Decoder(model, prompt, max_new_tokens=2).fast_step, FlatStep)
+    expected = NativeStep if native.library() is not None else FlatStep
+    assert type(default_step(model)) is expected
+    assert type(Decoder(model, prompt, max_new_tokens=2).fast_step) is expected
+    monkeypatch.setattr(native, "library", lambda: None)  # no kernel here: the flat step
+    assert type(default_step(model)) is FlatStep
+    monkeypatch.undo()
     model.train()
     assert default_step(model) is None  # dropout: the modules run
     model.eval()

@@ -3,8 +3,9 @@
 The pieces, from the bottom up (the cache, sampling and text assembly live in kv_cache.py, sampling.py and text.py):
 
 - `Decoder`: the state of one batched decode (token buffer, padding mask, positions, KV cache, the sliding window);
-  its steps run through the decode step that `make_step` picks for the model: by default (`default_step`)
-  `gpt2lab.fast_step.FlatStep`, the same step written flat, wherever that is exact, else the model's own forward.
+  its steps run through the decode step that `make_step` picks for the model: by default (`default_step`) the
+  native kernel (`gpt2lab.native_step.NativeStep`, one C call per token) or the same step written flat in PyTorch
+  (`gpt2lab.fast_step.FlatStep`), wherever that is exact, else the model's own forward.
 - `decode_steps`: THE decode loop. One event per row per step: the token, log-probabilities, stop reasons, per-row
   settings. The CLI, the server and `generate` all consume it.
 - `generate`: tensor in, tensor out, as `transformers`' `generate` (`gpt2lab.GPT.generate` calls it).
@@ -32,9 +33,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from gpt2lab import checks
-from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
+from gpt2lab.native_step import decode_step_for
 from gpt2lab.sampling import SamplingParams, choose_tokens
 from gpt2lab.text import text_pieces
 
@@ -60,16 +61,17 @@ StepFactory = Callable[[GPT], Optional[DecodeStep]]
 
 
 def default_step(model: GPT) -> Optional[DecodeStep]:
-    """The decode step a `Decoder` uses unless given a `make_step`: `FlatStep` where it computes exactly what the
-    model's forward does (eval mode, stock blocks, no hooks), else None, so the modules run.
+    """The decode step a `Decoder` uses unless given a `make_step`, where it computes exactly what the model's forward
+    does (eval mode, stock blocks, no hooks): the native kernel's `NativeStep` where that is built and reads every
+    layer, else `FlatStep`; else None, so the modules run (`gpt2lab.native_step.decode_step_for`).
 
-    Another step (the compiled one of gpt2lab.compiled_step, a native one) is chosen per call with `make_step`; a
+    Another step (the compiled one of gpt2lab.compiled_step) is chosen per call with `make_step`; a
     step that keeps state across calls (a compiled graph) is built once and handed back for every decode:
 
     >>> step = compiled_step(model)  # doctest: +SKIP
     >>> generate(model, idx, 20, temperature=0, make_step=lambda m: step or default_step(m))  # doctest: +SKIP
     """
-    return FlatStep(model) if FlatStep.applies(model) else None
+    return decode_step_for(model)
 
 
 def _check_make_step(make_step: object) -> StepFactory:

@@ -1,0 +1,360 @@
+// The whole one-token decode step of GPT-2 in one call: embeddings in, logits out.
+//
+// Why C++: at batch 1 a step streams every weight once (about 500 MB for GPT-2 small in float32), and the time to do
+// that is the floor. Through PyTorch the step is ~300 small operations, each paying Python and dispatch overhead,
+// and the matrix-vector products go through GEMM kernels built for bigger matrices. Here the step is one function:
+// one OpenMP parallel region, the rows of each weight matrix split between the threads, every small operation
+// (bias, residual add, activation, writing keys and values into the cache) fused into the product that makes its
+// input, and the threads meeting only where one operation needs all of the previous one's output.
+//
+// The arithmetic is GPT.forward's at T = 1 (tests compare the two): pre-LayerNorm blocks, fused QKV, causal
+// attention over the KV cache, a tanh-GELU (or exact GELU, or ReLU) MLP, the final LayerNorm, the tied head.
+// Built at first use by gpt2lab/native.py for the CPU at hand (-mavx2 -mfma -mf16c); loaded after torch, so it
+// shares torch's OpenMP runtime and thread count.
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+
+extern "C" {
+
+// A linear layer y = x W^T + b with W (N, K) row-major, as nn.Linear stores it. `kind` says what the weight holds.
+enum WeightKind : int32_t { F32 = 0, BF16 = 1, INT8 = 2 };
+
+struct Linear {
+    const void* weight;   // (N, K): float, bf16 bits, or int8
+    const float* scale;   // (N,) per output channel, int8 only; else null
+    const float* bias;    // (N,) or null
+    int64_t n, k;
+    int32_t kind;
+};
+
+struct Layer {
+    const float *ln1_w, *ln1_b;  // (C,), bias may be null
+    Linear attn, attn_proj;      // C -> 3C, C -> C
+    const float *ln2_w, *ln2_b;
+    Linear fc, mlp_proj;         // C -> F, F -> C
+};
+
+enum Activation : int32_t { GELU_TANH = 0, GELU = 1, RELU = 2 };
+
+struct Model {
+    int64_t n_layer, n_embd, n_head, ffn;
+    float eps;
+    int32_t activation;
+    const Layer* layers;         // (n_layer,)
+    const float *lnf_w, *lnf_b;
+    Linear head;                 // C -> V
+};
+
+// One call's state: the residual stream x, the KV cache, and scratch memory, all owned by the caller (torch tensors).
+struct Step {
+    float* x;                    // (B, C) token + position embeddings in, final residual stream out
+    float* logits;               // (B, V)
+    float *k_cache, *v_cache;    // (L, B_max, H, S_max, D)
+    int64_t batch, batch_max, s_max, pos;  // B active rows; this token's keys and values go to column pos
+    const uint8_t* mask;         // (B, pos + 1) 1 = attend, 0 = padding; null: every column
+    float* qkv;                  // (B, 3C)
+    float* att;                  // (B, C)
+    float* hidden;               // (B, F)
+    float* norm;                 // (threads, B, C): each thread's own LayerNorm output
+    float* scores;               // (threads, S_max)
+    int8_t* xq;                  // (threads, B, max(C, F)) int8 activations
+    float* xq_scale;             // (threads, B)
+    int32_t threads;
+};
+
+// ------------------------------------------------------------------------------------------------ small helpers
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n through the exponent bits.
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts keeps r exact
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float exp1(float x) {  // the same function for one value, so masked tails agree with the vector body
+    float in[8] = {x}, out[8];
+    _mm256_storeu_ps(out, exp256(_mm256_loadu_ps(in)));
+    return out[0];
+}
+
+// tanh-GELU 0.5 x (1 + tanh(y)) written as x sigmoid(2y) = x / (1 + e^(-2y)), y = sqrt(2/pi) (x + 0.044715 x^3).
+static inline __m256 gelu_tanh256(__m256 x) {
+    __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+    __m256 e = exp256(_mm256_mul_ps(_mm256_set1_ps(-2.0f), y));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+static inline float activate(float v, int32_t activation) {
+    if (activation == RELU) return v > 0.0f ? v : 0.0f;
+    if (activation == GELU) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    float in[8] = {v}, out[8];
+    _mm256_storeu_ps(out, gelu_tanh256(_mm256_loadu_ps(in)));
+    return out[0];
+}
+
+static void activate_row(float* y, int64_t n, int32_t activation) {
+    int64_t i = 0;
+    if (activation == GELU_TANH)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu_tanh256(_mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] = activate(y[i], activation);
+}
+
+// The rows [lo, hi) of `n` items this thread takes: equal shares in multiples of `grain`.
+static inline void share(int64_t n, int64_t grain, int tid, int nth, int64_t* lo, int64_t* hi) {
+    int64_t groups = (n + grain - 1) / grain;
+    int64_t a = groups * tid / nth, b = groups * (tid + 1) / nth;
+    *lo = a * grain;
+    *hi = b * grain < n ? b * grain : n;
+}
+
+// LayerNorm of B rows of width C into out; every thread computes its own copy (C is small; no barrier needed).
+static void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t B, int64_t C, float* out) {
+    for (int64_t r = 0; r < B; r++) {
+        const float* xr = x + r * C;
+        float* o = out + r * C;
+        float mean = 0.0f, var = 0.0f;
+        for (int64_t i = 0; i < C; i++) mean += xr[i];
+        mean /= C;
+        for (int64_t i = 0; i < C; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        float inv = 1.0f / sqrtf(var / C + eps);
+        for (int64_t i = 0; i < C; i++) o[i] = (xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+    }
+}
+
+// ------------------------------------------------------------------------------------- matrix-vector products
+// One dot product of a weight row with an input row. A thread walks its weight rows one after the other: a single
+// sequential stream is what the hardware prefetcher follows best (interleaving four rows streamed at a third of the
+// speed on an AVX2 EPYC; docs/benchmarks.md). Four accumulators keep four FMAs in flight per row.
+
+static inline __m256 load_bf16(const uint16_t* p) {  // 8 bf16 -> 8 float: bf16 is the top half of a float
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+static float dot_f32(const float* w, const float* x, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
+static float dot_bf16(const uint16_t* w, const float* x, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(load_bf16(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(load_bf16(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(load_bf16(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(load_bf16(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load_bf16(w + k), _mm256_loadu_ps(x + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) s += bf16_to_float(w[k]) * x[k];
+    return s;
+}
+
+// int8 x int8 -> int32 for 32 values: AVX2 multiplies unsigned by signed bytes, so the sign of x moves onto w.
+// With both in [-127, 127] a pair of products (at most 2 * 127 * 127) fits the 16-bit sum without saturating.
+static inline __m256i dot32_i8(__m256i x, __m256i w) {
+    __m256i prod16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));  // |x| * (w sign(x))
+    return _mm256_madd_epi16(prod16, _mm256_set1_epi16(1));  // pairs of 16-bit sums -> 8 x int32
+}
+
+static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm256_add_epi32(a0, dot32_i8(_mm256_loadu_si256((const __m256i*)(x + k)),
+                                           _mm256_loadu_si256((const __m256i*)(w + k))));
+        a1 = _mm256_add_epi32(a1, dot32_i8(_mm256_loadu_si256((const __m256i*)(x + k + 32)),
+                                           _mm256_loadu_si256((const __m256i*)(w + k + 32))));
+    }
+    int32_t s = hsum_i32(_mm256_add_epi32(a0, a1));
+    for (; k < K; k++) s += (int32_t)w[k] * x[k];
+    return s;
+}
+
+// Symmetric int8 of each of B rows of width K: x ~ q * scale, q in [-127, 127] (so |q| * |w| pairs fit in 16 bits).
+static void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale) {
+    for (int64_t r = 0; r < B; r++) {
+        const float* xr = x + r * K;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
+        float s = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int64_t k = 0; k < K; k++) q[r * K + k] = (int8_t)lrintf(xr[k] * inv);
+        scale[r] = s;
+    }
+}
+
+// What each output row of a product becomes.
+enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
+
+// out (B, N) = x (B, K) W^T + b, for this thread's share of the N rows; int8 layers read this thread's quantized
+// copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For B > 1 each
+// weight row stays in L1 while every input row passes, so the weights still come from memory once.
+static void linear_rows(const Linear& L, const float* x, const int8_t* xq, const float* xq_scale, int64_t B,
+                        float* out, int64_t ld_out, Epilogue how, int32_t activation, int tid, int nth) {
+    int64_t lo, hi;
+    share(L.n, 16, tid, nth, &lo, &hi);
+    const int64_t K = L.k;
+    for (int64_t n = lo; n < hi; n++) {
+        for (int64_t r = 0; r < B; r++) {
+            float v;
+            if (L.kind == F32) v = dot_f32((const float*)L.weight + n * K, x + r * K, K);
+            else if (L.kind == BF16) v = dot_bf16((const uint16_t*)L.weight + n * K, x + r * K, K);
+            else v = (float)dot_i8((const int8_t*)L.weight + n * K, xq + r * K, K) * (L.scale[n] * xq_scale[r]);
+            if (L.bias) v += L.bias[n];
+            float* o = out + r * ld_out + n;
+            if (how == ADD_TO) *o += v;
+            else *o = v;
+        }
+    }
+    if (how == ACTIVATE)  // the whole share at once: 8 values per vector
+        for (int64_t r = 0; r < B; r++) activate_row(out + r * ld_out + lo, hi - lo, activation);
+}
+
+// ------------------------------------------------------------------------------------------------- attention
+// One head of one row: write this token's key and value into cache column pos, then softmax(q K^T / sqrt(D)) V over
+// columns [0, pos] that the mask keeps.
+static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b, int64_t h, float* scores) {
+    const int64_t C = M.n_embd, H = M.n_head, D = C / H, T = S.pos + 1;
+    const float* q = S.qkv + b * 3 * C + h * D;
+    const float* k_new = q + C;
+    const float* v_new = q + 2 * C;
+    const int64_t head_off = (((layer * S.batch_max) + b) * H + h) * S.s_max * D;
+    float* K = S.k_cache + head_off;  // (S_max, D)
+    float* V = S.v_cache + head_off;
+    for (int64_t i = 0; i < D; i++) { K[S.pos * D + i] = k_new[i]; V[S.pos * D + i] = v_new[i]; }
+    const uint8_t* keep = S.mask ? S.mask + b * T : nullptr;
+    const float scale = 1.0f / sqrtf((float)D);
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < T; t++) {
+        if (keep && !keep[t]) continue;
+        const float* kt = K + t * D;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kt + i), acc);
+        float s = hsum(acc);
+        for (; i < D; i++) s += q[i] * kt[i];
+        scores[t] = s * scale;
+        mx = fmaxf(mx, scores[t]);
+    }
+    float* out = S.att + b * C + h * D;
+    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+    if (mx == -INFINITY) return;  // every column masked: SDPA would give NaN; the caller never asks for this row
+    float total = 0.0f;
+    for (int64_t t = 0; t < T; t++) {
+        if (keep && !keep[t]) { scores[t] = 0.0f; continue; }
+        scores[t] = exp1(scores[t] - mx);
+        total += scores[t];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t t = 0; t < T; t++) {
+        if (scores[t] == 0.0f) continue;
+        const float p = scores[t] * inv;
+        const float* vt = V + t * D;
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(vt + i), _mm256_loadu_ps(out + i)));
+        for (; i < D; i++) out[i] += p * vt[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------- the step
+static bool any_int8(const Model& M) {
+    for (int64_t l = 0; l < M.n_layer; l++) {
+        const Layer& L = M.layers[l];
+        if (L.attn.kind == INT8 || L.attn_proj.kind == INT8 || L.fc.kind == INT8 || L.mlp_proj.kind == INT8)
+            return true;
+    }
+    return M.head.kind == INT8;
+}
+
+// x (B, C) holds the embeddings; on return logits (B, V) hold the next-token logits and the cache holds this
+// token's keys and values at column pos. The caller advances the cache.
+void gpt2lab_decode_step(const Model* model, const Step* step) {
+    const Model& M = *model;
+    const Step& S = *step;
+    const int64_t B = S.batch, C = M.n_embd, F = M.ffn, H = M.n_head;
+    const int64_t widest = C > F ? C : F;
+    const bool quantize = any_int8(M);
+#pragma omp parallel num_threads(S.threads)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        float* norm = S.norm + tid * B * C;               // (B, C) this thread's LayerNorm output
+        float* scores = S.scores + tid * S.s_max;         // (S_max,)
+        int8_t* xq = S.xq + tid * B * widest;             // (B, max(C, F))
+        float* xs = S.xq_scale + tid * B;                 // (B,)
+        for (int64_t l = 0; l < M.n_layer; l++) {
+            const Layer& L = M.layers[l];
+            layer_norm(S.x, L.ln1_w, L.ln1_b, M.eps, B, C, norm);
+            if (quantize) quantize_rows(norm, B, C, xq, xs);
+            linear_rows(L.attn, norm, xq, xs, B, S.qkv, 3 * C, STORE, M.activation, tid, nth);
+#pragma omp barrier
+            int64_t lo, hi;
+            share(B * H, 1, tid, nth, &lo, &hi);
+            for (int64_t bh = lo; bh < hi; bh++) attend_head(M, S, l, bh / H, bh % H, scores);
+#pragma omp barrier
+            if (quantize) quantize_rows(S.att, B, C, xq, xs);
+            linear_rows(L.attn_proj, S.att, xq, xs, B, S.x, C, ADD_TO, M.activation, tid, nth);
+#pragma omp barrier
+            layer_norm(S.x, L.ln2_w, L.ln2_b, M.eps, B, C, norm);
+            if (quantize) quantize_rows(norm, B, C, xq, xs);
+            linear_rows(L.fc, norm, xq, xs, B, S.hidden, F, ACTIVATE, M.activation, tid, nth);
+#pragma omp barrier
+            if (quantize) quantize_rows(S.hidden, B, F, xq, xs);
+            linear_rows(L.mlp_proj, S.hidden, xq, xs, B, S.x, C, ADD_TO, M.activation, tid, nth);
+#pragma omp barrier
+        }
+        layer_norm(S.x, M.lnf_w, M.lnf_b, M.eps, B, C, norm);
+        if (quantize) quantize_rows(norm, B, C, xq, xs);
+        linear_rows(M.head, norm, xq, xs, B, S.logits, M.head.n, STORE, M.activation, tid, nth);
+    }
+}
+
+// The OpenMP runtime's thread count as this library sees it (a test checks it is torch's).
+int gpt2lab_omp_max_threads(void) { return omp_get_max_threads(); }
+
+}  // extern "C"

@@ -1,0 +1,183 @@
+"""The one-token decode step through the native kernel (csrc/decode_step.cpp): one C call per token.
+
+FlatStep (fast_step.py) runs a step as ~100 PyTorch operations; at batch 1 their fixed cost and the general GEMM
+kernels behind them leave the step well short of the time it takes to stream the weights from memory. NativeStep hands
+the whole step to one C function instead: the embeddings go in, the logits come out, and in between every layer's
+LayerNorm, matrix-vector products, attention over the KV cache and MLP run in one OpenMP parallel region (the design
+is in the source's header comment).
+
+It reads the model's own tensors, no copies: float32 `nn.Linear` weights as they are, `BF16Linear`'s bf16 weights
+(widened to float32 in registers), and `Int8Linear`'s int8 weights with their per-channel scales (multiplied by int8
+activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per block of 32). The KV cache is the
+usual `KVCache`, so prefill (through the modules) and steps (here) share it.
+
+    tokens (B,) ─ wte + wpe (PyTorch) ─► x (B, C) ─ gpt2lab_decode_step (C++) ─► logits (B, V)
+                                                      └─ writes K, V of this token into cache column `pos`
+
+`NativeStep.applies(model)` says where it computes what the modules do: FlatStep's conditions, a float32 model of
+the stock layer kinds above on the CPU, and the kernel library built (gpt2lab.native). Tests compare it with the
+modules for every layer kind, activation, padding, and batch size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gpt2lab import native
+from gpt2lab.fast_step import FlatStep
+from gpt2lab.kv_cache import KVCache
+from gpt2lab.model import GPT
+from gpt2lab.quantize import BF16Linear, Int8Linear
+
+_F32, _BF16, _INT8 = 0, 1, 2
+_ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
+_p = ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("weight", _p), ("scale", _p), ("bias", _p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("kind", ctypes.c_int32)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1_w", _p), ("ln1_b", _p), ("attn", _Linear), ("attn_proj", _Linear),
+                ("ln2_w", _p), ("ln2_b", _p), ("fc", _Linear), ("mlp_proj", _Linear)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layer", ctypes.c_int64), ("n_embd", ctypes.c_int64), ("n_head", ctypes.c_int64),
+                ("ffn", ctypes.c_int64), ("eps", ctypes.c_float), ("activation", ctypes.c_int32),
+                ("layers", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Linear)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("x", _p), ("logits", _p), ("k_cache", _p), ("v_cache", _p), ("batch", ctypes.c_int64),
+                ("batch_max", ctypes.c_int64), ("s_max", ctypes.c_int64), ("pos", ctypes.c_int64), ("mask", _p),
+                ("qkv", _p), ("att", _p), ("hidden", _p), ("norm", _p), ("scores", _p), ("xq", _p),
+                ("xq_scale", _p), ("threads", ctypes.c_int32)]
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _plain_f32(t: Optional[torch.Tensor]) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+
+
+def linear_kind(layer: nn.Module) -> Optional[int]:
+    """The kernel's weight kind for a linear layer it can read in place, or None."""
+    if type(layer) is nn.Linear and _plain_f32(layer.weight) and _plain_f32(layer.bias):
+        return _F32
+    if type(layer) is BF16Linear and layer.weight.is_contiguous() and _plain_f32(layer.bias):
+        return _BF16
+    if type(layer) is Int8Linear and layer.weight.is_contiguous() and layer.in_features % 32 == 0 \
+            and _plain_f32(layer.bias):
+        return _INT8
+    return None
+
+
+def _linears(model: GPT) -> list[nn.Module]:
+    return [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)] + [model.lm_head]
+
+
+class NativeStep:
+    """`step(tokens, cache, positions, attention_mask)` == FlatStep's, computed by the native kernel.
+
+    Shapes as FlatStep: tokens (B,), positions (B, 1) or None, attention_mask (B, S) or None; returns (B, V)
+    float32 logits and advances the cache by one position.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        lib = native.library()
+        if lib is None:
+            raise RuntimeError(f"the native decode kernel is unavailable: {native.unavailable_reason()}")
+        self._run = lib.gpt2lab_decode_step
+        cfg = model.config
+        self.model = model
+        self.vocab_size = model.lm_head.out_features
+        self.n_embd, self.ffn = cfg.n_embd, model.h[0].mlp.c_fc.out_features
+        self._keep: list[torch.Tensor] = []  # tensors whose memory the kernel reads (kept alive with the step)
+        layers = (_Layer * cfg.n_layer)()
+        for i, b in enumerate(model.h):
+            layers[i] = _Layer(_ptr(b.ln_1.weight), _ptr(b.ln_1.bias), self._linear(b.attn.c_attn),
+                               self._linear(b.attn.c_proj), _ptr(b.ln_2.weight), _ptr(b.ln_2.bias),
+                               self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj))
+        self._layers = layers
+        self._model = _Model(cfg.n_layer, cfg.n_embd, cfg.n_head, self.ffn, cfg.layer_norm_eps,
+                             _ACTIVATIONS[cfg.activation], ctypes.addressof(layers), _ptr(model.ln_f.weight),
+                             _ptr(model.ln_f.bias), self._linear(model.lm_head))
+        self.positions = model.wpe.weight  # (n_ctx, C)
+        self._scratch: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+
+    def _linear(self, layer: nn.Module) -> _Linear:
+        kind = linear_kind(layer)
+        if kind is None:
+            raise TypeError(f"the native decode step cannot read a {type(layer).__name__} layer")
+        scale = None
+        if kind == _INT8:
+            scale = layer.scale.float().contiguous()  # (N,) the kernel multiplies in float32
+            self._keep.append(scale)
+        weight = layer.weight
+        return _Linear(weight.data_ptr(), _ptr(scale), _ptr(layer.bias), weight.size(0), weight.size(1), kind)
+
+    @staticmethod
+    def applies(model: GPT) -> bool:
+        """Whether the native step computes what the modules do for `model`, and the kernel is available here."""
+        if not FlatStep.applies(model) or model.config.activation not in _ACTIVATIONS:
+            return False
+        norms = [t for b in model.h for t in (b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias)]
+        norms += [model.ln_f.weight, model.ln_f.bias, model.wpe.weight]
+        if not all(_plain_f32(t) for t in norms) or any(linear_kind(m) is None for m in _linears(model)):
+            return False
+        return native.library() is not None
+
+    def _buffers(self, B: int, s_max: int, threads: int) -> tuple[torch.Tensor, ...]:
+        """Scratch memory for B rows, allocated once per shape: qkv, att, hidden, norm, scores, xq, xq_scale."""
+        key = (B, s_max, threads)
+        if key not in self._scratch:
+            C, F = self.n_embd, self.ffn
+            f32 = dict(dtype=torch.float32)
+            self._scratch[key] = (torch.empty(B, 3 * C, **f32), torch.empty(B, C, **f32), torch.empty(B, F, **f32),
+                                  torch.empty(threads, B, C, **f32), torch.empty(threads, s_max, **f32),
+                                  torch.empty(threads, B, max(C, F), dtype=torch.int8),
+                                  torch.empty(threads, B, **f32))
+        return self._scratch[key]
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, positions: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B = tokens.size(0)
+        pos = cache.length  # the column this token's key and value go to
+        if pos + 1 > cache.max_length:
+            raise ValueError(f"KV cache overflow: {pos} cached + 1 new position exceed max_length={cache.max_length}")
+        if B != cache.batch_size:
+            raise ValueError(f"KV cache holds {cache.batch_size} active rows, got {B} tokens")
+        if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
+            raise TypeError("the native decode step needs a contiguous float32 KV cache on the CPU")
+        pos_emb = self.positions[pos] if positions is None else self.positions[positions.view(-1)]  # (C,) or (B, C)
+        x = (self.model.wte(tokens) + pos_emb).float().contiguous()  # (B, C), becomes the final residual stream
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, :pos + 1].to(torch.uint8).contiguous()  # (B, pos + 1)
+        logits = torch.empty(B, self.vocab_size)  # (B, V)
+        threads = torch.get_num_threads()
+        qkv, att, hidden, norm, scores, xq, xq_scale = self._buffers(B, cache.max_length, threads)
+        step = _Step(x.data_ptr(), logits.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), B, cache.k.size(1),
+                     cache.max_length, pos, _ptr(mask), qkv.data_ptr(), att.data_ptr(), hidden.data_ptr(),
+                     norm.data_ptr(), scores.data_ptr(), xq.data_ptr(), xq_scale.data_ptr(), threads)
+        self._run(ctypes.byref(self._model), ctypes.byref(step))
+        cache.advance(1)
+        return logits
+
+
+def decode_step_for(model: GPT) -> Optional[NativeStep | FlatStep]:
+    """The fastest exact one-token step for `model`: the native kernel where it applies, else the flat PyTorch step
+    where that applies, else None (the modules run)."""
+    if NativeStep.applies(model):
+        return NativeStep(model)
+    return FlatStep(model) if FlatStep.applies(model) else None

@@ -1,0 +1,102 @@
+"""Building and loading the native kernel: flags from the CPU's features, a cache keyed by what was built, clear
+reasons where it cannot be had, and torch's own OpenMP runtime."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from gpt2lab import native
+from gpt2lab.cpu import CPUFeatures
+
+ZEN3 = CPUFeatures(avx2=True, fma=True, f16c=True)
+ZEN4 = CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True, avx512_bf16=True, vnni=True)
+OLD = CPUFeatures(avx2=False, fma=False, f16c=False)
+
+
+def test_flags_follow_the_cpu():
+    for features in (ZEN3, ZEN4):
+        flags = native.compile_flags(features)
+        assert {"-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared"} <= set(flags)
+    assert native.compile_flags(OLD) is None
+    assert native.compile_flags(CPUFeatures(avx2=True, fma=True)) is None  # no F16C
+
+
+def test_the_cache_key_covers_source_flags_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    base = native.library_path("src", ["-O3"], "g++ 12")
+    assert base.parent == tmp_path / "native" and base.suffix == ".so"
+    assert native.library_path("src", ["-O3"], "g++ 12") == base
+    assert len({base, native.library_path("src2", ["-O3"], "g++ 12"), native.library_path("src", ["-O2"], "g++ 12"),
+                native.library_path("src", ["-O3"], "g++ 13")}) == 4
+
+
+def fake_compiler(tmp_path, script: str) -> str:
+    path = tmp_path / "fake-cxx"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_a_failed_build_names_the_compiler_error_and_leaves_nothing(tmp_path):
+    cxx = fake_compiler(tmp_path, "echo 'decode_step.cpp:1: error: no such intrinsic' >&2; exit 1\n")
+    dest = tmp_path / "out" / "decode_step-x.so"
+    with pytest.raises(RuntimeError, match="failed to build decode_step.cpp: .*no such intrinsic"):
+        native.build(cxx, ["-O3"], dest)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []  # no half-written library, no temp file
+
+
+def test_build_writes_the_library_in_one_step(tmp_path):
+    cxx = fake_compiler(tmp_path, 'while [ "$1" != "-o" ]; do shift; done; echo built > "$2"\n')
+    dest = tmp_path / "out" / "decode_step-x.so"
+    native.build(cxx, ["-O3"], dest)
+    assert dest.read_text() == "built\n"
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("disabled", "GPT2LAB_NATIVE=0"),
+    ("old cpu", "lacks AVX2, FMA or F16C"),
+    ("no compiler", "no C++ compiler found"),
+    ("broken compiler", "did not build or load"),
+])
+def test_each_reason_the_kernel_is_unavailable_is_said(monkeypatch, tmp_path, case, reason):
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "cpu_features", lambda: ZEN3)
+    if case == "disabled":
+        monkeypatch.setenv("GPT2LAB_NATIVE", "0")
+    elif case == "old cpu":
+        monkeypatch.setattr(native, "cpu_features", lambda: OLD)
+    elif case == "no compiler":
+        monkeypatch.setattr(native, "compiler", lambda: None)
+    else:
+        monkeypatch.setattr(native, "compiler", lambda: fake_compiler(tmp_path, "exit 1\n"))
+    assert native._load() is None
+    assert reason in native.unavailable_reason()
+
+
+def test_the_compiler_comes_from_cxx_first(monkeypatch, tmp_path):
+    cxx = fake_compiler(tmp_path, "exit 0\n")
+    monkeypatch.setenv("CXX", cxx)
+    assert native.compiler() == cxx
+    monkeypatch.setenv("CXX", str(tmp_path / "missing"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert native.compiler() is None
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable here: {native.unavailable_reason()}")
+def test_the_kernel_shares_torchs_openmp_runtime():
+    """torch.set_num_threads sets the thread count of the OpenMP runtime it loaded; the kernel sees the same value
+    only if the loader gave it that runtime rather than a second copy."""
+    lib = native.library()
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert lib.gpt2lab_omp_max_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    assert os.path.basename(native.SOURCE) == "decode_step.cpp"

@@ -1,0 +1,274 @@
+"""The native decode step computes what the modules compute, for every layer kind it reads, and is chosen only where
+it can run.
+
+Oracles: the model's own forward at T = 1 with the same KV cache (float32 and bf16 weights: the same float32
+arithmetic, summed in another order); for int8, the modules with each int8 layer replaced by a plain-PyTorch
+reference of the kernel's arithmetic (activations quantized per row to [-127, 127], integer dot products, scaled).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gpt2lab import GPT, GPTConfig, native
+from gpt2lab.fast_step import FlatStep
+from gpt2lab.generate import Decoder, generate
+from gpt2lab.kv_cache import KVCache
+from gpt2lab.native_step import NativeStep, decode_step_for, linear_kind
+from gpt2lab.quantize import BF16Linear, Int8Linear, _replace_linears
+from gpt2lab.quantize_int import quantize_per_channel
+
+from conftest import CONFIGS, make_model
+
+needs_kernel = pytest.mark.skipif(native.library() is None,
+                                  reason=f"native kernel unavailable here: {native.unavailable_reason()}")
+
+
+def both_paths(model, prompt, tokens, positions=None, mask=None, reference=None):
+    """Logits of each step through the modules of `reference` (default `model`) and through NativeStep(model), from
+    two caches filled by the same prefill (the reference's); returns (module logits, native logits, both caches)."""
+    reference = reference or model
+    step = NativeStep(model)
+    B, T = prompt.shape
+    caches = [KVCache.for_model(model, B, T + len(tokens)) for _ in range(2)]
+    ref, fast = [], []
+    with torch.no_grad():
+        for cache in caches:
+            reference(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
+                      position_ids=None if positions is None else positions[:, :T])
+        for i, tok in enumerate(tokens):
+            pos = None if positions is None else positions[:, T + i:T + i + 1]  # (B, 1)
+            m = None if mask is None else mask[:, :T + i + 1]  # (B, S)
+            ref.append(reference(tok[:, None], kv_cache=caches[0], position_ids=pos, attention_mask=m)[:, -1])
+            fast.append(step(tok, caches[1], pos, m))
+    return ref, fast, caches[0], caches[1]
+
+
+def model_for(name: str, sharpen: bool = True):
+    """make_model's sharpened model (or GPT-2's init) with random biases and LayerNorm gains, so that every tensor
+    the kernel reads changes the logits (GPT-2's init leaves biases at 0 and gains at 1)."""
+    if sharpen:
+        model = make_model(CONFIGS[name])
+    else:
+        torch.manual_seed(0)
+        model = GPT(CONFIGS[name]).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def random_steps(V: int, B: int, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, 5), generator=g), [torch.randint(0, V, (B,), generator=g) for _ in range(n)]
+
+
+def float64_logits(model, prompt, tokens, positions=None, mask=None):
+    """The modules' logits in float64: the oracle both float32 paths are measured against."""
+    model64 = copy.deepcopy(model).double()
+    cfg = model.config
+    B, T = prompt.shape
+    cache = KVCache(cfg.n_layer, B, cfg.n_head, T + len(tokens), cfg.head_dim, dtype=torch.float64)
+    with torch.no_grad():
+        model64(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
+                position_ids=None if positions is None else positions[:, :T])
+        return [model64(tok[:, None], kv_cache=cache, attention_mask=None if mask is None else mask[:, :T + i + 1],
+                        position_ids=None if positions is None else positions[:, T + i:T + i + 1])[:, -1].float()
+                for i, tok in enumerate(tokens)]
+
+
+def assert_as_exact_as_the_modules(exact, modules, native_logits):
+    """Over all steps, the native logits are as close to the float64 logits as float32 allows: a few times the
+    modules' own error, or 1e-4 of the logits' scale where one ill-conditioned step amplifies rounding (the two sum
+    in different orders; on these sharpened models float32 itself is off by up to ~5e-4). A wrong kernel is off by
+    orders of magnitude more."""
+    assert all(b.shape == a.shape and b.dtype == torch.float32 for a, b in zip(modules, native_logits))
+    modules_error = max((a - r).abs().max().item() for r, a in zip(exact, modules))
+    native_error = max((b - r).abs().max().item() for r, b in zip(exact, native_logits))
+    scale = max(r.abs().max().item() for r in exact)
+    assert native_error <= 4 * modules_error + 1e-4 * scale, (native_error, modules_error, scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_native_step_equals_the_modules(name, batch):
+    model = model_for(name)
+    V = model.config.vocab_size
+    prompt, tokens = random_steps(V, batch, 6, seed=1)
+    ref, fast, cache, native_cache = both_paths(model, prompt, tokens)
+    assert fast[0].shape == (batch, V)
+    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
+    assert native_cache.length == cache.length == 11
+    torch.testing.assert_close(native_cache.k, cache.k, atol=1e-3, rtol=1e-3)  # keys and values written in place
+    torch.testing.assert_close(native_cache.v, cache.v, atol=1e-3, rtol=1e-3)
+
+
+@needs_kernel
+def test_native_step_with_left_padding_equals_the_modules():
+    model = model_for("wide", sharpen=False)  # attention spread over every column: a padded one would show
+    prompt, tokens = random_steps(211, 2, 4, seed=2)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0  # row 0 has three padding tokens on the left
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, 9)
+    ref, fast, _, _ = both_paths(model, prompt, tokens, positions, mask)
+    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens, positions, mask), ref, fast)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_widths_that_are_not_whole_vectors_take_the_scalar_tails(kind):
+    """n_embd 36 and head width 12: every product and dot ends in a tail shorter than one 8-float vector."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=53, n_ctx=16, n_layer=2, n_head=3, n_embd=36)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape)) if p.dim() == 1 else p.mul_(4.0)
+    if kind == "bf16":
+        model = to_bf16(model)
+    reference = dequantized(copy.deepcopy(model)) if kind == "bf16" else model
+    prompt, tokens = random_steps(53, 2, 4, seed=8)
+    ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
+    assert_as_exact_as_the_modules(float64_logits(reference, prompt, tokens), ref, fast)
+
+
+def to_bf16(model):
+    """Every linear layer and the tied head as BF16Linear (the embedding reads the same bf16 table, widened)."""
+    _replace_linears(model, BF16Linear.from_linear)
+    model.lm_head = BF16Linear(model.wte.weight)
+    with torch.no_grad():
+        model.wte.weight.copy_(model.lm_head.weight.float())
+    return model
+
+
+def dequantized(model):
+    """A float32 copy of a low-precision model: each layer's own weight, widened (the same numbers, float32 math)."""
+    for block in model.h:
+        for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+            layer = getattr(owner, name)
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            with torch.no_grad():
+                plain.weight.copy_(layer.dequantized())
+                if layer.bias is not None:
+                    plain.bias.copy_(layer.bias)
+            setattr(owner, name, plain)
+    model.lm_head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
+    model.lm_head.weight = model.wte.weight
+    return model
+
+
+@needs_kernel
+def test_native_step_on_bf16_weights_equals_the_widened_model():
+    model = to_bf16(model_for("wide"))
+    assert linear_kind(model.h[0].mlp.c_fc) == 1 and NativeStep.applies(model)
+    reference = dequantized(copy.deepcopy(model))
+    prompt, tokens = random_steps(211, 2, 4, seed=3)
+    ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
+    assert_as_exact_as_the_modules(float64_logits(reference, prompt, tokens), ref, fast)
+
+
+class Int8Reference(nn.Module):
+    """The kernel's int8 arithmetic in PyTorch: x rows to int8 in [-127, 127] with one scale each, integer products
+    with the int8 weight, then both scales and the bias."""
+
+    def __init__(self, layer: Int8Linear) -> None:
+        super().__init__()
+        self.q, self.scale, self.bias = layer.weight, layer.scale.float(), layer.bias
+
+    def forward(self, x):
+        amax = x.abs().amax(-1, keepdim=True)  # (..., 1)
+        xq = torch.round(x * torch.where(amax > 0, 127.0 / amax, 0.0))  # (..., K) integers in float
+        y = (xq.double() @ self.q.double().t()).float() * (amax / 127.0) * self.scale  # exact integer sums
+        return y if self.bias is None else y + self.bias
+
+
+def to_int8(model):
+    q, s = quantize_per_channel(model.wte.weight)
+    _replace_linears(model, Int8Linear.from_linear)
+    model.lm_head = Int8Linear(q, s)
+    with torch.no_grad():
+        model.wte.weight.copy_(model.lm_head.dequantized())
+    return model
+
+
+@needs_kernel
+def test_native_step_on_int8_weights_equals_its_reference_arithmetic():
+    model = to_int8(model_for("wide"))  # n_embd 32 and 4 * 32: whole 32-byte blocks
+    assert linear_kind(model.lm_head) == 2 and NativeStep.applies(model)
+    reference = copy.deepcopy(model)
+    _replace_linears(reference, Int8Reference)
+    reference.lm_head = Int8Reference(reference.lm_head)
+    prompt, tokens = random_steps(211, 2, 4, seed=4)
+    ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_layers_whose_width_is_not_whole_blocks_are_not_native():
+    model = to_int8(make_model(CONFIGS["tiny"]))  # n_embd 16: not a multiple of 32
+    assert linear_kind(model.h[0].attn.c_attn) is None
+    assert not NativeStep.applies(model)
+    assert isinstance(decode_step_for(model), FlatStep)
+
+
+@needs_kernel
+def test_generate_takes_the_native_step_where_it_applies_and_gives_the_same_tokens():
+    model = model_for("wide")
+    prompt, _ = random_steps(211, 2, 0, seed=5)
+    assert isinstance(Decoder(model, prompt, max_new_tokens=3).fast_step, NativeStep)
+    fast = generate(model, prompt, 12, temperature=0)
+    handle = model.h[0].register_forward_hook(lambda *args: None)  # a hook: the modules run every step
+    assert decode_step_for(model) is None
+    assert torch.equal(generate(model, prompt, 12, temperature=0), fast)
+    handle.remove()
+
+
+def test_without_the_kernel_the_flat_step_runs(monkeypatch):
+    model = make_model(CONFIGS["tiny"])
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert not NativeStep.applies(model)
+    assert isinstance(decode_step_for(model), FlatStep)
+    with pytest.raises(RuntimeError, match="native decode kernel is unavailable"):
+        NativeStep(model)
+
+
+def test_layers_the_kernel_cannot_read_keep_the_flat_step():
+    model = make_model(CONFIGS["tiny"])
+    assert linear_kind(model.h[0].mlp.c_fc) == 0
+    model.h[0].mlp.c_fc.weight.data = model.h[0].mlp.c_fc.weight.data.t().contiguous().t()  # not row-major
+    assert linear_kind(model.h[0].mlp.c_fc) is None
+    assert not NativeStep.applies(model)
+
+
+@needs_kernel
+def test_native_step_refuses_a_full_cache_or_wrong_batch():
+    model = make_model(CONFIGS["tiny"])
+    step = NativeStep(model)
+    cache = KVCache.for_model(model, 2, max_length=3)
+    with torch.no_grad():
+        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="KV cache overflow: 3 cached"):
+        step(torch.zeros(2, dtype=torch.long), cache)
+    cache.reset()
+    with pytest.raises(ValueError, match="holds 2 active rows, got 3"):
+        step(torch.zeros(3, dtype=torch.long), cache)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_step_is_the_same_with_any_thread_count(threads):
+    model = model_for("wide")
+    prompt, tokens = random_steps(211, 3, 3, seed=6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, fast, _, _ = both_paths(model, prompt, tokens)
+    finally:
+        torch.set_num_threads(before)
+    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
