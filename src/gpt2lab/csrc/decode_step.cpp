@@ -17,8 +17,6 @@
 #include <omp.h>
 #include <stdint.h>
 
-extern "C" {
-
 // A linear layer y = x W^T + b with W (N, K) row-major, as nn.Linear stores it. `kind` says what the weight holds.
 enum WeightKind : int32_t { F32 = 0, BF16 = 1, INT8 = 2 };
 
@@ -216,6 +214,142 @@ static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
     return s;
 }
 
+// The same dot products for one weight row against four input rows: each weight vector is loaded (and widened) once
+// for all four, which is what makes batched decoding cheaper per token than four single rows. Tails as above.
+static void dot4_f32(const float* w, const float* x, int64_t K, float* out /* (4,) */) {
+    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;  // a second set: eight FMA chains in flight
+    for (; k + 16 <= K; k += 16) {
+        const __m256 wv = _mm256_loadu_ps(w + k), wu = _mm256_loadu_ps(w + k + 8);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
+        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
+        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
+        b0 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x0 + k + 8), b0);
+        b1 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x1 + k + 8), b1);
+        b2 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x2 + k + 8), b2);
+        b3 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x3 + k + 8), b3);
+    }
+    a0 = _mm256_add_ps(a0, b0); a1 = _mm256_add_ps(a1, b1); a2 = _mm256_add_ps(a2, b2); a3 = _mm256_add_ps(a3, b3);
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv = _mm256_loadu_ps(w + k);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
+        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
+        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
+    }
+    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+    for (; k < K; k++) { out[0] += w[k] * x0[k]; out[1] += w[k] * x1[k]; out[2] += w[k] * x2[k]; out[3] += w[k] * x3[k]; }
+}
+
+static void dot4_bf16(const uint16_t* w, const float* x, int64_t K, float* out) {
+    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;  // a second set: eight FMA chains in flight
+    for (; k + 16 <= K; k += 16) {
+        const __m256 wv = load_bf16(w + k), wu = load_bf16(w + k + 8);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
+        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
+        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
+        b0 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x0 + k + 8), b0);
+        b1 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x1 + k + 8), b1);
+        b2 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x2 + k + 8), b2);
+        b3 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x3 + k + 8), b3);
+    }
+    a0 = _mm256_add_ps(a0, b0); a1 = _mm256_add_ps(a1, b1); a2 = _mm256_add_ps(a2, b2); a3 = _mm256_add_ps(a3, b3);
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv = load_bf16(w + k);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
+        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
+        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
+    }
+    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+    for (; k < K; k++) {
+        const float wk = bf16_to_float(w[k]);
+        out[0] += wk * x0[k]; out[1] += wk * x1[k]; out[2] += wk * x2[k]; out[3] += wk * x3[k];
+    }
+}
+
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 2
+#endif
+// Two weight rows against four input rows: eight accumulators, six loads per eight FMAs (one row against four needs
+// five per four). Once a batch makes the products compute-bound, loads are what bound them.
+static void dot2x4_f32(const float* w, const float* x, int64_t K, float* out /* (2, 4) */) {
+    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    const int64_t k_end = K / 8 * 8;
+    for (int64_t k = 0; k < k_end; k += 8) {
+        __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
+        __m256 v2 = _mm256_loadu_ps(x2 + k), v3 = _mm256_loadu_ps(x3 + k);
+        asm("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3));  // keep them in registers: one load each, not two
+        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);  // the rows a few passes ahead: the
+        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);  // hardware alone falls behind
+        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k);
+        a00 = _mm256_fmadd_ps(w0, v0, a00); a01 = _mm256_fmadd_ps(w0, v1, a01);
+        a02 = _mm256_fmadd_ps(w0, v2, a02); a03 = _mm256_fmadd_ps(w0, v3, a03);
+        a10 = _mm256_fmadd_ps(w1, v0, a10); a11 = _mm256_fmadd_ps(w1, v1, a11);
+        a12 = _mm256_fmadd_ps(w1, v2, a12); a13 = _mm256_fmadd_ps(w1, v3, a13);
+    }
+    out[0] = hsum(a00); out[1] = hsum(a01); out[2] = hsum(a02); out[3] = hsum(a03);
+    out[4] = hsum(a10); out[5] = hsum(a11); out[6] = hsum(a12); out[7] = hsum(a13);
+    for (int64_t k = k_end; k < K; k++)
+        for (int j = 0; j < 2; j++)
+            for (int r = 0; r < 4; r++) out[j * 4 + r] += w[j * K + k] * x[r * K + k];
+}
+
+static void dot2x4_bf16(const uint16_t* w, const float* x, int64_t K, float* out /* (2, 4) */) {
+    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    const int64_t k_end = K / 8 * 8;
+    for (int64_t k = 0; k < k_end; k += 8) {
+        __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
+        __m256 v2 = _mm256_loadu_ps(x2 + k), v3 = _mm256_loadu_ps(x3 + k);
+        asm("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3));  // keep them in registers: one load each, not two
+        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);  // the rows a few passes ahead: the
+        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);  // hardware alone falls behind
+        const __m256 w0 = load_bf16(w + k), w1 = load_bf16(w + K + k);
+        a00 = _mm256_fmadd_ps(w0, v0, a00); a01 = _mm256_fmadd_ps(w0, v1, a01);
+        a02 = _mm256_fmadd_ps(w0, v2, a02); a03 = _mm256_fmadd_ps(w0, v3, a03);
+        a10 = _mm256_fmadd_ps(w1, v0, a10); a11 = _mm256_fmadd_ps(w1, v1, a11);
+        a12 = _mm256_fmadd_ps(w1, v2, a12); a13 = _mm256_fmadd_ps(w1, v3, a13);
+    }
+    out[0] = hsum(a00); out[1] = hsum(a01); out[2] = hsum(a02); out[3] = hsum(a03);
+    out[4] = hsum(a10); out[5] = hsum(a11); out[6] = hsum(a12); out[7] = hsum(a13);
+    for (int64_t k = k_end; k < K; k++)
+        for (int j = 0; j < 2; j++)
+            for (int r = 0; r < 4; r++) out[j * 4 + r] += bf16_to_float(w[j * K + k]) * x[r * K + k];
+}
+
+// Here the sign moves the other way, onto x, so |w| is computed once for the four rows.
+static inline __m256i dot32_i8_abs_w(__m256i abs_w, __m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+}
+
+static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
+    const int8_t *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + k)), aw = _mm256_sign_epi8(wv, wv);
+        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
+        a0 = _mm256_add_epi32(a0, dot32_i8_abs_w(aw, wv, _mm256_loadu_si256((const __m256i*)(x0 + k))));
+        a1 = _mm256_add_epi32(a1, dot32_i8_abs_w(aw, wv, _mm256_loadu_si256((const __m256i*)(x1 + k))));
+        a2 = _mm256_add_epi32(a2, dot32_i8_abs_w(aw, wv, _mm256_loadu_si256((const __m256i*)(x2 + k))));
+        a3 = _mm256_add_epi32(a3, dot32_i8_abs_w(aw, wv, _mm256_loadu_si256((const __m256i*)(x3 + k))));
+    }
+    out[0] = hsum_i32(a0); out[1] = hsum_i32(a1); out[2] = hsum_i32(a2); out[3] = hsum_i32(a3);
+    for (; k < K; k++) {
+        out[0] += (int32_t)w[k] * x0[k]; out[1] += (int32_t)w[k] * x1[k];
+        out[2] += (int32_t)w[k] * x2[k]; out[3] += (int32_t)w[k] * x3[k];
+    }
+}
+
 // Symmetric int8 of each of B rows of width K: x ~ q * scale, q in [-127, 127] (so |q| * |w| pairs fit in 16 bits).
 static void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale) {
     for (int64_t r = 0; r < B; r++) {
@@ -239,17 +373,45 @@ static void linear_rows(const Linear& L, const float* x, const int8_t* xq, const
     int64_t lo, hi;
     share(L.n, 16, tid, nth, &lo, &hi);
     const int64_t K = L.k;
-    for (int64_t n = lo; n < hi; n++) {
-        for (int64_t r = 0; r < B; r++) {
-            float v;
-            if (L.kind == F32) v = dot_f32((const float*)L.weight + n * K, x + r * K, K);
-            else if (L.kind == BF16) v = dot_bf16((const uint16_t*)L.weight + n * K, x + r * K, K);
-            else v = (float)dot_i8((const int8_t*)L.weight + n * K, xq + r * K, K) * (L.scale[n] * xq_scale[r]);
-            if (L.bias) v += L.bias[n];
-            float* o = out + r * ld_out + n;
-            if (how == ADD_TO) *o += v;
-            else *o = v;
+    for (int64_t n = lo; n < hi;) {
+        // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
+        const int64_t rows_w = (L.kind != INT8 && B >= 4 && n + 1 < hi) ? 2 : 1;
+        for (int64_t r0 = 0; r0 < B; r0 += 4) {
+            const int64_t rows = B - r0 < 4 ? B - r0 : 4;  // four input rows at a time, then one by one
+            float v[8];  // (rows_w, 4) dot products
+            if (rows == 4 && rows_w == 2) {
+                if (L.kind == F32) dot2x4_f32((const float*)L.weight + n * K, x + r0 * K, K, v);
+                else dot2x4_bf16((const uint16_t*)L.weight + n * K, x + r0 * K, K, v);
+            } else if (rows == 4) {
+                if (L.kind == F32) dot4_f32((const float*)L.weight + n * K, x + r0 * K, K, v);
+                else if (L.kind == BF16) dot4_bf16((const uint16_t*)L.weight + n * K, x + r0 * K, K, v);
+                else {
+                    int32_t iv[4];
+                    dot4_i8((const int8_t*)L.weight + n * K, xq + r0 * K, K, iv);
+                    for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
+                }
+            } else {
+                for (int64_t i = 0; i < rows_w; i++)
+                    for (int64_t j = 0; j < rows; j++) {
+                        const int64_t r = r0 + j, m = n + i;
+                        float& d = v[i * 4 + j];
+                        if (L.kind == F32) d = dot_f32((const float*)L.weight + m * K, x + r * K, K);
+                        else if (L.kind == BF16) d = dot_bf16((const uint16_t*)L.weight + m * K, x + r * K, K);
+                        else d = (float)dot_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
+                    }
+            }
+            for (int64_t i = 0; i < rows_w; i++)
+                for (int64_t j = 0; j < rows; j++) {
+                    const int64_t r = r0 + j, m = n + i;
+                    float y = v[i * 4 + j];
+                    if (L.kind == INT8) y *= L.scale[m] * xq_scale[r];
+                    if (L.bias) y += L.bias[m];
+                    float* o = out + r * ld_out + m;
+                    if (how == ADD_TO) *o += y;
+                    else *o = y;
+                }
         }
+        n += rows_w;
     }
     if (how == ACTIVATE)  // the whole share at once: 8 values per vector
         for (int64_t r = 0; r < B; r++) activate_row(out + r * ld_out + lo, hi - lo, activation);
@@ -314,7 +476,7 @@ static bool any_int8(const Model& M) {
 
 // x (B, C) holds the embeddings; on return logits (B, V) hold the next-token logits and the cache holds this
 // token's keys and values at column pos. The caller advances the cache.
-void gpt2lab_decode_step(const Model* model, const Step* step) {
+extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
     const Model& M = *model;
     const Step& S = *step;
     const int64_t B = S.batch, C = M.n_embd, F = M.ffn, H = M.n_head;
@@ -355,6 +517,5 @@ void gpt2lab_decode_step(const Model* model, const Step* step) {
 }
 
 // The OpenMP runtime's thread count as this library sees it (a test checks it is torch's).
-int gpt2lab_omp_max_threads(void) { return omp_get_max_threads(); }
+extern "C" int gpt2lab_omp_max_threads(void) { return omp_get_max_threads(); }
 
-}  // extern "C"
