@@ -22,9 +22,11 @@ def test_info_preset(capsys):
     from gpt2lab.cpu import cpu_features
 
     assert f"CPU: {cpu_features().name};" in out
-    plan = quantize.choose_kernels("bf16", cpu_features(), torch.get_num_threads(), quantize.onednn_linear(),
-                                   quantize.fbgemm_half())
+    plan = quantize.plan_for_this_cpu("bf16")
     assert f"bf16 layers on {torch.get_num_threads()} thread(s): blocks {plan.block.__name__}" in out
+    from gpt2lab import native
+
+    assert ("decode step: the native kernel, built at" in out) == (native.library() is not None)
 
 
 def test_info_model_directory(tiny_model, tmp_path, capsys):

@@ -272,3 +272,51 @@ def test_native_step_is_the_same_with_any_thread_count(threads):
     finally:
         torch.set_num_threads(before)
     assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
+
+
+# ------------------------------------------------------------------------------------ the plan with the native kernel
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_with_the_kernel_every_machine_gets_the_layers_it_reads(dtype):
+    from gpt2lab.quantize import NATIVE_LAYERS, choose_kernels
+    from gpt2lab.cpu import CPUFeatures
+
+    for features in (CPUFeatures(avx2=True, fma=True, f16c=True),
+                     CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True, avx512_bf16=True, vnni=True, amx=True)):
+        for threads, onednn, fbgemm in ((1, False, False), (2, True, True)):
+            plan = choose_kernels(dtype, features, threads, onednn, fbgemm, native=True)
+            assert plan.block is plan.head is NATIVE_LAYERS[dtype]
+    assert NATIVE_LAYERS == {"fp32": nn.Linear, "bf16": BF16Linear, "int8": Int8Linear}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_prepared_models_decode_through_the_native_step(dtype):
+    from gpt2lab.inference import prepare_for_inference
+
+    fp32 = model_for("wide", sharpen=False)  # GPT-2's init: bf16 and int8 rounding stay small, as on real weights
+    model = prepare_for_inference(copy.deepcopy(fp32), dtype)
+    if dtype == "fp32":  # nothing to convert: the kernel reads the float32 weights in place
+        assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.wte.weight
+    else:
+        assert type(model.h[0].attn.c_attn) is type(model.lm_head) is {"bf16": BF16Linear, "int8": Int8Linear}[dtype]
+    prompt, _ = random_steps(211, 2, 0, seed=9)
+    decoder = Decoder(model, prompt, max_new_tokens=4)
+    assert isinstance(decoder.fast_step, NativeStep)
+    reference = Decoder(fp32, prompt, max_new_tokens=4)
+    decoder.prefill(), reference.prefill()
+    tokens = torch.tensor([3, 7])
+    for _ in range(3):
+        got, want = decoder.step(tokens), reference.step(tokens)
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+        assert cos.min() > (0.99999 if dtype == "fp32" else 0.99), cos
+        tokens = want.argmax(-1)
+
+
+@needs_kernel
+def test_int8_widths_that_are_not_whole_blocks_keep_the_torch_layers():
+    from gpt2lab.inference import prepare_for_inference
+    from gpt2lab.quantize_int import FbgemmInt8Linear
+
+    model = prepare_for_inference(make_model(CONFIGS["tiny"]), "int8")  # n_embd 16
+    assert type(model.lm_head) in (FbgemmInt8Linear, Int8Linear)
+    assert not NativeStep.applies(model)

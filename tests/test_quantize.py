@@ -21,6 +21,15 @@ from gpt2lab.quantize import (SMALL_M, BF16Linear, ChunkedLinear, HalfPackedLine
 
 from conftest import CONFIGS, make_model
 
+
+@pytest.fixture(autouse=True)
+def _torch_layers(monkeypatch):
+    """These tests are about the PyTorch layers and their choice, so the native kernel counts as absent here
+    (tests/test_native_step.py covers the plan with it)."""
+    from gpt2lab import native
+
+    monkeypatch.setattr(native, "library", lambda: None)
+
 def test_int8_linear_matches_its_dequantized_weight():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)

@@ -67,7 +67,7 @@ def compiled_step(model: GPT) -> Optional["CompiledStep"]:
 def linear_function(layer: nn.Module) -> Linear:
     """x (..., K) -> (..., N) as `layer` computes it, written with traceable ops on the layer's own tensors."""
     if isinstance(layer, Int8Linear):
-        return _int8_linear(layer.weight, layer.scale, layer.bias)
+        return _int8_linear(layer.weight, layer.kernel_scale, layer.bias)
     if isinstance(layer, BF16Linear):
         return _bf16_linear(layer.weight, layer.bias)
     if isinstance(layer, TransposedLinear):

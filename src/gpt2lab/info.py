@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab import quantize
+from gpt2lab import native, quantize
 from gpt2lab.config import PRESETS, GPTConfig
 from gpt2lab.cpu import cpu_features, decode_threads
 from gpt2lab.model import GPT
@@ -113,6 +113,9 @@ def cpu_report() -> list[str]:
     features = cpu_features()
     threads = torch.get_num_threads()
     lines = ["", f"CPU: {features.name}; decode threads for the CLI now: {decode_threads()} (others' load counted)"]
+    lib = native.library()
+    lines.append(f"  decode step: the native kernel, built at {lib._name}" if lib is not None else
+                 f"  decode step: PyTorch's flat step (native kernel unavailable: {native.unavailable_reason()})")
     for dtype in ("fp32", "bf16", "int8"):
         plan = quantize.plan_for_this_cpu(dtype)
         lines.append(f"  {dtype} layers on {threads} thread(s): blocks {plan.block.__name__}, head {plan.head.__name__}")

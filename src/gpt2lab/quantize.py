@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2lab import native
 from gpt2lab.cpu import CPUFeatures, cpu_features
 from gpt2lab.quantize_int import (FbgemmInt8Linear, activation_bits, choose_int8_kernel, fbgemm_int8,
                                   quantize_per_channel)
@@ -100,7 +101,8 @@ class Int8Linear(_WeightOnlyLinear):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
         super().__init__(qweight.size(0), qweight.size(1), bias)
         self.register_buffer("weight", qweight)  # (N, K) int8
-        self.register_buffer("scale", scale.to(KERNEL_DTYPE))  # (N,)
+        self.register_buffer("scale", scale.float())  # (N,) float32: the native kernel's and the dequantized weight's
+        self.register_buffer("kernel_scale", scale.to(KERNEL_DTYPE))  # (N,) int8pack takes them in bf16
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -108,7 +110,7 @@ class Int8Linear(_WeightOnlyLinear):
         return cls(q, s, linear.bias)
 
     def small_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.weight, self.scale).float()  # (M, N)
+        return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.weight, self.kernel_scale).float()  # (M, N)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scale.float()[:, None]
@@ -340,6 +342,9 @@ class LowPrecisionEmbedding(nn.Module):
         return rows if self.scale is None else rows * self.scale[idx].unsqueeze(-1)
 
 
+NATIVE_LAYERS: dict[str, type[nn.Module]] = {"fp32": nn.Linear, "bf16": BF16Linear, "int8": Int8Linear}
+
+
 @dataclass(frozen=True)
 class KernelPlan:
     """Which layer computes the block matrices and which the tied head, for one precision on one CPU."""
@@ -348,10 +353,15 @@ class KernelPlan:
     head: type[nn.Module]
 
 
-def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool, fbgemm: bool) -> KernelPlan:
+def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool, fbgemm: bool,
+                   native: bool = False) -> KernelPlan:
     """The fastest layers for batch-1 decoding in `dtype`, from the CPU's features, the thread count and what this
     torch build offers (oneDNN's float32 linear; FBGEMM's fp16-layout GEMM for bf16, its int8 GEMM for int8). A pure
     function: tests check the choice for every machine type on any machine.
+
+    - With the native decode kernel built (`native`, gpt2lab.native), the layers it reads in place, whatever the
+      CPU: plain `nn.Linear` for fp32 (nothing to convert), `BF16Linear` for bf16, `Int8Linear` for int8. Its steps
+      outrun every layer below at batch 1 and 8; prefill goes through these layers' own forward.
 
     - fp32: row-block batched matmuls (`ChunkedLinear`) for the blocks and oneDNN for the head with several threads;
       with one thread or without oneDNN, MKL's GEMM on (K, N) copies of the wide weights (`TransposedLinear`).
@@ -360,6 +370,8 @@ def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool
     - int8: int8 weights with per-channel scales: FBGEMM's integer GEMM where it works and the CPU has AVX2
       (`quantize_int.FbgemmInt8Linear`, the choice of `quantize_int.choose_int8_kernel`), else `Int8Linear`.
     """
+    if native and dtype in NATIVE_LAYERS:
+        return KernelPlan(NATIVE_LAYERS[dtype], NATIVE_LAYERS[dtype])
     if dtype == "fp32":
         if onednn and threads > 1:
             return KernelPlan(ChunkedLinear, OneDNNLinear)
@@ -375,10 +387,21 @@ def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool
     raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
 
 
-def plan_for_this_cpu(dtype: str) -> KernelPlan:
-    """`choose_kernels` for this CPU, the current thread count and what this torch build offers."""
+def plan_for_this_cpu(dtype: str, model: Optional["GPT"] = None) -> KernelPlan:
+    """`choose_kernels` for this CPU, the current thread count and what this torch build offers; with `model`, the
+    native kernel only where it can read every layer of that model in `dtype` (int8 needs widths in whole blocks
+    of 32)."""
     fbgemm = fbgemm_int8() if dtype == "int8" else fbgemm_half()
-    return choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm)
+    use_native = native.library() is not None and (model is None or native_fits(model, dtype))
+    return choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm, use_native)
+
+
+def native_fits(model: "GPT", dtype: str) -> bool:
+    """Whether the native kernel can read every linear layer of `model` once converted to `dtype`."""
+    if dtype != "int8":
+        return True
+    return all(m.in_features % 32 == 0 for m in model.h.modules() if isinstance(m, nn.Linear)) \
+        and model.config.n_embd % 32 == 0
 
 
 def convert_weights(model: "GPT", dtype: str) -> "GPT":
@@ -388,11 +411,13 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     if dtype not in ("fp32", "bf16", "int8"):
         raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
     if model.wte.weight.device.type == "cpu":
-        plan = plan_for_this_cpu(dtype)
+        plan = plan_for_this_cpu(dtype, model)
     else:  # other devices: the portable layers
         plan = KernelPlan(TransposedLinear, TransposedLinear) if dtype == "fp32" else \
             choose_kernels(dtype, CPUFeatures(), 1, False, False)
     if dtype == "fp32":
+        if plan.block is nn.Linear:  # the native kernel reads the float32 weights as they are
+            return model
         if plan.block is TransposedLinear:
             return _transpose_wide(model)
         _replace_linears(model, lambda linear: decode_linear(linear, torch.get_num_threads()))
@@ -408,7 +433,7 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
             model.lm_head = BF16Linear(model.wte.weight)
             model.wte = LowPrecisionEmbedding(model.lm_head.weight)  # the head's own bf16 table
     else:
-        convert_int8(model, "fbgemm" if plan.block is FbgemmInt8Linear else "int8pack")
+        convert_int8(model, "fbgemm" if plan.block is FbgemmInt8Linear else "int8pack")  # Int8Linear: native too
     return model
 
 
