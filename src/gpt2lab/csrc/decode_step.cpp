@@ -368,10 +368,8 @@ enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 // out (B, N) = x (B, K) W^T + b, for this thread's share of the N rows; int8 layers read this thread's quantized
 // copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For B > 1 each
 // weight row stays in L1 while every input row passes, so the weights still come from memory once.
-static void linear_rows(const Linear& L, const float* x, const int8_t* xq, const float* xq_scale, int64_t B,
-                        float* out, int64_t ld_out, Epilogue how, int32_t activation, int tid, int nth) {
-    int64_t lo, hi;
-    share(L.n, 16, tid, nth, &lo, &hi);
+static void linear_block(const Linear& L, const float* x, const int8_t* xq, const float* xq_scale, int64_t B,
+                         float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
     const int64_t K = L.k;
     for (int64_t n = lo; n < hi;) {
         // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
@@ -415,6 +413,22 @@ static void linear_rows(const Linear& L, const float* x, const int8_t* xq, const
     }
     if (how == ACTIVATE)  // the whole share at once: 8 values per vector
         for (int64_t r = 0; r < B; r++) activate_row(out + r * ld_out + lo, hi - lo, activation);
+}
+
+// The rows of one product are split between the threads in chunks handed out as threads ask for them (OpenMP's
+// dynamic schedule): on a shared machine a thread that loses its core for a moment leaves its chunks to the others
+// instead of holding every thread at the next barrier. Chunks are a few dozen rows, so each is still one long
+// sequential read.
+static void linear_rows(const Linear& L, const float* x, const int8_t* xq, const float* xq_scale, int64_t B,
+                        float* out, int64_t ld_out, Epilogue how, int32_t activation, int nth) {
+    int64_t chunk = L.n / (8 * (int64_t)nth);  // about eight chunks per thread
+    chunk = chunk < 16 ? 16 : (chunk + 15) / 16 * 16;
+    const int64_t chunks = (L.n + chunk - 1) / chunk;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t lo = c * chunk, hi = lo + chunk < L.n ? lo + chunk : L.n;
+        linear_block(L, x, xq, xq_scale, B, out, ld_out, how, activation, lo, hi);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------- attention
@@ -493,26 +507,26 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
             const Layer& L = M.layers[l];
             layer_norm(S.x, L.ln1_w, L.ln1_b, M.eps, B, C, norm);
             if (quantize) quantize_rows(norm, B, C, xq, xs);
-            linear_rows(L.attn, norm, xq, xs, B, S.qkv, 3 * C, STORE, M.activation, tid, nth);
+            linear_rows(L.attn, norm, xq, xs, B, S.qkv, 3 * C, STORE, M.activation, nth);
 #pragma omp barrier
             int64_t lo, hi;
             share(B * H, 1, tid, nth, &lo, &hi);
             for (int64_t bh = lo; bh < hi; bh++) attend_head(M, S, l, bh / H, bh % H, scores);
 #pragma omp barrier
             if (quantize) quantize_rows(S.att, B, C, xq, xs);
-            linear_rows(L.attn_proj, S.att, xq, xs, B, S.x, C, ADD_TO, M.activation, tid, nth);
+            linear_rows(L.attn_proj, S.att, xq, xs, B, S.x, C, ADD_TO, M.activation, nth);
 #pragma omp barrier
             layer_norm(S.x, L.ln2_w, L.ln2_b, M.eps, B, C, norm);
             if (quantize) quantize_rows(norm, B, C, xq, xs);
-            linear_rows(L.fc, norm, xq, xs, B, S.hidden, F, ACTIVATE, M.activation, tid, nth);
+            linear_rows(L.fc, norm, xq, xs, B, S.hidden, F, ACTIVATE, M.activation, nth);
 #pragma omp barrier
             if (quantize) quantize_rows(S.hidden, B, F, xq, xs);
-            linear_rows(L.mlp_proj, S.hidden, xq, xs, B, S.x, C, ADD_TO, M.activation, tid, nth);
+            linear_rows(L.mlp_proj, S.hidden, xq, xs, B, S.x, C, ADD_TO, M.activation, nth);
 #pragma omp barrier
         }
         layer_norm(S.x, M.lnf_w, M.lnf_b, M.eps, B, C, norm);
         if (quantize) quantize_rows(norm, B, C, xq, xs);
-        linear_rows(M.head, norm, xq, xs, B, S.logits, M.head.n, STORE, M.activation, tid, nth);
+        linear_rows(M.head, norm, xq, xs, B, S.logits, M.head.n, STORE, M.activation, nth);
     }
 }
 
