@@ -275,9 +275,11 @@ static void dot4_bf16(const uint16_t* w, const float* x, int64_t K, float* out) 
     }
 }
 
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 2
-#endif
+// How many rows ahead the batched kernels prefetch: with several input rows a pass computes long enough that the
+// hardware prefetcher alone falls behind (two rows ahead measured best; docs/benchmarks.md). A prefetch never faults,
+// so asking for rows past the matrix's end is harmless.
+static constexpr int64_t PREFETCH_ROWS = 2;
+
 // Two weight rows against four input rows: eight accumulators, six loads per eight FMAs (one row against four needs
 // five per four). Once a batch makes the products compute-bound, loads are what bound them.
 static void dot2x4_f32(const float* w, const float* x, int64_t K, float* out /* (2, 4) */) {
@@ -288,8 +290,8 @@ static void dot2x4_f32(const float* w, const float* x, int64_t K, float* out /* 
         __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
         __m256 v2 = _mm256_loadu_ps(x2 + k), v3 = _mm256_loadu_ps(x3 + k);
         asm("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3));  // keep them in registers: one load each, not two
-        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);  // the rows a few passes ahead: the
-        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);  // hardware alone falls behind
+        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
+        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);
         const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k);
         a00 = _mm256_fmadd_ps(w0, v0, a00); a01 = _mm256_fmadd_ps(w0, v1, a01);
         a02 = _mm256_fmadd_ps(w0, v2, a02); a03 = _mm256_fmadd_ps(w0, v3, a03);
@@ -311,8 +313,8 @@ static void dot2x4_bf16(const uint16_t* w, const float* x, int64_t K, float* out
         __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
         __m256 v2 = _mm256_loadu_ps(x2 + k), v3 = _mm256_loadu_ps(x3 + k);
         asm("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3));  // keep them in registers: one load each, not two
-        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);  // the rows a few passes ahead: the
-        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);  // hardware alone falls behind
+        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
+        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);
         const __m256 w0 = load_bf16(w + k), w1 = load_bf16(w + K + k);
         a00 = _mm256_fmadd_ps(w0, v0, a00); a01 = _mm256_fmadd_ps(w0, v1, a01);
         a02 = _mm256_fmadd_ps(w0, v2, a02); a03 = _mm256_fmadd_ps(w0, v3, a03);
