@@ -163,8 +163,8 @@ def build_variants(threads: int, compiled: bool = True) -> list[Variant]:
     with tempfile.TemporaryDirectory() as d:
         base.save_pretrained(d)
         hf = GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa").eval()
+        fresh = GPT.from_pretrained(d)  # as loaded, no prepare_for_inference: what `model.generate` gets by default
     context = PROMPT + 24
-    fresh = copy.deepcopy(base)  # as loaded, no prepare_for_inference: what `model.generate` gets by default
     variants = [Variant("ours fp32 fresh", lambda idx, n: generate(fresh, idx, n, temperature=0), weight_bytes(fresh),
                         bytes_per_token(fresh, context))]
     for dtype in ("fp32", "bf16", "int8"):

@@ -269,13 +269,22 @@ def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) 
 
 
 # ------------------------------------------------------------------------------------------------------ speed
+def rotate_pairs(variants: list[Variant], shift: int) -> list[Variant]:
+    """The variants in a rotated order for round `shift`: the first alone, then the (gpt2lab, llama.cpp) pairs, as
+    groups that stay together, rotated by `shift`, so no variant always runs right after the same other one (a side
+    that runs right after the other's threads stop can find the cores still busy)."""
+    groups = [variants[:1]] + [variants[i:i + 2] for i in range(1, len(variants), 2)]
+    k = shift % len(groups)
+    return [v for group in groups[k:] + groups[:k] for v in group]
+
+
 def run_speed(variants: list[Variant], prompt: list[int], rounds: int, repeats: int) -> float:
     """Time every variant round after round; returns the best read bandwidth seen before and between rounds."""
     for v in variants:  # warm-up: first calls allocate buffers and pick kernels
         v.generate(prompt, 3)
     bandwidth = read_bandwidth()
     for r in range(rounds):
-        for v in variants:
+        for v in rotate_pairs(variants, r):
             rate = v.measure(prompt, repeats)
             print(f"round {r + 1}: {v.name:<24} {rate:6.1f} tok/s", flush=True)
         bandwidth = max(bandwidth, read_bandwidth(3))  # the machine's, not the noise's

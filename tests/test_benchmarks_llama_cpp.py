@@ -90,3 +90,14 @@ def test_skips_when_the_converter_is_missing(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and "nope.py is not a file" in lines[0] and "convert_hf_to_gguf.py" in lines[0]
+
+
+def test_rounds_rotate_the_pairs_and_keep_each_pair_together(bench):
+    names = ["generate", "fp32", "f32", "bf16", "f16", "int8", "q8_0"]
+    variants = [bench.Variant(n, None) for n in names]
+    orders = [[v.name for v in bench.rotate_pairs(variants, r)] for r in range(4)]
+    assert orders[0] == names
+    assert orders[1] == ["fp32", "f32", "bf16", "f16", "int8", "q8_0", "generate"]
+    assert orders[3] == ["int8", "q8_0", "generate", "fp32", "f32", "bf16", "f16"]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert len({o[0] for o in orders}) == 4  # each group leads once in four rounds

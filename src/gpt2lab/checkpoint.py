@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from gpt2lab import files
 from gpt2lab.config import GPTConfig
 from gpt2lab.files import OutputKind, read_json_field
+from gpt2lab.memory import use_huge_pages
 from gpt2lab.model import GPT
 from gpt2lab.model_files import (LOADABLE_DTYPES, MAX_CONFIG_BYTES, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE,
                                  WEIGHTS_INDEX_FILE, TensorSpec, check_hf_fields, layout_of, model_subdirectories,
@@ -408,6 +409,8 @@ def load_model(path_or_name: str | os.PathLike[str], device: str | torch.device 
 
         model.wpe.weight = sinusoidal_table(config.n_ctx, config.n_embd)
     model.lm_head.weight = model.wte.weight  # to_empty keeps the tie, but be explicit
+    if str(device) == "cpu" and dtype is None:
+        use_huge_pages(model, copy=False)  # big weights in 2 MiB pages: a decode step streams them (memory.py)
     import_state_dict(model, tensors, source=str(directory))
     model.eval()
     return model.to(device=device, dtype=dtype) if (dtype is not None or str(device) != "cpu") else model

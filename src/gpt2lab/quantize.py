@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from gpt2lab import native
 from gpt2lab.cpu import CPUFeatures, cpu_features
+from gpt2lab.memory import use_huge_pages
 from gpt2lab.quantize_int import (FbgemmInt8Linear, activation_bits, choose_int8_kernel, fbgemm_int8,
                                   quantize_per_channel)
 
@@ -417,6 +418,7 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
             choose_kernels(dtype, CPUFeatures(), 1, False, False)
     if dtype == "fp32":
         if plan.block is nn.Linear:  # the native kernel reads the float32 weights as they are
+            use_huge_pages(model)  # in 2 MiB pages (memory.py)
             return model
         if plan.block is TransposedLinear:
             return _transpose_wide(model)
@@ -434,6 +436,8 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
             model.wte = LowPrecisionEmbedding(model.lm_head.weight)  # the head's own bf16 table
     else:
         convert_int8(model, "fbgemm" if plan.block is FbgemmInt8Linear else "int8pack")  # Int8Linear: native too
+    if plan.block in NATIVE_LAYERS.values():
+        use_huge_pages(model)  # the weights the native step streams, in 2 MiB pages (memory.py)
     return model
 
 
