@@ -46,6 +46,8 @@ def test_big_parameters_move_with_their_values_identity_and_tie():
     assert model.h[0].mlp.c_fc.weight.data_ptr() == small  # small tensors stay where they are
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name])
+    ptr = model.wte.weight.data_ptr()
+    assert memory.use_huge_pages(model) == 0 and model.wte.weight.data_ptr() == ptr  # already there: no second copy
 
 
 @needs_thp

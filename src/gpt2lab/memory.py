@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20  # bytes; tensors smaller than this gain nothing and stay where they are
+_PLACED: set[int] = set()  # start addresses of the tensors placed here, so a second pass does not copy them again
 
 
 def huge_pages_supported() -> bool:
@@ -37,7 +38,9 @@ def huge_page_empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> 
     region.madvise(mmap.MADV_HUGEPAGE)
     start = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
     offset = (-start) % HUGE_PAGE
-    return torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
+    tensor = torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
+    _PLACED.add(tensor.data_ptr())
+    return tensor
 
 
 def _whole_storage(t: torch.Tensor) -> bool:
@@ -50,7 +53,8 @@ def use_huge_pages(module: nn.Module, copy: bool = True) -> int:
     """Move every CPU parameter and buffer of `module` of at least HUGE_PAGE bytes into huge-page memory, in place;
     returns the bytes moved. Parameters keep their identity (`p.data` is swapped, so ties and optimizer state hold);
     a buffer held by several modules (a tied head and embedding table) is moved once and swapped in all of them.
-    A tensor that shares its storage with another tensor (a view) is left alone. `copy=False` skips copying the
+    A tensor that shares its storage with another tensor (a view), or is already in such memory, is left alone.
+    `copy=False` skips copying the
     values, for tensors about to be overwritten (a model being loaded)."""
     if not huge_pages_supported():
         return 0
@@ -69,7 +73,7 @@ def use_huge_pages(module: nn.Module, copy: bool = True) -> int:
     with torch.no_grad():
         for key, t in tensors.items():
             nbytes = t.numel() * t.element_size()
-            if (t.device.type != "cpu" or nbytes < HUGE_PAGE or not _whole_storage(t)
+            if (t.device.type != "cpu" or nbytes < HUGE_PAGE or not _whole_storage(t) or t.data_ptr() in _PLACED
                     or len(by_storage[t.untyped_storage().data_ptr()]) > 1):
                 continue
             new = huge_page_empty(t.shape, t.dtype)
