@@ -19,8 +19,8 @@ prepared for inference in fp32, bf16 and int8.
 
 Speed: batch 1, greedy, decode-only tokens/s of 128 new tokens after a 16-token prompt, i.e. (128 - 1) / (time of
 128 tokens - time of 1 token), each time the best of `--repeats`. Rounds alternate the variants, each gpt2lab
-precision next to its llama.cpp peer, so a noisy machine hits both alike; the ratios gpt2lab / llama.cpp are taken
-within a round and printed as a range over rounds.
+precision next to its llama.cpp peer (the pairs in an order rotated each round), so a noisy machine hits both alike;
+the ratios gpt2lab / llama.cpp are taken within a round and printed as a range over rounds.
 
 Agreement: random weights repeat one token, so greedy agreement on them proves nothing. The script trains a small
 model with GPT-2's vocabulary for `--train-seconds` on Shakespeare (obtained by `gpt2lab.data`; a generated counting
