@@ -449,7 +449,7 @@ static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b,
     const float scale = 1.0f / sqrtf((float)D);
     float mx = -INFINITY;
     for (int64_t t = 0; t < T; t++) {
-        if (keep && !keep[t]) continue;
+        if (keep && !keep[t]) { scores[t] = -INFINITY; continue; }
         const float* kt = K + t * D;
         __m256 acc = _mm256_setzero_ps();
         int64_t i = 0;
@@ -462,10 +462,19 @@ static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b,
     float* out = S.att + b * C + h * D;
     for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
     if (mx == -INFINITY) return;  // every column masked: SDPA would give NaN; the caller never asks for this row
-    float total = 0.0f;
-    for (int64_t t = 0; t < T; t++) {
-        if (keep && !keep[t]) { scores[t] = 0.0f; continue; }
-        scores[t] = exp1(scores[t] - mx);
+    // softmax numerators e^(s - max), 8 at a time; a masked column (-inf) gets exactly 0
+    const __m256 vmx = _mm256_set1_ps(mx), masked = _mm256_set1_ps(-INFINITY);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) {
+        const __m256 sv = _mm256_loadu_ps(scores + t);
+        const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sv, vmx)), _mm256_cmp_ps(sv, masked, _CMP_NEQ_OQ));
+        _mm256_storeu_ps(scores + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum(sum);
+    for (; t < T; t++) {
+        scores[t] = scores[t] == -INFINITY ? 0.0f : exp1(scores[t] - mx);
         total += scores[t];
     }
     const float inv = 1.0f / total;
