@@ -271,8 +271,8 @@ def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) 
 # ------------------------------------------------------------------------------------------------------ speed
 def rotate_pairs(variants: list[Variant], shift: int) -> list[Variant]:
     """The variants in a rotated order for round `shift`: the first alone, then the (gpt2lab, llama.cpp) pairs, as
-    groups that stay together, rotated by `shift`, so no variant always runs right after the same other one (a side
-    that runs right after the other's threads stop can find the cores still busy)."""
+    groups that stay together, rotated by `shift`, so no group always runs right after the same other group (a side
+    that runs right after another's threads stop can find the cores still busy)."""
     groups = [variants[:1]] + [variants[i:i + 2] for i in range(1, len(variants), 2)]
     k = shift % len(groups)
     return [v for group in groups[k:] + groups[:k] for v in group]

@@ -27,15 +27,26 @@ def _torch_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _native_kernel(tmp_path_factory):
-    """The native decode kernel is built once per session, into a temporary cache rather than the user's."""
+def pytest_configure(config):
+    """The native decode kernel is built once per session into a temporary cache, before any test module (some ask
+    for it when imported, to decide their skips) could build it into the user's cache."""
+    import os
+    import shutil
+    import tempfile
+
     from gpt2lab import native
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPT2LAB_CACHE", str(tmp_path_factory.mktemp("native-cache")))
+    folder = tempfile.mkdtemp(prefix="gpt2lab-native-")
+    before = os.environ.get("GPT2LAB_CACHE")
+    os.environ["GPT2LAB_CACHE"] = folder
+    try:
         native.library()
-    yield
+    finally:
+        if before is None:
+            del os.environ["GPT2LAB_CACHE"]
+        else:
+            os.environ["GPT2LAB_CACHE"] = before
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture

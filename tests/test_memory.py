@@ -104,3 +104,17 @@ def test_without_huge_pages_nothing_moves(monkeypatch):
     model = tied_model()
     ptr = model.wte.weight.data_ptr()
     assert memory.use_huge_pages(model) == 0 and model.wte.weight.data_ptr() == ptr
+
+
+@needs_thp
+def test_a_loaded_sinusoidal_model_keeps_its_position_table(tmp_path):
+    """The fixed sinusoids are not in the file; a table of 2 MiB or more must not be left as empty huge pages."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_ctx=1024, n_layer=1, n_head=2, n_embd=512, pos_encoding="sinusoidal")).eval()
+    assert model.wpe.weight.numel() * 4 >= memory.HUGE_PAGE
+    model.save_pretrained(tmp_path / "m")
+    loaded = GPT.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.wpe.weight, model.wpe.weight)
+    idx = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx))

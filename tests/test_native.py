@@ -100,3 +100,25 @@ def test_the_kernel_shares_torchs_openmp_runtime():
     finally:
         torch.set_num_threads(before)
     assert os.path.basename(native.SOURCE) == "decode_step.cpp"
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(monkeypatch, tmp_path):
+    """A truncated file in the cache (a crash mid-copy, another system's build) is replaced, not trusted forever."""
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "cpu_features", lambda: ZEN3)
+    cxx = fake_compiler(tmp_path, 'while [ "$1" != "-o" ]; do shift; done; echo rebuilt > "$2"\n')
+    monkeypatch.setattr(native, "compiler", lambda: cxx)
+    path = native.library_path(native.SOURCE.read_text(), native.compile_flags(ZEN3), native._compiler_version(cxx))
+    path.parent.mkdir(parents=True)
+    path.write_text("truncated")
+    assert native._load() is None  # the fake compiler's output does not load either: a reason, no exception
+    assert path.read_text() == "rebuilt\n"
+    assert "did not build or load" in native.unavailable_reason()
+
+
+def test_a_missing_source_file_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "cpu_features", lambda: ZEN3)
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "missing.cpp")
+    assert native._load() is None
+    assert "did not build or load" in native.unavailable_reason()

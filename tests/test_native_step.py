@@ -210,11 +210,102 @@ def test_native_step_on_int8_weights_equals_its_reference_arithmetic():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
-def test_int8_layers_whose_width_is_not_whole_blocks_are_not_native():
-    model = to_int8(make_model(CONFIGS["tiny"]))  # n_embd 16: not a multiple of 32
-    assert linear_kind(model.h[0].attn.c_attn) is None
-    assert not NativeStep.applies(model)
-    assert isinstance(decode_step_for(model), FlatStep)
+@needs_kernel
+@pytest.mark.parametrize("name,batch", [("tiny", 1), ("tiny", 5), ("wide", 8)])
+def test_int8_at_any_width_and_batch_equals_its_reference_arithmetic(name, batch):
+    """n_embd 16 (no whole 32-byte block: scalar tails) and 32; batches that take the four-row int8 kernel."""
+    model = to_int8(model_for(name))
+    V = model.config.vocab_size
+    assert linear_kind(model.h[0].attn.c_attn) == 2 and NativeStep.applies(model)
+    reference = copy.deepcopy(model)
+    _replace_linears(reference, Int8Reference)
+    reference.lm_head = Int8Reference(reference.lm_head)
+    prompt, tokens = random_steps(V, batch, 3, seed=10)
+    ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_int8_weights_of_minus_128_keep_their_sign():
+    """torch's int8 layers accept -128, which AVX2's byte sign instruction cannot negate; the kernel moves the sign
+    onto the activations instead. Rows of 1, 4 and 5 inputs take each int8 kernel."""
+    model = to_int8(model_for("wide"))
+    with torch.no_grad():
+        for layer in (model.h[0].mlp.c_fc, model.h[1].attn.c_attn, model.lm_head):
+            layer.weight[::3, ::5] = -128
+    reference = copy.deepcopy(model)
+    _replace_linears(reference, Int8Reference)
+    reference.lm_head = Int8Reference(reference.lm_head)
+    for batch in (1, 4, 5):
+        prompt, tokens = random_steps(211, batch, 2, seed=11)
+        ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
+        for a, b in zip(ref, fast):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+@pytest.mark.parametrize("batch", [4, 5, 8, 9])
+def test_batches_that_take_the_two_by_four_kernel_equal_the_modules(kind, batch):
+    model = model_for("wide")
+    if kind == "bf16":
+        model = to_bf16(model)
+    reference = dequantized(copy.deepcopy(model)) if kind == "bf16" else model
+    prompt, tokens = random_steps(211, batch, 3, seed=12)
+    ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
+    assert_as_exact_as_the_modules(float64_logits(reference, prompt, tokens), ref, fast)
+
+
+@needs_kernel
+def test_rows_retired_mid_decode_keep_their_own_cache_rows():
+    """After `Decoder.retire` the active rows are the first rows of a cache allocated for more: the native step
+    indexes the cache by its allocated batch and gives each remaining row what a decode of that row alone gives."""
+    model = model_for("wide", sharpen=False)
+    prompt, _ = random_steps(211, 3, 0, seed=13)
+    decoder = Decoder(model, prompt, max_new_tokens=6)
+    assert isinstance(decoder.fast_step, NativeStep)
+    decoder.prefill()
+    tokens = torch.tensor([5, 6, 7])
+    decoder.step(tokens)
+    decoder.retire(torch.tensor([0, 2]))  # row 1 finished
+    got = decoder.step(torch.tensor([8, 9]))
+    for i, row in enumerate((0, 2)):
+        alone = Decoder(model, prompt[row:row + 1], max_new_tokens=6, make_step=lambda m: None)
+        alone.prefill()
+        alone.step(tokens[row:row + 1])
+        want = alone.step(torch.tensor([[8, 9][i]]))
+        torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_a_weight_moved_after_the_step_was_built_is_refused_not_read():
+    from gpt2lab import memory
+
+    model = model_for("wide")
+    step = NativeStep(model)
+    cache = KVCache.for_model(model, 1, max_length=4)
+    with torch.no_grad():
+        model.h[1].mlp.c_fc.weight.data = model.h[1].mlp.c_fc.weight.data.clone()  # as a conversion or .half() does
+        with pytest.raises(RuntimeError, match="moved after this decode step was built"):
+            step(torch.zeros(1, dtype=torch.long), cache)
+    assert cache.length == 0
+    assert memory.HUGE_PAGE > 0  # the memory module moves weights the same way (p.data swapped)
+
+
+@needs_kernel
+def test_masks_and_positions_of_the_wrong_shape_are_refused():
+    model = model_for("wide")
+    step = NativeStep(model)
+    cache = KVCache.for_model(model, 2, max_length=8)
+    with torch.no_grad():
+        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
+    tokens = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, S\) = \(2, 4\)"):
+        step(tokens, cache, attention_mask=torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="one position per row"):
+        step(tokens, cache, positions=torch.zeros(3, 1, dtype=torch.long))
+    assert cache.length == 3
 
 
 @needs_kernel
@@ -310,13 +401,3 @@ def test_prepared_models_decode_through_the_native_step(dtype):
         cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
         assert cos.min() > (0.99999 if dtype == "fp32" else 0.99), cos
         tokens = want.argmax(-1)
-
-
-@needs_kernel
-def test_int8_widths_that_are_not_whole_blocks_keep_the_torch_layers():
-    from gpt2lab.inference import prepare_for_inference
-    from gpt2lab.quantize_int import FbgemmInt8Linear
-
-    model = prepare_for_inference(make_model(CONFIGS["tiny"]), "int8")  # n_embd 16
-    assert type(model.lm_head) in (FbgemmInt8Linear, Int8Linear)
-    assert not NativeStep.applies(model)

@@ -404,13 +404,13 @@ def load_model(path_or_name: str | os.PathLike[str], device: str | torch.device 
     with torch.device("meta"):
         model = model_class(config)
     model = model.to_empty(device="cpu")
+    if str(device) == "cpu" and dtype is None:  # big weights in 2 MiB pages, where a decode step streams them
+        use_huge_pages(model, copy=False)  # (memory.py); uninitialized, like to_empty's: the file fills them below
     if config.pos_encoding == "sinusoidal":  # buffers are not in the file's state; rebuild them after to_empty
         from gpt2lab.model import sinusoidal_table
 
         model.wpe.weight = sinusoidal_table(config.n_ctx, config.n_embd)
     model.lm_head.weight = model.wte.weight  # to_empty keeps the tie, but be explicit
-    if str(device) == "cpu" and dtype is None:
-        use_huge_pages(model, copy=False)  # big weights in 2 MiB pages: a decode step streams them (memory.py)
     import_state_dict(model, tensors, source=str(directory))
     model.eval()
     return model.to(device=device, dtype=dtype) if (dtype is not None or str(device) != "cpu") else model

@@ -61,9 +61,11 @@ StepFactory = Callable[[GPT], Optional[DecodeStep]]
 
 
 def default_step(model: GPT) -> Optional[DecodeStep]:
-    """The decode step a `Decoder` uses unless given a `make_step`, where it computes exactly what the model's forward
-    does (eval mode, stock blocks, no hooks): the native kernel's `NativeStep` where that is built and reads every
-    layer, else `FlatStep`; else None, so the modules run (`gpt2lab.native_step.decode_step_for`).
+    """The decode step a `Decoder` uses unless given a `make_step`, where it computes the model's forward (eval
+    mode, stock blocks, no hooks): the native kernel's `NativeStep` where that is built and reads every layer, else
+    `FlatStep`; else None, so the modules run (`gpt2lab.native_step.decode_step_for`). In float32 both compute the
+    modules' function; for bf16 and int8 weights the native step does the precision's arithmetic its own way (see
+    native_step.py).
 
     Another step (the compiled one of gpt2lab.compiled_step) is chosen per call with `make_step`; a
     step that keeps state across calls (a compiled graph) is built once and handed back for every decode:

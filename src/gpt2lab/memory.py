@@ -2,9 +2,8 @@
 
 Why: a batch-1 decode step streams every weight from memory once, about 500 MB for GPT-2 small in float32. In 4 KiB
 pages that is some 120,000 pages a token, each needing its own address translation, and where the pages happen to
-lie in physical memory changes the speed: two copies of the same model in one process decoded 20-40% apart on the
-development machine. Weights in 2 MiB pages need 500 times fewer translations; the same model decoded 1.3-1.5x
-faster there (docs/benchmarks.md).
+lie in physical memory changes the speed (two copies of one model can decode at clearly different rates). Weights in
+2 MiB pages need 512 times fewer translations; docs/benchmarks.md has the measurements.
 
 How: a private anonymous mapping per tensor, aligned to 2 MiB and marked `MADV_HUGEPAGE` (Linux's default
 `transparent_hugepage=madvise` gives huge pages only to memory that asks), wrapped as a tensor by `torch.frombuffer`.
@@ -15,12 +14,13 @@ never backed by memory. Where the platform has no such mapping (not Linux), tens
 from __future__ import annotations
 
 import mmap
+import weakref
 
 import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20  # bytes; tensors smaller than this gain nothing and stay where they are
-_PLACED: set[int] = set()  # start addresses of the tensors placed here, so a second pass does not copy them again
+_PLACED: set[int] = set()  # start addresses of live tensors placed here, so a second pass does not copy them again
 
 
 def huge_pages_supported() -> bool:
@@ -40,6 +40,7 @@ def huge_page_empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> 
     offset = (-start) % HUGE_PAGE
     tensor = torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
     _PLACED.add(tensor.data_ptr())
+    weakref.finalize(region, _PLACED.discard, tensor.data_ptr())  # the mapping lives as long as the tensor's storage
     return tensor
 
 

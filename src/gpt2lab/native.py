@@ -1,8 +1,8 @@
 """The native decode kernel: csrc/decode_step.cpp, compiled for this CPU at first use and loaded with ctypes.
 
 Why build at run time: the kernel is written for the instruction sets this CPU reports (AVX2 with FMA and F16C), and
-the machines gpt2lab runs on change, so it is compiled here, for here, by the system's C++ compiler (about two
-seconds), and cached: `$GPT2LAB_CACHE/native/decode_step-<hash>.so`, where the hash covers the source, the flags and
+the machines gpt2lab runs on change, so it is compiled here, for here, by the system's C++ compiler (a few seconds,
+once), and cached: `$GPT2LAB_CACHE/native/decode_step-<hash>.so`, where the hash covers the source, the flags and
 the compiler, so an edit or a new compiler builds a new file and never reuses a stale one. The file is written
 atomically; concurrent first uses each build their own temporary file and the last rename wins.
 
@@ -89,11 +89,15 @@ def _load() -> Optional[ctypes.CDLL]:
     if cxx is None:
         _reason = "no C++ compiler found (set CXX, or install g++)"
         return None
-    path = library_path(SOURCE.read_text(), flags, _compiler_version(cxx))
     try:
+        path = library_path(SOURCE.read_text(), flags, _compiler_version(cxx))
         if not path.exists():
             build(cxx, flags, path)
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a cached file that does not load (truncated, from another system): build it again, once
+            build(cxx, flags, path)
+            lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _reason = f"the native kernel did not build or load: {exc}"
         return None

@@ -14,9 +14,13 @@ usual `KVCache`, so prefill (through the modules) and steps (here) share it.
     tokens (B,) ─ wte + wpe (PyTorch) ─► x (B, C) ─ gpt2lab_decode_step (C++) ─► logits (B, V)
                                                       └─ writes K, V of this token into cache column `pos`
 
-`NativeStep.applies(model)` says where it computes what the modules do: FlatStep's conditions, a float32 model of
-the stock layer kinds above on the CPU, and the kernel library built (gpt2lab.native). Tests compare it with the
-modules for every layer kind, activation, padding, and batch size.
+`NativeStep.applies(model)` says where it runs: FlatStep's conditions (eval mode, stock blocks, no hooks), the
+layer kinds above on the CPU, and the kernel library built (gpt2lab.native). In float32 it computes the modules'
+function (summed in another order; tests hold it to float32's own error against float64). For bf16 and int8 it
+computes the precision's arithmetic its own way, not the layers' torch forward: bf16 weights times float32
+activations (the layers round the activations to bf16 on CPUs without bf16 dot products), and int8 weights times
+activations rounded per row to int8 (the layers use bf16 activations). Tests compare those with a float32 model of
+the same weights and with a plain-PyTorch reference of the int8 arithmetic.
 """
 
 from __future__ import annotations
@@ -73,10 +77,11 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
     """The kernel's weight kind for a linear layer it can read in place, or None."""
     if type(layer) is nn.Linear and _plain_f32(layer.weight) and _plain_f32(layer.bias):
         return _F32
-    if type(layer) is BF16Linear and layer.weight.is_contiguous() and _plain_f32(layer.bias):
+    if (type(layer) is BF16Linear and layer.weight.dtype == torch.bfloat16 and layer.weight.device.type == "cpu"
+            and layer.weight.is_contiguous() and _plain_f32(layer.bias)):
         return _BF16
-    if type(layer) is Int8Linear and layer.weight.is_contiguous() and layer.in_features % 32 == 0 \
-            and _plain_f32(layer.bias):
+    if (type(layer) is Int8Linear and layer.weight.dtype == torch.int8 and layer.weight.device.type == "cpu"
+            and layer.weight.is_contiguous() and _plain_f32(layer.bias)):
         return _INT8
     return None
 
@@ -101,18 +106,38 @@ class NativeStep:
         self.model = model
         self.vocab_size = model.lm_head.out_features
         self.n_embd, self.ffn = cfg.n_embd, model.h[0].mlp.c_fc.out_features
-        self._keep: list[torch.Tensor] = []  # tensors whose memory the kernel reads (kept alive with the step)
+        self._keep: list[torch.Tensor] = []  # every tensor whose memory the kernel reads, kept alive with the step
+        self._sources: list[tuple[dict, str, Optional[int]]] = []  # (module's tensor table, name, address) checked
         layers = (_Layer * cfg.n_layer)()
         for i, b in enumerate(model.h):
-            layers[i] = _Layer(_ptr(b.ln_1.weight), _ptr(b.ln_1.bias), self._linear(b.attn.c_attn),
-                               self._linear(b.attn.c_proj), _ptr(b.ln_2.weight), _ptr(b.ln_2.bias),
+            layers[i] = _Layer(self._addr(b.ln_1, "weight"), self._addr(b.ln_1, "bias"), self._linear(b.attn.c_attn),
+                               self._linear(b.attn.c_proj), self._addr(b.ln_2, "weight"), self._addr(b.ln_2, "bias"),
                                self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj))
         self._layers = layers
         self._model = _Model(cfg.n_layer, cfg.n_embd, cfg.n_head, self.ffn, cfg.layer_norm_eps,
-                             _ACTIVATIONS[cfg.activation], ctypes.addressof(layers), _ptr(model.ln_f.weight),
-                             _ptr(model.ln_f.bias), self._linear(model.lm_head))
+                             _ACTIVATIONS[cfg.activation], ctypes.addressof(layers), self._addr(model.ln_f, "weight"),
+                             self._addr(model.ln_f, "bias"), self._linear(model.lm_head))
         self.positions = model.wpe.weight  # (n_ctx, C)
         self._scratch: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+
+    def _addr(self, module: nn.Module, name: str) -> Optional[int]:
+        """The address of `module.name` (None for an absent bias), kept alive and remembered for `_check`."""
+        table = module._parameters if name in module._parameters else module._buffers
+        t = table.get(name)
+        address = None if t is None else t.data_ptr()
+        if t is not None:
+            self._keep.append(t)
+        self._sources.append((table, name, address))
+        return address
+
+    def _check(self) -> None:
+        """Refuse to run if a weight the kernel reads has moved since the step was built (`p.data` swapped by a
+        conversion, `.half()`, huge pages): the kernel would read the old memory. A step is built per decode."""
+        for table, name, address in self._sources:
+            t = table.get(name)
+            if (None if t is None else t.data_ptr()) != address:
+                raise RuntimeError(f"a weight of the model ({name}) moved after this decode step was built; "
+                                   "build a new step (generate builds one per call)")
 
     def _linear(self, layer: nn.Module) -> _Linear:
         kind = linear_kind(layer)
@@ -120,14 +145,17 @@ class NativeStep:
             raise TypeError(f"the native decode step cannot read a {type(layer).__name__} layer")
         scale = None
         if kind == _INT8:
+            self._addr(layer, "scale")
             scale = layer.scale.float().contiguous()  # (N,) the kernel multiplies in float32
             self._keep.append(scale)
-        weight = layer.weight
-        return _Linear(weight.data_ptr(), _ptr(scale), _ptr(layer.bias), weight.size(0), weight.size(1), kind)
+        weight = self._addr(layer, "weight")
+        return _Linear(weight, _ptr(scale), self._addr(layer, "bias"), layer.weight.size(0), layer.weight.size(1),
+                       kind)
 
     @staticmethod
     def applies(model: GPT) -> bool:
-        """Whether the native step computes what the modules do for `model`, and the kernel is available here."""
+        """Whether the native step can decode `model` here: the kernel is built and reads every layer (see the module
+    docstring for what it computes in each precision)."""
         if not FlatStep.applies(model) or model.config.activation not in _ACTIVATIONS:
             return False
         norms = [t for b in model.h for t in (b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias)]
@@ -159,6 +187,13 @@ class NativeStep:
             raise ValueError(f"KV cache holds {cache.batch_size} active rows, got {B} tokens")
         if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
             raise TypeError("the native decode step needs a contiguous float32 KV cache on the CPU")
+        if positions is not None and positions.numel() != B:
+            raise ValueError(f"positions must hold one position per row ({B}), got shape {tuple(positions.shape)}")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.size(0) != B
+                                           or attention_mask.size(1) != pos + 1):
+            raise ValueError(f"attention_mask must be (B, S) = ({B}, {pos + 1}) over the cached positions and the new "
+                             f"one, got shape {tuple(attention_mask.shape)}")
+        self._check()
         pos_emb = self.positions[pos] if positions is None else self.positions[positions.view(-1)]  # (C,) or (B, C)
         x = (self.model.wte(tokens) + pos_emb).float().contiguous()  # (B, C), becomes the final residual stream
         mask = None

@@ -103,7 +103,7 @@ class Int8Linear(_WeightOnlyLinear):
         super().__init__(qweight.size(0), qweight.size(1), bias)
         self.register_buffer("weight", qweight)  # (N, K) int8
         self.register_buffer("scale", scale.float())  # (N,) float32: the native kernel's and the dequantized weight's
-        self.register_buffer("kernel_scale", scale.to(KERNEL_DTYPE))  # (N,) int8pack takes them in bf16
+        self.register_buffer("kernel_scale", scale.to(KERNEL_DTYPE), persistent=False)  # (N,) int8pack's, in bf16
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -388,21 +388,12 @@ def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool
     raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
 
 
-def plan_for_this_cpu(dtype: str, model: Optional["GPT"] = None) -> KernelPlan:
-    """`choose_kernels` for this CPU, the current thread count and what this torch build offers; with `model`, the
-    native kernel only where it can read every layer of that model in `dtype` (int8 needs widths in whole blocks
-    of 32)."""
+def plan_for_this_cpu(dtype: str) -> KernelPlan:
+    """`choose_kernels` for this CPU, the current thread count and what this torch build offers (the native kernel
+    included)."""
     fbgemm = fbgemm_int8() if dtype == "int8" else fbgemm_half()
-    use_native = native.library() is not None and (model is None or native_fits(model, dtype))
-    return choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm, use_native)
-
-
-def native_fits(model: "GPT", dtype: str) -> bool:
-    """Whether the native kernel can read every linear layer of `model` once converted to `dtype`."""
-    if dtype != "int8":
-        return True
-    return all(m.in_features % 32 == 0 for m in model.h.modules() if isinstance(m, nn.Linear)) \
-        and model.config.n_embd % 32 == 0
+    return choose_kernels(dtype, cpu_features(), torch.get_num_threads(), onednn_linear(), fbgemm,
+                          native.library() is not None)
 
 
 def convert_weights(model: "GPT", dtype: str) -> "GPT":
@@ -412,7 +403,7 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     if dtype not in ("fp32", "bf16", "int8"):
         raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
     if model.wte.weight.device.type == "cpu":
-        plan = plan_for_this_cpu(dtype, model)
+        plan = plan_for_this_cpu(dtype)
     else:  # other devices: the portable layers
         plan = KernelPlan(TransposedLinear, TransposedLinear) if dtype == "fp32" else \
             choose_kernels(dtype, CPUFeatures(), 1, False, False)

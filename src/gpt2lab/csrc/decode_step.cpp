@@ -149,8 +149,8 @@ static void layer_norm(const float* x, const float* w, const float* b, float eps
 
 // ------------------------------------------------------------------------------------- matrix-vector products
 // One dot product of a weight row with an input row. A thread walks its weight rows one after the other: a single
-// sequential stream is what the hardware prefetcher follows best (interleaving four rows streamed at a third of the
-// speed on an AVX2 EPYC; docs/benchmarks.md). Four accumulators keep four FMAs in flight per row.
+// sequential stream is what the hardware prefetcher follows best (interleaving four rows streamed far slower;
+// docs/benchmarks.md). Four accumulators keep four FMAs in flight per row.
 
 static inline __m256 load_bf16(const uint16_t* p) {  // 8 bf16 -> 8 float: bf16 is the top half of a float
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -193,21 +193,22 @@ static float dot_bf16(const uint16_t* w, const float* x, int64_t K) {
     return s;
 }
 
-// int8 x int8 -> int32 for 32 values: AVX2 multiplies unsigned by signed bytes, so the sign of x moves onto w.
-// With both in [-127, 127] a pair of products (at most 2 * 127 * 127) fits the 16-bit sum without saturating.
-static inline __m256i dot32_i8(__m256i x, __m256i w) {
-    __m256i prod16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));  // |x| * (w sign(x))
-    return _mm256_madd_epi16(prod16, _mm256_set1_epi16(1));  // pairs of 16-bit sums -> 8 x int32
+// int8 x int8 -> int32 for 32 values. AVX2 multiplies unsigned by signed bytes, so the sign of w moves onto x:
+// |w| * (x sign(w)) = w x. |w| of -128 reads as the unsigned byte 128, and x is in [-127, 127] (quantize_rows), so
+// every product is exact and a pair of them (at most 2 * 128 * 127) fits the 16-bit sum without saturating.
+static inline __m256i dot32_i8(__m256i abs_w, __m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
 }
 
 static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
-        a0 = _mm256_add_epi32(a0, dot32_i8(_mm256_loadu_si256((const __m256i*)(x + k)),
-                                           _mm256_loadu_si256((const __m256i*)(w + k))));
-        a1 = _mm256_add_epi32(a1, dot32_i8(_mm256_loadu_si256((const __m256i*)(x + k + 32)),
-                                           _mm256_loadu_si256((const __m256i*)(w + k + 32))));
+        const __m256i w0 = _mm256_loadu_si256((const __m256i*)(w + k));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i*)(w + k + 32));
+        a0 = _mm256_add_epi32(a0, dot32_i8(_mm256_sign_epi8(w0, w0), w0, _mm256_loadu_si256((const __m256i*)(x + k))));
+        a1 = _mm256_add_epi32(a1, dot32_i8(_mm256_sign_epi8(w1, w1), w1,
+                                           _mm256_loadu_si256((const __m256i*)(x + k + 32))));
     }
     int32_t s = hsum_i32(_mm256_add_epi32(a0, a1));
     for (; k < K; k++) s += (int32_t)w[k] * x[k];
@@ -276,7 +277,7 @@ static void dot4_bf16(const uint16_t* w, const float* x, int64_t K, float* out) 
 }
 
 // How many rows ahead the batched kernels prefetch: with several input rows a pass computes long enough that the
-// hardware prefetcher alone falls behind (two rows ahead measured best; docs/benchmarks.md). A prefetch never faults,
+// hardware prefetcher alone falls behind (the distance is chosen in docs/benchmarks.md). A prefetch never faults,
 // so asking for rows past the matrix's end is harmless.
 static constexpr int64_t PREFETCH_ROWS = 2;
 
@@ -328,11 +329,6 @@ static void dot2x4_bf16(const uint16_t* w, const float* x, int64_t K, float* out
             for (int r = 0; r < 4; r++) out[j * 4 + r] += bf16_to_float(w[j * K + k]) * x[r * K + k];
 }
 
-// Here the sign moves the other way, onto x, so |w| is computed once for the four rows.
-static inline __m256i dot32_i8_abs_w(__m256i abs_w, __m256i w, __m256i x) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
-}
-
 static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
     const int8_t *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
@@ -340,10 +336,10 @@ static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
     for (; k + 32 <= K; k += 32) {
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + k)), aw = _mm256_sign_epi8(wv, wv);
         _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
-        a0 = _mm256_add_epi32(a0, dot32_i8_abs_w(aw, wv, _mm256_loadu_si256((const __m256i*)(x0 + k))));
-        a1 = _mm256_add_epi32(a1, dot32_i8_abs_w(aw, wv, _mm256_loadu_si256((const __m256i*)(x1 + k))));
-        a2 = _mm256_add_epi32(a2, dot32_i8_abs_w(aw, wv, _mm256_loadu_si256((const __m256i*)(x2 + k))));
-        a3 = _mm256_add_epi32(a3, dot32_i8_abs_w(aw, wv, _mm256_loadu_si256((const __m256i*)(x3 + k))));
+        a0 = _mm256_add_epi32(a0, dot32_i8(aw, wv, _mm256_loadu_si256((const __m256i*)(x0 + k))));
+        a1 = _mm256_add_epi32(a1, dot32_i8(aw, wv, _mm256_loadu_si256((const __m256i*)(x1 + k))));
+        a2 = _mm256_add_epi32(a2, dot32_i8(aw, wv, _mm256_loadu_si256((const __m256i*)(x2 + k))));
+        a3 = _mm256_add_epi32(a3, dot32_i8(aw, wv, _mm256_loadu_si256((const __m256i*)(x3 + k))));
     }
     out[0] = hsum_i32(a0); out[1] = hsum_i32(a1); out[2] = hsum_i32(a2); out[3] = hsum_i32(a3);
     for (; k < K; k++) {
