@@ -154,8 +154,8 @@ class NativeStep:
 
     @staticmethod
     def applies(model: GPT) -> bool:
-        """Whether the native step can decode `model` here: the kernel is built and reads every layer (see the module
-    docstring for what it computes in each precision)."""
+        """Whether the native step can decode `model` here: the kernel is built and reads every layer (the module
+        docstring says what it computes in each precision)."""
         if not FlatStep.applies(model) or model.config.activation not in _ACTIVATIONS:
             return False
         norms = [t for b in model.h for t in (b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias)]
@@ -211,8 +211,8 @@ class NativeStep:
 
 
 def decode_step_for(model: GPT) -> Optional[NativeStep | FlatStep]:
-    """The fastest exact one-token step for `model`: the native kernel where it applies, else the flat PyTorch step
-    where that applies, else None (the modules run)."""
+    """The fastest one-token step for `model`: the native kernel where it applies, else the flat PyTorch step where
+    that applies, else None (the modules run)."""
     if NativeStep.applies(model):
         return NativeStep(model)
     return FlatStep(model) if FlatStep.applies(model) else None
