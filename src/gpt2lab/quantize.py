@@ -343,6 +343,7 @@ class LowPrecisionEmbedding(nn.Module):
         return rows if self.scale is None else rows * self.scale[idx].unsqueeze(-1)
 
 
+# the layer of each precision that the native decode step (gpt2lab.native_step) reads in place
 NATIVE_LAYERS: dict[str, type[nn.Module]] = {"fp32": nn.Linear, "bf16": BF16Linear, "int8": Int8Linear}
 
 
@@ -427,8 +428,8 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
             model.wte = LowPrecisionEmbedding(model.lm_head.weight)  # the head's own bf16 table
     else:
         convert_int8(model, "fbgemm" if plan.block is FbgemmInt8Linear else "int8pack")  # Int8Linear: native too
-    if plan.block in NATIVE_LAYERS.values():
-        use_huge_pages(model)  # the weights the native step streams, in 2 MiB pages (memory.py)
+    if plan.block in NATIVE_LAYERS.values():  # layers with plain weight tensors (not FBGEMM's packed ones)
+        use_huge_pages(model)  # which a decode step streams: in 2 MiB pages (memory.py)
     return model
 
 
