@@ -163,33 +163,33 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
-static float dot_f32(const float* w, const float* x, int64_t K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; k++) s += w[k] * x[k];
-    return s;
-}
+// How each kind of float weight is read: 8 at a time as floats, or one at a time. The kernels below are written
+// once over these (fp32 and bf16 differ only in the load).
+struct F32Weights {
+    using T = float;
+    static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+    static inline float one(float v) { return v; }
+};
 
-static float dot_bf16(const uint16_t* w, const float* x, int64_t K) {
+struct BF16Weights {
+    using T = uint16_t;
+    static inline __m256 load8(const uint16_t* p) { return load_bf16(p); }
+    static inline float one(uint16_t v) { return bf16_to_float(v); }
+};
+
+template <typename W>
+static float dot(const typename W::T* w, const float* x, int64_t K) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(load_bf16(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(load_bf16(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(load_bf16(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(load_bf16(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+        a0 = _mm256_fmadd_ps(W::load8(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(W::load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(W::load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(W::load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
     }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load_bf16(w + k), _mm256_loadu_ps(x + k), a0);
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(W::load8(w + k), _mm256_loadu_ps(x + k), a0);
     float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; k++) s += bf16_to_float(w[k]) * x[k];
+    for (; k < K; k++) s += W::one(w[k]) * x[k];
     return s;
 }
 
@@ -215,67 +215,6 @@ static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
     return s;
 }
 
-// The same dot products for one weight row against four input rows: each weight vector is loaded (and widened) once
-// for all four, which is what makes batched decoding cheaper per token than four single rows. Tails as above.
-static void dot4_f32(const float* w, const float* x, int64_t K, float* out /* (4,) */) {
-    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;  // a second set: eight FMA chains in flight
-    for (; k + 16 <= K; k += 16) {
-        const __m256 wv = _mm256_loadu_ps(w + k), wu = _mm256_loadu_ps(w + k + 8);
-        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
-        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
-        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
-        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
-        b0 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x0 + k + 8), b0);
-        b1 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x1 + k + 8), b1);
-        b2 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x2 + k + 8), b2);
-        b3 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x3 + k + 8), b3);
-    }
-    a0 = _mm256_add_ps(a0, b0); a1 = _mm256_add_ps(a1, b1); a2 = _mm256_add_ps(a2, b2); a3 = _mm256_add_ps(a3, b3);
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv = _mm256_loadu_ps(w + k);
-        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
-        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
-        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
-        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
-    }
-    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
-    for (; k < K; k++) { out[0] += w[k] * x0[k]; out[1] += w[k] * x1[k]; out[2] += w[k] * x2[k]; out[3] += w[k] * x3[k]; }
-}
-
-static void dot4_bf16(const uint16_t* w, const float* x, int64_t K, float* out) {
-    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;  // a second set: eight FMA chains in flight
-    for (; k + 16 <= K; k += 16) {
-        const __m256 wv = load_bf16(w + k), wu = load_bf16(w + k + 8);
-        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
-        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
-        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
-        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
-        b0 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x0 + k + 8), b0);
-        b1 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x1 + k + 8), b1);
-        b2 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x2 + k + 8), b2);
-        b3 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x3 + k + 8), b3);
-    }
-    a0 = _mm256_add_ps(a0, b0); a1 = _mm256_add_ps(a1, b1); a2 = _mm256_add_ps(a2, b2); a3 = _mm256_add_ps(a3, b3);
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv = load_bf16(w + k);
-        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
-        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
-        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
-        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
-    }
-    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
-    for (; k < K; k++) {
-        const float wk = bf16_to_float(w[k]);
-        out[0] += wk * x0[k]; out[1] += wk * x1[k]; out[2] += wk * x2[k]; out[3] += wk * x3[k];
-    }
-}
-
 // How many rows ahead the batched kernels prefetch: with several input rows a pass computes long enough that the
 // hardware prefetcher alone falls behind (the distance is chosen in docs/benchmarks.md). A prefetch never faults,
 // so asking for rows past the matrix's end is harmless.
@@ -283,7 +222,8 @@ static constexpr int64_t PREFETCH_ROWS = 2;
 
 // Two weight rows against four input rows: eight accumulators, six loads per eight FMAs (one row against four needs
 // five per four). Once a batch makes the products compute-bound, loads are what bound them.
-static void dot2x4_f32(const float* w, const float* x, int64_t K, float* out /* (2, 4) */) {
+template <typename W>
+static void dot2x4(const typename W::T* w, const float* x, int64_t K, float* out /* (2, 4) */) {
     const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     const int64_t k_end = K / 8 * 8;
@@ -293,7 +233,7 @@ static void dot2x4_f32(const float* w, const float* x, int64_t K, float* out /* 
         asm("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3));  // keep them in registers: one load each, not two
         _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
         _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);
-        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k);
+        const __m256 w0 = W::load8(w + k), w1 = W::load8(w + K + k);
         a00 = _mm256_fmadd_ps(w0, v0, a00); a01 = _mm256_fmadd_ps(w0, v1, a01);
         a02 = _mm256_fmadd_ps(w0, v2, a02); a03 = _mm256_fmadd_ps(w0, v3, a03);
         a10 = _mm256_fmadd_ps(w1, v0, a10); a11 = _mm256_fmadd_ps(w1, v1, a11);
@@ -303,32 +243,10 @@ static void dot2x4_f32(const float* w, const float* x, int64_t K, float* out /* 
     out[4] = hsum(a10); out[5] = hsum(a11); out[6] = hsum(a12); out[7] = hsum(a13);
     for (int64_t k = k_end; k < K; k++)
         for (int j = 0; j < 2; j++)
-            for (int r = 0; r < 4; r++) out[j * 4 + r] += w[j * K + k] * x[r * K + k];
+            for (int r = 0; r < 4; r++) out[j * 4 + r] += W::one(w[j * K + k]) * x[r * K + k];
 }
 
-static void dot2x4_bf16(const uint16_t* w, const float* x, int64_t K, float* out /* (2, 4) */) {
-    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    const int64_t k_end = K / 8 * 8;
-    for (int64_t k = 0; k < k_end; k += 8) {
-        __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
-        __m256 v2 = _mm256_loadu_ps(x2 + k), v3 = _mm256_loadu_ps(x3 + k);
-        asm("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3));  // keep them in registers: one load each, not two
-        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
-        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);
-        const __m256 w0 = load_bf16(w + k), w1 = load_bf16(w + K + k);
-        a00 = _mm256_fmadd_ps(w0, v0, a00); a01 = _mm256_fmadd_ps(w0, v1, a01);
-        a02 = _mm256_fmadd_ps(w0, v2, a02); a03 = _mm256_fmadd_ps(w0, v3, a03);
-        a10 = _mm256_fmadd_ps(w1, v0, a10); a11 = _mm256_fmadd_ps(w1, v1, a11);
-        a12 = _mm256_fmadd_ps(w1, v2, a12); a13 = _mm256_fmadd_ps(w1, v3, a13);
-    }
-    out[0] = hsum(a00); out[1] = hsum(a01); out[2] = hsum(a02); out[3] = hsum(a03);
-    out[4] = hsum(a10); out[5] = hsum(a11); out[6] = hsum(a12); out[7] = hsum(a13);
-    for (int64_t k = k_end; k < K; k++)
-        for (int j = 0; j < 2; j++)
-            for (int r = 0; r < 4; r++) out[j * 4 + r] += bf16_to_float(w[j * K + k]) * x[r * K + k];
-}
-
+// One int8 weight row against four input rows: the row is loaded, and |w| computed, once for the four.
 static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
     const int8_t *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
@@ -366,36 +284,41 @@ enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 // out (B, N) = x (B, K) W^T + b, for this thread's share of the N rows; int8 layers read this thread's quantized
 // copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For B > 1 each
 // weight row stays in L1 while every input row passes, so the weights still come from memory once.
+// The dot products of weight rows [n, n + rows_w) with input rows [r0, r0 + rows) into v (rows_w, 4): the batched
+// kernels where a whole group fits (two float rows x four inputs; one int8 row x four inputs), else one by one.
+static void products(const Linear& L, const float* x, const int8_t* xq, int64_t n, int64_t r0, int64_t rows,
+                     int64_t rows_w, float* v) {
+    const int64_t K = L.k;
+    if (rows == 4 && rows_w == 2) {
+        if (L.kind == F32) dot2x4<F32Weights>((const float*)L.weight + n * K, x + r0 * K, K, v);
+        else dot2x4<BF16Weights>((const uint16_t*)L.weight + n * K, x + r0 * K, K, v);
+        return;
+    }
+    if (rows == 4 && L.kind == INT8) {
+        int32_t iv[4];
+        dot4_i8((const int8_t*)L.weight + n * K, xq + r0 * K, K, iv);
+        for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
+        return;
+    }
+    for (int64_t i = 0; i < rows_w; i++)
+        for (int64_t j = 0; j < rows; j++) {
+            const int64_t r = r0 + j, m = n + i;
+            float& d = v[i * 4 + j];
+            if (L.kind == F32) d = dot<F32Weights>((const float*)L.weight + m * K, x + r * K, K);
+            else if (L.kind == BF16) d = dot<BF16Weights>((const uint16_t*)L.weight + m * K, x + r * K, K);
+            else d = (float)dot_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
+        }
+}
+
 static void linear_block(const Linear& L, const float* x, const int8_t* xq, const float* xq_scale, int64_t B,
                          float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
-    const int64_t K = L.k;
     for (int64_t n = lo; n < hi;) {
         // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
         const int64_t rows_w = (L.kind != INT8 && B >= 4 && n + 1 < hi) ? 2 : 1;
         for (int64_t r0 = 0; r0 < B; r0 += 4) {
-            const int64_t rows = B - r0 < 4 ? B - r0 : 4;  // four input rows at a time, then one by one
+            const int64_t rows = B - r0 < 4 ? B - r0 : 4;  // four input rows at a time, then the rest
             float v[8];  // (rows_w, 4) dot products
-            if (rows == 4 && rows_w == 2) {
-                if (L.kind == F32) dot2x4_f32((const float*)L.weight + n * K, x + r0 * K, K, v);
-                else dot2x4_bf16((const uint16_t*)L.weight + n * K, x + r0 * K, K, v);
-            } else if (rows == 4) {
-                if (L.kind == F32) dot4_f32((const float*)L.weight + n * K, x + r0 * K, K, v);
-                else if (L.kind == BF16) dot4_bf16((const uint16_t*)L.weight + n * K, x + r0 * K, K, v);
-                else {
-                    int32_t iv[4];
-                    dot4_i8((const int8_t*)L.weight + n * K, xq + r0 * K, K, iv);
-                    for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
-                }
-            } else {
-                for (int64_t i = 0; i < rows_w; i++)
-                    for (int64_t j = 0; j < rows; j++) {
-                        const int64_t r = r0 + j, m = n + i;
-                        float& d = v[i * 4 + j];
-                        if (L.kind == F32) d = dot_f32((const float*)L.weight + m * K, x + r * K, K);
-                        else if (L.kind == BF16) d = dot_bf16((const uint16_t*)L.weight + m * K, x + r * K, K);
-                        else d = (float)dot_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
-                    }
-            }
+            products(L, x, xq, n, r0, rows, rows_w, v);
             for (int64_t i = 0; i < rows_w; i++)
                 for (int64_t j = 0; j < rows; j++) {
                     const int64_t r = r0 + j, m = n + i;
