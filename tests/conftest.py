@@ -234,21 +234,39 @@ def load_benchmark(name: str):
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
-def modules_and_step(model, step, prompt, tokens, positions=None, mask=None, max_length=None):
+def modules_and_step(model, step, prompt, tokens, positions=None, mask=None, max_length=None, reference=None):
     """Each step's logits through the modules and through `step` (FlatStep's signature), from two caches filled by
-    the same prefill; returns ((module logits, step logits), (module cache, step cache))."""
+    the same prefill; returns ((module logits, step logits), (module cache, step cache)). `reference` (default
+    `model`) is the model whose modules make the prefill and the module logits, for a step whose layers compute
+    differently from their own forward (the native step on bf16 or int8 layers)."""
     from gpt2lab.kv_cache import KVCache
 
+    reference = reference or model
     B, T = prompt.shape
     caches = [KVCache.for_model(model, B, max_length or T + len(tokens)) for _ in range(2)]
     out = ([], [])
     with torch.no_grad():
         for cache in caches:
-            model(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
-                  position_ids=None if positions is None else positions[:, :T])
+            reference(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
+                      position_ids=None if positions is None else positions[:, :T])
         for i, tok in enumerate(tokens):
             pos = None if positions is None else positions[:, T + i:T + i + 1]  # (B, 1)
             m = None if mask is None else mask[:, :T + i + 1]  # (B, S)
-            out[0].append(model(tok[:, None], kv_cache=caches[0], position_ids=pos, attention_mask=m)[:, -1])
+            out[0].append(reference(tok[:, None], kv_cache=caches[0], position_ids=pos, attention_mask=m)[:, -1])
             out[1].append(step(tok, caches[1], pos, m))
     return out, caches
+
+
+def assert_step_refuses_a_full_cache_or_wrong_batch(model, step) -> None:
+    """A decode step (FlatStep's signature) raises, naming the numbers, on a full cache or a batch the cache does
+    not hold."""
+    from gpt2lab.kv_cache import KVCache
+
+    cache = KVCache.for_model(model, 2, max_length=3)
+    with torch.no_grad():
+        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="KV cache overflow: 3 cached"):
+        step(torch.zeros(2, dtype=torch.long), cache)
+    cache.reset()
+    with pytest.raises(ValueError, match="holds 2 active rows, got 3"):
+        step(torch.zeros(3, dtype=torch.long), cache)

@@ -14,10 +14,9 @@ from gpt2lab import GPT
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.generate import Decoder, generate
 from gpt2lab.inference import prepare_for_inference
-from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import Block
 
-from conftest import CONFIGS, make_model, modules_and_step  # the config families and sharpened weights shared with test_generate
+from conftest import CONFIGS, assert_step_refuses_a_full_cache_or_wrong_batch, make_model, modules_and_step  # the config families and sharpened weights shared with test_generate
 
 
 def both_paths(model: GPT, prompt: torch.Tensor, tokens: list[torch.Tensor], positions=None, mask=None):
@@ -104,15 +103,7 @@ def test_generate_uses_the_step_only_where_it_applies():
 
 def test_flat_step_refuses_a_full_cache_or_wrong_batch():
     model = make_model(CONFIGS["tiny"])
-    step = FlatStep(model)
-    cache = KVCache.for_model(model, 2, max_length=3)
-    with torch.no_grad():
-        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
-    with pytest.raises(ValueError, match="KV cache overflow: 3 cached"):
-        step(torch.zeros(2, dtype=torch.long), cache)
-    cache.reset()
-    with pytest.raises(ValueError, match="holds 2 active rows, got 3"):
-        step(torch.zeros(3, dtype=torch.long), cache)
+    assert_step_refuses_a_full_cache_or_wrong_batch(model, FlatStep(model))
 
 
 def test_the_old_module_name_still_imports_with_a_warning():

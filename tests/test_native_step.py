@@ -22,7 +22,7 @@ from gpt2lab.native_step import NativeStep, decode_step_for, linear_kind
 from gpt2lab.quantize import BF16Linear, Int8Linear, _replace_linears
 from gpt2lab.quantize_int import quantize_per_channel
 
-from conftest import CONFIGS, make_model
+from conftest import CONFIGS, assert_step_refuses_a_full_cache_or_wrong_batch, make_model, modules_and_step
 
 needs_kernel = pytest.mark.skipif(native.library() is None,
                                   reason=f"native kernel unavailable here: {native.unavailable_reason()}")
@@ -31,20 +31,8 @@ needs_kernel = pytest.mark.skipif(native.library() is None,
 def both_paths(model, prompt, tokens, positions=None, mask=None, reference=None):
     """Logits of each step through the modules of `reference` (default `model`) and through NativeStep(model), from
     two caches filled by the same prefill (the reference's); returns (module logits, native logits, both caches)."""
-    reference = reference or model
-    step = NativeStep(model)
-    B, T = prompt.shape
-    caches = [KVCache.for_model(model, B, T + len(tokens)) for _ in range(2)]
-    ref, fast = [], []
-    with torch.no_grad():
-        for cache in caches:
-            reference(prompt, kv_cache=cache, attention_mask=None if mask is None else mask[:, :T],
-                      position_ids=None if positions is None else positions[:, :T])
-        for i, tok in enumerate(tokens):
-            pos = None if positions is None else positions[:, T + i:T + i + 1]  # (B, 1)
-            m = None if mask is None else mask[:, :T + i + 1]  # (B, S)
-            ref.append(reference(tok[:, None], kv_cache=caches[0], position_ids=pos, attention_mask=m)[:, -1])
-            fast.append(step(tok, caches[1], pos, m))
+    (ref, fast), caches = modules_and_step(model, NativeStep(model), prompt, tokens, positions, mask,
+                                           reference=reference)
     return ref, fast, caches[0], caches[1]
 
 
@@ -188,6 +176,14 @@ class Int8Reference(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def int8_reference(model):
+    """A copy of an int8 model whose int8 layers compute through Int8Reference."""
+    reference = copy.deepcopy(model)
+    _replace_linears(reference, Int8Reference)
+    reference.lm_head = Int8Reference(reference.lm_head)
+    return reference
+
+
 def to_int8(model):
     q, s = quantize_per_channel(model.wte.weight)
     _replace_linears(model, Int8Linear.from_linear)
@@ -201,9 +197,7 @@ def to_int8(model):
 def test_native_step_on_int8_weights_equals_its_reference_arithmetic():
     model = to_int8(model_for("wide"))  # n_embd 32 and 4 * 32: whole 32-byte blocks
     assert linear_kind(model.lm_head) == 2 and NativeStep.applies(model)
-    reference = copy.deepcopy(model)
-    _replace_linears(reference, Int8Reference)
-    reference.lm_head = Int8Reference(reference.lm_head)
+    reference = int8_reference(model)
     prompt, tokens = random_steps(211, 2, 4, seed=4)
     ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
     for a, b in zip(ref, fast):
@@ -217,9 +211,7 @@ def test_int8_at_any_width_and_batch_equals_its_reference_arithmetic(name, batch
     model = to_int8(model_for(name))
     V = model.config.vocab_size
     assert linear_kind(model.h[0].attn.c_attn) == 2 and NativeStep.applies(model)
-    reference = copy.deepcopy(model)
-    _replace_linears(reference, Int8Reference)
-    reference.lm_head = Int8Reference(reference.lm_head)
+    reference = int8_reference(model)
     prompt, tokens = random_steps(V, batch, 3, seed=10)
     ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
     for a, b in zip(ref, fast):
@@ -234,9 +226,7 @@ def test_int8_weights_of_minus_128_keep_their_sign():
     with torch.no_grad():
         for layer in (model.h[0].mlp.c_fc, model.h[1].attn.c_attn, model.lm_head):
             layer.weight[::3, ::5] = -128
-    reference = copy.deepcopy(model)
-    _replace_linears(reference, Int8Reference)
-    reference.lm_head = Int8Reference(reference.lm_head)
+    reference = int8_reference(model)
     for batch in (1, 4, 5):
         prompt, tokens = random_steps(211, batch, 2, seed=11)
         ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
@@ -280,8 +270,6 @@ def test_rows_retired_mid_decode_keep_their_own_cache_rows():
 
 @needs_kernel
 def test_a_weight_moved_after_the_step_was_built_is_refused_not_read():
-    from gpt2lab import memory
-
     model = model_for("wide")
     step = NativeStep(model)
     cache = KVCache.for_model(model, 1, max_length=4)
@@ -290,7 +278,6 @@ def test_a_weight_moved_after_the_step_was_built_is_refused_not_read():
         with pytest.raises(RuntimeError, match="moved after this decode step was built"):
             step(torch.zeros(1, dtype=torch.long), cache)
     assert cache.length == 0
-    assert memory.HUGE_PAGE > 0  # the memory module moves weights the same way (p.data swapped)
 
 
 @needs_kernel
@@ -340,15 +327,7 @@ def test_layers_the_kernel_cannot_read_keep_the_flat_step():
 @needs_kernel
 def test_native_step_refuses_a_full_cache_or_wrong_batch():
     model = make_model(CONFIGS["tiny"])
-    step = NativeStep(model)
-    cache = KVCache.for_model(model, 2, max_length=3)
-    with torch.no_grad():
-        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
-    with pytest.raises(ValueError, match="KV cache overflow: 3 cached"):
-        step(torch.zeros(2, dtype=torch.long), cache)
-    cache.reset()
-    with pytest.raises(ValueError, match="holds 2 active rows, got 3"):
-        step(torch.zeros(3, dtype=torch.long), cache)
+    assert_step_refuses_a_full_cache_or_wrong_batch(model, NativeStep(model))
 
 
 @needs_kernel
@@ -368,15 +347,14 @@ def test_native_step_is_the_same_with_any_thread_count(threads):
 # ------------------------------------------------------------------------------------ the plan with the native kernel
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_with_the_kernel_every_machine_gets_the_layers_it_reads(dtype):
-    from gpt2lab.quantize import NATIVE_LAYERS, choose_kernels
+    from gpt2lab.quantize import choose_kernels
     from gpt2lab.cpu import CPUFeatures
 
     for features in (CPUFeatures(avx2=True, fma=True, f16c=True),
                      CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True, avx512_bf16=True, vnni=True, amx=True)):
         for threads, onednn, fbgemm in ((1, False, False), (2, True, True)):
             plan = choose_kernels(dtype, features, threads, onednn, fbgemm, native=True)
-            assert plan.block is plan.head is NATIVE_LAYERS[dtype]
-    assert NATIVE_LAYERS == {"fp32": nn.Linear, "bf16": BF16Linear, "int8": Int8Linear}
+            assert plan.block is plan.head is {"fp32": nn.Linear, "bf16": BF16Linear, "int8": Int8Linear}[dtype]
 
 
 @needs_kernel

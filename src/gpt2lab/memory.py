@@ -13,6 +13,7 @@ never backed by memory. Where the platform has no such mapping (not Linux), tens
 
 from __future__ import annotations
 
+import math
 import mmap
 import weakref
 
@@ -30,10 +31,8 @@ def huge_pages_supported() -> bool:
 
 def huge_page_empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor in its own 2 MiB-aligned mapping that asks for huge pages."""
-    count = 1
-    for n in shape:
-        count *= n
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)
     start = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()

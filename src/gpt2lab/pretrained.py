@@ -42,5 +42,5 @@ class GPT(model.GPT):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Extend `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + max_new_tokens). `kwargs` are those
         of `gpt2lab.generate.generate` (temperature, top_k, top_p, repetition_penalty, eos_token_id, generator,
-        attention_mask)."""
+        attention_mask, make_step)."""
         return generate(self, idx, max_new_tokens, **kwargs)
