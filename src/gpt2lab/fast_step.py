@@ -17,8 +17,9 @@ One layer of the step, for B rows with S positions cached after this token is wr
 The model's modules stay the reference: `FlatStep` reads their tensors and calls their linear layers' `forward`
 (any kind: float32, bf16, int8), except that a plain float32 `nn.Linear` on the CPU runs through the float32 decode
 kernel of gpt2lab.quantize over the same weight tensor (`fast_float32_forward`), so that where the native step
-(native_step.py) cannot run, a freshly loaded model still decodes at the prepared fp32 speed with no extra call. It is used only where it computes exactly what they do: an eval-mode `GPT` built
-from the stock blocks with fused attention and no hooks (`FlatStep.applies`). Tests compare it with the modules.
+(native_step.py) cannot run, a freshly loaded model still decodes at the prepared fp32 speed with no extra call. It
+is used only where it computes exactly what they do: an eval-mode `GPT` built from the stock blocks with fused
+attention and no hooks (`FlatStep.applies`). Tests compare it with the modules.
 """
 
 from __future__ import annotations
