@@ -21,7 +21,7 @@ LAYER_NAMES = ["core", "I/O", "services", "jobs", "api", "faces"]
 # listed by name covers its modules that are not listed.
 LAYERS = {
     # core: the torch model's ground floor, and the tokenizer's pure BPE core (no torch)
-    "checks": CORE, "memory": CORE, "config": CORE, "cpu": CORE, "loss": CORE, "model": CORE,
+    "checks": CORE, "memory": CORE, "config": CORE, "cpu": CORE, "thread_tuner": CORE, "loss": CORE, "model": CORE,
     "tokenizer.pretokenize": CORE, "tokenizer.byte_map": CORE, "tokenizer.merges": CORE, "tokenizer.pool": CORE,
     "tokenizer.base": CORE,
     # I/O: files, downloads, model directories, data shards, tokenizer file formats

@@ -106,3 +106,31 @@ def test_decode_threads_never_exceed_torchs_default(monkeypatch):
     assert cpu.decode_threads() == 3
     monkeypatch.setattr(cpu, "busy_cpus", lambda window: 2.0)
     assert cpu.decode_threads() == 1
+
+
+def test_load_meter_counts_other_programs_on_our_cpus_less_our_own_time(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(cpu.os, "sysconf", lambda name: 100)
+    clock, own = [0.0], [0.0]
+
+    def lines(cpu0, cpu1, cpu2):  # (user, nice, system, idle) jiffies of each CPU; cpu2 is not ours
+        return "cpu  0 0 0 0\n" + "".join(f"cpu{i} {u} {n} {s} {d} 0 0 0 0\n"
+                                          for i, (u, n, s, d) in enumerate((cpu0, cpu1, cpu2)))
+
+    stat.write_text(lines((0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0)))
+    meter = cpu.LoadMeter(interval=0.25, stat=stat, clock=lambda: clock[0], own=lambda: own[0])
+    assert meter.available and meter.others() is None  # no interval has passed
+    # one second: both our CPUs fully busy (200 jiffies), 1.0 CPU-seconds of it ours; CPU 2 busy too (not ours)
+    clock[0], own[0] = 1.0, 1.0
+    stat.write_text(lines((100, 0, 0, 0), (90, 0, 10, 0), (100, 0, 0, 0)))
+    assert meter.others() == pytest.approx(1.0)
+    clock[0] = 1.1  # within the interval: the last reading, the file is not read
+    stat.write_text("garbage")
+    assert meter.others() == pytest.approx(1.0)
+    # the next second the other program is niced: its time counts as idle
+    clock[0], own[0] = 2.0, 1.9
+    stat.write_text(lines((190, 0, 0, 0), (90, 100, 10, 0), (200, 0, 0, 0)))
+    assert meter.others() == pytest.approx(0.0)
+    assert not cpu.LoadMeter(stat=tmp_path / "missing").available
+    assert cpu.LoadMeter(stat=tmp_path / "missing").others() is None

@@ -379,3 +379,79 @@ def test_prepared_models_decode_through_the_native_step(dtype):
         cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
         assert cos.min() > (0.99999 if dtype == "fp32" else 0.99), cos
         tokens = want.argmax(-1)
+
+
+# ------------------------------------------------------------------------------------------- threads and barriers
+@needs_kernel
+@pytest.mark.parametrize("spin_us", [0, 20, 10_000])
+def test_native_step_is_the_same_however_long_threads_spin_before_they_sleep(spin_us):
+    """0 us: every thread that waits at a barrier sleeps on the futex and is woken; the results must not change."""
+    model = model_for("wide")
+    prompt, tokens = random_steps(211, 3, 4, seed=8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (_, quick), _ = modules_and_step(model, NativeStep(model), prompt, tokens)
+        native.set_barrier_spin(spin_us)
+        (ref, fast), _ = modules_and_step(model, NativeStep(model), prompt, tokens)
+    finally:
+        native.set_barrier_spin(20)
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(fast, quick))  # same threads, same chunks of rows: the same sums
+    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
+
+
+class _Fixed:
+    """A stand-in tuner that asks for a given count and remembers what it was told."""
+
+    def __init__(self, threads):
+        self.most, self._threads, self.seen = 2, threads, []
+
+    def threads(self):
+        return self._threads
+
+    def record(self, seconds, key=None, others=None):
+        self.seen.append((seconds, key, others))
+
+
+@needs_kernel
+def test_the_native_step_runs_with_the_count_its_tuner_picks_and_reports_its_time(monkeypatch):
+    import gpt2lab.native_step as native_step
+    model = model_for("wide")
+    prompt, tokens = random_steps(211, 3, 3, seed=9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (ref, two), _ = modules_and_step(model, NativeStep(model, adaptive_threads=False), prompt, tokens)
+        fixed = _Fixed(1)
+        monkeypatch.setattr(native_step, "thread_tuner", lambda m, most: fixed)
+        step = NativeStep(model, adaptive_threads=True)
+        (_, one), _ = modules_and_step(model, step, prompt, tokens)
+    finally:
+        torch.set_num_threads(before)
+    assert step.threads_used == 1 and len(fixed.seen) == len(tokens)
+    assert all(seconds > 0 and key == 3 for seconds, key, _ in fixed.seen)  # key: the batch size
+    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, one)
+    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, two)
+
+
+@needs_kernel
+def test_steps_of_one_model_share_a_tuner_and_the_switch_turns_it_off(monkeypatch):
+    from gpt2lab.native_step import thread_tuner
+    model, other = model_for("tiny"), model_for("tiny")
+    assert thread_tuner(model, 2) is thread_tuner(model, 2)
+    assert thread_tuner(model, 2) is not thread_tuner(other, 2)
+    assert thread_tuner(model, 1).most == 1  # torch's thread count changed: a new tuner for the new range
+    monkeypatch.setenv("GPT2LAB_ADAPTIVE_THREADS", "0")
+    assert NativeStep(model).adaptive_threads is False
+    monkeypatch.setenv("GPT2LAB_ADAPTIVE_THREADS", "1")
+    assert NativeStep(model).adaptive_threads is True
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        step = NativeStep(model, adaptive_threads=False)
+        prompt, tokens = random_steps(model.config.vocab_size, 1, 2, seed=1)
+        modules_and_step(model, step, prompt, tokens)
+    finally:
+        torch.set_num_threads(before)
+    assert step.threads_used == 2

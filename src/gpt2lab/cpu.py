@@ -112,19 +112,28 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_times(stat: str | Path) -> Optional[tuple[float, float]]:
-    """(busy, total) jiffies of all CPUs from /proc/stat's first line; `nice` time counts as idle, since a niced
-    program yields its core to ours."""
-    try:
-        first = Path(stat).read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    if first[0] != "cpu" or len(first) < 5:
-        return None
-    user, nice, system, idle, *rest = (float(v) for v in first[1:9])
+def _line_times(fields: list[str]) -> tuple[float, float]:
+    """(busy, total) jiffies of one /proc/stat cpu line's fields; `nice` time counts as idle, since a niced program
+    yields its core to ours."""
+    user, nice, system, idle, *rest = (float(v) for v in fields[1:9])
     iowait = rest[0] if rest else 0.0
     busy = user + system + sum(rest[1:])  # irq, softirq, steal
     return busy, busy + nice + idle + iowait
+
+
+def _cpu_times(stat: str | Path, cpus: Optional[Iterable[int]] = None) -> Optional[tuple[float, float]]:
+    """(busy, total) jiffies of all CPUs from /proc/stat's first line, or summed over the lines of the CPUs `cpus`
+    (e.g. this process's affinity: on a container's few CPUs of a big host, the host's other CPUs do not matter)."""
+    try:
+        lines = Path(stat).read_text().splitlines()
+    except OSError:
+        return None
+    names = {"cpu"} if cpus is None else {f"cpu{c}" for c in cpus}
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in names]
+    if not rows or any(len(row) < 5 for row in rows):
+        return None
+    times = [_line_times(row) for row in rows]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
 def busy_cpus(window: float = 0.1, stat: str | Path = "/proc/stat") -> Optional[float]:
@@ -139,6 +148,43 @@ def busy_cpus(window: float = 0.1, stat: str | Path = "/proc/stat") -> Optional[
         return None
     share = (second[0] - first[0]) / (second[1] - first[1])  # fraction of all CPUs' time
     return share * (os.cpu_count() or 1)
+
+
+class LoadMeter:
+    """How many CPUs other programs keep busy while this program runs, measured as it runs: the busy time /proc/stat
+    reports for the CPUs this process may use, less this process's own CPU time, over the wall time between two
+    readings at least `interval` seconds apart (one reading is a file read, ~20 us). Niced programs do not count.
+    `others()` is None until the first interval has passed, and always where /proc/stat cannot be read
+    (`available` is False there)."""
+
+    def __init__(self, interval: float = 0.1, stat: str | Path = "/proc/stat", clock=time.monotonic,
+                 own=time.process_time) -> None:
+        self.interval, self._stat, self._clock, self._own = interval, stat, clock, own
+        try:
+            self._cpus: Optional[set[int]] = os.sched_getaffinity(0)
+        except AttributeError:  # not Linux
+            self._cpus = None
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._last = self._read()
+        self.available = self._last is not None
+        self._value: Optional[float] = None
+
+    def _read(self) -> Optional[tuple[float, float, float]]:
+        """(wall seconds, busy CPU-seconds of our CPUs, this process's CPU-seconds), or None."""
+        times = _cpu_times(self._stat, self._cpus)
+        return None if times is None else (self._clock(), times[0] / self._hz, self._own())
+
+    def others(self) -> Optional[float]:
+        """Other programs' busy CPUs over the last interval (the latest reading; a new one once `interval` passed)."""
+        if self._last is None or self._clock() - self._last[0] < self.interval:
+            return self._value
+        now = self._read()
+        if now is None:
+            return self._value
+        wall, busy, own = (a - b for a, b in zip(now, self._last))
+        self._last = now
+        self._value = max(0.0, (busy - own) / wall) if wall > 0 else self._value
+        return self._value
 
 
 def pick_threads(cpus: int, busy: Optional[float]) -> int:

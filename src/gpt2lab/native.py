@@ -103,6 +103,8 @@ def _load() -> Optional[ctypes.CDLL]:
         return None
     lib.gpt2lab_decode_step.restype = None
     lib.gpt2lab_omp_max_threads.restype = ctypes.c_int
+    lib.gpt2lab_set_spin_ns.argtypes = [ctypes.c_int64]
+    lib.gpt2lab_set_spin_ns.restype = None
     return lib
 
 
@@ -116,3 +118,12 @@ def library() -> Optional[ctypes.CDLL]:
 def unavailable_reason() -> Optional[str]:
     """Why `library()` is None (None while it is available or not yet asked for)."""
     return _reason
+
+
+def set_barrier_spin(microseconds: float) -> None:
+    """How long the kernel's threads spin where they meet before they sleep (default 20 us; 0: sleep at once). A
+    knob for benchmarks (benchmarks/native_step.py --spin); the library must be available."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native decode kernel is unavailable: {unavailable_reason()}")
+    lib.gpt2lab_set_spin_ns(int(microseconds * 1000))

@@ -26,16 +26,22 @@ the same weights and with a plain-PyTorch reference of the int8 arithmetic.
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
+import time
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
 from gpt2lab import native
+from gpt2lab.cpu import LoadMeter
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
 from gpt2lab.quantize import BF16Linear, Int8Linear
+from gpt2lab.thread_tuner import ThreadTuner
 
 _F32, _BF16, _INT8 = 0, 1, 2
 _ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
@@ -86,6 +92,30 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
     return None
 
 
+_TUNERS: "weakref.WeakKeyDictionary[GPT, ThreadTuner]" = weakref.WeakKeyDictionary()
+
+
+
+@functools.lru_cache(maxsize=None)
+def load_meter() -> LoadMeter:
+    """The process's one measure of other programs' load (the machine's, so one is enough)."""
+    return LoadMeter()
+
+
+def thread_tuner(model: GPT, most: int) -> ThreadTuner:
+    """The thread tuner of `model`'s native steps for at most `most` threads. Every step built for the model shares
+    it, so what one `generate` call learned about the machine's load the next call starts from."""
+    tuner = _TUNERS.get(model)
+    if tuner is None or tuner.most != most:
+        tuner = _TUNERS[model] = ThreadTuner(most, load_known=load_meter().available)
+    return tuner
+
+
+def adaptive_threads_default() -> bool:
+    """Whether native steps tune their thread count as they run: yes unless GPT2LAB_ADAPTIVE_THREADS=0."""
+    return os.environ.get("GPT2LAB_ADAPTIVE_THREADS", "1") != "0"
+
+
 def _linears(model: GPT) -> list[nn.Module]:
     return [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)] + [model.lm_head]
 
@@ -95,15 +125,22 @@ class NativeStep:
 
     Shapes as FlatStep: tokens (B,), positions (B, 1) or None, attention_mask (B, S) or None; returns (B, V)
     float32 logits and advances the cache by one position.
+
+    Threads: at most `torch.get_num_threads()`. With `adaptive_threads` (the default, see
+    `adaptive_threads_default`) the model's `ThreadTuner` picks the count per step from the steps' own times, so load
+    from other programs that comes and goes during a run does not make two threads crawl (gpt2lab.thread_tuner);
+    `threads_used` is the count the last step ran with.
     """
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, adaptive_threads: Optional[bool] = None) -> None:
         lib = native.library()
         if lib is None:
             raise RuntimeError(f"the native decode kernel is unavailable: {native.unavailable_reason()}")
         self._run = lib.gpt2lab_decode_step
         cfg = model.config
         self.model = model
+        self.adaptive_threads = adaptive_threads_default() if adaptive_threads is None else bool(adaptive_threads)
+        self.threads_used: Optional[int] = None
         self.vocab_size = model.lm_head.out_features
         self.n_embd, self.ffn = cfg.n_embd, model.h[0].mlp.c_fc.out_features
         self._keep: list[torch.Tensor] = []  # every tensor whose memory the kernel reads, kept alive with the step
@@ -200,12 +237,18 @@ class NativeStep:
         if attention_mask is not None:
             mask = attention_mask[:, :pos + 1].to(torch.uint8).contiguous()  # (B, pos + 1)
         logits = torch.empty(B, self.vocab_size)  # (B, V)
-        threads = torch.get_num_threads()
-        qkv, att, hidden, norm, scores, xq, xq_scale = self._buffers(B, cache.max_length, threads)
+        most = torch.get_num_threads()
+        tuner = thread_tuner(self.model, most) if self.adaptive_threads else None
+        threads = tuner.threads() if tuner is not None else most
+        qkv, att, hidden, norm, scores, xq, xq_scale = self._buffers(B, cache.max_length, most)
         step = _Step(x.data_ptr(), logits.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), B, cache.k.size(1),
                      cache.max_length, pos, _ptr(mask), qkv.data_ptr(), att.data_ptr(), hidden.data_ptr(),
                      norm.data_ptr(), scores.data_ptr(), xq.data_ptr(), xq_scale.data_ptr(), threads)
+        start = time.perf_counter()
         self._run(ctypes.byref(self._model), ctypes.byref(step))
+        if tuner is not None:
+            tuner.record(time.perf_counter() - start, B, load_meter().others())
+        self.threads_used = threads
         cache.advance(1)
         return logits
 

@@ -13,9 +13,16 @@
 // shares torch's OpenMP runtime and thread count.
 
 #include <immintrin.h>
+#include <linux/futex.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <climits>
 
 // A linear layer y = x W^T + b with W (N, K) row-major, as nn.Linear stores it. `kind` says what the weight holds.
 enum WeightKind : int32_t { F32 = 0, BF16 = 1, INT8 = 2 };
@@ -352,6 +359,54 @@ static void linear_rows(const Linear& L, const float* x, const int8_t* xq, const
     }
 }
 
+// ------------------------------------------------------------------------------------------------ the barrier
+// Where the threads meet between products. OpenMP's own barrier spins for milliseconds before it sleeps, so on a
+// machine where another program holds a core, a thread that has lost its core keeps its partner spinning on the
+// other one, the core the lost thread could have run on; decoding then ran 2-5 times slower with two threads than
+// with one (docs/benchmarks.md, threads under load). This one spins about as long as threads wait for each other on
+// a quiet machine (20 us), then sleeps on a futex, which frees the core for the late thread. The same 2-vCPU machine
+// with one busy program beside it decoded 1.2-1.4x faster with two threads than through OpenMP's barrier, and with
+// two busy programs ~5x; quiet, the same speed. (Two threads on a loaded machine still lose to one: the thread tuner
+// in native_step.py then picks one.)
+static int64_t SPIN_NS = 20000;  // see gpt2lab_set_spin_ns
+
+struct Barrier {
+    std::atomic<int32_t> arrived{0};
+    std::atomic<uint32_t> phase{0};    // the futex word: bumped each time every thread has arrived
+    std::atomic<int32_t> sleepers{0};  // threads asleep on `phase`; the last to arrive wakes them only if any
+    int64_t spin_ns;
+};
+
+static inline int64_t now_ns() {
+    timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline long futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
+    return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, nullptr, nullptr, 0);
+}
+
+static void barrier_wait(Barrier& b, int nth) {
+    if (nth == 1) return;
+    const uint32_t phase = b.phase.load(std::memory_order_acquire);
+    if (b.arrived.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {  // the last one in opens the barrier
+        b.arrived.store(0, std::memory_order_relaxed);
+        b.phase.fetch_add(1, std::memory_order_seq_cst);
+        if (b.sleepers.load(std::memory_order_seq_cst) > 0) futex(&b.phase, FUTEX_WAKE_PRIVATE, INT_MAX);
+        return;
+    }
+    const int64_t until = now_ns() + b.spin_ns;
+    for (int i = 1;; i++) {
+        if (b.phase.load(std::memory_order_acquire) != phase) return;
+        _mm_pause();
+        if (i % 64 == 0 && now_ns() > until) break;
+    }
+    b.sleepers.fetch_add(1, std::memory_order_seq_cst);
+    while (b.phase.load(std::memory_order_seq_cst) == phase) futex(&b.phase, FUTEX_WAIT_PRIVATE, phase);
+    b.sleepers.fetch_sub(1, std::memory_order_relaxed);
+}
+
 // ------------------------------------------------------------------------------------------------- attention
 // One head of one row: write this token's key and value into cache column pos, then softmax(q K^T / sqrt(D)) V over
 // columns [0, pos] that the mask keeps.
@@ -426,6 +481,8 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
     const int64_t B = S.batch, C = M.n_embd, F = M.ffn, H = M.n_head;
     const int64_t widest = C > F ? C : F;
     const bool quantize = any_int8(M);
+    Barrier meet;
+    meet.spin_ns = SPIN_NS;
 #pragma omp parallel num_threads(S.threads)
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
@@ -438,27 +495,30 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
             layer_norm(S.x, L.ln1_w, L.ln1_b, M.eps, B, C, norm);
             if (quantize) quantize_rows(norm, B, C, xq, xs);
             linear_rows(L.attn, norm, xq, xs, B, S.qkv, 3 * C, STORE, M.activation, nth);
-#pragma omp barrier
-            int64_t lo, hi;
-            share(B * H, 1, tid, nth, &lo, &hi);
-            for (int64_t bh = lo; bh < hi; bh++) attend_head(M, S, l, bh / H, bh % H, scores);
-#pragma omp barrier
+            barrier_wait(meet, nth);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t bh = 0; bh < B * H; bh++) attend_head(M, S, l, bh / H, bh % H, scores);
+            barrier_wait(meet, nth);
             if (quantize) quantize_rows(S.att, B, C, xq, xs);
             linear_rows(L.attn_proj, S.att, xq, xs, B, S.x, C, ADD_TO, M.activation, nth);
-#pragma omp barrier
+            barrier_wait(meet, nth);
             layer_norm(S.x, L.ln2_w, L.ln2_b, M.eps, B, C, norm);
             if (quantize) quantize_rows(norm, B, C, xq, xs);
             linear_rows(L.fc, norm, xq, xs, B, S.hidden, F, ACTIVATE, M.activation, nth);
-#pragma omp barrier
+            barrier_wait(meet, nth);
             if (quantize) quantize_rows(S.hidden, B, F, xq, xs);
             linear_rows(L.mlp_proj, S.hidden, xq, xs, B, S.x, C, ADD_TO, M.activation, nth);
-#pragma omp barrier
+            barrier_wait(meet, nth);
         }
         layer_norm(S.x, M.lnf_w, M.lnf_b, M.eps, B, C, norm);
         if (quantize) quantize_rows(norm, B, C, xq, xs);
         linear_rows(M.head, norm, xq, xs, B, S.logits, M.head.n, STORE, M.activation, nth);
+        barrier_wait(meet, nth);  // so OpenMP's own barrier at the end of the region finds everyone there
     }
 }
+
+// How long a thread spins at a barrier before it sleeps (benchmarks/native_step.py measures the choice).
+extern "C" void gpt2lab_set_spin_ns(int64_t ns) { SPIN_NS = ns < 0 ? 0 : ns; }
 
 // The OpenMP runtime's thread count as this library sees it (a test checks it is torch's).
 extern "C" int gpt2lab_omp_max_threads(void) { return omp_get_max_threads(); }
