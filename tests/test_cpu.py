@@ -108,6 +108,33 @@ def test_decode_threads_never_exceed_torchs_default(monkeypatch):
     assert cpu.decode_threads() == 1
 
 
+def test_default_threads_leave_a_busy_core_to_the_tuner_where_decoding_adapts(monkeypatch):
+    monkeypatch.setattr(cpu, "busy_cpus", lambda window: 1.0)  # another program keeps one of our two CPUs busy
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(cpu, "TORCH_THREADS", 2)
+    assert cpu.default_threads(decode_adapts=True) == 2  # the tuner takes one while the load lasts, two after
+    assert cpu.default_threads(decode_adapts=False) == 1  # a fixed count: the idle cores now
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 64)
+    assert cpu.default_threads(decode_adapts=True) == 2  # never above torch's default
+
+
+def test_the_cli_uses_the_default_threads_unless_given_a_count(monkeypatch):
+    from gpt2lab import native_step
+    from gpt2lab.cli.args import set_threads
+
+    before = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(cpu, "default_threads", lambda adapts, window=0.1: seen.append(adapts) or 1)
+    monkeypatch.setattr(native_step, "threads_adapt", lambda: True)
+    try:
+        set_threads(None)
+        assert torch.get_num_threads() == 1 and seen == [True]
+        set_threads(2)
+        assert torch.get_num_threads() == 2 and seen == [True]  # a given count always wins
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_load_meter_counts_other_programs_on_our_cpus_less_our_own_time(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)

@@ -199,6 +199,17 @@ def pick_threads(cpus: int, busy: Optional[float]) -> int:
     return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
+def default_threads(decode_adapts: bool, window: float = 0.1) -> int:
+    """The thread count the CLI, the server and the lm-eval adapter use when none is given. Where the decode step
+    follows the machine's load itself (`decode_adapts`: the native step's thread tuner), every core torch would use
+    (this process's CPUs, at most torch's default): the tuner takes fewer while other programs need them and all of
+    them back when they leave, and a long forward (evaluation, a prefill) does not suffer from a busy core the way a
+    decode step does (docs/benchmarks.md, threads under load). Otherwise the cores idle now (`decode_threads`)."""
+    if decode_adapts:
+        return max(1, min(usable_cpus(), TORCH_THREADS))
+    return decode_threads(window)
+
+
 def decode_threads(window: float = 0.1) -> int:
     """The thread count `pick_threads` gives for this machine now, capped at torch's own default (its physical
     cores): what the CLI, the server and the lm-eval adapter use when no thread count is given."""

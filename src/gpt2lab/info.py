@@ -16,8 +16,9 @@ import torch
 
 from gpt2lab import native, quantize
 from gpt2lab.config import PRESETS, GPTConfig
-from gpt2lab.cpu import cpu_features, decode_threads
+from gpt2lab.cpu import cpu_features, default_threads
 from gpt2lab.model import GPT
+from gpt2lab.native_step import threads_adapt
 
 
 def parameter_table(config: GPTConfig) -> list[tuple[str, str, int]]:
@@ -112,7 +113,10 @@ def cpu_report() -> list[str]:
     quantize.choose_kernels)."""
     features = cpu_features()
     threads = torch.get_num_threads()
-    lines = ["", f"CPU: {features.name}; decode threads for the CLI now: {decode_threads()} (others' load counted)"]
+    adapt = threads_adapt()
+    tuning = ("the native step tunes the count per step, 1 to this, as other programs' load comes and goes" if adapt
+              else "other programs' load counted now")
+    lines = ["", f"CPU: {features.name}; threads for the CLI now: {default_threads(adapt)} ({tuning})"]
     lib = native.library()
     lines.append(f"  decode step: the native kernel, built at {lib._name}" if lib is not None else
                  f"  decode step: PyTorch's flat step (native kernel unavailable: {native.unavailable_reason()})")

@@ -37,11 +37,12 @@ except ImportError as e:  # the optional `eval` extra is not installed
                       "pip install -e \".[eval]\"") from None
 
 from gpt2lab import checks
-from gpt2lab.cpu import decode_threads
+from gpt2lab.cpu import default_threads
 from gpt2lab.generate import decode_steps
 from gpt2lab.inference import INFERENCE_DTYPES, load_tokenizer_for, prepare_for_inference
 from gpt2lab.sampling import SamplingParams
 from gpt2lab.model import GPT
+from gpt2lab.native_step import threads_adapt
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
@@ -112,8 +113,9 @@ class HarnessModel(TemplateLM):
         super().__init__()
         if dtype not in INFERENCE_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(INFERENCE_DTYPES)}")
-        # threads: given, or the cores other programs leave idle (shared busy cores slow decoding several times)
-        torch.set_num_threads(_positive("threads", threads, 1) if threads is not None else decode_threads())
+        # threads: given, or gpt2lab.cpu.default_threads (shared busy cores slow decoding several times)
+        torch.set_num_threads(_positive("threads", threads, 1) if threads is not None
+                              else default_threads(threads_adapt()))
         self.model, self.tokenizer = _load(pretrained, dtype, tokenizer, device)
         if getattr(self.tokenizer, "eot_token", None) is None:
             raise ValueError("lm-eval needs an end-of-text token (its empty-context prefix); this tokenizer has none")

@@ -116,6 +116,12 @@ def adaptive_threads_default() -> bool:
     return os.environ.get("GPT2LAB_ADAPTIVE_THREADS", "1") != "0"
 
 
+def threads_adapt() -> bool:
+    """Whether decoding here follows the machine's load by itself: the native kernel is available and its steps
+    tune their thread count (`adaptive_threads_default`)."""
+    return adaptive_threads_default() and native.library() is not None
+
+
 def _linears(model: GPT) -> list[nn.Module]:
     return [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)] + [model.lm_head]
 

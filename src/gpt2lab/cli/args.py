@@ -88,10 +88,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def set_threads(threads: int | None) -> None:
-    """Use `threads` torch threads; None: the cores other programs leave idle (`gpt2lab.cpu.decode_threads`),
-    since threads that must share a busy core slow decoding down several times."""
+    """Use `threads` torch threads; None: `gpt2lab.cpu.default_threads` (every core where the native step's thread
+    tuner follows the load, else the cores other programs leave idle now), since threads that must share a busy core
+    slow decoding down several times."""
     import torch
 
-    from gpt2lab.cpu import decode_threads
+    from gpt2lab.cpu import default_threads
+    from gpt2lab.native_step import threads_adapt
 
-    torch.set_num_threads(threads if threads is not None else decode_threads())
+    torch.set_num_threads(threads if threads is not None else default_threads(threads_adapt()))
