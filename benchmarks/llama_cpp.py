@@ -1,4 +1,4 @@
-"""CPU decode speed: gpt2lab (fp32, bf16, int8) vs llama.cpp (f32, f16, q8_0) on the same GPT-2 weights, one run.
+"""CPU decode speed: gpt2lab (fp32, bf16, int8, int4) vs llama.cpp (f32, f16, q8_0, q4_0) on the same GPT-2 weights.
 
     python benchmarks/llama_cpp.py --converter SDIST/vendor/llama.cpp/convert_hf_to_gguf.py
                                    [--preset gpt2] [--threads 2] [--rounds 2] [--repeats 3] [--train-seconds 60]
@@ -14,8 +14,10 @@ the CPU at hand rather than with -march=native, which can die with SIGILL on VMs
 
 The GGUF files come from llama.cpp's own converter (the sdist's vendor/llama.cpp/convert_hf_to_gguf.py, which
 accepts gpt2lab's `save_pretrained` directory as it is): f32, f16 and q8_0 of one random GPT-2 (GPT-2's init,
-seed 0). gpt2lab runs the same export as `model.generate` on a freshly loaded model (the README's example) and
-prepared for inference in fp32, bf16 and int8.
+seed 0), and q4_0 made from the f32 file by llama.cpp's own quantizer (`llama_model_quantize`; the converter writes
+no q4_0) with every tensor in q4_0 (`pure`), the tied embedding/head included, as gpt2lab's int4 converts it.
+gpt2lab runs the same export as `model.generate` on a freshly loaded model (the README's example) and prepared for
+inference in fp32, bf16, int8 and int4.
 
 Speed: batch 1, greedy, decode-only tokens/s of 128 new tokens after a 16-token prompt, i.e. (128 - 1) / (time of
 128 tokens - time of 1 token), each time the best of `--repeats`. Rounds alternate the variants, each gpt2lab
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
 
 PROMPT = 16  # prompt tokens before the timed decode
 TOKENS = 128  # new tokens per timed decode
-PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"))  # gpt2lab precision, its llama.cpp peer
+PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0"))  # gpt2lab precision, its peer
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
              "amx_int8")
 BUILD_HINT = ("pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR && tar xzf "
@@ -142,6 +144,20 @@ def convert_to_gguf(converter: Path, model_dir: Path, outtype: str, out: Path) -
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return out
+
+
+def quantize_gguf(llama_cpp: ModuleType, source: Path, out: Path) -> Path:
+    """q4_0 of the GGUF file `source` through llama.cpp's own quantizer, every tensor q4_0 (`pure`: by default it
+    keeps the tied embedding/head, the largest matrix, at a higher precision)."""
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.pure = True
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if code != 0:
+        raise RuntimeError(f"llama_model_quantize({source} -> q4_0) failed ({code})")
     return out
 
 
@@ -263,7 +279,11 @@ def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) 
     variants = [gpt2lab_variant("gpt2lab model.generate", GPT.from_pretrained(model_dir))]
     for ours, theirs in PAIRS:
         variants.append(gpt2lab_variant(f"gpt2lab {ours}", load_for_inference(str(model_dir), ours, model_class=GPT)[0]))
-        gguf = convert_to_gguf(args.converter, model_dir, theirs, root / f"{args.preset}-{theirs}.gguf")
+        out = root / f"{args.preset}-{theirs}.gguf"
+        if theirs == "q4_0":
+            gguf = quantize_gguf(llama_cpp, root / f"{args.preset}-f32.gguf", out)
+        else:
+            gguf = convert_to_gguf(args.converter, model_dir, theirs, out)
         variants.append(llama_variant(f"llama.cpp {theirs}", llama_cpp, gguf, args.threads))
     return variants
 

@@ -42,7 +42,75 @@ def test_int8_linear_matches_its_dequantized_weight():
     assert torch.allclose(layer(x), ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_int4_groups_of_32_round_to_the_nearest_step_of_their_own_scale():
+    import doctest
+
+    from gpt2lab import quantize_int
+    from gpt2lab.quantize_int import dequantize_int4, quantize_int4
+
+    assert doctest.testmod(quantize_int).failed == 0
+    torch.manual_seed(0)
+    w = torch.randn(5, 96) * torch.rand(5, 1) * 3  # rows of different spreads
+    w[2, 32:64] = 0.0  # a group of zeros: scale 0, no division by it
+    packed, scale = quantize_int4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 48) and scale.shape == (5, 3)
+    back = dequantize_int4(packed, scale)
+    d = scale.repeat_interleave(32, dim=1)  # (5, 96) each weight's group step, signed
+    err, level = (back - w).abs(), w / torch.where(d == 0, 1.0, d)
+    inside = level <= 7.5  # levels -8..7: above 7.5 (the far side of the largest weight) clamps to 7
+    assert torch.all(err[inside] <= d.abs()[inside] / 2 + 1e-6)  # the nearest step
+    assert torch.all(err <= d.abs() + 1e-6)
+    groups = w.reshape(5, 3, 32)
+    largest = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+    assert torch.equal(back.reshape(5, 3, 32).gather(-1, groups.abs().argmax(-1, keepdim=True)), largest)
+    assert torch.equal(back[2, 32:64], torch.zeros(32))
+
+
+def test_int4_packs_weight_j_low_and_weight_j_plus_16_high():
+    """The layout the native kernel unpacks: byte j of a group = (q_j + 8) | (q_(j+16) + 8) << 4."""
+    from gpt2lab.quantize_int import quantize_int4
+
+    q = torch.tensor([-8] + list(range(-7, 8)) + list(range(7, -9, -1)), dtype=torch.float32)  # 32 levels
+    packed, scale = quantize_int4(q[None] * 0.5)  # the largest is -4.0: d = 0.5
+    assert scale.item() == 0.5
+    expect = [(int(q[j]) + 8) | ((int(q[j + 16]) + 8) << 4) for j in range(16)]
+    assert packed[0].tolist() == expect
+
+
+def test_int4_refuses_widths_that_are_not_whole_groups():
+    from gpt2lab.quantize_int import quantize_int4
+
+    with pytest.raises(ValueError, match="row of 48 is not a multiple of 32"):
+        quantize_int4(torch.randn(4, 48))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        prepare_for_inference(make_model(CONFIGS["tiny"]), "int4")  # n_embd 16
+
+
+def test_int4_layers_compute_with_their_widened_weights():
+    from gpt2lab.quantize import Int4Embedding, Int4Linear
+
+    cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(cfg), "int4")
+    assert isinstance(model.h[0].mlp.c_fc, Int4Linear) and isinstance(model.lm_head, Int4Linear)
+    assert isinstance(model.wte, Int4Embedding) and model.wte.weight is model.lm_head.weight  # one table
+    widened = GPT(cfg).eval()
+    with torch.no_grad():
+        for (name, module), (_, target) in zip(model.named_modules(), widened.named_modules()):
+            if isinstance(module, Int4Linear) and name != "lm_head":
+                target.weight.copy_(module.dequantized())
+                if module.bias is not None:
+                    target.bias.copy_(module.bias)
+        widened.wte.weight.copy_(model.lm_head.dequantized())
+        for n, p in widened.named_parameters():  # LayerNorms and positions as they were
+            if "ln" in n or "wpe" in n:
+                p.copy_(dict(model.named_parameters())[n])
+    idx = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), widened(idx), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
 def test_prepare_for_inference_stays_close_to_fp32(dtype):
     cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=2, n_head=2, n_embd=64)
     torch.manual_seed(0)
@@ -54,7 +122,7 @@ def test_prepare_for_inference_stays_close_to_fp32(dtype):
     with torch.no_grad():
         a, b = ref(idx), model(idx).float()
     err = (a - b).abs().max() / a.abs().max()
-    assert err < {"fp32": 1e-5, "bf16": 0.02, "int8": 0.03}[dtype]
+    assert err < {"fp32": 1e-5, "bf16": 0.02, "int8": 0.03, "int4": 0.25}[dtype]
     out = generate(model, idx, 5, temperature=0)
     assert out.shape == (2, 15)
 
@@ -217,6 +285,7 @@ def test_choose_kernels_without_the_optional_libraries_or_with_one_thread():
     assert quantize.choose_kernels("bf16", CPUFeatures(), 2, onednn=True, fbgemm=True).block is BF16Linear  # no F16C
     assert quantize.choose_kernels("int8", zen3, 2, onednn=True, fbgemm=False).block is Int8Linear
     assert quantize.choose_kernels("int8", CPUFeatures(), 2, onednn=True, fbgemm=True).block is Int8Linear  # no AVX2
+    assert quantize.choose_kernels("int4", zen3, 2, onednn=True, fbgemm=True).block is quantize.Int4Linear
     with pytest.raises(ValueError, match="'fp16'"):
         quantize.choose_kernels("fp16", zen3, 2, True, True)
 
@@ -226,7 +295,7 @@ def test_prepare_for_inference_follows_the_plan_for_this_cpu():
     cfg = GPTConfig(vocab_size=128, n_ctx=32, n_layer=1, n_head=2, n_embd=64)
     torch.manual_seed(0)
     ref = GPT(cfg).eval()
-    for dtype in ("fp32", "bf16", "int8"):
+    for dtype in quantize.WEIGHT_DTYPES:
         fbgemm = quantize.fbgemm_int8() if dtype == "int8" else quantize.fbgemm_half()
         plan = quantize.choose_kernels(dtype, cpu_features(), torch.get_num_threads(), quantize.onednn_linear(),
                                        fbgemm)

@@ -10,10 +10,10 @@ from typing import Any
 
 from gpt2lab.checkpoint import load_model, resolve_model_dir
 from gpt2lab.model import GPT
-from gpt2lab.quantize import convert_weights, is_converted
+from gpt2lab.quantize import WEIGHT_DTYPES, convert_weights, is_converted
 from gpt2lab.tokenizer import load_tokenizer
 
-INFERENCE_DTYPES = ("fp32", "bf16", "int8")
+INFERENCE_DTYPES = WEIGHT_DTYPES  # ("fp32", "bf16", "int8", "int4")
 
 
 def prepare_for_inference(model: GPT, dtype: str = "fp32") -> GPT:
@@ -23,6 +23,9 @@ def prepare_for_inference(model: GPT, dtype: str = "fp32") -> GPT:
       (moved into 2 MiB pages), else in layers that decode faster.
     - "bf16": every linear layer and the tied LM head / embedding hold bfloat16 weights (half the bytes per token).
     - "int8": the same with int8 weights and one scale per output channel (a quarter of the bytes).
+    - "int4": int4 weights in groups of 32 along each row, one scale per group (llama.cpp's q4_0 scheme: about a
+      seventh of the bytes); the model's widths must be multiples of 32. Decoding is fast only through the native
+      kernel; elsewhere the layers widen their weights to float32 every call.
 
     The low-precision modes change the weights: the residual stream, LayerNorm, attention and the KV cache stay
     float32 (int8's FBGEMM kernel, chosen on x86 CPUs with AVX2, also rounds each activation row to integers inside

@@ -120,7 +120,7 @@ def cpu_report() -> list[str]:
     lib = native.library()
     lines.append(f"  decode step: the native kernel, built at {lib._name}" if lib is not None else
                  f"  decode step: PyTorch's flat step (native kernel unavailable: {native.unavailable_reason()})")
-    for dtype in ("fp32", "bf16", "int8"):
+    for dtype in quantize.WEIGHT_DTYPES:
         plan = quantize.plan_for_this_cpu(dtype)
         lines.append(f"  {dtype} layers on {threads} thread(s): blocks {plan.block.__name__}, head {plan.head.__name__}")
     return lines

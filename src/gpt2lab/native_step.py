@@ -7,8 +7,9 @@ LayerNorm, matrix-vector products, attention over the KV cache and MLP run in on
 is in the source's header comment).
 
 It reads the model's own tensors, no copies: float32 `nn.Linear` weights as they are, `BF16Linear`'s bf16 weights
-(widened to float32 in registers), and `Int8Linear`'s int8 weights with their per-channel scales (multiplied by int8
-activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per block of 32). The KV cache is the
+(widened to float32 in registers), `Int8Linear`'s int8 weights with their per-channel scales (multiplied by int8
+activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per block of 32), and `Int4Linear`'s int4
+weights with a scale per group of 32 (llama.cpp's q4_0 layout, times the same int8 activations). The KV cache is the
 usual `KVCache`, so prefill (through the modules) and steps (here) share it.
 
     tokens (B,) ─ wte + wpe (PyTorch) ─► x (B, C) ─ gpt2lab_decode_step (C++) ─► logits (B, V)
@@ -19,8 +20,9 @@ layer kinds above on the CPU, and the kernel library built (gpt2lab.native). In 
 function (summed in another order; tests hold it to float32's own error against float64). For bf16 and int8 it
 computes the precision's arithmetic its own way, not the layers' torch forward: bf16 weights times float32
 activations (the layers round the activations to bf16 on CPUs without bf16 dot products), and int8 weights times
-activations rounded per row to int8 (the layers use bf16 activations). Tests compare those with a float32 model of
-the same weights and with a plain-PyTorch reference of the int8 arithmetic.
+activations rounded per row to int8 (the layers use bf16 activations; int4's layers widen the weights to float32).
+Tests compare those with a float32 model of the same weights and with plain-PyTorch references of the int8 and int4
+arithmetic.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ from gpt2lab.cpu import LoadMeter
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
-from gpt2lab.quantize import BF16Linear, Int8Linear
+from gpt2lab.quantize import BF16Linear, Int4Linear, Int8Linear
 from gpt2lab.thread_tuner import ThreadTuner
 
-_F32, _BF16, _INT8 = 0, 1, 2
+_F32, _BF16, _INT8, _INT4 = 0, 1, 2, 3
 _ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
 _p = ctypes.c_void_p
 
@@ -89,6 +91,10 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
     if (type(layer) is Int8Linear and layer.weight.dtype == torch.int8 and layer.weight.device.type == "cpu"
             and layer.weight.is_contiguous() and _plain_f32(layer.bias)):
         return _INT8
+    if (type(layer) is Int4Linear and layer.weight.dtype == torch.uint8 and layer.weight.device.type == "cpu"
+            and layer.weight.is_contiguous() and layer.in_features % 32 == 0 and _plain_f32(layer.scale)
+            and _plain_f32(layer.bias)):
+        return _INT4
     return None
 
 
@@ -191,9 +197,11 @@ class NativeStep:
             self._addr(layer, "scale")
             scale = layer.scale.float().contiguous()  # (N,) the kernel multiplies in float32
             self._keep.append(scale)
+        elif kind == _INT4:
+            scale = layer.scale  # (N, K / 32) float32, read in place
+            self._addr(layer, "scale")
         weight = self._addr(layer, "weight")
-        return _Linear(weight, _ptr(scale), self._addr(layer, "bias"), layer.weight.size(0), layer.weight.size(1),
-                       kind)
+        return _Linear(weight, _ptr(scale), self._addr(layer, "bias"), layer.out_features, layer.in_features, kind)
 
     @staticmethod
     def applies(model: GPT) -> bool:

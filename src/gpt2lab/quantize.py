@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from gpt2lab import native
 from gpt2lab.cpu import CPUFeatures, cpu_features
 from gpt2lab.memory import use_huge_pages
-from gpt2lab.quantize_int import (FbgemmInt8Linear, activation_bits, choose_int8_kernel, fbgemm_int8,
-                                  quantize_per_channel)
+from gpt2lab.quantize_int import (FbgemmInt8Linear, activation_bits, choose_int8_kernel, dequantize_int4,
+                                  fbgemm_int8, quantize_int4, quantize_per_channel)
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT
@@ -115,6 +115,28 @@ class Int8Linear(_WeightOnlyLinear):
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scale.float()[:, None]
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """A drop-in for nn.Linear whose weight is int4 in groups of 32 along a row, one scale per group (llama.cpp's
+    q4_0 scheme, `quantize_int.quantize_int4`; half a byte per weight plus a scale per 32). The native decode step
+    multiplies by it directly; this forward (prefill, and decoding without the native kernel) widens it to float32."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__(packed.size(0), 2 * packed.size(1), bias)
+        self.register_buffer("weight", packed.contiguous())  # (N, K/2) uint8: two weights per byte
+        self.register_buffer("scale", scale.float().contiguous())  # (N, K/32) float32: one per group
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        packed, scale = quantize_int4(linear.weight)
+        return cls(packed, scale, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.dequantized(), self.bias)  # (..., N)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.scale)
 
 
 class BF16Linear(_WeightOnlyLinear):
@@ -329,6 +351,18 @@ class ColumnEmbedding(nn.Module):
         return self.weight_t.t()[idx]  # (B, T, C)
 
 
+class Int4Embedding(nn.Module):
+    """Token embedding reading rows of the head's int4 table, widened with their group scales: (B, T) -> (B, T, C)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)  # (V, C/2) uint8, the same tensor as the head's
+        self.register_buffer("scale", scale)  # (V, C/32)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return dequantize_int4(self.weight[idx], self.scale[idx])  # (B, T, C)
+
+
 class LowPrecisionEmbedding(nn.Module):
     """Token embedding reading rows of the head's low-precision table (times their int8 scale, if any):
     (B, T) -> (B, T, C) float32."""
@@ -344,7 +378,9 @@ class LowPrecisionEmbedding(nn.Module):
 
 
 # the layer of each precision that the native decode step (gpt2lab.native_step) reads in place
-NATIVE_LAYERS: dict[str, type[nn.Module]] = {"fp32": nn.Linear, "bf16": BF16Linear, "int8": Int8Linear}
+NATIVE_LAYERS: dict[str, type[nn.Module]] = {"fp32": nn.Linear, "bf16": BF16Linear, "int8": Int8Linear,
+                                             "int4": Int4Linear}
+WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -386,7 +422,9 @@ def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool
         if choose_int8_kernel(features, fbgemm) == "fbgemm":
             return KernelPlan(FbgemmInt8Linear, FbgemmInt8Linear)
         return KernelPlan(Int8Linear, Int8Linear)
-    raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
+    if dtype == "int4":
+        return KernelPlan(Int4Linear, Int4Linear)  # one layer everywhere; only the native step reads it fast
+    raise ValueError(f"unknown weight dtype {dtype!r}; choose one of: {', '.join(WEIGHT_DTYPES)}")
 
 
 def plan_for_this_cpu(dtype: str) -> KernelPlan:
@@ -401,8 +439,8 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     """Replace the linear layers of `model` and its tied head/embedding by inference versions, in place: weight-only
     "bf16" or "int8", or the "fp32" decode layout, as `choose_kernels` picks for this CPU. The model stays a GPT:
     same forward, same KV cache, float32 activations."""
-    if dtype not in ("fp32", "bf16", "int8"):
-        raise ValueError(f"unknown weight dtype {dtype!r}; choose fp32, bf16 or int8")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight dtype {dtype!r}; choose one of: {', '.join(WEIGHT_DTYPES)}")
     if model.wte.weight.device.type == "cpu":
         plan = plan_for_this_cpu(dtype)
     else:  # other devices: the portable layers
@@ -426,6 +464,10 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
             _replace_linears(model, BF16Linear.from_linear)
             model.lm_head = BF16Linear(model.wte.weight)
             model.wte = LowPrecisionEmbedding(model.lm_head.weight)  # the head's own bf16 table
+    elif dtype == "int4":
+        _replace_linears(model, Int4Linear.from_linear)
+        model.lm_head = Int4Linear(*quantize_int4(model.wte.weight))
+        model.wte = Int4Embedding(model.lm_head.weight, model.lm_head.scale)  # the head's own int4 table
     else:
         convert_int8(model, "fbgemm" if plan.block is FbgemmInt8Linear else "int8pack")  # Int8Linear: native too
     if plan.block in NATIVE_LAYERS.values():  # layers with plain weight tensors (not FBGEMM's packed ones)
@@ -491,6 +533,6 @@ def _transpose_wide(model: "GPT") -> "GPT":
 
 def is_converted(model: nn.Module) -> bool:
     """Whether `model` holds inference-only layers (and so should not be trained or saved)."""
-    kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, TransposedLinear, ColumnEmbedding, OneDNNLinear,
+    kinds = (_WeightOnlyLinear, LowPrecisionEmbedding, Int4Embedding, TransposedLinear, ColumnEmbedding, OneDNNLinear,
              HalfPackedLinear, FbgemmInt8Linear)  # ChunkedLinear is a OneDNNLinear
     return any(isinstance(m, kinds) for m in model.modules())

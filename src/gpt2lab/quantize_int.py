@@ -13,6 +13,10 @@ bf16 one. Two kernels compute x · Wᵀ with W held in int8:
   activations in bf16: exact in the activations, but slower than FBGEMM on CPUs with AVX2, and the portable choice
   for CPUs without FBGEMM (ARM, or a torch built without it).
 
+int4 (`quantize_int4`, `quantize.Int4Linear`) halves the bytes again: llama.cpp's q4_0 scheme, groups of 32 weights
+with one scale each. Only the native decode kernel multiplies by int4 weights directly (activations rounded per row
+to int8, as for int8); other paths, and prefill, widen them to float32 (`dequantize_int4`).
+
 `choose_int8_kernel` and `activation_bits` are pure functions of the CPU's features (`gpt2lab.cpu.CPUFeatures`, read
 by gpt2lab.cpu) and of whether FBGEMM works in this torch, so each branch is tested with the features of another
 machine. docs/benchmarks.md has the measurements behind the choice.
@@ -44,6 +48,42 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # (N,)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
     return q.contiguous(), scale
+
+
+# int4: weights in groups of 32 along a row, one float32 scale per group, two weights per byte
+INT4_GROUP = 32
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (packed (N, K/2) uint8, scale (N, K/32) float32): llama.cpp's q4_0 scheme. Each group of 32
+    weights along a row gets the scale d = m / -8, m its weight of largest magnitude (sign kept), and q = round(w / d)
+    in [-8, 7], so the largest weight lands exactly on -8 · d and the group's whole range is used. Byte j of a group
+    holds q_j + 8 in its low four bits and q_(j+16) + 8 in its high four, the layout the native kernel unpacks with
+    one mask and one shift per 32 weights. K must be a multiple of 32.
+
+    >>> packed, scale = quantize_int4(torch.linspace(-1.0, 1.0, 32)[None])  # -1 comes first: d = 1/8
+    >>> packed.shape, scale.tolist(), dequantize_int4(packed, scale)[0, [0, 1, 31]].tolist()
+    (torch.Size([1, 16]), [[0.125]], [-1.0, -0.875, 0.875])
+    """
+    N, K = weight.shape
+    if K % INT4_GROUP:
+        raise ValueError(f"int4 weights come in groups of {INT4_GROUP} along a row; a row of {K} is not a multiple "
+                         f"of {INT4_GROUP} (use int8 for this model)")
+    g = weight.detach().float().reshape(N, K // INT4_GROUP, INT4_GROUP)  # (N, G, 32)
+    m = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # (N, G, 1) signed weight of largest magnitude
+    d = m / -8.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    q = (torch.round(g * inv).clamp_(-8, 7) + 8).to(torch.uint8)  # (N, G, 32) in [0, 15]
+    half = INT4_GROUP // 2
+    packed = q[..., :half] | (q[..., half:] << 4)  # (N, G, 16)
+    return packed.reshape(N, K // 2).contiguous(), d.squeeze(-1).contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weights of `quantize_int4`'s output: packed (..., K/2) uint8, scale (..., K/32) -> (..., K)."""
+    groups = packed.reshape(*packed.shape[:-1], -1, INT4_GROUP // 2)  # (..., G, 16)
+    q = torch.cat([groups & 0x0F, groups >> 4], dim=-1).to(torch.int8) - 8  # (..., G, 32) in [-8, 7]
+    return (q.float() * scale.float().unsqueeze(-1)).reshape(*packed.shape[:-1], -1)
 
 
 def choose_int8_kernel(features: CPUFeatures, fbgemm: bool) -> str:

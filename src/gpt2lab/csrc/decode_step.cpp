@@ -25,11 +25,11 @@
 #include <climits>
 
 // A linear layer y = x W^T + b with W (N, K) row-major, as nn.Linear stores it. `kind` says what the weight holds.
-enum WeightKind : int32_t { F32 = 0, BF16 = 1, INT8 = 2 };
+enum WeightKind : int32_t { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
 
 struct Linear {
-    const void* weight;   // (N, K): float, bf16 bits, or int8
-    const float* scale;   // (N,) per output channel, int8 only; else null
+    const void* weight;   // (N, K): float, bf16 bits, or int8; int4: (N, K / 2) bytes, two weights each
+    const float* scale;   // int8: (N,) per output channel; int4: (N, K / 32) per group of 32; else null
     const float* bias;    // (N,) or null
     int64_t n, k;
     int32_t kind;
@@ -222,6 +222,40 @@ static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
     return s;
 }
 
+// int4 weights (llama.cpp's q4_0 layout): each group of 32 in 16 bytes, byte j holding weight j + 8 in its low four
+// bits and weight j + 16, + 8, in its high four. One mask and one shift give the 32 weights in order, in [-8, 7].
+static inline __m256i unpack_i4(const uint8_t* p) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)p), low = _mm_set1_epi8(0x0F);
+    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+    return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+}
+
+// One int4 weight row times one int8 activation row: each group's integer dot product (exact: |w| <= 8, |x| <= 127)
+// times the group's scale, summed in float. The activation row's scale is the caller's.
+static float dot_i4(const uint8_t* w, const float* group_scale, const int8_t* x, int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / 32; g++) {
+        const __m256i q = unpack_i4(w + g * 16);
+        const __m256i d = dot32_i8(_mm256_sign_epi8(q, q), q, _mm256_loadu_si256((const __m256i*)(x + g * 32)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(group_scale[g]), acc);
+    }
+    return hsum(acc);
+}
+
+// One int4 weight row against four activation rows: each group unpacked once for the four.
+static void dot4_i4(const uint8_t* w, const float* group_scale, const int8_t* x, int64_t K, float* out) {
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < K / 32; g++) {
+        const __m256i q = unpack_i4(w + g * 16), aq = _mm256_sign_epi8(q, q);
+        const __m256 s = _mm256_set1_ps(group_scale[g]);
+        for (int r = 0; r < 4; r++) {
+            const __m256i d = dot32_i8(aq, q, _mm256_loadu_si256((const __m256i*)(x + r * K + g * 32)));
+            a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, a[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum(a[r]);
+}
+
 // How many rows ahead the batched kernels prefetch: with several input rows a pass computes long enough that the
 // hardware prefetcher alone falls behind (the distance is chosen in docs/benchmarks.md). A prefetch never faults,
 // so asking for rows past the matrix's end is harmless.
@@ -307,13 +341,18 @@ static void products(const Linear& L, const float* x, const int8_t* xq, int64_t 
         for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
         return;
     }
+    if (rows == 4 && L.kind == INT4) {
+        dot4_i4((const uint8_t*)L.weight + n * (K / 2), L.scale + n * (K / 32), xq + r0 * K, K, v);
+        return;
+    }
     for (int64_t i = 0; i < rows_w; i++)
         for (int64_t j = 0; j < rows; j++) {
             const int64_t r = r0 + j, m = n + i;
             float& d = v[i * 4 + j];
             if (L.kind == F32) d = dot<F32Weights>((const float*)L.weight + m * K, x + r * K, K);
             else if (L.kind == BF16) d = dot<BF16Weights>((const uint16_t*)L.weight + m * K, x + r * K, K);
-            else d = (float)dot_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
+            else if (L.kind == INT8) d = (float)dot_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
+            else d = dot_i4((const uint8_t*)L.weight + m * (K / 2), L.scale + m * (K / 32), xq + r * K, K);
         }
 }
 
@@ -321,7 +360,7 @@ static void linear_block(const Linear& L, const float* x, const int8_t* xq, cons
                          float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi;) {
         // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
-        const int64_t rows_w = (L.kind != INT8 && B >= 4 && n + 1 < hi) ? 2 : 1;
+        const int64_t rows_w = ((L.kind == F32 || L.kind == BF16) && B >= 4 && n + 1 < hi) ? 2 : 1;
         for (int64_t r0 = 0; r0 < B; r0 += 4) {
             const int64_t rows = B - r0 < 4 ? B - r0 : 4;  // four input rows at a time, then the rest
             float v[8];  // (rows_w, 4) dot products
@@ -331,6 +370,7 @@ static void linear_block(const Linear& L, const float* x, const int8_t* xq, cons
                     const int64_t r = r0 + j, m = n + i;
                     float y = v[i * 4 + j];
                     if (L.kind == INT8) y *= L.scale[m] * xq_scale[r];
+                    else if (L.kind == INT4) y *= xq_scale[r];  // the group scales are in the dot product
                     if (L.bias) y += L.bias[m];
                     float* o = out + r * ld_out + m;
                     if (how == ADD_TO) *o += y;
@@ -464,13 +504,15 @@ static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b,
 }
 
 // ---------------------------------------------------------------------------------------------------- the step
-static bool any_int8(const Model& M) {
+static bool integer(const Linear& L) { return L.kind == INT8 || L.kind == INT4; }
+
+// Whether any product multiplies integer weights, which take activations rounded to int8.
+static bool any_integer(const Model& M) {
     for (int64_t l = 0; l < M.n_layer; l++) {
         const Layer& L = M.layers[l];
-        if (L.attn.kind == INT8 || L.attn_proj.kind == INT8 || L.fc.kind == INT8 || L.mlp_proj.kind == INT8)
-            return true;
+        if (integer(L.attn) || integer(L.attn_proj) || integer(L.fc) || integer(L.mlp_proj)) return true;
     }
-    return M.head.kind == INT8;
+    return integer(M.head);
 }
 
 // x (B, C) holds the embeddings; on return logits (B, V) hold the next-token logits and the cache holds this
@@ -480,7 +522,7 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
     const Step& S = *step;
     const int64_t B = S.batch, C = M.n_embd, F = M.ffn, H = M.n_head;
     const int64_t widest = C > F ? C : F;
-    const bool quantize = any_int8(M);
+    const bool quantize = any_integer(M);
     Barrier meet;
     meet.spin_ns = SPIN_NS;
 #pragma omp parallel num_threads(S.threads)
