@@ -1,7 +1,7 @@
-"""Generation speed: gpt2lab (fp32, bf16, int8) vs transformers' `generate` (fp32) on the same 124M random weights.
+"""Generation speed: gpt2lab (fp32, bf16, int8, int4) vs transformers' `generate` (fp32) on the same random weights.
 
 "ours fp32 fresh" is the model as loaded, with no `prepare_for_inference` (what `model.generate` gets by default);
-"ours fp32/bf16/int8" are prepared for inference.
+"ours fp32/bf16/int8/int4" are prepared for inference.
 
     python benchmarks/generate.py [--threads 2,1] [--tokens 48] [--rounds 3]
 
@@ -167,7 +167,7 @@ def build_variants(threads: int, compiled: bool = True) -> list[Variant]:
     context = PROMPT + 24
     variants = [Variant("ours fp32 fresh", lambda idx, n: generate(fresh, idx, n, temperature=0), weight_bytes(fresh),
                         bytes_per_token(fresh, context))]
-    for dtype in ("fp32", "bf16", "int8"):
+    for dtype in ("fp32", "bf16", "int8", "int4"):
         model = prepare_for_inference(copy.deepcopy(base), dtype)
         gen = (lambda m: lambda idx, n: generate(m, idx, n, temperature=0))(model)
         variants.append(Variant(f"ours {dtype}", gen, weight_bytes(model), bytes_per_token(model, context)))

@@ -1,4 +1,4 @@
-"""What bf16 and int8 weights cost in quality, against float32 on the same model.
+"""What bf16, int8 and int4 weights cost in quality, against float32 on the same model.
 
     python -u benchmarks/quality.py [--tokens 300] [--train-steps 300] [--gpt2-steps 300] [--data FILE]
                                     [--models random,char,gpt2]
@@ -56,7 +56,7 @@ def train_char_model(steps: int, path: Path):
 
 
 def variants() -> dict:
-    """name -> function converting a float32 model: bf16, the CPU's int8, and every int8 kernel that runs here."""
+    """name -> function converting a float32 model: bf16, the CPU's int8, every int8 kernel that runs here, int4."""
     from gpt2lab import quantize
     from gpt2lab.inference import prepare_for_inference
 
@@ -65,6 +65,7 @@ def variants() -> dict:
     if quantize.fbgemm_int8():
         for bits in (7, 8):
             out[f"fbgemm-{bits}bit"] = lambda m, bits=bits: quantize.convert_int8(m, "fbgemm", bits)
+    out["int4"] = lambda m: prepare_for_inference(m, "int4")
     return out
 
 

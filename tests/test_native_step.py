@@ -239,10 +239,21 @@ class Int4Reference(nn.Module):
         return y if layer.bias is None else y + layer.bias
 
 
+INT4_CONFIGS = {
+    "wide": CONFIGS["wide"],  # widths 32 (one group of 32: the last-group path) and 128 (two blocks of 64)
+    "mixed": GPTConfig(vocab_size=131, n_ctx=32, n_layer=2, n_head=4, n_embd=96),  # 96 = a block and a group
+}
+
+
 def int4_model_and_reference(name="wide"):
     from gpt2lab.inference import prepare_for_inference
 
-    model = prepare_for_inference(model_for(name, sharpen=False), "int4")
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(INT4_CONFIGS[name]).eval(), "int4")
+    with torch.no_grad():  # biases and gains that change the logits (GPT-2's init leaves them 0 and 1)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn(p.shape))
     reference = copy.deepcopy(model)
     _replace_linears(reference, Int4Reference)
     reference.lm_head = Int4Reference(reference.lm_head)
@@ -250,15 +261,22 @@ def int4_model_and_reference(name="wide"):
 
 
 @needs_kernel
+@pytest.mark.parametrize("name", ["wide", "mixed"])
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 8])
-def test_native_step_on_int4_weights_equals_its_reference_arithmetic(batch):
-    """Batches of 1-3 take the one-row int4 kernel, 4 and 8 the four-row one, 5 both."""
-    model, reference = int4_model_and_reference()
+def test_native_step_on_int4_weights_equals_its_reference_arithmetic(name, batch):
+    """Batches of 1-3 take the one-row int4 kernel, 4 and 8 the four-row one, 5 both; widths of 32, 96 and 128
+    take the block and the last-group paths."""
+    model, reference = int4_model_and_reference(name)
     assert linear_kind(model.lm_head) == 3 and NativeStep.applies(model)
-    prompt, tokens = random_steps(211, batch, 3, seed=13)
+    prompt, tokens = random_steps(model.config.vocab_size, batch, 3, seed=13)
     ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
     for a, b in zip(ref, fast):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        off = (a - b).abs() > 1e-4
+        # the kernel's LayerNorm and attention sum in another order, so now and then an activation sits on a
+        # rounding boundary and lands one int8 step away from the reference's: a few logits move by about
+        # (group scale * activation scale), not more
+        assert off.float().mean() < 0.2 and (a - b).abs().max() < 1e-2, (off.float().mean(), (a - b).abs().max())
+    assert sum(int(((a - b).abs() > 1e-4).any()) for a, b in zip(ref, fast)) <= 1  # most steps match exactly
 
 
 @needs_kernel

@@ -66,15 +66,21 @@ def test_int4_groups_of_32_round_to_the_nearest_step_of_their_own_scale():
     assert torch.equal(back[2, 32:64], torch.zeros(32))
 
 
-def test_int4_packs_weight_j_low_and_weight_j_plus_16_high():
-    """The layout the native kernel unpacks: byte j of a group = (q_j + 8) | (q_(j+16) + 8) << 4."""
-    from gpt2lab.quantize_int import quantize_int4
+def test_int4_packs_blocks_of_64_then_a_last_group_of_32():
+    """The layout the native kernel unpacks: in a block of 64, byte j = (q_j + 8) | (q_(j+32) + 8) << 4; a last
+    group of 32, byte j = (q_j + 8) | (q_(j+16) + 8) << 4."""
+    from gpt2lab.quantize_int import dequantize_int4, pack_int4, quantize_int4
 
-    q = torch.tensor([-8] + list(range(-7, 8)) + list(range(7, -9, -1)), dtype=torch.float32)  # 32 levels
-    packed, scale = quantize_int4(q[None] * 0.5)  # the largest is -4.0: d = 0.5
-    assert scale.item() == 0.5
-    expect = [(int(q[j]) + 8) | ((int(q[j + 16]) + 8) << 4) for j in range(16)]
+    levels = torch.tensor([-8] + list(range(-7, 8)) + list(range(7, -9, -1)), dtype=torch.float32)  # 32 levels
+    row = torch.cat([levels, levels.flip(0), levels])  # 96 values: one block of 64, then a group of 32
+    packed, scale = quantize_int4(row[None] * 0.5)  # each group's largest is -4.0: d = 0.5
+    assert scale.tolist() == [[0.5, 0.5, 0.5]]
+    q = [int(v) + 8 for v in row]
+    expect = [q[j] | (q[j + 32] << 4) for j in range(32)] + [q[64 + j] | (q[80 + j] << 4) for j in range(16)]
     assert packed[0].tolist() == expect
+    assert torch.equal(dequantize_int4(packed, scale)[0], row * 0.5)
+    values = torch.randint(0, 16, (3, 4, 160), dtype=torch.uint8)  # leading dims: what the embedding unpacks
+    assert torch.equal(dequantize_int4(pack_int4(values), torch.ones(3, 4, 5)), values.float() - 8)
 
 
 def test_int4_refuses_widths_that_are_not_whole_groups():

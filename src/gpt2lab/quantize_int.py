@@ -57,9 +57,13 @@ INT4_GROUP = 32
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (packed (N, K/2) uint8, scale (N, K/32) float32): llama.cpp's q4_0 scheme. Each group of 32
     weights along a row gets the scale d = m / -8, m its weight of largest magnitude (sign kept), and q = round(w / d)
-    in [-8, 7], so the largest weight lands exactly on -8 · d and the group's whole range is used. Byte j of a group
-    holds q_j + 8 in its low four bits and q_(j+16) + 8 in its high four, the layout the native kernel unpacks with
-    one mask and one shift per 32 weights. K must be a multiple of 32.
+    in [-8, 7], so the largest weight lands exactly on -8 · d and the group's whole range is used. K must be a
+    multiple of 32.
+
+    Packing (`pack_int4`): q + 8 in four bits; blocks of 64 weights in 32 bytes, byte j holding weight j in its low
+    four bits and weight j + 32 in its high four (one mask gives a whole group of 32 in order, one shift the next:
+    what the native kernel reads with 256-bit vectors); a row whose width is not a multiple of 64 ends with one group
+    of 32 in 16 bytes, byte j holding weights j and j + 16.
 
     >>> packed, scale = quantize_int4(torch.linspace(-1.0, 1.0, 32)[None])  # -1 comes first: d = 1/8
     >>> packed.shape, scale.tolist(), dequantize_int4(packed, scale)[0, [0, 1, 31]].tolist()
@@ -74,16 +78,31 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = m / -8.0
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
     q = (torch.round(g * inv).clamp_(-8, 7) + 8).to(torch.uint8)  # (N, G, 32) in [0, 15]
-    half = INT4_GROUP // 2
-    packed = q[..., :half] | (q[..., half:] << 4)  # (N, G, 16)
-    return packed.reshape(N, K // 2).contiguous(), d.squeeze(-1).contiguous()
+    return pack_int4(q.reshape(N, K)), d.squeeze(-1).contiguous()
+
+
+def _blocks(width: int) -> list[tuple[int, int]]:
+    """(start, size) of the packing blocks of a row of `width` values: 64s, then one 32 if it is left over."""
+    full = width // 64 * 64
+    return [(k, 64) for k in range(0, full, 64)] + ([(full, 32)] if width > full else [])
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(..., K) values in [0, 15] -> (..., K/2) bytes in `quantize_int4`'s layout."""
+    parts = [q[..., k:k + n // 2] | (q[..., k + n // 2:k + n] << 4) for k, n in _blocks(q.shape[-1])]
+    return torch.cat(parts, dim=-1).contiguous()
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The float32 weights of `quantize_int4`'s output: packed (..., K/2) uint8, scale (..., K/32) -> (..., K)."""
-    groups = packed.reshape(*packed.shape[:-1], -1, INT4_GROUP // 2)  # (..., G, 16)
-    q = torch.cat([groups & 0x0F, groups >> 4], dim=-1).to(torch.int8) - 8  # (..., G, 32) in [-8, 7]
-    return (q.float() * scale.float().unsqueeze(-1)).reshape(*packed.shape[:-1], -1)
+    K = 2 * packed.shape[-1]
+    parts = []
+    for k, n in _blocks(K):
+        b = packed[..., k // 2:(k + n) // 2]
+        parts += [b & 0x0F, b >> 4]
+    q = torch.cat(parts, dim=-1).to(torch.int8) - 8  # (..., K) in [-8, 7]
+    groups = q.float().reshape(*q.shape[:-1], K // INT4_GROUP, INT4_GROUP) * scale.float().unsqueeze(-1)
+    return groups.reshape(*q.shape[:-1], K)
 
 
 def choose_int8_kernel(features: CPUFeatures, fbgemm: bool) -> str:

@@ -28,7 +28,7 @@
 enum WeightKind : int32_t { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
 
 struct Linear {
-    const void* weight;   // (N, K): float, bf16 bits, or int8; int4: (N, K / 2) bytes, two weights each
+    const void* weight;   // (N, K): float, bf16 bits, or int8; int4: (N, K / 2) bytes, two weights each (below)
     const float* scale;   // int8: (N,) per output channel; int4: (N, K / 32) per group of 32; else null
     const float* bias;    // (N,) or null
     int64_t n, k;
@@ -67,6 +67,7 @@ struct Step {
     float* scores;               // (threads, S_max)
     int8_t* xq;                  // (threads, B, max(C, F)) int8 activations
     float* xq_scale;             // (threads, B)
+    float* xq_sums;              // (threads, B, max(C, F) / 32) 8 x each group's sum (int4's correction)
     int32_t threads;
 };
 
@@ -222,38 +223,70 @@ static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
     return s;
 }
 
-// int4 weights (llama.cpp's q4_0 layout): each group of 32 in 16 bytes, byte j holding weight j + 8 in its low four
-// bits and weight j + 16, + 8, in its high four. One mask and one shift give the 32 weights in order, in [-8, 7].
-static inline __m256i unpack_i4(const uint8_t* p) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)p), low = _mm_set1_epi8(0x0F);
-    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-    return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+// int4 weights (quantize_int.quantize_int4): each weight stored as q = w + 8 in [0, 15], four bits, with a float
+// scale per group of 32. A row is blocks of 64 weights in 32 bytes, byte j holding weight j in its low four bits and
+// weight j + 32 in its high four, so one mask gives a whole group in order and one shift the next; a row whose width
+// is not a multiple of 64 ends with one group of 32 in 16 bytes (byte j: weights j and j + 16). The products take q
+// as AVX2's unsigned operand, x as the signed one (no sign trick: |q x| pairs <= 2 * 15 * 127 fit 16 bits), and take
+// the 8 back out per group from the activations' group sums, which every weight row shares:
+// sum_g d_g (w_g . x_g) = sum_g d_g (q_g . x_g) - sum_g d_g * 8 sum(x_g).
+static inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+static inline __m256i high4(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+
+static inline __m256i last_group_i4(const uint8_t* p) {  // 16 bytes -> 32 values in order
+    const __m128i b = _mm_loadu_si128((const __m128i*)p), m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
 }
 
-// One int4 weight row times one int8 activation row: each group's integer dot product (exact: |w| <= 8, |x| <= 127)
-// times the group's scale, summed in float. The activation row's scale is the caller's.
-static float dot_i4(const uint8_t* w, const float* group_scale, const int8_t* x, int64_t K) {
+// unsigned q times signed x for 32 values, as float partial sums in 8 lanes (exact integers)
+static inline __m256 dot32_u4(__m256i q, const int8_t* x) {
+    const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i*)x));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+// sum_g d_g * sums8_g over G groups: the correction one weight row's product subtracts
+static inline float correction_i4(const float* d, const float* sums8, int64_t G) {
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < K / 32; g++) {
-        const __m256i q = unpack_i4(w + g * 16);
-        const __m256i d = dot32_i8(_mm256_sign_epi8(q, q), q, _mm256_loadu_si256((const __m256i*)(x + g * 32)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(group_scale[g]), acc);
-    }
-    return hsum(acc);
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(d + g), _mm256_loadu_ps(sums8 + g), acc);
+    float c = hsum(acc);
+    for (; g < G; g++) c += d[g] * sums8[g];
+    return c;
 }
 
-// One int4 weight row against four activation rows: each group unpacked once for the four.
-static void dot4_i4(const uint8_t* w, const float* group_scale, const int8_t* x, int64_t K, float* out) {
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t g = 0; g < K / 32; g++) {
-        const __m256i q = unpack_i4(w + g * 16), aq = _mm256_sign_epi8(q, q);
-        const __m256 s = _mm256_set1_ps(group_scale[g]);
+// One int4 weight row times one int8 activation row (its group sums in sums8), without the row's activation scale.
+static float dot_i4(const uint8_t* w, const float* d, const int8_t* x, const float* sums8, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k / 2));
+        a0 = _mm256_fmadd_ps(dot32_u4(low4(b), x + k), _mm256_set1_ps(d[k / 32]), a0);
+        a1 = _mm256_fmadd_ps(dot32_u4(high4(b), x + k + 32), _mm256_set1_ps(d[k / 32 + 1]), a1);
+    }
+    if (k < K) a0 = _mm256_fmadd_ps(dot32_u4(last_group_i4(w + k / 2), x + k), _mm256_set1_ps(d[k / 32]), a0);
+    return hsum(_mm256_add_ps(a0, a1)) - correction_i4(d, sums8, K / 32);
+}
+
+// One int4 weight row against four activation rows: each block unpacked once for the four.
+static void dot4_i4(const uint8_t* w, const float* d, const int8_t* x, const float* sums8, int64_t K, float* out) {
+    const int64_t G = K / 32;
+    __m256 lo[4], hi[4];
+    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k / 2)), ql = low4(b), qh = high4(b);
+        const __m256 d0 = _mm256_set1_ps(d[k / 32]), d1 = _mm256_set1_ps(d[k / 32 + 1]);
         for (int r = 0; r < 4; r++) {
-            const __m256i d = dot32_i8(aq, q, _mm256_loadu_si256((const __m256i*)(x + r * K + g * 32)));
-            a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, a[r]);
+            lo[r] = _mm256_fmadd_ps(dot32_u4(ql, x + r * K + k), d0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(dot32_u4(qh, x + r * K + k + 32), d1, hi[r]);
         }
     }
-    for (int r = 0; r < 4; r++) out[r] = hsum(a[r]);
+    if (k < K) {
+        const __m256i q = last_group_i4(w + k / 2);
+        const __m256 d0 = _mm256_set1_ps(d[k / 32]);
+        for (int r = 0; r < 4; r++) lo[r] = _mm256_fmadd_ps(dot32_u4(q, x + r * K + k), d0, lo[r]);
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum(_mm256_add_ps(lo[r], hi[r])) - correction_i4(d, sums8 + r * G, G);
 }
 
 // How many rows ahead the batched kernels prefetch: with several input rows a pass computes long enough that the
@@ -307,15 +340,28 @@ static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
     }
 }
 
-// Symmetric int8 of each of B rows of width K: x ~ q * scale, q in [-127, 127] (so |q| * |w| pairs fit in 16 bits).
-static void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale) {
+// A thread's copy of B activation rows rounded to int8, for the integer products.
+struct QuantRows {
+    int8_t* q;      // (B, K) in [-127, 127] (so |q| * |w| pairs fit in 16 bits)
+    float* scale;   // (B,) x ~ q * scale
+    float* sums8;   // (B, K / 32) 8 x the sum of q over each group of 32 (int4's correction)
+};
+
+// Symmetric int8 of each of B rows of width K, and the group sums int4's products take back out.
+static void quantize_rows(const float* x, int64_t B, int64_t K, const QuantRows& out) {
     for (int64_t r = 0; r < B; r++) {
         const float* xr = x + r * K;
+        int8_t* q = out.q + r * K;
         float amax = 0.0f;
         for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
         float s = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        for (int64_t k = 0; k < K; k++) q[r * K + k] = (int8_t)lrintf(xr[k] * inv);
-        scale[r] = s;
+        for (int64_t k = 0; k < K; k++) q[k] = (int8_t)lrintf(xr[k] * inv);
+        out.scale[r] = s;
+        for (int64_t g = 0; g < K / 32; g++) {
+            int32_t sum = 0;
+            for (int64_t k = 32 * g; k < 32 * g + 32; k++) sum += q[k];
+            out.sums8[r * (K / 32) + g] = 8.0f * (float)sum;
+        }
     }
 }
 
@@ -327,9 +373,10 @@ enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 // weight row stays in L1 while every input row passes, so the weights still come from memory once.
 // The dot products of weight rows [n, n + rows_w) with input rows [r0, r0 + rows) into v (rows_w, 4): the batched
 // kernels where a whole group fits (two float rows x four inputs; one int8 row x four inputs), else one by one.
-static void products(const Linear& L, const float* x, const int8_t* xq, int64_t n, int64_t r0, int64_t rows,
+static void products(const Linear& L, const float* x, const QuantRows& Q, int64_t n, int64_t r0, int64_t rows,
                      int64_t rows_w, float* v) {
-    const int64_t K = L.k;
+    const int64_t K = L.k, G = K / 32;
+    const int8_t* xq = Q.q;
     if (rows == 4 && rows_w == 2) {
         if (L.kind == F32) dot2x4<F32Weights>((const float*)L.weight + n * K, x + r0 * K, K, v);
         else dot2x4<BF16Weights>((const uint16_t*)L.weight + n * K, x + r0 * K, K, v);
@@ -342,7 +389,7 @@ static void products(const Linear& L, const float* x, const int8_t* xq, int64_t 
         return;
     }
     if (rows == 4 && L.kind == INT4) {
-        dot4_i4((const uint8_t*)L.weight + n * (K / 2), L.scale + n * (K / 32), xq + r0 * K, K, v);
+        dot4_i4((const uint8_t*)L.weight + n * (K / 2), L.scale + n * G, xq + r0 * K, Q.sums8 + r0 * G, K, v);
         return;
     }
     for (int64_t i = 0; i < rows_w; i++)
@@ -352,11 +399,11 @@ static void products(const Linear& L, const float* x, const int8_t* xq, int64_t 
             if (L.kind == F32) d = dot<F32Weights>((const float*)L.weight + m * K, x + r * K, K);
             else if (L.kind == BF16) d = dot<BF16Weights>((const uint16_t*)L.weight + m * K, x + r * K, K);
             else if (L.kind == INT8) d = (float)dot_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
-            else d = dot_i4((const uint8_t*)L.weight + m * (K / 2), L.scale + m * (K / 32), xq + r * K, K);
+            else d = dot_i4((const uint8_t*)L.weight + m * (K / 2), L.scale + m * G, xq + r * K, Q.sums8 + r * G, K);
         }
 }
 
-static void linear_block(const Linear& L, const float* x, const int8_t* xq, const float* xq_scale, int64_t B,
+static void linear_block(const Linear& L, const float* x, const QuantRows& Q, int64_t B,
                          float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi;) {
         // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
@@ -364,13 +411,13 @@ static void linear_block(const Linear& L, const float* x, const int8_t* xq, cons
         for (int64_t r0 = 0; r0 < B; r0 += 4) {
             const int64_t rows = B - r0 < 4 ? B - r0 : 4;  // four input rows at a time, then the rest
             float v[8];  // (rows_w, 4) dot products
-            products(L, x, xq, n, r0, rows, rows_w, v);
+            products(L, x, Q, n, r0, rows, rows_w, v);
             for (int64_t i = 0; i < rows_w; i++)
                 for (int64_t j = 0; j < rows; j++) {
                     const int64_t r = r0 + j, m = n + i;
                     float y = v[i * 4 + j];
-                    if (L.kind == INT8) y *= L.scale[m] * xq_scale[r];
-                    else if (L.kind == INT4) y *= xq_scale[r];  // the group scales are in the dot product
+                    if (L.kind == INT8) y *= L.scale[m] * Q.scale[r];
+                    else if (L.kind == INT4) y *= Q.scale[r];  // the group scales are in the dot product
                     if (L.bias) y += L.bias[m];
                     float* o = out + r * ld_out + m;
                     if (how == ADD_TO) *o += y;
@@ -387,7 +434,7 @@ static void linear_block(const Linear& L, const float* x, const int8_t* xq, cons
 // dynamic schedule): on a shared machine a thread that loses its core for a moment leaves its chunks to the others
 // instead of holding every thread at the next barrier. Chunks are a few dozen rows, so each is still one long
 // sequential read.
-static void linear_rows(const Linear& L, const float* x, const int8_t* xq, const float* xq_scale, int64_t B,
+static void linear_rows(const Linear& L, const float* x, const QuantRows& Q, int64_t B,
                         float* out, int64_t ld_out, Epilogue how, int32_t activation, int nth) {
     int64_t chunk = L.n / (8 * (int64_t)nth);  // about eight chunks per thread
     chunk = chunk < 16 ? 16 : (chunk + 15) / 16 * 16;
@@ -395,7 +442,7 @@ static void linear_rows(const Linear& L, const float* x, const int8_t* xq, const
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t lo = c * chunk, hi = lo + chunk < L.n ? lo + chunk : L.n;
-        linear_block(L, x, xq, xq_scale, B, out, ld_out, how, activation, lo, hi);
+        linear_block(L, x, Q, B, out, ld_out, how, activation, lo, hi);
     }
 }
 
@@ -530,31 +577,32 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         float* norm = S.norm + tid * B * C;               // (B, C) this thread's LayerNorm output
         float* scores = S.scores + tid * S.s_max;         // (S_max,)
-        int8_t* xq = S.xq + tid * B * widest;             // (B, max(C, F))
-        float* xs = S.xq_scale + tid * B;                 // (B,)
+        const QuantRows xq{S.xq + tid * B * widest,          // (B, max(C, F))
+                           S.xq_scale + tid * B,             // (B,)
+                           S.xq_sums + tid * B * (widest / 32)};  // (B, max(C, F) / 32)
         for (int64_t l = 0; l < M.n_layer; l++) {
             const Layer& L = M.layers[l];
             layer_norm(S.x, L.ln1_w, L.ln1_b, M.eps, B, C, norm);
-            if (quantize) quantize_rows(norm, B, C, xq, xs);
-            linear_rows(L.attn, norm, xq, xs, B, S.qkv, 3 * C, STORE, M.activation, nth);
+            if (quantize) quantize_rows(norm, B, C, xq);
+            linear_rows(L.attn, norm, xq, B, S.qkv, 3 * C, STORE, M.activation, nth);
             barrier_wait(meet, nth);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t bh = 0; bh < B * H; bh++) attend_head(M, S, l, bh / H, bh % H, scores);
             barrier_wait(meet, nth);
-            if (quantize) quantize_rows(S.att, B, C, xq, xs);
-            linear_rows(L.attn_proj, S.att, xq, xs, B, S.x, C, ADD_TO, M.activation, nth);
+            if (quantize) quantize_rows(S.att, B, C, xq);
+            linear_rows(L.attn_proj, S.att, xq, B, S.x, C, ADD_TO, M.activation, nth);
             barrier_wait(meet, nth);
             layer_norm(S.x, L.ln2_w, L.ln2_b, M.eps, B, C, norm);
-            if (quantize) quantize_rows(norm, B, C, xq, xs);
-            linear_rows(L.fc, norm, xq, xs, B, S.hidden, F, ACTIVATE, M.activation, nth);
+            if (quantize) quantize_rows(norm, B, C, xq);
+            linear_rows(L.fc, norm, xq, B, S.hidden, F, ACTIVATE, M.activation, nth);
             barrier_wait(meet, nth);
-            if (quantize) quantize_rows(S.hidden, B, F, xq, xs);
-            linear_rows(L.mlp_proj, S.hidden, xq, xs, B, S.x, C, ADD_TO, M.activation, nth);
+            if (quantize) quantize_rows(S.hidden, B, F, xq);
+            linear_rows(L.mlp_proj, S.hidden, xq, B, S.x, C, ADD_TO, M.activation, nth);
             barrier_wait(meet, nth);
         }
         layer_norm(S.x, M.lnf_w, M.lnf_b, M.eps, B, C, norm);
-        if (quantize) quantize_rows(norm, B, C, xq, xs);
-        linear_rows(M.head, norm, xq, xs, B, S.logits, M.head.n, STORE, M.activation, nth);
+        if (quantize) quantize_rows(norm, B, C, xq);
+        linear_rows(M.head, norm, xq, B, S.logits, M.head.n, STORE, M.activation, nth);
         barrier_wait(meet, nth);  // so OpenMP's own barrier at the end of the region finds everyone there
     }
 }
