@@ -220,7 +220,8 @@ def test_int8_at_any_width_and_batch_equals_its_reference_arithmetic(name, batch
 
 class Int4Reference(nn.Module):
     """The kernel's int4 arithmetic in PyTorch: x rows to int8 as for int8, each group's integer dot product with
-    the int4 weights (exact in float64), times the group's scale, summed, times the row's scale, plus the bias."""
+    the int4 weights times the group's integer scale (all exact in float64), summed, times the row's float scale
+    and the activation row's, plus the bias."""
 
     def __init__(self, layer: Int4Linear) -> None:
         super().__init__()
@@ -230,12 +231,13 @@ class Int4Reference(nn.Module):
         from gpt2lab.quantize_int import dequantize_int4
 
         layer = self.layer
-        q = dequantize_int4(layer.weight, torch.ones_like(layer.scale)).double()  # (N, K) integers in [-8, 7]
+        N, G = layer.group_scale.shape
+        ones = torch.ones(N, G, dtype=torch.int16)
+        q = dequantize_int4(layer.weight, ones, torch.ones(N)).double().view(N, G, 32)  # integers in [-8, 7]
         amax = x.abs().amax(-1, keepdim=True)  # (..., 1)
         xq = torch.round(x * torch.where(amax > 0, 127.0 / amax, 0.0)).double()  # (..., K)
-        N, G = layer.scale.shape
-        per_group = torch.einsum("...gk,ngk->...ng", xq.unflatten(-1, (G, 32)), q.view(N, G, 32))  # (..., N, G)
-        y = (per_group * layer.scale.double()).sum(-1).float() * (amax / 127.0)
+        per_group = torch.einsum("...gk,ngk->...ng", xq.unflatten(-1, (G, 32)), q)  # (..., N, G) integers
+        y = (per_group * layer.group_scale.double()).sum(-1).float() * layer.scale * (amax / 127.0)
         return y if layer.bias is None else y + layer.bias
 
 

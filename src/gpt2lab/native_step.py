@@ -51,8 +51,8 @@ _p = ctypes.c_void_p
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("weight", _p), ("scale", _p), ("bias", _p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("kind", ctypes.c_int32)]
+    _fields_ = [("weight", _p), ("scale", _p), ("group_scale", _p), ("bias", _p), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64), ("kind", ctypes.c_int32)]
 
 
 class _Layer(ctypes.Structure):
@@ -93,6 +93,7 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
         return _INT8
     if (type(layer) is Int4Linear and layer.weight.dtype == torch.uint8 and layer.weight.device.type == "cpu"
             and layer.weight.is_contiguous() and layer.in_features % 32 == 0 and _plain_f32(layer.scale)
+            and layer.group_scale.dtype == torch.int16 and layer.group_scale.is_contiguous()
             and _plain_f32(layer.bias)):
         return _INT4
     return None
@@ -192,16 +193,17 @@ class NativeStep:
         kind = linear_kind(layer)
         if kind is None:
             raise TypeError(f"the native decode step cannot read a {type(layer).__name__} layer")
-        scale = None
+        scale = group_scale = None
         if kind == _INT8:
             self._addr(layer, "scale")
-            scale = layer.scale.float().contiguous()  # (N,) the kernel multiplies in float32
-            self._keep.append(scale)
+            as_float = layer.scale.float().contiguous()  # (N,) the kernel multiplies in float32
+            self._keep.append(as_float)
+            scale = as_float.data_ptr()
         elif kind == _INT4:
-            scale = layer.scale  # (N, K / 32) float32, read in place
-            self._addr(layer, "scale")
+            scale, group_scale = self._addr(layer, "scale"), self._addr(layer, "group_scale")  # read in place
         weight = self._addr(layer, "weight")
-        return _Linear(weight, _ptr(scale), self._addr(layer, "bias"), layer.out_features, layer.in_features, kind)
+        return _Linear(weight, scale, group_scale, self._addr(layer, "bias"), layer.out_features, layer.in_features,
+                       kind)
 
     @staticmethod
     def applies(model: GPT) -> bool:
@@ -225,7 +227,7 @@ class NativeStep:
             self._scratch[key] = (torch.empty(B, 3 * C, **f32), torch.empty(B, C, **f32), torch.empty(B, F, **f32),
                                   torch.empty(threads, B, C, **f32), torch.empty(threads, s_max, **f32),
                                   torch.empty(threads, B, max(C, F), dtype=torch.int8),
-                                  torch.empty(threads, B, **f32), torch.empty(threads, B, max(1, max(C, F) // 32), **f32))
+                                  torch.empty(threads, B, **f32), torch.empty(threads, B, max(1, max(C, F) // 32), dtype=torch.int16))
         return self._scratch[key]
 
     @torch.no_grad()

@@ -118,25 +118,26 @@ class Int8Linear(_WeightOnlyLinear):
 
 
 class Int4Linear(_WeightOnlyLinear):
-    """A drop-in for nn.Linear whose weight is int4 in groups of 32 along a row, one scale per group (llama.cpp's
-    q4_0 scheme, `quantize_int.quantize_int4`; half a byte per weight plus a scale per 32). The native decode step
+    """A drop-in for nn.Linear whose weight is int4 in groups of 32 along a row (`quantize_int.quantize_int4`: half
+    a byte per weight, a 16-bit integer scale per group and a float scale per row). The native decode step
     multiplies by it directly; this forward (prefill, and decoding without the native kernel) widens it to float32."""
 
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, packed: torch.Tensor, group_scale: torch.Tensor, scale: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None) -> None:
         super().__init__(packed.size(0), 2 * packed.size(1), bias)
         self.register_buffer("weight", packed.contiguous())  # (N, K/2) uint8: two weights per byte
-        self.register_buffer("scale", scale.float().contiguous())  # (N, K/32) float32: one per group
+        self.register_buffer("group_scale", group_scale.to(torch.int16).contiguous())  # (N, K/32)
+        self.register_buffer("scale", scale.float().contiguous())  # (N,) float32: the row's
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
-        packed, scale = quantize_int4(linear.weight)
-        return cls(packed, scale, linear.bias)
+        return cls(*quantize_int4(linear.weight), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.dequantized(), self.bias)  # (..., N)
 
     def dequantized(self) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.scale)
+        return dequantize_int4(self.weight, self.group_scale, self.scale)
 
 
 class BF16Linear(_WeightOnlyLinear):
@@ -352,15 +353,16 @@ class ColumnEmbedding(nn.Module):
 
 
 class Int4Embedding(nn.Module):
-    """Token embedding reading rows of the head's int4 table, widened with their group scales: (B, T) -> (B, T, C)."""
+    """Token embedding reading rows of the head's int4 table, widened with their scales: (B, T) -> (B, T, C)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, head: "Int4Linear") -> None:
         super().__init__()
-        self.register_buffer("weight", weight)  # (V, C/2) uint8, the same tensor as the head's
-        self.register_buffer("scale", scale)  # (V, C/32)
+        self.register_buffer("weight", head.weight)  # (V, C/2) uint8, the same tensors as the head's
+        self.register_buffer("group_scale", head.group_scale)  # (V, C/32) int16
+        self.register_buffer("scale", head.scale)  # (V,)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return dequantize_int4(self.weight[idx], self.scale[idx])  # (B, T, C)
+        return dequantize_int4(self.weight[idx], self.group_scale[idx], self.scale[idx])  # (B, T, C)
 
 
 class LowPrecisionEmbedding(nn.Module):
@@ -467,11 +469,11 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     elif dtype == "int4":
         _replace_linears(model, Int4Linear.from_linear)
         model.lm_head = Int4Linear(*quantize_int4(model.wte.weight))
-        model.wte = Int4Embedding(model.lm_head.weight, model.lm_head.scale)  # the head's own int4 table
+        model.wte = Int4Embedding(model.lm_head)  # the head's own int4 table
     else:
         convert_int8(model, "fbgemm" if plan.block is FbgemmInt8Linear else "int8pack")  # Int8Linear: native too
     if plan.block in NATIVE_LAYERS.values():  # layers with plain weight tensors (not FBGEMM's packed ones)
-        use_huge_pages(model)  # which a decode step streams: in 2 MiB pages (memory.py)
+        use_huge_pages(model, pack_small=True)  # which a decode step streams: in 2 MiB pages (memory.py)
     return model
 
 

@@ -13,8 +13,8 @@ bf16 one. Two kernels compute x · Wᵀ with W held in int8:
   activations in bf16: exact in the activations, but slower than FBGEMM on CPUs with AVX2, and the portable choice
   for CPUs without FBGEMM (ARM, or a torch built without it).
 
-int4 (`quantize_int4`, `quantize.Int4Linear`) halves the bytes again: llama.cpp's q4_0 scheme, groups of 32 weights
-with one scale each. Only the native decode kernel multiplies by int4 weights directly (activations rounded per row
+int4 (`quantize_int4`, `quantize.Int4Linear`) halves the bytes again: llama.cpp's q4_0 groups of 32 weights, each
+group's scale an integer multiple of one float per row. Only the native decode kernel multiplies by int4 weights directly (activations rounded per row
 to int8, as for int8); other paths, and prefill, widen them to float32 (`dequantize_int4`).
 
 `choose_int8_kernel` and `activation_bits` are pure functions of the CPU's features (`gpt2lab.cpu.CPUFeatures`, read
@@ -50,35 +50,46 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.contiguous(), scale
 
 
-# int4: weights in groups of 32 along a row, one float32 scale per group, two weights per byte
+# int4: weights in groups of 32 along a row, a scale per group as an integer multiple of one float per row, two
+# weights per byte
 INT4_GROUP = 32
+INT4_SCALE_LEVELS = 255  # group scales are integers in [-255, 255] times the row's float scale
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> (packed (N, K/2) uint8, scale (N, K/32) float32): llama.cpp's q4_0 scheme. Each group of 32
-    weights along a row gets the scale d = m / -8, m its weight of largest magnitude (sign kept), and q = round(w / d)
-    in [-8, 7], so the largest weight lands exactly on -8 · d and the group's whole range is used. K must be a
-    multiple of 32.
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (packed (N, K/2) uint8, group_scale (N, K/32) int16, row_scale (N,) float32), with
+    weight ≈ q · group_scale · row_scale per group of 32 and q in [-8, 7]. K must be a multiple of 32.
+
+    The groups follow llama.cpp's q4_0: a group's ideal step is d = m / -8, m its weight of largest magnitude (sign
+    kept), so that weight lands on -8 and the group's whole range is used. The steps are then stored as integers,
+    d ≈ s · D with D = max|d| / 255 for the row and s in [-255, 255] (at least 1 in size, so no group is lost), as
+    llama.cpp's k-quants store sub-block scales: the integer s lets the native kernel scale each group inside its
+    integer dot product (one multiply-add instruction) instead of converting every group's sum to float; the cost is
+    a step up to 1/(2|s|) away from the ideal, under 0.4% for groups within half the row's largest.
 
     Packing (`pack_int4`): q + 8 in four bits; blocks of 64 weights in 32 bytes, byte j holding weight j in its low
     four bits and weight j + 32 in its high four (one mask gives a whole group of 32 in order, one shift the next:
     what the native kernel reads with 256-bit vectors); a row whose width is not a multiple of 64 ends with one group
     of 32 in 16 bytes, byte j holding weights j and j + 16.
 
-    >>> packed, scale = quantize_int4(torch.linspace(-1.0, 1.0, 32)[None])  # -1 comes first: d = 1/8
-    >>> packed.shape, scale.tolist(), dequantize_int4(packed, scale)[0, [0, 1, 31]].tolist()
-    (torch.Size([1, 16]), [[0.125]], [-1.0, -0.875, 0.875])
+    >>> packed, s, D = quantize_int4(torch.linspace(-1.0, 1.0, 32)[None])  # -1 comes first: d = 1/8
+    >>> packed.shape, s.tolist(), D.tolist(), dequantize_int4(packed, s, D)[0, [0, 1, 31]].tolist()  # doctest: +ELLIPSIS
+    (torch.Size([1, 16]), [[255]], [0.000490196...], [-1.0, -0.875, 0.875])
     """
     N, K = weight.shape
     if K % INT4_GROUP:
         raise ValueError(f"int4 weights come in groups of {INT4_GROUP} along a row; a row of {K} is not a multiple "
                          f"of {INT4_GROUP} (use int8 for this model)")
     g = weight.detach().float().reshape(N, K // INT4_GROUP, INT4_GROUP)  # (N, G, 32)
-    m = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # (N, G, 1) signed weight of largest magnitude
-    d = m / -8.0
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    q = (torch.round(g * inv).clamp_(-8, 7) + 8).to(torch.uint8)  # (N, G, 32) in [0, 15]
-    return pack_int4(q.reshape(N, K)), d.squeeze(-1).contiguous()
+    d = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1) / -8.0  # (N, G) ideal signed steps
+    row = d.abs().amax(-1) / INT4_SCALE_LEVELS  # (N,)
+    ratio = d / torch.where(row == 0, torch.ones_like(row), row)[:, None]
+    s = torch.where(d == 0, torch.zeros_like(d), torch.sign(d) * ratio.abs().round().clamp(1, INT4_SCALE_LEVELS))
+    step = (s * row[:, None]).unsqueeze(-1)  # (N, G, 1)
+    q = torch.round(g / torch.where(step == 0, torch.ones_like(step), step)).clamp_(-8, 7)
+    q = torch.where(step == 0, torch.zeros_like(q), q)
+    packed = pack_int4((q + 8).to(torch.uint8).reshape(N, K))
+    return packed, s.to(torch.int16).contiguous(), row.contiguous()
 
 
 def _blocks(width: int) -> list[tuple[int, int]]:
@@ -93,15 +104,17 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1).contiguous()
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The float32 weights of `quantize_int4`'s output: packed (..., K/2) uint8, scale (..., K/32) -> (..., K)."""
+def dequantize_int4(packed: torch.Tensor, group_scale: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weights of `quantize_int4`'s output: packed (..., K/2) uint8, group_scale (..., K/32) int16,
+    row_scale (...) float32 -> (..., K)."""
     K = 2 * packed.shape[-1]
     parts = []
     for k, n in _blocks(K):
         b = packed[..., k // 2:(k + n) // 2]
         parts += [b & 0x0F, b >> 4]
     q = torch.cat(parts, dim=-1).to(torch.int8) - 8  # (..., K) in [-8, 7]
-    groups = q.float().reshape(*q.shape[:-1], K // INT4_GROUP, INT4_GROUP) * scale.float().unsqueeze(-1)
+    step = group_scale.float() * row_scale.float().unsqueeze(-1)  # (..., G)
+    groups = q.float().reshape(*q.shape[:-1], K // INT4_GROUP, INT4_GROUP) * step.unsqueeze(-1)
     return groups.reshape(*q.shape[:-1], K)
 
 

@@ -29,7 +29,8 @@ enum WeightKind : int32_t { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
 
 struct Linear {
     const void* weight;   // (N, K): float, bf16 bits, or int8; int4: (N, K / 2) bytes, two weights each (below)
-    const float* scale;   // int8: (N,) per output channel; int4: (N, K / 32) per group of 32; else null
+    const float* scale;   // int8 and int4: (N,) per output channel; else null
+    const int16_t* group_scale;  // int4: (N, K / 32) integer scale of each group of 32; else null
     const float* bias;    // (N,) or null
     int64_t n, k;
     int32_t kind;
@@ -67,7 +68,7 @@ struct Step {
     float* scores;               // (threads, S_max)
     int8_t* xq;                  // (threads, B, max(C, F)) int8 activations
     float* xq_scale;             // (threads, B)
-    float* xq_sums;              // (threads, B, max(C, F) / 32) 8 x each group's sum (int4's correction)
+    int16_t* xq_sums;            // (threads, B, max(C, F) / 32) 8 x each group's sum (int4's correction)
     int32_t threads;
 };
 
@@ -223,13 +224,16 @@ static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
     return s;
 }
 
-// int4 weights (quantize_int.quantize_int4): each weight stored as q = w + 8 in [0, 15], four bits, with a float
-// scale per group of 32. A row is blocks of 64 weights in 32 bytes, byte j holding weight j in its low four bits and
-// weight j + 32 in its high four, so one mask gives a whole group in order and one shift the next; a row whose width
-// is not a multiple of 64 ends with one group of 32 in 16 bytes (byte j: weights j and j + 16). The products take q
-// as AVX2's unsigned operand, x as the signed one (no sign trick: |q x| pairs <= 2 * 15 * 127 fit 16 bits), and take
-// the 8 back out per group from the activations' group sums, which every weight row shares:
-// sum_g d_g (w_g . x_g) = sum_g d_g (q_g . x_g) - sum_g d_g * 8 sum(x_g).
+// int4 weights (quantize_int.quantize_int4): each weight stored as q = w + 8 in [0, 15], four bits, each group of 32
+// with an integer scale s in [-255, 255] and each row with a float scale D: weight = (q - 8) s D. A row is blocks
+// of 64 weights in 32 bytes, byte j holding weight j in its low four bits and weight j + 32 in its high four, so one
+// mask gives a whole group in order and one shift the next; a row whose width is not a multiple of 64 ends with one
+// group of 32 in 16 bytes (byte j: weights j and j + 16).
+// Per group of 32, three instructions: AVX2's unsigned x signed byte product with q as the unsigned operand (pairs
+// |q x| <= 2 * 15 * 127 fit 16 bits), the 16-bit pair sums times s into 32 bits (vpmaddwd, the scale a broadcast),
+// and the add; the sums stay integers to the end of the row (exact), and the 8 comes back out once per row from
+// the activations' group sums, which every weight row shares: sum_g s_g (w_g . x_g) = sum_g s_g (q_g . x_g) -
+// sum_g s_g * 8 sum(x_g).
 static inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 static inline __m256i high4(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
 
@@ -238,55 +242,66 @@ static inline __m256i last_group_i4(const uint8_t* p) {  // 16 bytes -> 32 value
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
 }
 
-// unsigned q times signed x for 32 values, as float partial sums in 8 lanes (exact integers)
-static inline __m256 dot32_u4(__m256i q, const int8_t* x) {
+// s * (q . x) for 32 values, as 8 int32 partial sums
+static inline __m256i group_i4(__m256i q, const int8_t* x, int16_t s) {
     const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i*)x));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(s));
 }
 
-// sum_g d_g * sums8_g over G groups: the correction one weight row's product subtracts
-static inline float correction_i4(const float* d, const float* sums8, int64_t G) {
-    __m256 acc = _mm256_setzero_ps();
+static inline int64_t hsum_i64(__m256i v) {  // the 8 int32 lanes, summed without overflow
+    const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                          _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+    const __m128i two = _mm_add_epi64(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+    return _mm_cvtsi128_si64(two) + _mm_extract_epi64(two, 1);
+}
+
+// sum_g s_g * sums8_g: what one weight row's product takes back out. Both are 16-bit, so vpmaddwd multiplies 16
+// pairs at a time; a lane adds G / 16 pairs of products under 255 * 32512, under 2^31 for rows of up to 4,000
+// groups.
+static inline int64_t correction_i4(const int16_t* s, const int16_t* sums8, int64_t G) {
+    __m256i acc = _mm256_setzero_si256();
     int64_t g = 0;
-    for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(d + g), _mm256_loadu_ps(sums8 + g), acc);
-    float c = hsum(acc);
-    for (; g < G; g++) c += d[g] * sums8[g];
+    for (; g + 16 <= G; g += 16)
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(s + g)),
+                                                      _mm256_loadu_si256((const __m256i*)(sums8 + g))));
+    int64_t c = hsum_i64(acc);
+    for (; g < G; g++) c += (int32_t)s[g] * sums8[g];
     return c;
 }
 
-// One int4 weight row times one int8 activation row (its group sums in sums8), without the row's activation scale.
-static float dot_i4(const uint8_t* w, const float* d, const int8_t* x, const float* sums8, int64_t K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+// One int4 weight row times one int8 activation row (its group sums in sums8): sum_g s_g (w_g . x_g), an integer.
+// Each lane adds at most K / 32 groups of 2 * 3810 * 255, under 2^31 for rows of up to 35,000 weights.
+static int64_t dot_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
         const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k / 2));
-        a0 = _mm256_fmadd_ps(dot32_u4(low4(b), x + k), _mm256_set1_ps(d[k / 32]), a0);
-        a1 = _mm256_fmadd_ps(dot32_u4(high4(b), x + k + 32), _mm256_set1_ps(d[k / 32 + 1]), a1);
+        a0 = _mm256_add_epi32(a0, group_i4(low4(b), x + k, s[k / 32]));
+        a1 = _mm256_add_epi32(a1, group_i4(high4(b), x + k + 32, s[k / 32 + 1]));
     }
-    if (k < K) a0 = _mm256_fmadd_ps(dot32_u4(last_group_i4(w + k / 2), x + k), _mm256_set1_ps(d[k / 32]), a0);
-    return hsum(_mm256_add_ps(a0, a1)) - correction_i4(d, sums8, K / 32);
+    if (k < K) a0 = _mm256_add_epi32(a0, group_i4(last_group_i4(w + k / 2), x + k, s[k / 32]));
+    return hsum_i64(_mm256_add_epi32(a0, a1)) - correction_i4(s, sums8, K / 32);
 }
 
-// One int4 weight row against four activation rows: each block unpacked once for the four.
-static void dot4_i4(const uint8_t* w, const float* d, const int8_t* x, const float* sums8, int64_t K, float* out) {
+// One int4 weight row against four activation rows: each block unpacked, and its scales broadcast, once for the four.
+static void dot4_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K,
+                    int64_t* out) {
     const int64_t G = K / 32;
-    __m256 lo[4], hi[4];
-    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    __m256i lo[4], hi[4];
+    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_si256();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
         const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k / 2)), ql = low4(b), qh = high4(b);
-        const __m256 d0 = _mm256_set1_ps(d[k / 32]), d1 = _mm256_set1_ps(d[k / 32 + 1]);
-        for (int r = 0; r < 4; r++) {
-            lo[r] = _mm256_fmadd_ps(dot32_u4(ql, x + r * K + k), d0, lo[r]);
-            hi[r] = _mm256_fmadd_ps(dot32_u4(qh, x + r * K + k + 32), d1, hi[r]);
+        for (int r = 0; r < 4; r++) {  // the compiler broadcasts each scale once for the four rows
+            lo[r] = _mm256_add_epi32(lo[r], group_i4(ql, x + r * K + k, s[k / 32]));
+            hi[r] = _mm256_add_epi32(hi[r], group_i4(qh, x + r * K + k + 32, s[k / 32 + 1]));
         }
     }
     if (k < K) {
         const __m256i q = last_group_i4(w + k / 2);
-        const __m256 d0 = _mm256_set1_ps(d[k / 32]);
-        for (int r = 0; r < 4; r++) lo[r] = _mm256_fmadd_ps(dot32_u4(q, x + r * K + k), d0, lo[r]);
+        for (int r = 0; r < 4; r++) lo[r] = _mm256_add_epi32(lo[r], group_i4(q, x + r * K + k, s[k / 32]));
     }
-    for (int r = 0; r < 4; r++) out[r] = hsum(_mm256_add_ps(lo[r], hi[r])) - correction_i4(d, sums8 + r * G, G);
+    for (int r = 0; r < 4; r++) out[r] = hsum_i64(_mm256_add_epi32(lo[r], hi[r])) - correction_i4(s, sums8 + r * G, G);
 }
 
 // How many rows ahead the batched kernels prefetch: with several input rows a pass computes long enough that the
@@ -344,7 +359,7 @@ static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
 struct QuantRows {
     int8_t* q;      // (B, K) in [-127, 127] (so |q| * |w| pairs fit in 16 bits)
     float* scale;   // (B,) x ~ q * scale
-    float* sums8;   // (B, K / 32) 8 x the sum of q over each group of 32 (int4's correction)
+    int16_t* sums8;  // (B, K / 32) 8 x the sum of q over each group of 32 (int4's correction; |8 * 32 * 127| fits)
 };
 
 // Symmetric int8 of each of B rows of width K, and the group sums int4's products take back out.
@@ -360,7 +375,7 @@ static void quantize_rows(const float* x, int64_t B, int64_t K, const QuantRows&
         for (int64_t g = 0; g < K / 32; g++) {
             int32_t sum = 0;
             for (int64_t k = 32 * g; k < 32 * g + 32; k++) sum += q[k];
-            out.sums8[r * (K / 32) + g] = 8.0f * (float)sum;
+            out.sums8[r * (K / 32) + g] = (int16_t)(8 * sum);
         }
     }
 }
@@ -389,7 +404,9 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
         return;
     }
     if (rows == 4 && L.kind == INT4) {
-        dot4_i4((const uint8_t*)L.weight + n * (K / 2), L.scale + n * G, xq + r0 * K, Q.sums8 + r0 * G, K, v);
+        int64_t iv[4];
+        dot4_i4((const uint8_t*)L.weight + n * (K / 2), L.group_scale + n * G, xq + r0 * K, Q.sums8 + r0 * G, K, iv);
+        for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
         return;
     }
     for (int64_t i = 0; i < rows_w; i++)
@@ -399,7 +416,8 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
             if (L.kind == F32) d = dot<F32Weights>((const float*)L.weight + m * K, x + r * K, K);
             else if (L.kind == BF16) d = dot<BF16Weights>((const uint16_t*)L.weight + m * K, x + r * K, K);
             else if (L.kind == INT8) d = (float)dot_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
-            else d = dot_i4((const uint8_t*)L.weight + m * (K / 2), L.scale + m * G, xq + r * K, Q.sums8 + r * G, K);
+            else d = (float)dot_i4((const uint8_t*)L.weight + m * (K / 2), L.group_scale + m * G, xq + r * K,
+                                   Q.sums8 + r * G, K);
         }
 }
 
@@ -416,8 +434,7 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
                 for (int64_t j = 0; j < rows; j++) {
                     const int64_t r = r0 + j, m = n + i;
                     float y = v[i * 4 + j];
-                    if (L.kind == INT8) y *= L.scale[m] * Q.scale[r];
-                    else if (L.kind == INT4) y *= Q.scale[r];  // the group scales are in the dot product
+                    if (L.kind == INT8 || L.kind == INT4) y *= L.scale[m] * Q.scale[r];
                     if (L.bias) y += L.bias[m];
                     float* o = out + r * ld_out + m;
                     if (how == ADD_TO) *o += y;
