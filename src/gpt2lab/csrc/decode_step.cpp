@@ -362,20 +362,39 @@ struct QuantRows {
     int16_t* sums8;  // (B, K / 32) 8 x the sum of q over each group of 32 (int4's correction; |8 * 32 * 127| fits)
 };
 
-// Symmetric int8 of each of B rows of width K, and the group sums int4's products take back out.
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+// Symmetric int8 of each of B rows of width K, and the group sums int4's products take back out. 32 values at a
+// time: |x| max, then x * (127 / max) rounded to nearest even (as lrintf) and packed to bytes; scalar for the rest.
 static void quantize_rows(const float* x, int64_t B, int64_t K, const QuantRows& out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' per-lane interleave
     for (int64_t r = 0; r < B; r++) {
         const float* xr = x + r * K;
         int8_t* q = out.q + r * K;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
-        float s = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        for (int64_t k = 0; k < K; k++) q[k] = (int8_t)lrintf(xr[k] * inv);
-        out.scale[r] = s;
+        __m256 vmax = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+        float amax = hmax(vmax);
+        for (; k < K; k++) amax = amax > fabsf(xr[k]) ? amax : fabsf(xr[k]);
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (k = 0; k + 32 <= K; k += 32) {
+            __m256i v[4];
+            for (int j = 0; j < 4; j++) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8 * j), vinv));
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            _mm256_storeu_si256((__m256i*)(q + k), _mm256_permutevar8x32_epi32(bytes, order));
+        }
+        for (; k < K; k++) q[k] = (int8_t)lrintf(xr[k] * inv);
+        out.scale[r] = amax / 127.0f;
         for (int64_t g = 0; g < K / 32; g++) {
-            int32_t sum = 0;
-            for (int64_t k = 32 * g; k < 32 * g + 32; k++) sum += q[k];
-            out.sums8[r * (K / 32) + g] = (int16_t)(8 * sum);
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(q + 32 * g));
+            const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), b);
+            out.sums8[r * (K / 32) + g] = (int16_t)(8 * hsum_i32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))));
         }
     }
 }
