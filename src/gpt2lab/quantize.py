@@ -1,4 +1,4 @@
-"""Inference layers for fast CPU decoding: packed float32, and weight-only bf16 and int8 with float32 activations.
+"""Inference layers for fast CPU decoding: packed float32, and weight-only bf16, int8 and int4 with float32 activations.
 
 Decoding one token at batch 1 multiplies a single activation vector by every weight matrix: two flops per weight
 read, so the speed is set by how many bytes of weights cross the memory bus per token, and by how close the kernel
@@ -18,6 +18,10 @@ streams them to the memory's speed. Three levers, one per mode:
   next to a row of large ones. On x86 CPUs with AVX2, FBGEMM's integer kernel also quantizes each activation row, as
   llama.cpp's q8_0 does; elsewhere `torch._weight_int8pack_mm` computes x · Qᵀ · s with bf16 activations
   (`quantize_int` makes the choice).
+
+- int4 (`Int4Linear`): under a seventh of the bytes, groups of 32 weights with integer scales
+  (`quantize_int.quantize_int4`). Only the native decode step multiplies by them directly; the layer's own forward
+  widens them to float32.
 
 Outside the matmuls nothing changes: the residual stream, LayerNorm, attention, softmax and the KV cache stay
 float32, which keeps the quality cost small (docs/benchmarks.md, quality). Large matmuls (a 512-token prefill) are
