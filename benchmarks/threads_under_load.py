@@ -81,6 +81,14 @@ def main() -> None:
     prompt = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     models = {dtype: prepare_for_inference(copy.deepcopy(base), dtype) for dtype in args.dtypes.split(",")}
     ways = [("1 thread", 1, False), (f"{most} fixed", most, False), (f"{most} tuned", most, True)]
+    try:
+        run_ways(args, models, prompt, ways)
+    finally:
+        torch.set_num_threads(most)
+
+
+def run_ways(args: argparse.Namespace, models: dict, prompt: torch.Tensor, ways: list) -> None:
+    """Each count of busy programs, spin and dtype: the three ways in turn, `--rounds` times; one line each."""
     print(f"{args.preset}, {args.tokens} tokens after 16, batch 1, median of {args.rounds} rounds; tok/s")
     for busy in (int(b) for b in args.busy.split(",")):
         procs = busy_programs(busy)
@@ -98,15 +106,16 @@ def main() -> None:
                     med = {name: statistics.median(r) for name, r in rates.items()}
                     fixed = max(med[ways[0][0]], med[ways[1][0]])
                     cells = ", ".join(f"{name} {rate:.1f}" for name, rate in med.items())
+                    tuner = ("no tuner (this model does not decode through the native step)" if state is None else
+                             f"tuner's last call ended at {state[0]} thread(s) after {state[1]} probe(s), "
+                             f"{state[2]} switch(es)")
                     print(f"busy {busy} (load {os.getloadavg()[0]:.1f}) spin {spin:g} us {dtype}: {cells}; "
-                          f"tuned / best fixed {med[ways[2][0]] / fixed:.2f}x; tuner's last call ended at "
-                          f"{state[0]} thread(s) after {state[1]} probe(s), {state[2]} switch(es)", flush=True)
+                          f"tuned / best fixed {med[ways[2][0]] / fixed:.2f}x; {tuner}", flush=True)
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
             native.set_barrier_spin(20)
-    torch.set_num_threads(most)
 
 
 if __name__ == "__main__":

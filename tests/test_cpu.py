@@ -139,6 +139,7 @@ def test_load_meter_counts_other_programs_on_our_cpus_less_our_own_time(tmp_path
     stat = tmp_path / "stat"
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(cpu.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(cpu.os, "getpriority", lambda which, who: 0)  # not niced (whatever runs the tests)
     clock, own = [0.0], [0.0]
 
     def lines(cpu0, cpu1, cpu2):  # (user, nice, system, idle) jiffies of each CPU; cpu2 is not ours
@@ -159,5 +160,13 @@ def test_load_meter_counts_other_programs_on_our_cpus_less_our_own_time(tmp_path
     clock[0], own[0] = 2.0, 1.9
     stat.write_text(lines((190, 0, 0, 0), (90, 100, 10, 0), (200, 0, 0, 0)))
     assert meter.others() == pytest.approx(0.0)
+    # a niced program of our own: our time is in the nice column, so that column counts as busy
+    monkeypatch.setattr(cpu.os, "getpriority", lambda which, who: 10)
+    clock[0], own[0] = 0.0, 0.0
+    stat.write_text(lines((0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0)))
+    niced = cpu.LoadMeter(interval=0.25, stat=stat, clock=lambda: clock[0], own=lambda: own[0])
+    clock[0], own[0] = 1.0, 1.0
+    stat.write_text(lines((0, 100, 0, 0), (100, 0, 0, 0), (0, 0, 0, 0)))  # ours niced on CPU 0, another on CPU 1
+    assert niced.others() == pytest.approx(1.0)
     assert not cpu.LoadMeter(stat=tmp_path / "missing").available
     assert cpu.LoadMeter(stat=tmp_path / "missing").others() is None

@@ -244,6 +244,8 @@ class Int4Reference(nn.Module):
 INT4_CONFIGS = {
     "wide": CONFIGS["wide"],  # widths 32 (one group of 32: the last-group path) and 128 (two blocks of 64)
     "mixed": GPTConfig(vocab_size=131, n_ctx=32, n_layer=2, n_head=4, n_embd=96),  # 96 = a block and a group
+    # 544 = 8 blocks and a group: 17 groups, so the correction's 16-at-a-time loop and its tail both run
+    "long": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=544),
 }
 
 
@@ -263,11 +265,11 @@ def int4_model_and_reference(name="wide"):
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["wide", "mixed"])
+@pytest.mark.parametrize("name", ["wide", "mixed", "long"])
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 8])
 def test_native_step_on_int4_weights_equals_its_reference_arithmetic(name, batch):
-    """Batches of 1-3 take the one-row int4 kernel, 4 and 8 the four-row one, 5 both; widths of 32, 96 and 128
-    take the block and the last-group paths."""
+    """Batches of 1-3 take the one-row int4 kernel, 4 and 8 the four-row one, 5 both; widths of 32, 96, 128, 544
+    and 2176 take the block and the last-group paths and both parts of the correction."""
     model, reference = int4_model_and_reference(name)
     assert linear_kind(model.lm_head) == 3 and NativeStep.applies(model)
     prompt, tokens = random_steps(model.config.vocab_size, batch, 3, seed=13)

@@ -144,3 +144,26 @@ def test_more_threads_are_tried_only_when_their_cpus_are_free():
     used = drive_with_load(tuner, 2000, lambda i: 6.0, lambda t, i: times[t])
     assert 8 not in used and used.count(4) > 0.97 * len(used)
     assert tuner.probes - probes_at_four <= 2000 // tuner.max_gap + 1
+
+
+def test_a_batch_size_that_changes_every_step_does_not_stop_the_tuner():
+    """A server's batch grows and shrinks as requests come and go; times are kept per batch size."""
+    tuner = ThreadTuner(2, load_known=True)
+    used = []
+    for i in range(600):
+        threads, batch = tuner.threads(), 1 + i % 3
+        used.append(threads)
+        tuner.record(loaded(threads, i) * batch, batch, None if i < 5 else 1.0)
+    assert used[-100:] == [1] * 100
+
+
+def test_a_load_hovering_at_the_line_does_not_start_a_probe_at_every_reading():
+    tuner = ThreadTuner(2, load_known=True)
+    drive_with_load(tuner, 3000, lambda i: 0.45 if (i // 5) % 2 else 0.55, quiet)  # flips every 5 steps
+    assert tuner.probes <= 3000 // tuner.gap
+
+
+def test_a_big_machine_with_a_little_background_load_is_left_alone():
+    tuner = ThreadTuner(8, load_known=True, cpus=16)  # 8 threads of 16 CPUs; other programs use 0.6 of one
+    used = drive_with_load(tuner, 2000, lambda i: 0.6, lambda t, i: 0.08 / t)
+    assert used == [8] * 2000 and tuner.probes == 0

@@ -112,16 +112,17 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _line_times(fields: list[str]) -> tuple[float, float]:
+def _line_times(fields: list[str], nice_busy: bool = False) -> tuple[float, float]:
     """(busy, total) jiffies of one /proc/stat cpu line's fields; `nice` time counts as idle, since a niced program
-    yields its core to ours."""
+    yields its core to ours (unless `nice_busy`: where our own program is the niced one)."""
     user, nice, system, idle, *rest = (float(v) for v in fields[1:9])
     iowait = rest[0] if rest else 0.0
-    busy = user + system + sum(rest[1:])  # irq, softirq, steal
-    return busy, busy + nice + idle + iowait
+    busy = user + system + sum(rest[1:]) + (nice if nice_busy else 0.0)  # irq, softirq, steal
+    return busy, busy + (0.0 if nice_busy else nice) + idle + iowait
 
 
-def _cpu_times(stat: str | Path, cpus: Optional[Iterable[int]] = None) -> Optional[tuple[float, float]]:
+def _cpu_times(stat: str | Path, cpus: Optional[Iterable[int]] = None,
+               nice_busy: bool = False) -> Optional[tuple[float, float]]:
     """(busy, total) jiffies of all CPUs from /proc/stat's first line, or summed over the lines of the CPUs `cpus`
     (e.g. this process's affinity: on a container's few CPUs of a big host, the host's other CPUs do not matter)."""
     try:
@@ -132,7 +133,7 @@ def _cpu_times(stat: str | Path, cpus: Optional[Iterable[int]] = None) -> Option
     rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in names]
     if not rows or any(len(row) < 5 for row in rows):
         return None
-    times = [_line_times(row) for row in rows]
+    times = [_line_times(row, nice_busy) for row in rows]
     return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
@@ -153,7 +154,8 @@ def busy_cpus(window: float = 0.1, stat: str | Path = "/proc/stat") -> Optional[
 class LoadMeter:
     """How many CPUs other programs keep busy while this program runs, measured as it runs: the busy time /proc/stat
     reports for the CPUs this process may use, less this process's own CPU time, over the wall time between two
-    readings at least `interval` seconds apart (one reading is a file read, ~20 us). Niced programs do not count.
+    readings at least `interval` seconds apart (one reading is a file read, ~20 us). Niced programs do not count,
+    unless this one is niced too: its own time is then in the nice column, and the column counts as busy.
     `others()` is None until the first interval has passed, and always where /proc/stat cannot be read
     (`available` is False there)."""
 
@@ -165,13 +167,14 @@ class LoadMeter:
         except AttributeError:  # not Linux
             self._cpus = None
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._nice_busy = hasattr(os, "getpriority") and os.getpriority(os.PRIO_PROCESS, 0) > 0
         self._last = self._read()
         self.available = self._last is not None
         self._value: Optional[float] = None
 
     def _read(self) -> Optional[tuple[float, float, float]]:
         """(wall seconds, busy CPU-seconds of our CPUs, this process's CPU-seconds), or None."""
-        times = _cpu_times(self._stat, self._cpus)
+        times = _cpu_times(self._stat, self._cpus, self._nice_busy)
         return None if times is None else (self._clock(), times[0] / self._hz, self._own())
 
     def others(self) -> Optional[float]:

@@ -82,8 +82,9 @@ def use_huge_pages(module: nn.Module, copy: bool = True, pack_small: bool = Fals
     by_storage: dict[int, list[int]] = {}
     for key, t in tensors.items():
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(key)
+
     def movable(t: torch.Tensor) -> bool:
-        return (t.device.type == "cpu" and _whole_storage(t) and t.data_ptr() not in _PLACED
+        return (t.device.type == "cpu" and t.numel() > 0 and _whole_storage(t) and t.data_ptr() not in _PLACED
                 and len(by_storage[t.untyped_storage().data_ptr()]) == 1)
 
     def swap(key: int, t: torch.Tensor, new: torch.Tensor) -> None:

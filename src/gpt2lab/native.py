@@ -121,8 +121,9 @@ def unavailable_reason() -> Optional[str]:
 
 
 def set_barrier_spin(microseconds: float) -> None:
-    """How long the kernel's threads spin where they meet before they sleep (default 20 us; 0: sleep at once). A
-    knob for benchmarks (benchmarks/native_step.py --spin); the library must be available."""
+    """How long the kernel's threads spin where they meet before they sleep (default 20 us; 0: sleep after one short
+    check of 64 pauses). A knob for benchmarks (benchmarks/threads_under_load.py --spin-us); the library must be
+    available."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native decode kernel is unavailable: {unavailable_reason()}")

@@ -9,7 +9,8 @@ is in the source's header comment).
 It reads the model's own tensors, no copies: float32 `nn.Linear` weights as they are, `BF16Linear`'s bf16 weights
 (widened to float32 in registers), `Int8Linear`'s int8 weights with their per-channel scales (multiplied by int8
 activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per block of 32), and `Int4Linear`'s int4
-weights with a scale per group of 32 (llama.cpp's q4_0 layout, times the same int8 activations). The KV cache is the
+weights with an integer scale per group of 32 and a float per row (quantize_int.quantize_int4, times the same int8
+activations). The KV cache is the
 usual `KVCache`, so prefill (through the modules) and steps (here) share it.
 
     tokens (B,) ─ wte + wpe (PyTorch) ─► x (B, C) ─ gpt2lab_decode_step (C++) ─► logits (B, V)
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from gpt2lab import native
-from gpt2lab.cpu import LoadMeter
+from gpt2lab.cpu import LoadMeter, cpu_features, usable_cpus
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
@@ -102,7 +103,6 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
 _TUNERS: "weakref.WeakKeyDictionary[GPT, ThreadTuner]" = weakref.WeakKeyDictionary()
 
 
-
 @functools.lru_cache(maxsize=None)
 def load_meter() -> LoadMeter:
     """The process's one measure of other programs' load (the machine's, so one is enough)."""
@@ -114,7 +114,7 @@ def thread_tuner(model: GPT, most: int) -> ThreadTuner:
     it, so what one `generate` call learned about the machine's load the next call starts from."""
     tuner = _TUNERS.get(model)
     if tuner is None or tuner.most != most:
-        tuner = _TUNERS[model] = ThreadTuner(most, load_known=load_meter().available)
+        tuner = _TUNERS[model] = ThreadTuner(most, load_known=load_meter().available, cpus=usable_cpus())
     return tuner
 
 
@@ -124,9 +124,11 @@ def adaptive_threads_default() -> bool:
 
 
 def threads_adapt() -> bool:
-    """Whether decoding here follows the machine's load by itself: the native kernel is available and its steps
-    tune their thread count (`adaptive_threads_default`)."""
-    return adaptive_threads_default() and native.library() is not None
+    """Whether decoding here follows the machine's load by itself: the native kernel can be built for this CPU with
+    a compiler found here (asked without building it) and its steps tune their thread count
+    (`adaptive_threads_default`)."""
+    return (adaptive_threads_default() and os.environ.get("GPT2LAB_NATIVE", "1") != "0"
+            and native.compile_flags(cpu_features()) is not None and native.compiler() is not None)
 
 
 def _linears(model: GPT) -> list[nn.Module]:
@@ -227,7 +229,8 @@ class NativeStep:
             self._scratch[key] = (torch.empty(B, 3 * C, **f32), torch.empty(B, C, **f32), torch.empty(B, F, **f32),
                                   torch.empty(threads, B, C, **f32), torch.empty(threads, s_max, **f32),
                                   torch.empty(threads, B, max(C, F), dtype=torch.int8),
-                                  torch.empty(threads, B, **f32), torch.empty(threads, B, max(1, max(C, F) // 32), dtype=torch.int16))
+                                  torch.empty(threads, B, **f32),
+                                  torch.empty(threads, B, max(1, max(C, F) // 32), dtype=torch.int16))
         return self._scratch[key]
 
     @torch.no_grad()

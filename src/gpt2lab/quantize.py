@@ -443,7 +443,7 @@ def plan_for_this_cpu(dtype: str) -> KernelPlan:
 
 def convert_weights(model: "GPT", dtype: str) -> "GPT":
     """Replace the linear layers of `model` and its tied head/embedding by inference versions, in place: weight-only
-    "bf16" or "int8", or the "fp32" decode layout, as `choose_kernels` picks for this CPU. The model stays a GPT:
+    "bf16", "int8" or "int4", or the "fp32" decode layout, as `choose_kernels` picks for this CPU. The model stays a GPT:
     same forward, same KV cache, float32 activations."""
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"unknown weight dtype {dtype!r}; choose one of: {', '.join(WEIGHT_DTYPES)}")

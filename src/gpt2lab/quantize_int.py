@@ -14,8 +14,9 @@ bf16 one. Two kernels compute x · Wᵀ with W held in int8:
   for CPUs without FBGEMM (ARM, or a torch built without it).
 
 int4 (`quantize_int4`, `quantize.Int4Linear`) halves the bytes again: llama.cpp's q4_0 groups of 32 weights, each
-group's scale an integer multiple of one float per row. Only the native decode kernel multiplies by int4 weights directly (activations rounded per row
-to int8, as for int8); other paths, and prefill, widen them to float32 (`dequantize_int4`).
+group's scale an integer multiple of one float per row. Only the native decode kernel multiplies by int4 weights
+directly (activations rounded per row to int8, as for int8); other paths, and prefill, widen them to float32
+(`dequantize_int4`).
 
 `choose_int8_kernel` and `activation_bits` are pure functions of the CPU's features (`gpt2lab.cpu.CPUFeatures`, read
 by gpt2lab.cpu) and of whether FBGEMM works in this torch, so each branch is tested with the features of another
@@ -73,7 +74,8 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     of 32 in 16 bytes, byte j holding weights j and j + 16.
 
     >>> packed, s, D = quantize_int4(torch.linspace(-1.0, 1.0, 32)[None])  # -1 comes first: d = 1/8
-    >>> packed.shape, s.tolist(), D.tolist(), dequantize_int4(packed, s, D)[0, [0, 1, 31]].tolist()  # doctest: +ELLIPSIS
+    >>> w = dequantize_int4(packed, s, D)[0, [0, 1, 31]]
+    >>> packed.shape, s.tolist(), D.tolist(), w.tolist()  # doctest: +ELLIPSIS
     (torch.Size([1, 16]), [[255]], [0.000490196...], [-1.0, -0.875, 0.875])
     """
     N, K = weight.shape

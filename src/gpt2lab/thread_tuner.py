@@ -49,21 +49,25 @@ class ThreadTuner:
     over the best seen under the same key that starts a downward probe at once. load_known: the caller passes
     `others` (other programs' busy CPUs) to `record`; then probes go only where that load says they may pay (see
     `_worth_probing`): a quiet machine is never probed, nor a loaded one whose load stays, and a change of load is
-    probed at once. busy: the CPUs other programs must keep busy before fewer threads are tried.
+    probed at once. cpus: the CPUs this process may run on (default `most`). busy: how far other programs must
+    overfill the CPUs before fewer threads are tried (with a 0.25 CPU band below it, so a load that hovers at the
+    line does not start a probe at every reading).
     """
 
-    def __init__(self, most: int, *, load_known: bool = False, window: int = 3, first_probe: int = 3, gap: int = 32,
-                 max_gap: int = 256, gain: float = 0.9, slowdown: float = 1.3, busy: float = 0.5) -> None:
+    def __init__(self, most: int, *, load_known: bool = False, cpus: Optional[int] = None, window: int = 3,
+                 first_probe: int = 3, gap: int = 32, max_gap: int = 256, gain: float = 0.9, slowdown: float = 1.3,
+                 busy: float = 0.5) -> None:
         self.most = most
         self.ladder = thread_ladder(most)
+        self.cpus = max(1, cpus if cpus is not None else most)
         self.load_known, self.busy = load_known, busy
         self.window, self.gap, self.max_gap = window, gap, max_gap
         self.gain, self.slowdown = gain, slowdown
         self.level = 0  # index into the ladder of the count in use
         self.probes = self.switches = 0  # how many probes ran and how many moved the count (for tests and `info`)
         self._key: Optional[Hashable] = None
-        self._recent: deque[float] = deque(maxlen=window)  # the current count's last step times under _key
-        self._best: dict[int, float] = {}  # level -> best median seen under _key
+        self._recent: dict[Hashable, deque[float]] = {}  # key -> the current count's last step times under it
+        self._best: dict[Hashable, dict[int, float]] = {}  # key -> level -> best median seen under it
         self._gap = first_probe  # steps between probes
         self._since = 0  # steps at the current count since the last probe
         self._probe: Optional[int] = None  # the level being probed
@@ -76,26 +80,26 @@ class ThreadTuner:
         return self.ladder[self.level if self._probe is None else self._probe]
 
     def record(self, seconds: float, key: Hashable = None, others: Optional[float] = None) -> None:
-        """Report the time of the step that ran with `threads()` threads; `key` names what else sets its time;
-        `others` is how many CPUs other programs keep busy (gpt2lab.cpu.LoadMeter), None while unknown."""
-        if key != self._key:  # another batch size: its times say nothing about the old ones
-            self._key, self._probe = key, None
-            self._recent.clear()
-            self._best.clear()
-            self._since = 0
+        """Report the time of the step that ran with `threads()` threads; `key` names what else sets its time
+        (times are compared only under one key: a server's batch size changes as rows come and go); `others` is how
+        many CPUs other programs keep busy (gpt2lab.cpu.LoadMeter), None while unknown."""
+        if key != self._key:
+            self._key, self._probe = key, None  # a probe under another key compares nothing
+        recent = self._recent.setdefault(key, deque(maxlen=self.window))
+        best_of = self._best.setdefault(key, {})
         if self._probe is not None:
             self._probe_times.append(seconds)
             if len(self._probe_times) > self.window:
-                self._finish_probe()
+                self._finish_probe(recent, best_of)
             return
-        self._recent.append(seconds)
+        recent.append(seconds)
         self._since += 1
-        if len(self._recent) < self.window:
+        if len(recent) < self.window:
             return
-        now = median(self._recent)
-        best = self._best[self.level] = min(self._best.get(self.level, now), now)
+        now = median(recent)
+        best = best_of[self.level] = min(best_of.get(self.level, now), now)
         down, up = self._worth_probing(others)
-        if (down, up) != self._open and ((down and not self._open[0]) or (up and not self._open[1])):
+        if (down and not self._open[0]) or (up and not self._open[1]):
             self._gap = self.window  # the load changed so that a probe may pay now: look soon
         self._open = (down, up)
         if down and now > self.slowdown * best:
@@ -105,33 +109,39 @@ class ThreadTuner:
 
     def _worth_probing(self, others: Optional[float]) -> tuple[bool, bool]:
         """Whether fewer (down) and more (up) threads could pay now. Without a load measure (`load_known` False),
-        wherever the ladder goes; with one, fewer only while other programs keep at least `busy` of a CPU busy, and
-        more only where the CPUs the added threads need are free."""
+        wherever the ladder goes; with one, fewer only while other programs and our threads together overfill the
+        CPUs by `busy`, and more only where the CPUs the added threads need are free. A direction open at the last
+        step stays open until the load moves 0.25 CPU back past its line."""
         down = self.level + 1 < len(self.ladder)
         up = self.level > 0
         if not self.load_known:
             return down, up
         if others is None:  # no reading yet
             return False, False
-        return (down and others >= self.busy,
-                up and others < self.most - self.ladder[self.level - 1] + self.busy)
+        threads = self.ladder[self.level]
+        band_down = 0.25 if self._open[0] else 0.0
+        band_up = 0.25 if self._open[1] else 0.0
+        down = down and others + threads >= self.cpus + self.busy - band_down
+        up = up and others + self.ladder[self.level - 1] < self.cpus + self.busy + band_up
+        return down, up
 
     def _start_probe(self, level: int) -> None:
         self._probe, self._probe_times = level, []
         self.probes += 1
 
-    def _finish_probe(self) -> None:
+    def _finish_probe(self, recent: deque[float], best_of: dict[int, float]) -> None:
         probed = self._probe_times[1:]  # the first step after a change of count pays for it
         level, self._probe = self._probe, None
         self._since = 0
         self._direction = level - self.level  # a winning direction is tried again, a losing one turned round
-        if median(probed) < self.gain * median(self._recent):
+        if median(probed) < self.gain * median(recent):
             self.level = level
             self.switches += 1
-            self._recent = deque(probed, maxlen=self.window)
-            self._best[level] = min(self._best.get(level, median(probed)), median(probed))
+            recent.clear()
+            recent.extend(probed)
+            best_of[level] = min(best_of.get(level, median(probed)), median(probed))
             self._gap = self.gap
         else:  # stay; today's time is the baseline a further slowdown is measured against
             self._direction = -self._direction
-            self._best[self.level] = median(self._recent)
+            best_of[self.level] = median(recent)
             self._gap = min(max(2 * self._gap, self.gap), self.max_gap)

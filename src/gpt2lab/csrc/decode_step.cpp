@@ -256,8 +256,8 @@ static inline int64_t hsum_i64(__m256i v) {  // the 8 int32 lanes, summed withou
 }
 
 // sum_g s_g * sums8_g: what one weight row's product takes back out. Both are 16-bit, so vpmaddwd multiplies 16
-// pairs at a time; a lane adds G / 16 pairs of products under 255 * 32512, under 2^31 for rows of up to 4,000
-// groups.
+// pairs at a time; a lane adds G / 8 products of at most 255 * 32512, under 2^31 for rows of up to 2,000 groups
+// (dot_i4's own bound, 35,000 weights, is the tighter one).
 static inline int64_t correction_i4(const int16_t* s, const int16_t* sums8, int64_t G) {
     __m256i acc = _mm256_setzero_si256();
     int64_t g = 0;
@@ -487,11 +487,11 @@ static void linear_rows(const Linear& L, const float* x, const QuantRows& Q, int
 // machine where another program holds a core, a thread that has lost its core keeps its partner spinning on the
 // other one, the core the lost thread could have run on; decoding then ran 2-5 times slower with two threads than
 // with one (docs/benchmarks.md, threads under load). This one spins about as long as threads wait for each other on
-// a quiet machine (20 us), then sleeps on a futex, which frees the core for the late thread. The same 2-vCPU machine
-// with one busy program beside it decoded 1.2-1.4x faster with two threads than through OpenMP's barrier, and with
-// two busy programs ~5x; quiet, the same speed. (Two threads on a loaded machine still lose to one: the thread tuner
-// in native_step.py then picks one.)
-static int64_t SPIN_NS = 20000;  // see gpt2lab_set_spin_ns
+// a quiet machine (20 us), then sleeps on a futex, which frees the core for the late thread. Beside busy programs,
+// two threads decoded 1.3-1.7x faster than with a barrier that spins like OpenMP's (figures in docs/benchmarks.md);
+// quiet, the same speed. (Two threads on a loaded machine still lose to one: the thread tuner in native_step.py then
+// picks one.) Linux only (the futex): elsewhere the kernel does not build and decoding uses the PyTorch step.
+static std::atomic<int64_t> SPIN_NS{20000};  // see gpt2lab_set_spin_ns
 
 struct Barrier {
     std::atomic<int32_t> arrived{0};
@@ -607,7 +607,7 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
     const int64_t widest = C > F ? C : F;
     const bool quantize = any_integer(M);
     Barrier meet;
-    meet.spin_ns = SPIN_NS;
+    meet.spin_ns = SPIN_NS.load(std::memory_order_relaxed);
 #pragma omp parallel num_threads(S.threads)
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
@@ -644,7 +644,7 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
 }
 
 // How long a thread spins at a barrier before it sleeps (benchmarks/native_step.py measures the choice).
-extern "C" void gpt2lab_set_spin_ns(int64_t ns) { SPIN_NS = ns < 0 ? 0 : ns; }
+extern "C" void gpt2lab_set_spin_ns(int64_t ns) { SPIN_NS.store(ns < 0 ? 0 : ns, std::memory_order_relaxed); }
 
 // The OpenMP runtime's thread count as this library sees it (a test checks it is torch's).
 extern "C" int gpt2lab_omp_max_threads(void) { return omp_get_max_threads(); }
