@@ -99,30 +99,6 @@ def test_views_and_small_tensors_are_left_alone_and_copy_false_keeps_the_shape()
     assert lone.weight.shape == BIG and lone.weight.data_ptr() % memory.HUGE_PAGE == 0
 
 
-@needs_thp
-def test_small_tensors_pack_into_one_region_only_when_asked():
-    torch.manual_seed(0)
-    layers = nn.Sequential(*[nn.Linear(256, 512) for _ in range(6)])  # 0.5 MB weights: 3 MB in all
-    shared = torch.randint(0, 100, (600, 1000), dtype=torch.uint8)  # a buffer held twice (a tied int4 table)
-    layers[0].register_buffer("table", shared)
-    layers[1].register_buffer("table", shared)
-    values = {n: t.clone() for n, t in layers.state_dict().items()}
-    weight0 = layers[0].weight
-    assert memory.use_huge_pages(layers) == 0  # each below 2 MiB: left alone by default
-    moved = memory.use_huge_pages(layers, pack_small=True)
-    assert moved == sum(p.numel() * 4 for p in layers.parameters()) + shared.numel()
-    assert layers[0].weight is weight0  # Parameters keep their identity
-    assert layers[0].table is layers[1].table  # and a shared buffer stays shared
-    for n, t in layers.state_dict().items():
-        assert torch.equal(t, values[n]), n
-    starts = sorted(t.data_ptr() for t in layers.state_dict().values())
-    assert starts[0] % memory.HUGE_PAGE == 0 and all(a % 64 == 0 for a in starts)
-    assert starts[-1] - starts[0] < 4 << 20  # one region, in order
-    assert memory.use_huge_pages(layers, pack_small=True) == 0  # already placed: not moved again
-    x = torch.randn(3, 256)
-    torch.testing.assert_close(layers[2](x), x @ values["2.weight"].t() + values["2.bias"])
-
-
 def test_without_huge_pages_nothing_moves(monkeypatch):
     monkeypatch.setattr(memory, "huge_pages_supported", lambda: False)
     model = tied_model()

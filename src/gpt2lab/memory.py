@@ -29,26 +29,17 @@ def huge_pages_supported() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")
 
 
-def _huge_region(nbytes: int) -> tuple[mmap.mmap, int]:
-    """A private anonymous mapping that asks for huge pages, and the offset in it of its first 2 MiB boundary."""
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
-    start = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
-    return region, (-start) % HUGE_PAGE
-
-
-def _mark_placed(region: mmap.mmap, tensor: torch.Tensor) -> None:
-    """Remember `tensor` as placed while `region` (which its storage keeps alive) lives."""
-    _PLACED.add(tensor.data_ptr())
-    weakref.finalize(region, _PLACED.discard, tensor.data_ptr())
-
-
 def huge_page_empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor in its own 2 MiB-aligned mapping that asks for huge pages."""
     count = math.prod(shape)
-    region, offset = _huge_region(count * dtype.itemsize)
+    nbytes = count * dtype.itemsize
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    start = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
+    offset = (-start) % HUGE_PAGE
     tensor = torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
-    _mark_placed(region, tensor)
+    _PLACED.add(tensor.data_ptr())
+    weakref.finalize(region, _PLACED.discard, tensor.data_ptr())  # the mapping lives as long as the tensor's storage
     return tensor
 
 
@@ -58,17 +49,13 @@ def _whole_storage(t: torch.Tensor) -> bool:
             and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
-def use_huge_pages(module: nn.Module, copy: bool = True, pack_small: bool = False) -> int:
+def use_huge_pages(module: nn.Module, copy: bool = True) -> int:
     """Move every CPU parameter and buffer of `module` of at least HUGE_PAGE bytes into huge-page memory, in place;
     returns the bytes moved. Parameters keep their identity (`p.data` is swapped, so ties and optimizer state hold);
     a buffer held by several modules (a tied head and embedding table) is moved once and swapped in all of them.
     A tensor that shares its storage with another tensor (a view), or is already in such memory, is left alone.
-    `copy=False` skips copying the values, for tensors about to be overwritten (a model being loaded).
-
-    `pack_small`: also pack the smaller tensors, in the order the module holds them, into one shared huge-page
-    region (each 64-byte aligned), for models whose weights are mostly below 2 MiB each (int8 and int4 GPT-2 small:
-    an int4 c_fc is 1.2 MB). They become views of that one region, which lives while any of them does; so only for
-    inference models, never saved (safetensors refuses tensors that share memory)."""
+    `copy=False` skips copying the
+    values, for tensors about to be overwritten (a model being loaded)."""
     if not huge_pages_supported():
         return 0
     holders: dict[int, list[tuple[nn.Module, str, bool]]] = {}  # id(tensor) -> where it is held
@@ -82,40 +69,20 @@ def use_huge_pages(module: nn.Module, copy: bool = True, pack_small: bool = Fals
     by_storage: dict[int, list[int]] = {}
     for key, t in tensors.items():
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(key)
-
-    def movable(t: torch.Tensor) -> bool:
-        return (t.device.type == "cpu" and t.numel() > 0 and _whole_storage(t) and t.data_ptr() not in _PLACED
-                and len(by_storage[t.untyped_storage().data_ptr()]) == 1)
-
-    def swap(key: int, t: torch.Tensor, new: torch.Tensor) -> None:
-        if copy:
-            new.copy_(t)
-        if isinstance(t, nn.Parameter):
-            t.data = new  # every module holding this Parameter sees the new memory
-        else:
-            for owner, name, _ in holders[key]:
-                owner._buffers[name] = new
-
     moved = 0
-    small: list[int] = []
     with torch.no_grad():
         for key, t in tensors.items():
-            if not movable(t):
-                continue
             nbytes = t.numel() * t.element_size()
-            if nbytes < HUGE_PAGE:
-                small.append(key)
+            if (t.device.type != "cpu" or nbytes < HUGE_PAGE or not _whole_storage(t) or t.data_ptr() in _PLACED
+                    or len(by_storage[t.untyped_storage().data_ptr()]) > 1):
                 continue
-            swap(key, t, huge_page_empty(t.shape, t.dtype))
+            new = huge_page_empty(t.shape, t.dtype)
+            if copy:
+                new.copy_(t)
+            if isinstance(t, nn.Parameter):
+                t.data = new  # every module holding this Parameter sees the new memory
+            else:
+                for owner, name, _ in holders[key]:
+                    owner._buffers[name] = new
             moved += nbytes
-        sizes = [-(-tensors[k].numel() * tensors[k].element_size() // 64) * 64 for k in small]  # 64-byte slots
-        if pack_small and sum(sizes) >= HUGE_PAGE:
-            region, offset = _huge_region(sum(sizes))
-            for key, size in zip(small, sizes):
-                t = tensors[key]
-                new = torch.frombuffer(region, dtype=t.dtype, count=t.numel(), offset=offset).view(t.shape)
-                _mark_placed(region, new)  # a second pass leaves it where it is
-                swap(key, t, new)
-                moved += t.numel() * t.element_size()
-                offset += size
     return moved

@@ -477,7 +477,7 @@ def convert_weights(model: "GPT", dtype: str) -> "GPT":
     else:
         convert_int8(model, "fbgemm" if plan.block is FbgemmInt8Linear else "int8pack")  # Int8Linear: native too
     if plan.block in NATIVE_LAYERS.values():  # layers with plain weight tensors (not FBGEMM's packed ones)
-        use_huge_pages(model, pack_small=True)  # which a decode step streams: in 2 MiB pages (memory.py)
+        use_huge_pages(model)  # which a decode step streams: in 2 MiB pages (memory.py)
     return model
 
 
