@@ -532,3 +532,18 @@ def test_steps_of_one_model_share_a_tuner_and_the_switch_turns_it_off(monkeypatc
     finally:
         torch.set_num_threads(before)
     assert step.threads_used == 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k", [(3, 32), (5, 96), (7, 544), (64, 2176)])
+def test_int4_weights_widen_through_the_kernel_bit_for_bit(n, k):
+    """Int4Linear.dequantized (a prefill's weights) uses the kernel's widening where it is built: the same float32
+    values as the PyTorch widening, blocks of 64 and a last group of 32 alike."""
+    from gpt2lab.quantize_int import dequantize_int4
+
+    torch.manual_seed(k)
+    layer = Int4Linear.from_linear(nn.Linear(k, n))
+    torch_widened = dequantize_int4(layer.weight, layer.group_scale, layer.scale)
+    assert torch.equal(layer.dequantized(), torch_widened)
+    x = torch.randn(2, 9, k)
+    torch.testing.assert_close(layer(x), x @ torch_widened.t() + layer.bias)

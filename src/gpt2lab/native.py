@@ -105,6 +105,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.gpt2lab_omp_max_threads.restype = ctypes.c_int
     lib.gpt2lab_set_spin_ns.argtypes = [ctypes.c_int64]
     lib.gpt2lab_set_spin_ns.restype = None
+    lib.gpt2lab_dequantize_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
+    lib.gpt2lab_dequantize_int4.restype = None
     return lib
 
 

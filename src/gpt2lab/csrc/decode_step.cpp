@@ -643,6 +643,39 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
     }
 }
 
+// 32 stored values q + 8 in [0, 15] -> q * step as float, in order (the same float product torch's dequantize makes)
+static inline void widen_group(__m256i stored, float step, float* out) {
+    const __m256i q = _mm256_sub_epi8(stored, _mm256_set1_epi8(8));
+    const __m256 st = _mm256_set1_ps(step);
+    const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+    for (int h = 0; h < 2; h++) {
+        const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(halves[h]));
+        const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(halves[h], 8)));
+        _mm256_storeu_ps(out + 16 * h, _mm256_mul_ps(a, st));
+        _mm256_storeu_ps(out + 16 * h + 8, _mm256_mul_ps(b, st));
+    }
+}
+
+// int4 weights widened to float32, (N, K / 2) bytes -> (N, K): what a prefill multiplies by (Int4Linear.dequantized),
+// rows split between the threads. One mask and one shift per 64 weights, then bytes -> int32 -> float times the
+// group's step s * D.
+extern "C" void gpt2lab_dequantize_int4(const uint8_t* packed, const int16_t* group_scale, const float* row_scale,
+                                        int64_t N, int64_t K, float* out) {
+    const int64_t G = K / 32;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* w = packed + n * (K / 2);
+        float* o = out + n * K;
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k / 2));
+            widen_group(low4(b), (float)group_scale[n * G + k / 32] * row_scale[n], o + k);
+            widen_group(high4(b), (float)group_scale[n * G + k / 32 + 1] * row_scale[n], o + k + 32);
+        }
+        if (k < K) widen_group(last_group_i4(w + k / 2), (float)group_scale[n * G + k / 32] * row_scale[n], o + k);
+    }
+}
+
 // How long a thread spins at a barrier before it sleeps (benchmarks/native_step.py measures the choice).
 extern "C" void gpt2lab_set_spin_ns(int64_t ns) { SPIN_NS.store(ns < 0 ? 0 : ns, std::memory_order_relaxed); }
 
