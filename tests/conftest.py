@@ -233,6 +233,18 @@ def load_benchmark(name: str):
     return module
 
 
+def run_benchmark_without_the_kernel(name: str, monkeypatch) -> None:
+    """Run benchmarks/{name}.py's main() with no arguments as if the native kernel could not be built (its reason:
+    "no C++ compiler found"); a benchmark that needs the kernel must say why and return."""
+    from gpt2lab import native
+
+    bench = load_benchmark(name)
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
+    monkeypatch.setattr(sys, "argv", [f"{name}.py"])
+    bench.main()
+
+
 # ------------------------------------------------------------------------------------------------------ decoding
 def modules_and_step(model, step, prompt, tokens, positions=None, mask=None, max_length=None, reference=None):
     """Each step's logits through the modules and through `step` (FlatStep's signature), from two caches filled by

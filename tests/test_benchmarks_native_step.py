@@ -9,7 +9,7 @@ import pytest
 
 from gpt2lab import native
 
-from conftest import load_benchmark
+from conftest import load_benchmark, run_benchmark_without_the_kernel
 
 
 @pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable here: {native.unavailable_reason()}")
@@ -27,9 +27,5 @@ def test_the_benchmark_runs_every_precision_and_batch(monkeypatch, capsys):
 
 
 def test_without_the_kernel_it_says_why(monkeypatch, capsys):
-    bench = load_benchmark("native_step")
-    monkeypatch.setattr(native, "library", lambda: None)
-    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
-    monkeypatch.setattr(sys, "argv", ["native_step.py"])
-    bench.main()
+    run_benchmark_without_the_kernel("native_step", monkeypatch)
     assert "unavailable here: no C++ compiler found" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import torch
 
 from gpt2lab import native
 
-from conftest import load_benchmark
+from conftest import load_benchmark, run_benchmark_without_the_kernel
 
 
 @pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable here: {native.unavailable_reason()}")
@@ -41,9 +41,5 @@ def test_the_benchmark_runs_each_way_beside_busy_programs_and_stops_them(monkeyp
 
 
 def test_without_the_kernel_it_says_why(monkeypatch, capsys):
-    bench = load_benchmark("threads_under_load")
-    monkeypatch.setattr(native, "library", lambda: None)
-    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
-    monkeypatch.setattr(sys, "argv", ["threads_under_load.py"])
-    bench.main()
+    run_benchmark_without_the_kernel("threads_under_load", monkeypatch)
     assert "unavailable here: no C++ compiler found" in capsys.readouterr().out

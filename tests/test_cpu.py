@@ -122,17 +122,13 @@ def test_the_cli_uses_the_default_threads_unless_given_a_count(monkeypatch):
     from gpt2lab import native_step
     from gpt2lab.cli.args import set_threads
 
-    before = torch.get_num_threads()
     seen = []
     monkeypatch.setattr(cpu, "default_threads", lambda adapts, window=0.1: seen.append(adapts) or 1)
     monkeypatch.setattr(native_step, "threads_adapt", lambda: True)
-    try:
-        set_threads(None)
-        assert torch.get_num_threads() == 1 and seen == [True]
-        set_threads(2)
-        assert torch.get_num_threads() == 2 and seen == [True]  # a given count always wins
-    finally:
-        torch.set_num_threads(before)
+    set_threads(None)  # conftest's autouse fixture restores torch's thread count after the test
+    assert torch.get_num_threads() == 1 and seen == [True]
+    set_threads(2)
+    assert torch.get_num_threads() == 2 and seen == [True]  # a given count always wins
 
 
 def test_load_meter_counts_other_programs_on_our_cpus_less_our_own_time(tmp_path, monkeypatch):

@@ -91,13 +91,9 @@ def test_the_kernel_shares_torchs_openmp_runtime():
     """torch.set_num_threads sets the thread count of the OpenMP runtime it loaded; the kernel sees the same value
     only if the loader gave it that runtime rather than a second copy."""
     lib = native.library()
-    before = torch.get_num_threads()
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            assert lib.gpt2lab_omp_max_threads() == n
-    finally:
-        torch.set_num_threads(before)
+    for n in (1, 3):  # conftest's autouse fixture restores torch's thread count after the test
+        torch.set_num_threads(n)
+        assert lib.gpt2lab_omp_max_threads() == n
 
 
 def test_a_cached_library_that_does_not_load_is_built_again(monkeypatch, tmp_path):

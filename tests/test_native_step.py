@@ -410,12 +410,8 @@ def test_native_step_refuses_a_full_cache_or_wrong_batch():
 def test_native_step_is_the_same_with_any_thread_count(threads):
     model = model_for("wide")
     prompt, tokens = random_steps(211, 3, 3, seed=6)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ref, fast, _, _ = both_paths(model, prompt, tokens)
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(threads)  # conftest's autouse fixture restores the count after each test
+    ref, fast, _, _ = both_paths(model, prompt, tokens)
     assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
 
 
@@ -465,7 +461,6 @@ def test_native_step_is_the_same_however_long_threads_spin_before_they_sleep(spi
     """0 us: every thread that waits at a barrier sleeps on the futex and is woken; the results must not change."""
     model = model_for("wide")
     prompt, tokens = random_steps(211, 3, 4, seed=8)
-    before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         (_, quick), _ = modules_and_step(model, NativeStep(model), prompt, tokens)
@@ -473,7 +468,6 @@ def test_native_step_is_the_same_however_long_threads_spin_before_they_sleep(spi
         (ref, fast), _ = modules_and_step(model, NativeStep(model), prompt, tokens)
     finally:
         native.set_barrier_spin(20)
-        torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(fast, quick))  # same threads, same chunks of rows: the same sums
     assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
 
@@ -496,16 +490,12 @@ def test_the_native_step_runs_with_the_count_its_tuner_picks_and_reports_its_tim
     import gpt2lab.native_step as native_step
     model = model_for("wide")
     prompt, tokens = random_steps(211, 3, 3, seed=9)
-    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        (ref, two), _ = modules_and_step(model, NativeStep(model, adaptive_threads=False), prompt, tokens)
-        fixed = _Fixed(1)
-        monkeypatch.setattr(native_step, "thread_tuner", lambda m, most: fixed)
-        step = NativeStep(model, adaptive_threads=True)
-        (_, one), _ = modules_and_step(model, step, prompt, tokens)
-    finally:
-        torch.set_num_threads(before)
+    (ref, two), _ = modules_and_step(model, NativeStep(model, adaptive_threads=False), prompt, tokens)
+    fixed = _Fixed(1)
+    monkeypatch.setattr(native_step, "thread_tuner", lambda m, most: fixed)
+    step = NativeStep(model, adaptive_threads=True)
+    (_, one), _ = modules_and_step(model, step, prompt, tokens)
     assert step.threads_used == 1 and len(fixed.seen) == len(tokens)
     assert all(seconds > 0 and key == 3 for seconds, key, _ in fixed.seen)  # key: the batch size
     assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, one)
@@ -523,14 +513,10 @@ def test_steps_of_one_model_share_a_tuner_and_the_switch_turns_it_off(monkeypatc
     assert NativeStep(model).adaptive_threads is False
     monkeypatch.setenv("GPT2LAB_ADAPTIVE_THREADS", "1")
     assert NativeStep(model).adaptive_threads is True
-    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        step = NativeStep(model, adaptive_threads=False)
-        prompt, tokens = random_steps(model.config.vocab_size, 1, 2, seed=1)
-        modules_and_step(model, step, prompt, tokens)
-    finally:
-        torch.set_num_threads(before)
+    step = NativeStep(model, adaptive_threads=False)
+    prompt, tokens = random_steps(model.config.vocab_size, 1, 2, seed=1)
+    modules_and_step(model, step, prompt, tokens)
     assert step.threads_used == 2
 
 

@@ -8,8 +8,10 @@ small pure functions of a `CPUFeatures` value, so tests can check every machine 
 Threads: a batch-1 decode step is ~100 short parallel regions per token, and OpenMP's threads wait for each other at
 the end of every region. On a quiet machine two threads on two cores beat one; on a machine where another program
 keeps a core busy, a thread that loses its core stalls the other at every region, and decoding runs several times
-slower than with one thread (docs/benchmarks.md, threads). `decode_threads` therefore counts the cores that other
-programs leave idle, over a short look at /proc/stat, and uses only those.
+slower than with one thread (docs/benchmarks.md, threads). Where the native decode step tunes its own thread count
+(gpt2lab.thread_tuner, fed by `LoadMeter`'s reading of other programs' load while it runs), `default_threads` gives
+it every core to choose from; elsewhere `decode_threads` counts the cores that other programs leave idle, over a
+short look at /proc/stat, and uses only those.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def _cpu_times(stat: str | Path, cpus: Optional[Iterable[int]] = None,
     except OSError:
         return None
     names = {"cpu"} if cpus is None else {f"cpu{c}" for c in cpus}
-    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in names]
+    rows = [fields for fields in map(str.split, lines) if fields and fields[0] in names]
     if not rows or any(len(row) < 5 for row in rows):
         return None
     times = [_line_times(row, nice_busy) for row in rows]
@@ -215,6 +217,6 @@ def default_threads(decode_adapts: bool, window: float = 0.1) -> int:
 
 def decode_threads(window: float = 0.1) -> int:
     """The thread count `pick_threads` gives for this machine now, capped at torch's own default (its physical
-    cores): what the CLI, the server and the lm-eval adapter use when no thread count is given."""
+    cores): what `default_threads` gives where decoding does not tune its own thread count."""
     cpus = min(usable_cpus(), TORCH_THREADS)
     return pick_threads(cpus, busy_cpus(window))

@@ -76,19 +76,28 @@ def build(cxx: str, flags: list[str], dest: Path) -> None:
             raise RuntimeError(f"{cxx} failed to build {SOURCE.name}: {out.stderr.strip()[-400:]}")
 
 
+def _why_not_buildable() -> Optional[str]:
+    """Why the kernel cannot be built here (switched off, the CPU, no compiler), or None where it can be tried."""
+    if os.environ.get("GPT2LAB_NATIVE", "1") == "0":
+        return "GPT2LAB_NATIVE=0 in the environment"
+    if compile_flags(cpu_features()) is None:
+        return "this CPU lacks AVX2, FMA or F16C"
+    if compiler() is None:
+        return "no C++ compiler found (set CXX, or install g++)"
+    return None
+
+
+def buildable() -> bool:
+    """Whether the kernel can be built here, asked without building it (a build can still fail)."""
+    return _why_not_buildable() is None
+
+
 def _load() -> Optional[ctypes.CDLL]:
     global _reason
-    if os.environ.get("GPT2LAB_NATIVE", "1") == "0":
-        _reason = "GPT2LAB_NATIVE=0 in the environment"
+    _reason = _why_not_buildable()
+    if _reason is not None:
         return None
-    flags = compile_flags(cpu_features())
-    if flags is None:
-        _reason = "this CPU lacks AVX2, FMA or F16C"
-        return None
-    cxx = compiler()
-    if cxx is None:
-        _reason = "no C++ compiler found (set CXX, or install g++)"
-        return None
+    flags, cxx = compile_flags(cpu_features()), compiler()
     try:
         path = library_path(SOURCE.read_text(), flags, _compiler_version(cxx))
         if not path.exists():

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from gpt2lab import native
-from gpt2lab.cpu import LoadMeter, cpu_features, usable_cpus
+from gpt2lab.cpu import LoadMeter, usable_cpus
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
@@ -82,22 +82,22 @@ def _plain_f32(t: Optional[torch.Tensor]) -> bool:
     return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
 
 
+# the layer classes the kernel reads in place, with their weight kind and the dtype their weight must have
+_LAYER_KINDS = {nn.Linear: (_F32, torch.float32), BF16Linear: (_BF16, torch.bfloat16), Int8Linear: (_INT8, torch.int8),
+                Int4Linear: (_INT4, torch.uint8)}
+
+
 def linear_kind(layer: nn.Module) -> Optional[int]:
     """The kernel's weight kind for a linear layer it can read in place, or None."""
-    if type(layer) is nn.Linear and _plain_f32(layer.weight) and _plain_f32(layer.bias):
-        return _F32
-    if (type(layer) is BF16Linear and layer.weight.dtype == torch.bfloat16 and layer.weight.device.type == "cpu"
-            and layer.weight.is_contiguous() and _plain_f32(layer.bias)):
-        return _BF16
-    if (type(layer) is Int8Linear and layer.weight.dtype == torch.int8 and layer.weight.device.type == "cpu"
-            and layer.weight.is_contiguous() and _plain_f32(layer.bias)):
-        return _INT8
-    if (type(layer) is Int4Linear and layer.weight.dtype == torch.uint8 and layer.weight.device.type == "cpu"
-            and layer.weight.is_contiguous() and layer.in_features % 32 == 0 and _plain_f32(layer.scale)
-            and layer.group_scale.dtype == torch.int16 and layer.group_scale.is_contiguous()
-            and _plain_f32(layer.bias)):
-        return _INT4
-    return None
+    kind, dtype = _LAYER_KINDS.get(type(layer), (None, None))
+    w = getattr(layer, "weight", None)
+    if (kind is None or w is None or w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
+            or not _plain_f32(layer.bias)):
+        return None
+    if kind == _INT4 and not (layer.in_features % 32 == 0 and _plain_f32(layer.scale)
+                              and layer.group_scale.dtype == torch.int16 and layer.group_scale.is_contiguous()):
+        return None
+    return kind
 
 
 _TUNERS: "weakref.WeakKeyDictionary[GPT, ThreadTuner]" = weakref.WeakKeyDictionary()
@@ -124,11 +124,9 @@ def adaptive_threads_default() -> bool:
 
 
 def threads_adapt() -> bool:
-    """Whether decoding here follows the machine's load by itself: the native kernel can be built for this CPU with
-    a compiler found here (asked without building it) and its steps tune their thread count
-    (`adaptive_threads_default`)."""
-    return (adaptive_threads_default() and os.environ.get("GPT2LAB_NATIVE", "1") != "0"
-            and native.compile_flags(cpu_features()) is not None and native.compiler() is not None)
+    """Whether decoding here follows the machine's load by itself: the native kernel can be built here (asked
+    without building it) and its steps tune their thread count (`adaptive_threads_default`)."""
+    return adaptive_threads_default() and native.buildable()
 
 
 def _linears(model: GPT) -> list[nn.Module]:

@@ -14,7 +14,9 @@ own time:
   /proc/stat), fewer threads only while other programs keep a CPU busy, more only when the CPUs they would need are
   free, and at once when the load changes; so a quiet machine, or one whose load stays, spends no step on probes.
   Without that measure it probes now and then, waiting twice as long after each probe that did not pay (up to
-  `max_gap` steps), and at once when steps become `slowdown` times slower than the best seen.
+  `max_gap` steps);
+- either way, where fewer threads may pay, it probes them at once when steps become `slowdown` times slower than the
+  best seen.
 
 Step times depend on the batch size, so the caller passes a key (the batch size) and times under different keys are
 never compared. The tuner is pure bookkeeping (no clock, no threads), so tests drive it with made-up timings.

@@ -134,14 +134,6 @@ static void activate_row(float* y, int64_t n, int32_t activation) {
     for (; i < n; i++) y[i] = activate(y[i], activation);
 }
 
-// The rows [lo, hi) of `n` items this thread takes: equal shares in multiples of `grain`.
-static inline void share(int64_t n, int64_t grain, int tid, int nth, int64_t* lo, int64_t* hi) {
-    int64_t groups = (n + grain - 1) / grain;
-    int64_t a = groups * tid / nth, b = groups * (tid + 1) / nth;
-    *lo = a * grain;
-    *hi = b * grain < n ? b * grain : n;
-}
-
 // LayerNorm of B rows of width C into out; every thread computes its own copy (C is small; no barrier needed).
 static void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t B, int64_t C, float* out) {
     for (int64_t r = 0; r < B; r++) {
@@ -402,8 +394,8 @@ static void quantize_rows(const float* x, int64_t B, int64_t K, const QuantRows&
 // What each output row of a product becomes.
 enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 
-// out (B, N) = x (B, K) W^T + b, for this thread's share of the N rows; int8 layers read this thread's quantized
-// copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For B > 1 each
+// out (B, N) = x (B, K) W^T + b, for this thread's share of the N rows; integer layers read this thread's
+// quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For B > 1 each
 // weight row stays in L1 while every input row passes, so the weights still come from memory once.
 // The dot products of weight rows [n, n + rows_w) with input rows [r0, r0 + rows) into v (rows_w, 4): the batched
 // kernels where a whole group fits (two float rows x four inputs; one int8 row x four inputs), else one by one.
@@ -485,12 +477,11 @@ static void linear_rows(const Linear& L, const float* x, const QuantRows& Q, int
 // ------------------------------------------------------------------------------------------------ the barrier
 // Where the threads meet between products. OpenMP's own barrier spins for milliseconds before it sleeps, so on a
 // machine where another program holds a core, a thread that has lost its core keeps its partner spinning on the
-// other one, the core the lost thread could have run on; decoding then ran 2-5 times slower with two threads than
-// with one (docs/benchmarks.md, threads under load). This one spins about as long as threads wait for each other on
-// a quiet machine (20 us), then sleeps on a futex, which frees the core for the late thread. Beside busy programs,
-// two threads decoded 1.3-1.7x faster than with a barrier that spins like OpenMP's (figures in docs/benchmarks.md);
-// quiet, the same speed. (Two threads on a loaded machine still lose to one: the thread tuner in native_step.py then
-// picks one.) Linux only (the futex): elsewhere the kernel does not build and decoding uses the PyTorch step.
+// other one, the core the lost thread could have run on, and two threads decode slower than one. This one spins
+// about as long as threads wait for each other on a quiet machine (20 us), then sleeps on a futex, which frees the
+// core for the late thread (measured in docs/benchmarks.md, threads under load). Two threads on a loaded machine
+// can still lose to one: the thread tuner in native_step.py then picks one. Linux only (the futex): elsewhere the
+// kernel does not build and decoding uses the PyTorch step.
 static std::atomic<int64_t> SPIN_NS{20000};  // see gpt2lab_set_spin_ns
 
 struct Barrier {
@@ -589,13 +580,11 @@ static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b,
 // ---------------------------------------------------------------------------------------------------- the step
 static bool integer(const Linear& L) { return L.kind == INT8 || L.kind == INT4; }
 
-// Whether any product multiplies integer weights, which take activations rounded to int8.
-static bool any_integer(const Model& M) {
-    for (int64_t l = 0; l < M.n_layer; l++) {
-        const Layer& L = M.layers[l];
-        if (integer(L.attn) || integer(L.attn_proj) || integer(L.fc) || integer(L.mlp_proj)) return true;
-    }
-    return integer(M.head);
+// One product, out = x L^T (+ epilogue), over the team: an integer layer first rounds this thread's copy of x to int8.
+static void project(const Linear& L, const float* x, const QuantRows& xq, int64_t B, float* out, int64_t ld_out,
+                    Epilogue how, int32_t activation, int nth) {
+    if (integer(L)) quantize_rows(x, B, L.k, xq);
+    linear_rows(L, x, xq, B, out, ld_out, how, activation, nth);
 }
 
 // x (B, C) holds the embeddings; on return logits (B, V) hold the next-token logits and the cache holds this
@@ -605,7 +594,6 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
     const Step& S = *step;
     const int64_t B = S.batch, C = M.n_embd, F = M.ffn, H = M.n_head;
     const int64_t widest = C > F ? C : F;
-    const bool quantize = any_integer(M);
     Barrier meet;
     meet.spin_ns = SPIN_NS.load(std::memory_order_relaxed);
 #pragma omp parallel num_threads(S.threads)
@@ -619,26 +607,21 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
         for (int64_t l = 0; l < M.n_layer; l++) {
             const Layer& L = M.layers[l];
             layer_norm(S.x, L.ln1_w, L.ln1_b, M.eps, B, C, norm);
-            if (quantize) quantize_rows(norm, B, C, xq);
-            linear_rows(L.attn, norm, xq, B, S.qkv, 3 * C, STORE, M.activation, nth);
+            project(L.attn, norm, xq, B, S.qkv, 3 * C, STORE, M.activation, nth);
             barrier_wait(meet, nth);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t bh = 0; bh < B * H; bh++) attend_head(M, S, l, bh / H, bh % H, scores);
             barrier_wait(meet, nth);
-            if (quantize) quantize_rows(S.att, B, C, xq);
-            linear_rows(L.attn_proj, S.att, xq, B, S.x, C, ADD_TO, M.activation, nth);
+            project(L.attn_proj, S.att, xq, B, S.x, C, ADD_TO, M.activation, nth);
             barrier_wait(meet, nth);
             layer_norm(S.x, L.ln2_w, L.ln2_b, M.eps, B, C, norm);
-            if (quantize) quantize_rows(norm, B, C, xq);
-            linear_rows(L.fc, norm, xq, B, S.hidden, F, ACTIVATE, M.activation, nth);
+            project(L.fc, norm, xq, B, S.hidden, F, ACTIVATE, M.activation, nth);
             barrier_wait(meet, nth);
-            if (quantize) quantize_rows(S.hidden, B, F, xq);
-            linear_rows(L.mlp_proj, S.hidden, xq, B, S.x, C, ADD_TO, M.activation, nth);
+            project(L.mlp_proj, S.hidden, xq, B, S.x, C, ADD_TO, M.activation, nth);
             barrier_wait(meet, nth);
         }
         layer_norm(S.x, M.lnf_w, M.lnf_b, M.eps, B, C, norm);
-        if (quantize) quantize_rows(norm, B, C, xq);
-        linear_rows(M.head, norm, xq, B, S.logits, M.head.n, STORE, M.activation, nth);
+        project(M.head, norm, xq, B, S.logits, M.head.n, STORE, M.activation, nth);
         barrier_wait(meet, nth);  // so OpenMP's own barrier at the end of the region finds everyone there
     }
 }
@@ -676,7 +659,7 @@ extern "C" void gpt2lab_dequantize_int4(const uint8_t* packed, const int16_t* gr
     }
 }
 
-// How long a thread spins at a barrier before it sleeps (benchmarks/native_step.py measures the choice).
+// How long a thread spins at a barrier before it sleeps (benchmarks/threads_under_load.py --spin-us).
 extern "C" void gpt2lab_set_spin_ns(int64_t ns) { SPIN_NS.store(ns < 0 ? 0 : ns, std::memory_order_relaxed); }
 
 // The OpenMP runtime's thread count as this library sees it (a test checks it is torch's).
