@@ -26,7 +26,7 @@ def test_info_preset(capsys):
     assert f"bf16 layers on {torch.get_num_threads()} thread(s): blocks {plan.block.__name__}" in out
     from gpt2lab import native
 
-    assert ("decode step: the native kernel, built at" in out) == (native.library() is not None)
+    assert ("decode step: the native kernel (" in out) == (native.library() is not None)
 
 
 def test_info_model_directory(tiny_model, tmp_path, capsys):

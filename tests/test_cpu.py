@@ -10,7 +10,7 @@ from gpt2lab.cpu import CPUFeatures
 
 # flags as three machine types report them (abridged /proc/cpuinfo lines)
 ZEN3 = "fpu sse2 avx f16c fma avx2 bmi2"
-ZEN4 = ZEN3 + " avx512f avx512bw avx512_vnni avx512_bf16"
+ZEN4 = ZEN3 + " avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16"
 SAPPHIRE_RAPIDS = ZEN4 + " amx_bf16 amx_tile amx_int8"
 
 
@@ -36,6 +36,16 @@ def test_features_from_flags(flags, name, native_bf16):
 def test_vnni_of_either_width_and_the_512_bit_one(flags, vnni, avx512_vnni):
     features = CPUFeatures.from_flags(flags.split())
     assert (features.vnni, features.avx512_vnni) == (vnni, avx512_vnni)
+
+
+@pytest.mark.parametrize("flags, kernels", [
+    (ZEN3, False),
+    (ZEN4, True),
+    (SAPPHIRE_RAPIDS, True),
+    ("avx2 fma f16c avx512f avx512cd avx512er avx512pf", False),  # a Xeon Phi: AVX-512 F without BW or VL
+])
+def test_the_native_kernels_avx512_paths_need_f_bw_and_vl(flags, kernels):
+    assert CPUFeatures.from_flags(flags.split()).avx512_kernels is kernels
 
 
 def test_flags_are_parsed_from_cpuinfo_text():

@@ -12,8 +12,17 @@ from gpt2lab import native
 from gpt2lab.cpu import CPUFeatures
 
 ZEN3 = CPUFeatures(avx2=True, fma=True, f16c=True)
-ZEN4 = CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True, avx512_bf16=True, vnni=True)
+AVX512 = dict(avx2=True, fma=True, f16c=True, avx512=True, avx512bw=True, avx512vl=True)
+ZEN4 = CPUFeatures(**AVX512, avx512_bf16=True, vnni=True, avx512_vnni=True)
+SKYLAKE_SP = CPUFeatures(**AVX512)  # AVX-512 without bf16 or VNNI dot products
+CASCADE_LAKE = CPUFeatures(**AVX512, vnni=True, avx512_vnni=True)
+XEON_PHI = CPUFeatures(avx2=True, fma=True, f16c=True, avx512=True)  # AVX-512 F without BW or VL
+ALDER_LAKE = CPUFeatures(avx2=True, fma=True, f16c=True, vnni=True)  # AVX-VNNI, no AVX-512
 OLD = CPUFeatures(avx2=False, fma=False, f16c=False)
+
+
+def avx512_flags(features):
+    return [f for f in native.compile_flags(features) if f.startswith("-mavx512")]
 
 
 def test_flags_follow_the_cpu():
@@ -22,6 +31,56 @@ def test_flags_follow_the_cpu():
         assert {"-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared"} <= set(flags)
     assert native.compile_flags(OLD) is None
     assert native.compile_flags(CPUFeatures(avx2=True, fma=True)) is None  # no F16C
+
+
+def test_avx512_paths_are_built_only_for_the_instructions_the_cpu_has():
+    assert avx512_flags(ZEN3) == avx512_flags(XEON_PHI) == avx512_flags(ALDER_LAKE) == []
+    assert avx512_flags(SKYLAKE_SP) == ["-mavx512f", "-mavx512bw", "-mavx512vl"]
+    assert avx512_flags(CASCADE_LAKE) == ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+    assert avx512_flags(ZEN4) == ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"]
+
+
+def test_emulated_paths_build_on_simde_whatever_the_cpu():
+    flags = native.compile_flags(ZEN3, ("avx512", "avx512_vnni"), "/simde")
+    assert "-I/simde" in flags and not any(f.startswith("-mavx512") for f in flags)
+    assert {"-DGPT2LAB_EMULATE_AVX512", "-DGPT2LAB_EMULATE_AVX512_VNNI"} <= set(flags)
+    assert "-DGPT2LAB_EMULATE_AVX512_BF16" not in flags
+    assert native.compile_flags(OLD, ("avx512",), "/simde") is None  # the AVX2 base still needs the real CPU
+
+
+def test_the_emulate_knob_names_paths_and_refuses_others():
+    assert native.emulated_paths(None) == native.emulated_paths(" ") == ()
+    assert native.emulated_paths("avx512_bf16") == ("avx512", "avx512_bf16")  # bf16 dot products are AVX-512's
+    assert native.emulated_paths("avx512_vnni, avx512") == ("avx512", "avx512_vnni")
+    with pytest.raises(ValueError, match="names 'amx'; choose from: avx512, avx512_bf16, avx512_vnni"):
+        native.emulated_paths("avx512,amx")
+
+
+def test_knobs_turn_avx512_off_or_name_what_is_wrong(monkeypatch):
+    monkeypatch.setattr(native, "cpu_features", lambda: ZEN4)
+    assert "-mavx512bf16" in native.requested_flags()
+    monkeypatch.setenv("GPT2LAB_NATIVE_AVX512", "0")
+    assert native.requested_flags() == native.compile_flags(ZEN3)
+    monkeypatch.setenv("GPT2LAB_NATIVE_EMULATE", "avx1024")
+    assert native.requested_flags() == "GPT2LAB_NATIVE_EMULATE names 'avx1024'; choose from: avx512, avx512_bf16, " \
+                                       "avx512_vnni"
+    assert not native.buildable()
+    monkeypatch.setenv("GPT2LAB_NATIVE_EMULATE", "avx512")
+    monkeypatch.setattr(native, "simde_include", lambda: None)
+    assert "pip install simde-py" in native.requested_flags()
+
+
+def test_a_compiler_without_avx512_flags_still_builds_the_avx2_kernel(monkeypatch, tmp_path):
+    """The AVX-512 flags are tried first; a compiler that refuses them (too old) builds the AVX2 kernel instead."""
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "cpu_features", lambda: ZEN4)
+    log = tmp_path / "flags.log"
+    cxx = fake_compiler(tmp_path, f'echo "$@" >> {log}\ncase "$*" in *-mavx512*) exit 1;; esac\n'
+                                  'while [ "$1" != "-o" ]; do shift; done; echo built > "$2"\n')
+    monkeypatch.setattr(native, "compiler", lambda: cxx)
+    assert native._load() is None  # the fake's output is no library, but the second build was the AVX2 one
+    tried = [line for line in log.read_text().splitlines() if line != "--version"]
+    assert "-mavx512bf16" in tried[0] and len(tried) > 1 and not any("-mavx512" in t for t in tried[1:])
 
 
 def test_the_cache_key_covers_source_flags_and_compiler(monkeypatch, tmp_path):

@@ -31,6 +31,8 @@ _FLAGS = {
     "fma": ("fma",),
     "f16c": ("f16c",),
     "avx512": ("avx512f",),
+    "avx512bw": ("avx512bw",),
+    "avx512vl": ("avx512vl",),
     "avx512_bf16": ("avx512_bf16",),
     "vnni": ("avx512_vnni", "avx_vnni"),
     "avx512_vnni": ("avx512_vnni",),
@@ -46,6 +48,8 @@ class CPUFeatures:
     fma: bool = False
     f16c: bool = False
     avx512: bool = False
+    avx512bw: bool = False  # byte and word operations (every AVX-512 CPU since Skylake-SP; Xeon Phi lacks them)
+    avx512vl: bool = False  # the AVX-512 encodings of 128- and 256-bit operations
     avx512_bf16: bool = False  # native bf16 dot products (VDPBF16PS)
     vnni: bool = False  # int8 dot products (AVX-512 VNNI or AVX-VNNI)
     avx512_vnni: bool = False  # the 512-bit ones, which FBGEMM's integer kernels use (they have no AVX-VNNI path)
@@ -55,6 +59,11 @@ class CPUFeatures:
     def native_bf16(self) -> bool:
         """Whether bf16 products run natively (oneDNN's own test is the same two features)."""
         return self.avx512_bf16 or self.amx
+
+    @property
+    def avx512_kernels(self) -> bool:
+        """Whether the native kernel's AVX-512 paths can run here (F, BW and VL; gpt2lab.native)."""
+        return self.avx512 and self.avx512bw and self.avx512vl
 
     @property
     def name(self) -> str:
@@ -99,7 +108,8 @@ def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> CPUFeatures:
     level = torch.backends.cpu.get_cpu_capability().upper()  # "AVX2", "AVX512", "DEFAULT", ...
     avx512 = level.startswith("AVX512")
     avx2 = avx512 or level.startswith("AVX2")
-    return CPUFeatures(avx2=avx2, fma=avx2, f16c=avx2, avx512=avx512)
+    return CPUFeatures(avx2=avx2, fma=avx2, f16c=avx2, avx512=avx512, avx512bw=avx512, avx512vl=avx512)  # torch's
+    # AVX512 level means F, BW, VL and DQ
 
 
 # ------------------------------------------------------------------------------------------------------- threads

@@ -1,10 +1,18 @@
 """The native decode kernel: csrc/decode_step.cpp, compiled for this CPU at first use and loaded with ctypes.
 
-Why build at run time: the kernel is written for the instruction sets this CPU reports (AVX2 with FMA and F16C), and
-the machines gpt2lab runs on change, so it is compiled here, for here, by the system's C++ compiler (a few seconds,
-once), and cached: `$GPT2LAB_CACHE/native/decode_step-<hash>.so`, where the hash covers the source, the flags and
-the compiler, so an edit or a new compiler builds a new file and never reuses a stale one. The file is written
-atomically; concurrent first uses each build their own temporary file and the last rename wins.
+Why build at run time: the kernel is written for the instruction sets this CPU reports, and the machines gpt2lab
+runs on change, so it is compiled here, for here, by the system's C++ compiler (a few seconds, once), and cached:
+`$GPT2LAB_CACHE/native/decode_step-<hash>.so`, where the hash covers the source, the flags and the compiler, so an
+edit or a new compiler builds a new file and never reuses a stale one. The file is written atomically; concurrent
+first uses each build their own temporary file and the last rename wins.
+
+Which paths: every CPU with AVX2, FMA and F16C gets the AVX2 kernel; one with AVX-512 (F, BW, VL) also gets the
+wider low-precision products, with bf16 dot products where it has AVX-512-BF16 and int8 dot products where it has
+AVX-512-VNNI (`compile_flags`, a pure function of the CPU's features; `kernel_paths()` says what the loaded build
+took). Two knobs, for measuring and testing, not for use: `GPT2LAB_NATIVE_AVX512=0` builds the AVX2 kernel on an
+AVX-512 CPU (to compare the two in one run), and `GPT2LAB_NATIVE_EMULATE=avx512,avx512_bf16,avx512_vnni` builds the
+named paths on SIMDe's portable intrinsics (the simde-py package), so a CPU without them can check their arithmetic,
+slowly.
 
 Why ctypes and not a torch extension: the kernel needs no torch headers, only pointers to the tensors' memory, so it
 builds in seconds instead of a minute. It is loaded after torch, and its OpenMP library has the same name as the one
@@ -23,8 +31,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -38,11 +47,63 @@ BUILD_SECONDS = 120  # a compiler that takes longer than this is treated as miss
 _reason: Optional[str] = None
 
 
-def compile_flags(features: CPUFeatures) -> Optional[list[str]]:
-    """The compiler flags for this CPU's kernel, or None where the kernel cannot run (it needs AVX2, FMA, F16C)."""
+# the kernel's wider paths, in the order the library reports them (gpt2lab_kernel_paths' bits)
+PATHS = ("avx512", "avx512_bf16", "avx512_vnni")
+_BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
+
+
+def compile_flags(features: CPUFeatures, emulate: Iterable[str] = (),
+                  simde_include: Optional[str] = None) -> Optional[list[str]]:
+    """The compiler flags for this CPU's kernel, or None where the kernel cannot run (it needs AVX2, FMA, F16C).
+    CPUs with AVX-512 F/BW/VL add its paths, with AVX-512-BF16 and AVX-512-VNNI where the CPU has them; `emulate`
+    (names from PATHS) builds those paths on SIMDe's headers at `simde_include` instead, whatever the CPU has."""
     if not (features.avx2 and features.fma and features.f16c):
         return None
-    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
+    emulate = [p for p in PATHS if p in set(emulate)]
+    if emulate:
+        return [*_BASE_FLAGS, "-Wno-psabi", f"-I{simde_include}", "-DGPT2LAB_EMULATE_AVX512",
+                *(f"-DGPT2LAB_EMULATE_{p.upper()}" for p in emulate if p != "avx512")]
+    flags = list(_BASE_FLAGS)
+    if features.avx512_kernels:
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl"]
+        flags += ["-mavx512bf16"] if features.avx512_bf16 else []
+        flags += ["-mavx512vnni"] if features.avx512_vnni else []
+    return flags
+
+
+def emulated_paths(value: Optional[str]) -> tuple[str, ...]:
+    """The paths GPT2LAB_NATIVE_EMULATE names ("avx512,avx512_bf16"; empty or unset: none); a name outside PATHS
+    raises ValueError naming it and the choices. bf16 and VNNI products are AVX-512 paths, so they bring it along."""
+    names = [v.strip() for v in (value or "").split(",") if v.strip()]
+    bad = [n for n in names if n not in PATHS]
+    if bad:
+        raise ValueError(f"GPT2LAB_NATIVE_EMULATE names {bad[0]!r}; choose from: {', '.join(PATHS)}")
+    return tuple(p for p in PATHS if p in names or (names and p == "avx512"))
+
+
+def simde_include() -> Optional[str]:
+    """SIMDe's header directory from the simde-py package (a test dependency), or None where it is not installed."""
+    try:
+        import simde_py
+    except ImportError:
+        return None
+    return simde_py.get_include()
+
+
+def requested_flags() -> list[str] | str:
+    """The flags to build with here, from the CPU and the two knobs (module docstring), or why there are none."""
+    features = cpu_features()
+    if os.environ.get("GPT2LAB_NATIVE_AVX512", "1") == "0":
+        features = replace(features, avx512=False)
+    try:
+        emulate = emulated_paths(os.environ.get("GPT2LAB_NATIVE_EMULATE"))
+    except ValueError as exc:
+        return str(exc)
+    include = simde_include() if emulate else None
+    if emulate and include is None:
+        return "GPT2LAB_NATIVE_EMULATE needs SIMDe's headers: pip install simde-py"
+    flags = compile_flags(features, emulate, include)
+    return "this CPU lacks AVX2, FMA or F16C" if flags is None else flags
 
 
 def compiler() -> Optional[str]:
@@ -77,11 +138,13 @@ def build(cxx: str, flags: list[str], dest: Path) -> None:
 
 
 def _why_not_buildable() -> Optional[str]:
-    """Why the kernel cannot be built here (switched off, the CPU, no compiler), or None where it can be tried."""
+    """Why the kernel cannot be built here (switched off, the CPU, a knob's value, no compiler), or None where it can
+    be tried."""
     if os.environ.get("GPT2LAB_NATIVE", "1") == "0":
         return "GPT2LAB_NATIVE=0 in the environment"
-    if compile_flags(cpu_features()) is None:
-        return "this CPU lacks AVX2, FMA or F16C"
+    flags = requested_flags()
+    if isinstance(flags, str):
+        return flags
     if compiler() is None:
         return "no C++ compiler found (set CXX, or install g++)"
     return None
@@ -92,31 +155,58 @@ def buildable() -> bool:
     return _why_not_buildable() is None
 
 
-def _load() -> Optional[ctypes.CDLL]:
-    global _reason
-    _reason = _why_not_buildable()
-    if _reason is not None:
-        return None
-    flags, cxx = compile_flags(cpu_features()), compiler()
+def _build_and_load(cxx: str, flags: list[str], version: str) -> ctypes.CDLL:
+    path = library_path(SOURCE.read_text(), flags, version)
+    if not path.exists():
+        build(cxx, flags, path)
     try:
-        path = library_path(SOURCE.read_text(), flags, _compiler_version(cxx))
-        if not path.exists():
-            build(cxx, flags, path)
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:  # a cached file that does not load (truncated, from another system): build it again, once
-            build(cxx, flags, path)
-            lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _reason = f"the native kernel did not build or load: {exc}"
-        return None
+        return _declare(ctypes.CDLL(str(path)))
+    except OSError:  # a cached file that does not load (truncated, from another system): build it again, once
+        build(cxx, flags, path)
+        return _declare(ctypes.CDLL(str(path)))
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The library with its functions' C types set (a file without them is not this kernel: AttributeError)."""
     lib.gpt2lab_decode_step.restype = None
     lib.gpt2lab_omp_max_threads.restype = ctypes.c_int
+    lib.gpt2lab_kernel_paths.restype = ctypes.c_int
     lib.gpt2lab_set_spin_ns.argtypes = [ctypes.c_int64]
     lib.gpt2lab_set_spin_ns.restype = None
     lib.gpt2lab_dequantize_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.gpt2lab_dequantize_int4.restype = None
     return lib
+
+
+def load_build(flags: list[str]) -> ctypes.CDLL:
+    """A build of the kernel with these flags (cached as `library()`'s is), beside the one `library()` loaded: for
+    benchmarks that compare two builds in one process (benchmarks/kernel_paths.py). Raises RuntimeError or OSError
+    where it does not build or load."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    torch.get_num_threads()  # torch's OpenMP runtime first, as for library()
+    return _build_and_load(cxx, flags, _compiler_version(cxx))
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _reason
+    _reason = _why_not_buildable()
+    if _reason is not None:
+        return None
+    flags, cxx = requested_flags(), compiler()
+    version = _compiler_version(cxx)
+    # a compiler too old for the AVX-512 flags still builds the AVX2 kernel
+    tries = [flags, list(_BASE_FLAGS)] if any(f.startswith("-mavx512") for f in flags) else [flags]
+    for attempt in tries:
+        try:
+            lib = _build_and_load(cxx, attempt, version)
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+            _reason = f"the native kernel did not build or load: {exc}"
+            continue
+        _reason = None
+        return lib
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,6 +219,16 @@ def library() -> Optional[ctypes.CDLL]:
 def unavailable_reason() -> Optional[str]:
     """Why `library()` is None (None while it is available or not yet asked for)."""
     return _reason
+
+
+def kernel_paths(lib: Optional[ctypes.CDLL] = None) -> frozenset[str]:
+    """The wider paths a build took (default: `library()`'s), names from PATHS plus "emulated" for a SIMDe build;
+    empty for the AVX2 kernel or where there is no kernel."""
+    lib = library() if lib is None else lib
+    if lib is None:
+        return frozenset()
+    bits = lib.gpt2lab_kernel_paths()
+    return frozenset(name for i, name in enumerate((*PATHS, "emulated")) if bits & (1 << i))
 
 
 def set_barrier_spin(microseconds: float) -> None:

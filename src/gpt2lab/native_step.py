@@ -71,7 +71,7 @@ class _Step(ctypes.Structure):
     _fields_ = [("x", _p), ("logits", _p), ("k_cache", _p), ("v_cache", _p), ("batch", ctypes.c_int64),
                 ("batch_max", ctypes.c_int64), ("s_max", ctypes.c_int64), ("pos", ctypes.c_int64), ("mask", _p),
                 ("qkv", _p), ("att", _p), ("hidden", _p), ("norm", _p), ("scores", _p), ("xq", _p),
-                ("xq_scale", _p), ("xq_sums", _p), ("threads", ctypes.c_int32)]
+                ("xq_scale", _p), ("xq_sums", _p), ("xb", _p), ("threads", ctypes.c_int32)]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -145,8 +145,9 @@ class NativeStep:
     `threads_used` is the count the last step ran with.
     """
 
-    def __init__(self, model: GPT, adaptive_threads: Optional[bool] = None) -> None:
-        lib = native.library()
+    def __init__(self, model: GPT, adaptive_threads: Optional[bool] = None,
+                 library: Optional[ctypes.CDLL] = None) -> None:
+        lib = native.library() if library is None else library  # another build: benchmarks/kernel_paths.py
         if lib is None:
             raise RuntimeError(f"the native decode kernel is unavailable: {native.unavailable_reason()}")
         self._run = lib.gpt2lab_decode_step
@@ -219,7 +220,7 @@ class NativeStep:
 
     def _buffers(self, B: int, s_max: int, threads: int) -> tuple[torch.Tensor, ...]:
         """Scratch memory for B rows, allocated once per shape: qkv, att, hidden, norm, scores, xq, xq_scale,
-        xq_sums."""
+        xq_sums, xb (each thread's bf16 copy of the activations, bits in int16)."""
         key = (B, s_max, threads)
         if key not in self._scratch:
             C, F = self.n_embd, self.ffn
@@ -228,7 +229,8 @@ class NativeStep:
                                   torch.empty(threads, B, C, **f32), torch.empty(threads, s_max, **f32),
                                   torch.empty(threads, B, max(C, F), dtype=torch.int8),
                                   torch.empty(threads, B, **f32),
-                                  torch.empty(threads, B, max(1, max(C, F) // 32), dtype=torch.int16))
+                                  torch.empty(threads, B, max(1, max(C, F) // 32), dtype=torch.int16),
+                                  torch.empty(threads, B, max(C, F), dtype=torch.int16))
         return self._scratch[key]
 
     @torch.no_grad()
@@ -258,11 +260,11 @@ class NativeStep:
         most = torch.get_num_threads()
         tuner = thread_tuner(self.model, most) if self.adaptive_threads else None
         threads = tuner.threads() if tuner is not None else most
-        qkv, att, hidden, norm, scores, xq, xq_scale, xq_sums = self._buffers(B, cache.max_length, most)
+        qkv, att, hidden, norm, scores, xq, xq_scale, xq_sums, xb = self._buffers(B, cache.max_length, most)
         step = _Step(x.data_ptr(), logits.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), B, cache.k.size(1),
                      cache.max_length, pos, _ptr(mask), qkv.data_ptr(), att.data_ptr(), hidden.data_ptr(),
                      norm.data_ptr(), scores.data_ptr(), xq.data_ptr(), xq_scale.data_ptr(), xq_sums.data_ptr(),
-                     threads)
+                     xb.data_ptr(), threads)
         start = time.perf_counter()
         self._run(ctypes.byref(self._model), ctypes.byref(step))
         if tuner is not None:

@@ -9,10 +9,41 @@
 //
 // The arithmetic is GPT.forward's at T = 1 (tests compare the two): pre-LayerNorm blocks, fused QKV, causal
 // attention over the KV cache, a tanh-GELU (or exact GELU, or ReLU) MLP, the final LayerNorm, the tied head.
-// Built at first use by gpt2lab/native.py for the CPU at hand (-mavx2 -mfma -mf16c); loaded after torch, so it
-// shares torch's OpenMP runtime and thread count.
+// Built at first use by gpt2lab/native.py for the CPU at hand; loaded after torch, so it shares torch's OpenMP
+// runtime and thread count.
+//
+// Instruction sets: the base is AVX2 with FMA and F16C, which every path below can run on. Built for a CPU with
+// AVX-512 (F and BW), the low-precision products take wider paths where the CPU has the instructions that change
+// their arithmetic cost, not just their width: bf16 weights with AVX-512-BF16 multiply bf16 activations with
+// VDPBF16PS (32 products in one instruction instead of widening 8 weights to float per FMA), int8 weights with
+// AVX-512-VNNI use VPDPBUSD (64 byte products summed into 32 bits in one instruction), and int4 weights use
+// AVX-512BW's 64-byte multiply-adds. float32 stays on the AVX2 path: its products wait for memory, not arithmetic.
+// GPT2LAB_EMULATE_* (tests only) compile those paths against SIMDe's portable AVX-512 intrinsics instead, so a
+// machine without AVX-512 can check their arithmetic (slowly) against the same oracles.
 
+#if defined(GPT2LAB_EMULATE_AVX512)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define USE_AVX512 1
+#if defined(GPT2LAB_EMULATE_AVX512_BF16)
+#define USE_BF16_DOT 1
+#endif
+#if defined(GPT2LAB_EMULATE_AVX512_VNNI)
+#define USE_VNNI 1
+#endif
+#else
 #include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define USE_AVX512 1
+#if defined(__AVX512BF16__)
+#define USE_BF16_DOT 1
+#endif
+#if defined(__AVX512VNNI__)
+#define USE_VNNI 1
+#endif
+#endif
+#endif
+#include <string.h>
 #include <linux/futex.h>
 #include <math.h>
 #include <omp.h>
@@ -69,6 +100,7 @@ struct Step {
     int8_t* xq;                  // (threads, B, max(C, F)) int8 activations
     float* xq_scale;             // (threads, B)
     int16_t* xq_sums;            // (threads, B, max(C, F) / 32) 8 x each group's sum (int4's correction)
+    uint16_t* xb;                // (threads, B, max(C, F)) bf16 activations (the bf16 dot-product path)
     int32_t threads;
 };
 
@@ -201,7 +233,7 @@ static inline __m256i dot32_i8(__m256i abs_w, __m256i w, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
 }
 
-static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
+[[maybe_unused]] static int32_t dot_i8(const int8_t* w, const int8_t* x, int64_t K) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
@@ -263,7 +295,7 @@ static inline int64_t correction_i4(const int16_t* s, const int16_t* sums8, int6
 
 // One int4 weight row times one int8 activation row (its group sums in sums8): sum_g s_g (w_g . x_g), an integer.
 // Each lane adds at most K / 32 groups of 2 * 3810 * 255, under 2^31 for rows of up to 35,000 weights.
-static int64_t dot_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K) {
+[[maybe_unused]] static int64_t dot_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
@@ -276,7 +308,7 @@ static int64_t dot_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const
 }
 
 // One int4 weight row against four activation rows: each block unpacked, and its scales broadcast, once for the four.
-static void dot4_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K,
+[[maybe_unused]] static void dot4_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K,
                     int64_t* out) {
     const int64_t G = K / 32;
     __m256i lo[4], hi[4];
@@ -328,7 +360,7 @@ static void dot2x4(const typename W::T* w, const float* x, int64_t K, float* out
 }
 
 // One int8 weight row against four input rows: the row is loaded, and |w| computed, once for the four.
-static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
+[[maybe_unused]] static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
     const int8_t *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
@@ -347,11 +379,13 @@ static void dot4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
     }
 }
 
-// A thread's copy of B activation rows rounded to int8, for the integer products.
+// A thread's copy of B activation rows rounded to the precision a product multiplies in: int8 for the integer
+// products, bf16 for the bf16 dot-product path.
 struct QuantRows {
     int8_t* q;      // (B, K) in [-127, 127] (so |q| * |w| pairs fit in 16 bits)
     float* scale;   // (B,) x ~ q * scale
     int16_t* sums8;  // (B, K / 32) 8 x the sum of q over each group of 32 (int4's correction; |8 * 32 * 127| fits)
+    uint16_t* bf16;  // (B, K) x rounded to bf16
 };
 
 static inline float hmax(__m256 v) {
@@ -391,6 +425,233 @@ static void quantize_rows(const float* x, int64_t B, int64_t K, const QuantRows&
     }
 }
 
+// ------------------------------------------------------------------------------------------------ AVX-512 paths
+#if defined(USE_AVX512)
+static inline float hsum512(__m512 v) {
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+static inline int32_t hsum512_i32(__m512i v) {
+    return hsum_i32(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
+}
+
+static inline int64_t hsum512_i64(__m512i v) {  // the 16 int32 lanes, summed without overflow
+    return hsum_i64(_mm512_castsi512_si256(v)) + hsum_i64(_mm512_extracti64x4_epi64(v, 1));
+}
+
+static inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
+
+// int4 at 64 weights a step: the 32 bytes of a block hold group g in their low four bits and g + 1 in their high
+// four, so one 64-byte vector of both groups in order is the block broadcast to both halves, shifted right by 0 in
+// the low half and 4 in the high one, and masked. Each group's scale goes to its half of the 16-bit lanes.
+static inline __m512i block_i4(const uint8_t* p) {
+    const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p));
+    const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    return _mm512_and_si512(_mm512_srlv_epi16(both, shifts), _mm512_set1_epi8(0x0F));
+}
+
+static inline __m512i block_scales_i4(const int16_t* s) {  // s[0] in lanes 0-15, s[1] in lanes 16-31
+    return _mm512_inserti64x4(_mm512_set1_epi16(s[0]), _mm256_set1_epi16(s[1]), 1);
+}
+
+// s_g * (q . x) for the two groups of a block, as 16 int32 partial sums (the bounds are the AVX2 path's)
+static inline __m512i block_dot_i4(__m512i q, const int8_t* x, __m512i scales) {
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(q, load512(x)), scales);
+}
+
+static int64_t dot_i4_512(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K) {
+    __m512i acc = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) acc = _mm512_add_epi32(acc, block_dot_i4(block_i4(w + k / 2), x + k, block_scales_i4(s + k / 32)));
+    int64_t total = hsum512_i64(acc);
+    if (k < K) total += hsum_i64(group_i4(last_group_i4(w + k / 2), x + k, s[k / 32]));
+    return total - correction_i4(s, sums8, K / 32);
+}
+
+static void dot4_i4_512(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K,
+                        int64_t* out) {
+    const int64_t G = K / 32;
+    __m512i acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m512i q = block_i4(w + k / 2), scales = block_scales_i4(s + k / 32);
+        for (int r = 0; r < 4; r++) acc[r] = _mm512_add_epi32(acc[r], block_dot_i4(q, x + r * K + k, scales));
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum512_i64(acc[r]) - correction_i4(s, sums8 + r * G, G);
+    if (k < K) {
+        const __m256i q = last_group_i4(w + k / 2);
+        for (int r = 0; r < 4; r++) out[r] += hsum_i64(group_i4(q, x + r * K + k, s[k / 32]));
+    }
+}
+#endif
+
+#if defined(USE_VNNI)
+// int8 with VPDPBUSD, which multiplies unsigned bytes by signed ones and adds each four products into a 32-bit lane
+// with no 16-bit step to saturate. The activations are made unsigned by adding 128 (a flip of the top bit), and the
+// 128 comes back out through the weight row's sum, which a second VPDPBUSD against ones gathers from the same
+// loaded weights: w . x = w . (x + 128) - 128 sum(w). The biased sum is at most 255 * 128 * K, inside 32 bits for
+// rows of up to 65,000 weights.
+static inline __m512i biased_i8(const int8_t* x) { return _mm512_xor_si512(load512(x), _mm512_set1_epi8(-128)); }
+
+static int32_t dot_i8_vnni(const int8_t* w, const int8_t* x, int64_t K) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc = _mm512_setzero_si512(), wsum = acc;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m512i wv = load512(w + k);
+        acc = _mm512_dpbusd_epi32(acc, biased_i8(x + k), wv);
+        wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+    }
+    int32_t s = hsum512_i32(acc) - 128 * hsum512_i32(wsum);
+    for (; k < K; k++) s += (int32_t)w[k] * x[k];
+    return s;
+}
+
+static void dot4_i8_vnni(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc[4], wsum = _mm512_setzero_si512();
+    for (int r = 0; r < 4; r++) acc[r] = wsum;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m512i wv = load512(w + k);
+        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
+        wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+        for (int r = 0; r < 4; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], biased_i8(x + r * K + k), wv);
+    }
+    const int32_t bias = 128 * hsum512_i32(wsum);
+    for (int r = 0; r < 4; r++) {
+        out[r] = hsum512_i32(acc[r]) - bias;
+        for (int64_t j = k; j < K; j++) out[r] += (int32_t)w[j] * x[r * K + j];
+    }
+}
+#endif
+
+#if defined(USE_BF16_DOT)
+// Activations rounded to bf16 (to nearest, ties to even, as torch's .to(torch.bfloat16) for finite values): the
+// bf16 dot-product path multiplies bf16 by bf16, as BF16Linear's own forward does.
+static inline uint32_t bf16_round_bits(uint32_t u) { return (u + 0x7FFF + ((u >> 16) & 1)) >> 16; }
+
+static void round_rows_bf16(const float* x, int64_t B, int64_t K, uint16_t* out) {
+    const int64_t n = B * K;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(x + i));
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+        _mm_storeu_si128((__m128i*)(out + i), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    }
+    for (; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        out[i] = (uint16_t)bf16_round_bits(u);
+    }
+}
+
+static inline __m512bh as_bf16(__m512i v) {  // the same 64 bytes, typed as 32 bf16 values
+    __m512bh b;
+    memcpy(&b, &v, sizeof b);
+    return b;
+}
+
+static inline __m512bh load_bh(const uint16_t* p) { return as_bf16(load512(p)); }
+
+// One bf16 weight row times one bf16 activation row: 32 products per VDPBF16PS, four in flight.
+static float dot_bf16_dp(const uint16_t* w, const uint16_t* x, int64_t K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        a0 = _mm512_dpbf16_ps(a0, load_bh(w + k), load_bh(x + k));
+        a1 = _mm512_dpbf16_ps(a1, load_bh(w + k + 32), load_bh(x + k + 32));
+        a2 = _mm512_dpbf16_ps(a2, load_bh(w + k + 64), load_bh(x + k + 64));
+        a3 = _mm512_dpbf16_ps(a3, load_bh(w + k + 96), load_bh(x + k + 96));
+    }
+    for (; k + 32 <= K; k += 32) a0 = _mm512_dpbf16_ps(a0, load_bh(w + k), load_bh(x + k));
+    float s = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; k < K; k++) s += bf16_to_float(w[k]) * bf16_to_float(x[k]);
+    return s;
+}
+
+// Two bf16 weight rows against four bf16 activation rows (the float kernels' 2 x 4 shape).
+static void dot2x4_bf16_dp(const uint16_t* w, const uint16_t* x, int64_t K, float* out /* (2, 4) */) {
+    __m512 acc[2][4];
+    for (int j = 0; j < 2; j++)
+        for (int r = 0; r < 4; r++) acc[j][r] = _mm512_setzero_ps();
+    const int64_t k_end = K / 32 * 32;
+    for (int64_t k = 0; k < k_end; k += 32) {
+        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
+        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);
+        const __m512bh w0 = load_bh(w + k), w1 = load_bh(w + K + k);
+        for (int r = 0; r < 4; r++) {
+            const __m512bh v = load_bh(x + r * K + k);
+            acc[0][r] = _mm512_dpbf16_ps(acc[0][r], w0, v);
+            acc[1][r] = _mm512_dpbf16_ps(acc[1][r], w1, v);
+        }
+    }
+    for (int j = 0; j < 2; j++)
+        for (int r = 0; r < 4; r++) {
+            float s = hsum512(acc[j][r]);
+            for (int64_t k = k_end; k < K; k++) s += bf16_to_float(w[j * K + k]) * bf16_to_float(x[r * K + k]);
+            out[j * 4 + r] = s;
+        }
+}
+#endif
+
+// Which kernel computes each kind of product: the AVX-512 ones where this build has them (the header comment), else
+// AVX2's. bf16 with dot products reads the bf16 copy of the activations; without, the float32 activations.
+static inline float row_bf16(const uint16_t* w, const float* x, const uint16_t* xb, int64_t K) {
+#if defined(USE_BF16_DOT)
+    (void)x;
+    return dot_bf16_dp(w, xb, K);
+#else
+    (void)xb;
+    return dot<BF16Weights>(w, x, K);
+#endif
+}
+
+static inline void rows2x4_bf16(const uint16_t* w, const float* x, const uint16_t* xb, int64_t K, float* out) {
+#if defined(USE_BF16_DOT)
+    (void)x;
+    dot2x4_bf16_dp(w, xb, K, out);
+#else
+    (void)xb;
+    dot2x4<BF16Weights>(w, x, K, out);
+#endif
+}
+
+static inline int32_t row_i8(const int8_t* w, const int8_t* x, int64_t K) {
+#if defined(USE_VNNI)
+    return dot_i8_vnni(w, x, K);
+#else
+    return dot_i8(w, x, K);
+#endif
+}
+
+static inline void rows4_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
+#if defined(USE_VNNI)
+    dot4_i8_vnni(w, x, K, out);
+#else
+    dot4_i8(w, x, K, out);
+#endif
+}
+
+static inline int64_t row_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K) {
+#if defined(USE_AVX512)
+    return dot_i4_512(w, s, x, sums8, K);
+#else
+    return dot_i4(w, s, x, sums8, K);
+#endif
+}
+
+static inline void rows4_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K,
+                            int64_t* out) {
+#if defined(USE_AVX512)
+    dot4_i4_512(w, s, x, sums8, K, out);
+#else
+    dot4_i4(w, s, x, sums8, K, out);
+#endif
+}
+
 // What each output row of a product becomes.
 enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 
@@ -398,25 +659,25 @@ enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 // quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For B > 1 each
 // weight row stays in L1 while every input row passes, so the weights still come from memory once.
 // The dot products of weight rows [n, n + rows_w) with input rows [r0, r0 + rows) into v (rows_w, 4): the batched
-// kernels where a whole group fits (two float rows x four inputs; one int8 row x four inputs), else one by one.
+// kernels where a whole group fits (two float rows x four inputs; one integer row x four inputs), else one by one.
 static void products(const Linear& L, const float* x, const QuantRows& Q, int64_t n, int64_t r0, int64_t rows,
                      int64_t rows_w, float* v) {
     const int64_t K = L.k, G = K / 32;
     const int8_t* xq = Q.q;
     if (rows == 4 && rows_w == 2) {
         if (L.kind == F32) dot2x4<F32Weights>((const float*)L.weight + n * K, x + r0 * K, K, v);
-        else dot2x4<BF16Weights>((const uint16_t*)L.weight + n * K, x + r0 * K, K, v);
+        else rows2x4_bf16((const uint16_t*)L.weight + n * K, x + r0 * K, Q.bf16 + r0 * K, K, v);
         return;
     }
     if (rows == 4 && L.kind == INT8) {
         int32_t iv[4];
-        dot4_i8((const int8_t*)L.weight + n * K, xq + r0 * K, K, iv);
+        rows4_i8((const int8_t*)L.weight + n * K, xq + r0 * K, K, iv);
         for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
         return;
     }
     if (rows == 4 && L.kind == INT4) {
         int64_t iv[4];
-        dot4_i4((const uint8_t*)L.weight + n * (K / 2), L.group_scale + n * G, xq + r0 * K, Q.sums8 + r0 * G, K, iv);
+        rows4_i4((const uint8_t*)L.weight + n * (K / 2), L.group_scale + n * G, xq + r0 * K, Q.sums8 + r0 * G, K, iv);
         for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
         return;
     }
@@ -425,9 +686,9 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
             const int64_t r = r0 + j, m = n + i;
             float& d = v[i * 4 + j];
             if (L.kind == F32) d = dot<F32Weights>((const float*)L.weight + m * K, x + r * K, K);
-            else if (L.kind == BF16) d = dot<BF16Weights>((const uint16_t*)L.weight + m * K, x + r * K, K);
-            else if (L.kind == INT8) d = (float)dot_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
-            else d = (float)dot_i4((const uint8_t*)L.weight + m * (K / 2), L.group_scale + m * G, xq + r * K,
+            else if (L.kind == BF16) d = row_bf16((const uint16_t*)L.weight + m * K, x + r * K, Q.bf16 + r * K, K);
+            else if (L.kind == INT8) d = (float)row_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
+            else d = (float)row_i4((const uint8_t*)L.weight + m * (K / 2), L.group_scale + m * G, xq + r * K,
                                    Q.sums8 + r * G, K);
         }
 }
@@ -580,10 +841,14 @@ static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b,
 // ---------------------------------------------------------------------------------------------------- the step
 static bool integer(const Linear& L) { return L.kind == INT8 || L.kind == INT4; }
 
-// One product, out = x L^T (+ epilogue), over the team: an integer layer first rounds this thread's copy of x to int8.
+// One product, out = x L^T (+ epilogue), over the team: an integer layer first rounds this thread's copy of x to
+// int8, a bf16 one on the dot-product path to bf16.
 static void project(const Linear& L, const float* x, const QuantRows& xq, int64_t B, float* out, int64_t ld_out,
                     Epilogue how, int32_t activation, int nth) {
     if (integer(L)) quantize_rows(x, B, L.k, xq);
+#if defined(USE_BF16_DOT)
+    else if (L.kind == BF16) round_rows_bf16(x, B, L.k, xq.bf16);
+#endif
     linear_rows(L, x, xq, B, out, ld_out, how, activation, nth);
 }
 
@@ -603,7 +868,8 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
         float* scores = S.scores + tid * S.s_max;         // (S_max,)
         const QuantRows xq{S.xq + tid * B * widest,          // (B, max(C, F))
                            S.xq_scale + tid * B,             // (B,)
-                           S.xq_sums + tid * B * (widest / 32)};  // (B, max(C, F) / 32)
+                           S.xq_sums + tid * B * (widest / 32),  // (B, max(C, F) / 32)
+                           S.xb + tid * B * widest};         // (B, max(C, F))
         for (int64_t l = 0; l < M.n_layer; l++) {
             const Layer& L = M.layers[l];
             layer_norm(S.x, L.ln1_w, L.ln1_b, M.eps, B, C, norm);
@@ -657,6 +923,25 @@ extern "C" void gpt2lab_dequantize_int4(const uint8_t* packed, const int16_t* gr
         }
         if (k < K) widen_group(last_group_i4(w + k / 2), (float)group_scale[n * G + k / 32] * row_scale[n], o + k);
     }
+}
+
+// Which wider paths this build took (the header comment): 1 AVX-512 (int4), 2 bf16 dot products, 4 VNNI (int8),
+// 8 emulated by SIMDe (tests).
+extern "C" int gpt2lab_kernel_paths(void) {
+    int paths = 0;
+#if defined(USE_AVX512)
+    paths |= 1;
+#endif
+#if defined(USE_BF16_DOT)
+    paths |= 2;
+#endif
+#if defined(USE_VNNI)
+    paths |= 4;
+#endif
+#if defined(GPT2LAB_EMULATE_AVX512)
+    paths |= 8;
+#endif
+    return paths;
 }
 
 // How long a thread spins at a barrier before it sleeps (benchmarks/threads_under_load.py --spin-us).
