@@ -1,7 +1,8 @@
 """CPU decode speed: gpt2lab (fp32, bf16, int8, int4) vs llama.cpp (f32, f16, q8_0, q4_0) on the same GPT-2 weights.
 
     python benchmarks/llama_cpp.py --converter SDIST/vendor/llama.cpp/convert_hf_to_gguf.py
-                                   [--preset gpt2] [--threads 2] [--rounds 2] [--repeats 3] [--train-seconds 60]
+                                   [--preset gpt2] [--threads 2] [--batches 1,8] [--rounds 2] [--repeats 3]
+                                   [--train-seconds 60]
 
 llama.cpp runs through llama-cpp-python (0.3.36), a benchmark-only dependency built from its sdist. Build it for
 the CPU at hand rather than with -march=native, which can die with SIGILL on VMs whose CPU flags lie:
@@ -19,8 +20,11 @@ no q4_0) with every tensor in q4_0 (`pure`), the tied embedding/head included, a
 gpt2lab runs the same export as `model.generate` on a freshly loaded model (the README's example) and prepared for
 inference in fp32, bf16, int8 and int4.
 
-Speed: batch 1, greedy, decode-only tokens/s of 128 new tokens after a 16-token prompt, i.e. (128 - 1) / (time of
-128 tokens - time of 1 token), each time the best of `--repeats`. Rounds alternate the variants, each gpt2lab
+Speed: greedy, decode-only tokens/s of 128 new tokens after a 16-token prompt, i.e. (128 - 1) / (time of 128 tokens
+- time of 1 token), times the rows, each time the best of `--repeats`. Batch 1 runs llama.cpp through
+llama-cpp-python's `Llama.generate`; a batch of B rows (B different prompts) runs gpt2lab's `generate` on a (B, 16)
+prompt and llama.cpp through its own batch API (`llama_batch` with one sequence id per row, `llama_decode` of all B
+rows per step, greedy argmax of each row's logits), one context holding the B sequences. Rounds alternate the variants, each gpt2lab
 precision next to its llama.cpp peer (the pairs in an order rotated each round), so a noisy machine hits both alike;
 the ratios gpt2lab / llama.cpp are taken within a round and printed as a range over rounds.
 
@@ -72,6 +76,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="llama.cpp's convert_hf_to_gguf.py (in the extracted sdist under vendor/llama.cpp/)")
     parser.add_argument("--preset", default="gpt2", help="gpt2lab preset to time (default gpt2, the 124M model)")
     parser.add_argument("--threads", type=_positive, default=2, help="threads for both libraries (default 2)")
+    parser.add_argument("--batches", type=_batches, default=(1, 8),
+                        help="comma-separated batch sizes, rows decoded at once (default 1,8)")
     parser.add_argument("--rounds", type=_positive, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--repeats", type=_positive, default=3, help="timings per variant and round, best kept")
     parser.add_argument("--train-seconds", type=float, default=60.0,
@@ -80,10 +86,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 1,8, got {text!r}")
 
 
 # --------------------------------------------------------------------------------------------- the machine
@@ -207,17 +223,17 @@ def span(values: Sequence[float], fmt: str = "{:.1f}") -> str:
 # ------------------------------------------------------------------------------------------------- variants
 @dataclasses.dataclass
 class Variant:
-    """One way to decode: `generate(prompt ids, n)` returns the n new token ids (greedy)."""
+    """One way to decode: `generate(prompts, n)` returns each prompt's n new token ids (greedy), all rows at once."""
 
     name: str
-    generate: Callable[[list[int], int], list[int]]
+    generate: Callable[[list[list[int]], int], list[list[int]]]
     weight_bytes: int = 0  # of the GGUF file, for llama.cpp's variants: about what one decode step reads
-    rates: list[float] = dataclasses.field(default_factory=list)  # tokens/s, one per round
+    rates: list[float] = dataclasses.field(default_factory=list)  # tokens/s of all rows together, one per round
 
-    def measure(self, prompt: list[int], repeats: int) -> float:
-        one = min(_seconds(lambda: self.generate(prompt, 1)) for _ in range(repeats))
-        many = min(_seconds(lambda: self.generate(prompt, TOKENS)) for _ in range(repeats))
-        self.rates.append(decode_rate(one, many, TOKENS))
+    def measure(self, prompts: list[list[int]], repeats: int) -> float:
+        one = min(_seconds(lambda: self.generate(prompts, 1)) for _ in range(repeats))
+        many = min(_seconds(lambda: self.generate(prompts, TOKENS)) for _ in range(repeats))
+        self.rates.append(len(prompts) * decode_rate(one, many, TOKENS))
         return self.rates[-1]
 
 
@@ -230,9 +246,9 @@ def _seconds(fn: Callable[[], object]) -> float:
 def gpt2lab_variant(name: str, model: object) -> Variant:
     import torch
 
-    def generate(prompt: list[int], n: int) -> list[int]:
-        out = model.generate(torch.tensor([prompt]), n, temperature=0)  # (1, T + n)
-        return out[0, len(prompt):].tolist()
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        out = model.generate(torch.tensor(prompts), n, temperature=0)  # (B, T + n)
+        return out[:, len(prompts[0]):].tolist()
 
     return Variant(name, generate)
 
@@ -250,24 +266,99 @@ def read_bandwidth(repeats: int = 5) -> float:
     return a.numel() * 4 / best
 
 
-def llama_variant(name: str, llama_cpp: ModuleType, gguf: Path, threads: int) -> Variant:
+def llama_variant(name: str, llama_cpp: ModuleType, gguf: Path, threads: int, rows: int = 1) -> Variant:
+    """llama.cpp on `gguf`: llama-cpp-python's `Llama.generate` for one row, its batch API for several."""
+    if rows > 1:
+        batched = LlamaBatch(llama_cpp, gguf, threads, rows)
+        return Variant(name, batched.generate, gguf.stat().st_size)
     llm = llama_cpp.Llama(str(gguf), n_ctx=PROMPT + TOKENS, n_batch=PROMPT + TOKENS, n_threads=threads,
                           n_threads_batch=threads, seed=0, verbose=False)
 
-    def generate(prompt: list[int], n: int) -> list[int]:
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
         llm.reset()  # a fresh context each call: no reuse of the previous call's cached prompt
-        steps = llm.generate(prompt, temp=0.0, repeat_penalty=1.0)  # temp 0: llama.cpp's greedy sampler
-        return list(itertools.islice(steps, n))
+        steps = llm.generate(prompts[0], temp=0.0, repeat_penalty=1.0)  # temp 0: llama.cpp's greedy sampler
+        return [list(itertools.islice(steps, n))]
 
     return Variant(name, generate, gguf.stat().st_size)
 
 
-def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) -> list[Variant]:
-    """Export one random model, convert it to GGUF three ways, and load every variant from those files."""
+_QUIET: list[object] = []  # the no-op log callback, kept alive while llama.cpp holds it
+
+
+def _quiet(llama_cpp: ModuleType) -> None:
+    """Silence llama.cpp's own log lines (Llama(verbose=False) does so for the high-level API only)."""
+    if not _QUIET:
+        _QUIET.append(llama_cpp.llama_log_callback(lambda level, text, data: None))
+        llama_cpp.llama_log_set(_QUIET[0], None)
+
+
+class LlamaBatch:
+    """llama.cpp decoding `rows` sequences at once through its C API (llama-cpp-python's ctypes bindings): one
+    context whose KV cache holds every row as its own sequence, the prompts in one `llama_decode`, then one
+    `llama_decode` per step of a batch with one token per row, each row's next token the argmax of its logits."""
+
+    def __init__(self, llama_cpp: ModuleType, gguf: Path, threads: int, rows: int) -> None:
+        self.lib, self.rows = llama_cpp, rows
+        _quiet(llama_cpp)
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = rows * (PROMPT + TOKENS)
+        params.n_batch = params.n_ubatch = rows * PROMPT
+        params.n_seq_max = rows
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {rows} sequences for {gguf}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(rows * PROMPT, 0, rows)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, row, wants logits) entries."""
+        b = self.batch
+        b.n_tokens = len(entries)
+        for i, (token, pos, row, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = row
+        code = self.lib.llama_decode(self.ctx, b)
+        if code != 0:
+            raise RuntimeError(f"llama_decode failed ({code})")
+
+    def _argmax(self, index: int) -> int:
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        return int(logits.argmax())
+
+    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)  # a fresh cache each call
+        T = len(prompts[0])
+        self._decode([(tok, t, r, t == T - 1) for r, prompt in enumerate(prompts) for t, tok in enumerate(prompt)])
+        out = [[self._argmax(r * T + T - 1)] for r in range(len(prompts))]
+        for step in range(1, n):
+            self._decode([(row[-1], T + step - 1, r, True) for r, row in enumerate(out)])
+            for r, row in enumerate(out):
+                row.append(self._argmax(r))
+        return out
+
+    def __del__(self) -> None:
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        if getattr(self, "batch", None) is not None:
+            lib.llama_batch_free(self.batch)
+        if getattr(self, "ctx", None):
+            lib.llama_free(self.ctx)
+        if getattr(self, "model", None):
+            lib.llama_model_free(self.model)
+
+
+def make_files(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) -> tuple[Path, dict[str, Path]]:
+    """Export one random model and make llama.cpp's files of it: the export's directory and {peer name: GGUF}."""
     import torch
 
     from gpt2lab import GPT, GPTConfig, Tokenizer
-    from gpt2lab.generate import load_for_inference
 
     config = GPTConfig.preset(args.preset)
     if config.n_ctx < PROMPT + TOKENS:  # llama.cpp aborts on a position beyond its table
@@ -276,15 +367,26 @@ def build_variants(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) 
     torch.manual_seed(0)
     model_dir = root / args.preset
     GPT(config).save_pretrained(model_dir, tokenizer=Tokenizer.gpt2())  # + GPT-2's vocab files
+    ggufs = {}
+    for _, theirs in PAIRS:
+        out = root / f"{args.preset}-{theirs}.gguf"
+        if theirs == "q4_0":
+            ggufs[theirs] = quantize_gguf(llama_cpp, ggufs["f32"], out)
+        else:
+            ggufs[theirs] = convert_to_gguf(args.converter, model_dir, theirs, out)
+    return model_dir, ggufs
+
+
+def build_variants(model_dir: Path, ggufs: dict[str, Path], llama_cpp: ModuleType, threads: int,
+                   rows: int) -> list[Variant]:
+    """Every variant for batches of `rows`: the fresh model's `generate`, then each gpt2lab precision and its peer."""
+    from gpt2lab import GPT
+    from gpt2lab.generate import load_for_inference
+
     variants = [gpt2lab_variant("gpt2lab model.generate", GPT.from_pretrained(model_dir))]
     for ours, theirs in PAIRS:
         variants.append(gpt2lab_variant(f"gpt2lab {ours}", load_for_inference(str(model_dir), ours, model_class=GPT)[0]))
-        out = root / f"{args.preset}-{theirs}.gguf"
-        if theirs == "q4_0":
-            gguf = quantize_gguf(llama_cpp, root / f"{args.preset}-f32.gguf", out)
-        else:
-            gguf = convert_to_gguf(args.converter, model_dir, theirs, out)
-        variants.append(llama_variant(f"llama.cpp {theirs}", llama_cpp, gguf, args.threads))
+        variants.append(llama_variant(f"llama.cpp {theirs}", llama_cpp, ggufs[theirs], threads, rows))
     return variants
 
 
@@ -298,33 +400,33 @@ def rotate_pairs(variants: list[Variant], shift: int) -> list[Variant]:
     return [v for group in groups[k:] + groups[:k] for v in group]
 
 
-def run_speed(variants: list[Variant], prompt: list[int], rounds: int, repeats: int) -> float:
+def run_speed(variants: list[Variant], prompts: list[list[int]], rounds: int, repeats: int) -> float:
     """Time every variant round after round; returns the best read bandwidth seen before and between rounds."""
     for v in variants:  # warm-up: first calls allocate buffers and pick kernels
-        v.generate(prompt, 3)
+        v.generate(prompts, 3)
     bandwidth = read_bandwidth()
     for r in range(rounds):
         for v in rotate_pairs(variants, r):
-            rate = v.measure(prompt, repeats)
-            print(f"round {r + 1}: {v.name:<24} {rate:6.1f} tok/s", flush=True)
+            rate = v.measure(prompts, repeats)
+            print(f"round {r + 1}, batch {len(prompts)}: {v.name:<24} {rate:6.1f} tok/s", flush=True)
         bandwidth = max(bandwidth, read_bandwidth(3))  # the machine's, not the noise's
     return bandwidth
 
 
-def report_speed(variants: list[Variant], bandwidth: float) -> None:
+def report_speed(variants: list[Variant], bandwidth: float, rows: int = 1) -> None:
     by_name = {v.name: v for v in variants}
     print(f"\nread bandwidth (best during the run, all cores): {bandwidth / 1e9:.1f} GB/s; bound = bandwidth / "
-          "bytes of the GGUF file (each step reads every weight once)")
-    print("decode tokens/s, batch 1 (range over rounds), and of the bound of its precision:")
+          "bytes of the GGUF file x rows (each step reads every weight once for all rows)")
+    print(f"decode tokens/s, batch {rows} (all rows; range over rounds), and of the bound of its precision:")
     same_bytes = {"gpt2lab model.generate": "llama.cpp f32"}  # whose file holds each variant's precision
     same_bytes.update({f"{side} {name}": f"llama.cpp {theirs}" for ours, theirs in PAIRS
                        for side, name in (("gpt2lab", ours), ("llama.cpp", theirs))})
     for v in variants:
         size = by_name[same_bytes[v.name]].weight_bytes
-        bound = bandwidth / size  # tokens/s
+        bound = rows * bandwidth / size  # tokens/s
         print(f"  {v.name:<24} {span(v.rates):>11}   {span([r / bound for r in v.rates], '{:.0%}'):>9} of "
               f"{bound:.0f} ({size / 1e6:.0f} MB)")
-    print("ratios within each round (range over rounds; > 1: gpt2lab faster):")
+    print(f"ratios within each round, batch {rows} (range over rounds; > 1: gpt2lab faster):")
     plain, fp32 = by_name["gpt2lab model.generate"], by_name["gpt2lab fp32"]
     rows = [(f"gpt2lab {ours} / llama.cpp {theirs}", by_name[f"gpt2lab {ours}"], by_name[f"llama.cpp {theirs}"])
             for ours, theirs in PAIRS]
@@ -395,19 +497,26 @@ def run_agreement(args: argparse.Namespace, llama_cpp: ModuleType, root: Path, p
           f"{name}, last training loss {loss:.2f}")
     model_dir = root / "trained"
     model.save_pretrained(model_dir, tokenizer=tokenizer)
-    llama = llama_variant("llama.cpp f32", llama_cpp, convert_to_gguf(args.converter, model_dir, "f32",
-                                                                     root / "trained-f32.gguf"), args.threads)
+    gguf = convert_to_gguf(args.converter, model_dir, "f32", root / "trained-f32.gguf")
+    llama = llama_variant("llama.cpp f32", llama_cpp, gguf, args.threads)
     ours = gpt2lab_variant("gpt2lab fp32", load_for_inference(str(model_dir), "fp32", model_class=GPT)[0])
     step = (len(ids) - cut - PROMPT) // prompts
+    batch = [ids[cut + i * step: cut + i * step + PROMPT].tolist() for i in range(prompts)]
     pairs = []
-    for i in range(prompts):
-        prompt = ids[cut + i * step: cut + i * step + PROMPT].tolist()
-        pairs.append((ours.generate(prompt, new_tokens), llama.generate(prompt, new_tokens)))
+    for i, prompt in enumerate(batch):
+        pairs.append((ours.generate([prompt], new_tokens)[0], llama.generate([prompt], new_tokens)[0]))
         print(f"  prompt {i + 1}: {identical_prefix(*pairs[-1])}/{new_tokens} identical; gpt2lab: "
               f"{tokenizer.decode(pairs[-1][0][:16])!r}")
     distinct = len({t for ours_tokens, _ in pairs for t in ours_tokens})  # 1: a degenerate model, train longer
     print(f"greedy agreement, gpt2lab fp32 vs llama.cpp f32: {agreement(pairs):.1%} of {prompts} x {new_tokens} tokens "
           f"({distinct} distinct tokens in gpt2lab's continuations)")
+    # the same prompts as one batch on each side: llama.cpp's batch API as the timed batches use it
+    ours_rows = ours.generate(batch, new_tokens)
+    llama_rows = llama_variant("llama.cpp f32", llama_cpp, gguf, args.threads, rows=prompts).generate(batch, new_tokens)
+    print(f"greedy agreement as one batch of {prompts}: gpt2lab fp32 vs llama.cpp f32 "
+          f"{agreement(list(zip(ours_rows, llama_rows))):.1%}; each side's batch vs its own rows one at a time: "
+          f"gpt2lab {agreement([(a, b) for a, (b, _) in zip(ours_rows, pairs)]):.1%}, llama.cpp "
+          f"{agreement([(a, b) for a, (_, b) in zip(llama_rows, pairs)]):.1%}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -423,16 +532,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"CPU: {cpu_description(read_cpuinfo())}")
     print(f"llama.cpp built with: {llama_cpp.llama_print_system_info().decode().strip(' |')}")
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, llama-cpp-python "
-          f"{llama_cpp.__version__}; {args.preset}, {args.threads} threads, batch 1, greedy, {TOKENS} tokens after "
+          f"{llama_cpp.__version__}; {args.preset}, {args.threads} threads, batches "
+          f"{','.join(map(str, args.batches))}, greedy, {TOKENS} tokens after "
           f"a {PROMPT}-token prompt, best of {args.repeats}, {args.rounds} interleaved rounds; load average "
           f"{os.getloadavg()[0]:.1f}")
-    prompt = torch.randint(0, 50257, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = torch.randint(0, 50257, (max(args.batches), PROMPT), generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
-        variants = build_variants(args, llama_cpp, Path(tmp))
-        bandwidth = run_speed(variants, prompt, args.rounds, args.repeats)
-        report_speed(variants, bandwidth)
-        print(f"load average after the timed rounds: {os.getloadavg()[0]:.1f}")
-        del variants
+        model_dir, ggufs = make_files(args, llama_cpp, Path(tmp))
+        for rows in args.batches:
+            variants = build_variants(model_dir, ggufs, llama_cpp, args.threads, rows)
+            bandwidth = run_speed(variants, prompts[:rows].tolist(), args.rounds, args.repeats)
+            report_speed(variants, bandwidth, rows)
+            print(f"load average after the timed rounds: {os.getloadavg()[0]:.1f}", flush=True)
+            del variants
         if args.train_seconds > 0:
             run_agreement(args, llama_cpp, Path(tmp))
 

@@ -3,10 +3,13 @@ converter is missing (the benchmark itself needs a llama-cpp-python build and is
 
 from __future__ import annotations
 
+import ctypes
 import doctest
 import os
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -29,8 +32,99 @@ def test_docstring_examples(bench):
 def test_arguments_defaults_and_overrides(bench):
     args = bench.parse_args([])
     assert (args.preset, args.threads, args.rounds, args.repeats, args.converter) == ("gpt2", 2, 2, 3, None)
-    args = bench.parse_args(["--threads", "1", "--preset", "mini", "--converter", "c.py", "--train-seconds", "0"])
+    assert args.batches == (1, 8)
+    args = bench.parse_args(["--threads", "1", "--preset", "mini", "--converter", "c.py", "--train-seconds", "0",
+                             "--batches", "4"])
     assert (args.threads, args.preset, args.converter, args.train_seconds) == (1, "mini", Path("c.py"), 0.0)
+    assert args.batches == (4,)
+
+
+@pytest.mark.parametrize("value", ["0", "1,,8", "eight", "1,-2"])
+def test_batches_must_be_positive_counts(bench, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--batches", value])
+    assert exc.value.code == 2 and f"comma-separated positive integers such as 1,8, got {value!r}" in \
+        capsys.readouterr().err
+
+
+def test_a_batch_rate_counts_every_row(bench):
+    calls = []
+
+    def generate(prompts, n):
+        calls.append((len(prompts), n))
+        time.sleep(0.001 * n)
+        return [[0] * n for _ in prompts]
+
+    variant = bench.Variant("x", generate)
+    rate = variant.measure([[1, 2], [3, 4], [5, 6]], repeats=1)
+    assert calls == [(3, 1), (3, bench.TOKENS)]
+    assert rate == pytest.approx(3 * (bench.TOKENS - 1) / (0.001 * (bench.TOKENS - 1)), rel=0.5)
+
+
+class FakeLlamaCpp:
+    """llama.cpp's C API as LlamaBatch calls it, over a made-up model whose next token is always (token + row + 1)
+    mod V, so each row's greedy continuation is known; it records every decode's (token, pos, row, logits)."""
+
+    V = 50
+
+    def __init__(self):
+        self.decodes, self.logits = [], None
+        self.llama_log_callback = lambda fn: fn
+        self.llama_log_set = lambda callback, data: None
+
+    def llama_model_load_from_file(self, path, params):
+        return "model"
+
+    llama_model_default_params = llama_context_default_params = staticmethod(lambda: types.SimpleNamespace())
+    llama_model_get_vocab = staticmethod(lambda model: "vocab")
+    llama_get_memory = staticmethod(lambda ctx: "memory")
+
+    def llama_init_from_model(self, model, params):
+        self.params = params
+        return "ctx"
+
+    def llama_vocab_n_tokens(self, vocab):
+        return self.V
+
+    def llama_batch_init(self, n, embd, seqs):
+        return types.SimpleNamespace(n_tokens=0, token=[0] * n, pos=[0] * n, n_seq_id=[0] * n, logits=[0] * n,
+                                     seq_id=[[0] for _ in range(n)])
+
+    def llama_memory_clear(self, memory, data):
+        self.decodes.append("clear")
+
+    def llama_decode(self, ctx, b):
+        entries = [(b.token[i], b.pos[i], b.seq_id[i][0], bool(b.logits[i])) for i in range(b.n_tokens)]
+        self.decodes.append(entries)
+        self.logits = (ctypes.c_float * (self.V * b.n_tokens))()
+        for i, (token, _, row, _) in enumerate(entries):
+            self.logits[i * self.V + (token + row + 1) % self.V] = 1.0
+        return 0
+
+    def llama_get_logits_ith(self, ctx, i):
+        return ctypes.cast(ctypes.byref(self.logits, 4 * self.V * i), ctypes.POINTER(ctypes.c_float))
+
+    def llama_batch_free(self, b):
+        pass
+
+    def llama_free(self, ctx):
+        pass
+
+    def llama_model_free(self, model):
+        pass
+
+
+def test_llama_cpp_batches_hold_each_row_as_its_own_sequence(bench, tmp_path):
+    fake = FakeLlamaCpp()
+    batched = bench.LlamaBatch(fake, tmp_path / "m.gguf", threads=2, rows=2)
+    assert (fake.params.n_seq_max, fake.params.n_ctx, fake.params.n_threads) == (2, 2 * (bench.PROMPT + bench.TOKENS), 2)
+    out = batched.generate([[3, 4, 5], [7, 8, 9]], 3)
+    assert out == [[6, 7, 8], [11, 13, 15]]  # row r: next = token + r + 1
+    clear, prompt, *steps = fake.decodes
+    assert clear == "clear"
+    assert prompt == [(3, 0, 0, False), (4, 1, 0, False), (5, 2, 0, True), (7, 0, 1, False), (8, 1, 1, False),
+                      (9, 2, 1, True)]  # each row from position 0, logits only where the prompt ends
+    assert steps == [[(6, 3, 0, True), (11, 3, 1, True)], [(7, 4, 0, True), (13, 4, 1, True)]]
 
 
 @pytest.mark.parametrize("flag", ["--threads", "--rounds", "--repeats"])
