@@ -5,7 +5,7 @@
 Two builds of csrc/decode_step.cpp are loaded in one process: the one gpt2lab builds for this CPU (AVX-512 F/BW/VL,
 with AVX-512-BF16 and AVX-512-VNNI where the CPU has them; gpt2lab.native) and the AVX2 one. Each precision's model
 (`prepare_for_inference` of GPT-2's init, seed 0) is stepped by a `NativeStep` on each build, alternately, and the
-script prints tokens/s of cached decode steps (best of `--rounds`), the ratio wide / AVX2 within each round, and how
+script prints tokens/s of cached decode steps at a fixed thread count (best of `--rounds`), the ratio wide / AVX2 within each round, and how
 far the two builds' logits are apart after the same steps (bf16's dot-product path rounds activations to bf16).
 On a CPU without AVX-512 F/BW/VL there is nothing to compare: it says so and exits 0. `--emulate` takes the build
 on SIMDe's emulated AVX-512 (GPT2LAB_NATIVE_EMULATE's) as the wide side, to check this script on any CPU: its times
@@ -75,7 +75,11 @@ def main() -> None:
         print(flags)
         return
     avx2_flags = native.compile_flags(CPUFeatures(avx2=True, fma=True, f16c=True))
-    wide_lib, avx2_lib = native.load_build(flags), native.load_build(avx2_flags)
+    try:
+        wide_lib, avx2_lib = native.load_build(flags), native.load_build(avx2_flags)
+    except (OSError, RuntimeError) as exc:  # a compiler without the AVX-512 flags, a CPU that does not run them
+        print(f"the AVX-512 build is not usable here: {exc}")
+        return
     torch.set_num_threads(args.threads)
     shown = sorted((cpu_flags() or frozenset()) & {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
                                                    "avx512_vnni", "amx_tile"})
@@ -89,12 +93,12 @@ def main() -> None:
         for dtype, model in models.items():
             best_w = best_a = 0.0
             ratios = []
-            for _ in range(args.rounds):
-                w = steps_per_second(model, NativeStep(model, library=wide_lib), batch, args.tokens)
-                a = steps_per_second(model, NativeStep(model, library=avx2_lib), batch, args.tokens)
+            for _ in range(args.rounds):  # threads fixed: one model's tuner would steer both builds' counts
+                w = steps_per_second(model, NativeStep(model, False, wide_lib), batch, args.tokens)
+                a = steps_per_second(model, NativeStep(model, False, avx2_lib), batch, args.tokens)
                 best_w, best_a = max(best_w, w), max(best_a, a)
                 ratios.append(w / a)
-            apart = logits_apart(model, NativeStep(model, library=wide_lib), NativeStep(model, library=avx2_lib), batch)
+            apart = logits_apart(model, NativeStep(model, False, wide_lib), NativeStep(model, False, avx2_lib), batch)
             print(f"batch {batch} {dtype}: wide {best_w:7.1f} tok/s  AVX2 {best_a:7.1f} tok/s  wide / AVX2 "
                   f"{min(ratios):.2f}-{max(ratios):.2f}x  logits apart {apart:.1e}", flush=True)
 

@@ -328,7 +328,10 @@ class LlamaBatch:
     def _argmax(self, index: int) -> int:
         import numpy as np
 
-        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        pointer = self.lib.llama_get_logits_ith(self.ctx, index)
+        if not pointer:
+            raise RuntimeError(f"llama.cpp kept no logits for batch entry {index}")
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
         return int(logits.argmax())
 
     def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -428,11 +431,11 @@ def report_speed(variants: list[Variant], bandwidth: float, rows: int = 1) -> No
               f"{bound:.0f} ({size / 1e6:.0f} MB)")
     print(f"ratios within each round, batch {rows} (range over rounds; > 1: gpt2lab faster):")
     plain, fp32 = by_name["gpt2lab model.generate"], by_name["gpt2lab fp32"]
-    rows = [(f"gpt2lab {ours} / llama.cpp {theirs}", by_name[f"gpt2lab {ours}"], by_name[f"llama.cpp {theirs}"])
-            for ours, theirs in PAIRS]
-    rows.append(("gpt2lab model.generate / llama.cpp f32", plain, by_name["llama.cpp f32"]))
-    rows.append(("gpt2lab fp32 / model.generate", fp32, plain))
-    for label, a, b in rows:
+    ratios = [(f"gpt2lab {ours} / llama.cpp {theirs}", by_name[f"gpt2lab {ours}"], by_name[f"llama.cpp {theirs}"])
+              for ours, theirs in PAIRS]
+    ratios.append(("gpt2lab model.generate / llama.cpp f32", plain, by_name["llama.cpp f32"]))
+    ratios.append(("gpt2lab fp32 / model.generate", fp32, plain))
+    for label, a, b in ratios:
         print(f"  {label:<40} {span([x / y for x, y in zip(a.rates, b.rates)], '{:.2f}x'):>11}")
 
 

@@ -26,7 +26,7 @@ def test_the_benchmark_runs_both_builds_for_every_precision_and_batch(monkeypatc
         for dtype in bench.DTYPES:
             assert f"batch {batch} {dtype}: wide " in out
     apart = {line.split(":")[0]: float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "apart" in line}
-    assert apart["batch 1 fp32"] == apart["batch 1 int8"] == 0.0  # the same arithmetic on both builds
+    assert apart["batch 1 fp32"] == apart["batch 1 int8"] == apart["batch 1 int4"] == 0.0  # the same arithmetic
     assert 0.0 < apart["batch 1 bf16"] < 0.05  # bf16 activations on the wide build, float32 ones on AVX2
 
 
@@ -42,3 +42,13 @@ def test_on_a_cpu_without_avx512_it_says_so(monkeypatch, capsys):
 def test_without_the_kernel_it_says_why(monkeypatch, capsys):
     run_benchmark_without_the_kernel("kernel_paths", monkeypatch)
     assert "unavailable here: no C++ compiler found" in capsys.readouterr().out
+
+
+def test_an_avx512_build_that_does_not_load_is_a_line_not_a_crash(monkeypatch, capsys):
+    bench = load_benchmark("kernel_paths")
+    monkeypatch.setattr(bench, "wide_flags", lambda emulate: ["-mavx512f"])
+    monkeypatch.setattr(native, "library", lambda: object())
+    monkeypatch.setattr(native, "load_build", lambda flags: (_ for _ in ()).throw(native.WrongCPU("no AVX-512 here")))
+    monkeypatch.setattr(sys, "argv", ["kernel_paths.py"])
+    bench.main()
+    assert "the AVX-512 build is not usable here: no AVX-512 here" in capsys.readouterr().out

@@ -175,3 +175,32 @@ def test_a_missing_source_file_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "SOURCE", tmp_path / "missing.cpp")
     assert native._load() is None
     assert "did not build or load" in native.unavailable_reason()
+
+
+def test_an_avx512_build_the_cpu_does_not_run_falls_back_to_the_avx2_one(monkeypatch, tmp_path):
+    """/proc/cpuinfo can claim what the CPU (or the OS) does not run: the library asks CPUID itself when it loads
+    (`gpt2lab_cpu_ok`), and a build that fails that check, or does not build, gives way to the AVX2 build."""
+    monkeypatch.setattr(native, "cpu_features", lambda: ZEN4)
+    monkeypatch.setattr(native, "compiler", lambda: "c++")
+    monkeypatch.setattr(native, "_compiler_version", lambda cxx: "c++ 12")
+    monkeypatch.setattr(native, "_reason", None)  # _load sets both; monkeypatch puts them back afterwards
+    monkeypatch.setattr(native, "_fallback", None)
+    built = []
+
+    def build_and_load(cxx, flags, version):
+        built.append(flags)
+        if "-mavx512f" in flags:
+            raise native.WrongCPU("this CPU's CPUID does not report every instruction set the build was compiled for")
+        return "avx2 library"
+
+    monkeypatch.setattr(native, "_build_and_load", build_and_load)
+    assert native._load() == "avx2 library"
+    assert built == [native.compile_flags(ZEN4), native.compile_flags(ZEN3)]
+    assert native.unavailable_reason() is None
+    assert "the AVX2 kernel, since the AVX-512 build was not usable" in native.fallback_note()
+    assert "CPUID does not report" in native.fallback_note()
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable here: {native.unavailable_reason()}")
+def test_the_loaded_kernel_passed_its_own_cpu_check():
+    assert native.library().gpt2lab_cpu_ok() == 1

@@ -70,6 +70,18 @@ def model_for(name: str, sharpen: bool = True):
     return model
 
 
+def model_for_config(config: GPTConfig):
+    """GPT-2's init for `config` with random biases and LayerNorm gains (as model_for)."""
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def random_steps(V: int, B: int, n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, V, (B, 5), generator=g), [torch.randint(0, V, (B,), generator=g) for _ in range(n)]
@@ -129,14 +141,16 @@ def test_native_step_with_left_padding_equals_the_modules():
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["fp32", "bf16"])
-def test_widths_that_are_not_whole_vectors_take_the_scalar_tails(kind):
-    """n_embd 36 and head width 12: every product and dot ends in a tail shorter than one 8-float vector."""
+@pytest.mark.parametrize("batch", [2, 4])
+def test_widths_that_are_not_whole_vectors_take_the_scalar_tails(kind, batch):
+    """n_embd 36 and head width 12: every product and dot ends in a tail shorter than one 8-float vector (and than
+    one 32-value bf16 dot product); batch 4 takes the two-by-four kernels' tails."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=53, n_ctx=16, n_layer=2, n_head=3, n_embd=36)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape)) if p.dim() == 1 else p.mul_(4.0)
-    prompt, tokens = random_steps(53, 2, 4, seed=8)
+    prompt, tokens = random_steps(53, batch, 4, seed=8)
     if kind == "bf16":
         model = to_bf16(model)
         assert_bf16_as_exact_as_its_reference(model, prompt, tokens, bf16_reference(model))
@@ -201,7 +215,9 @@ def assert_bf16_as_exact_as_its_reference(model, prompt, tokens, reference):
     bf16 dot-product path the reference rounds its own activations to bf16, and its LayerNorm sums in another
     order than the kernel's, so an activation may land one bf16 step away (2^-8 of it) and move the logits by
     about that much of one product: 2e-3 of the logits' scale is allowed (measured under emulation: below 5e-6;
-    float32 activations instead of bf16 ones are off by 4-18e-2)."""
+    float32 activations instead of bf16 ones are off by 4-18e-2). Not tighter: SIMDe's emulation of VDPBF16PS adds
+    a pair's two products in the other order than the instruction and keeps subnormals it flushes, so the emulated
+    and the real path differ by float32 rounding."""
     ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
     exact = float64_logits(reference, prompt, tokens)
     if "avx512_bf16" not in native.kernel_paths():
@@ -265,10 +281,12 @@ def test_native_step_on_int8_weights_equals_its_reference_arithmetic():
 
 
 @needs_kernel
-@pytest.mark.parametrize("name,batch", [("tiny", 1), ("tiny", 5), ("wide", 8)])
+@pytest.mark.parametrize("name,batch", [("tiny", 1), ("tiny", 5), ("wide", 8), ("mixed", 1), ("mixed", 4),
+                                        ("long", 5)])
 def test_int8_at_any_width_and_batch_equals_its_reference_arithmetic(name, batch):
-    """n_embd 16 (no whole 32-byte block: scalar tails) and 32; batches that take the four-row int8 kernel."""
-    model = to_int8(model_for(name))
+    """n_embd 16 (no whole 32-byte block: scalar tails), 32, 96 and 544 (whole 64-byte blocks, then a tail of 32:
+    VNNI's body and tail); batches that take the four-row int8 kernel."""
+    model = to_int8(model_for(name) if name in CONFIGS else model_for_config(INT4_CONFIGS[name]))
     V = model.config.vocab_size
     assert linear_kind(model.h[0].attn.c_attn) == 2 and NativeStep.applies(model)
     reference = int8_reference(model)

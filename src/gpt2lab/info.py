@@ -118,7 +118,7 @@ def cpu_report() -> list[str]:
               else "other programs' load counted now")
     lines = ["", f"CPU: {features.name}; threads for the CLI now: {default_threads(adapt)} ({tuning})"]
     lib = native.library()
-    paths = ", ".join(sorted(native.kernel_paths())) or "AVX2"
+    paths = ", ".join(sorted(native.kernel_paths())) or native.fallback_note() or "AVX2"
     lines.append(f"  decode step: the native kernel ({paths}), built at {lib._name}" if lib is not None else
                  f"  decode step: PyTorch's flat step (native kernel unavailable: {native.unavailable_reason()})")
     for dtype in quantize.WEIGHT_DTYPES:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -45,6 +46,7 @@ SOURCE = Path(__file__).with_name("csrc") / "decode_step.cpp"
 BUILD_SECONDS = 120  # a compiler that takes longer than this is treated as missing
 
 _reason: Optional[str] = None
+_fallback: Optional[str] = None
 
 
 # the kernel's wider paths, in the order the library reports them (gpt2lab_kernel_paths' bits)
@@ -60,8 +62,9 @@ def compile_flags(features: CPUFeatures, emulate: Iterable[str] = (),
     if not (features.avx2 and features.fma and features.f16c):
         return None
     emulate = [p for p in PATHS if p in set(emulate)]
-    if emulate:
-        return [*_BASE_FLAGS, "-Wno-psabi", f"-I{simde_include}", "-DGPT2LAB_EMULATE_AVX512",
+    if emulate:  # the headers' version is in the flags, so a new SIMDe builds anew (library_path hashes the flags)
+        return [*_BASE_FLAGS, "-Wno-psabi", f"-I{simde_include}", f"-DGPT2LAB_SIMDE={_simde_version()}",
+                "-DGPT2LAB_EMULATE_AVX512",
                 *(f"-DGPT2LAB_EMULATE_{p.upper()}" for p in emulate if p != "avx512")]
     flags = list(_BASE_FLAGS)
     if features.avx512_kernels:
@@ -79,6 +82,13 @@ def emulated_paths(value: Optional[str]) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"GPT2LAB_NATIVE_EMULATE names {bad[0]!r}; choose from: {', '.join(PATHS)}")
     return tuple(p for p in PATHS if p in names or (names and p == "avx512"))
+
+
+def _simde_version() -> str:
+    try:
+        return importlib.metadata.version("simde-py")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def simde_include() -> Optional[str]:
@@ -166,8 +176,16 @@ def _build_and_load(cxx: str, flags: list[str], version: str) -> ctypes.CDLL:
         return _declare(ctypes.CDLL(str(path)))
 
 
+class WrongCPU(RuntimeError):
+    """A build whose instructions this CPU does not run (its flags in /proc/cpuinfo said otherwise)."""
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """The library with its functions' C types set (a file without them is not this kernel: AttributeError)."""
+    """The library with its functions' C types set (a file without them is not this kernel: AttributeError), once
+    the CPU itself has confirmed it runs the build's instructions (else WrongCPU)."""
+    lib.gpt2lab_cpu_ok.restype = ctypes.c_int
+    if not lib.gpt2lab_cpu_ok():
+        raise WrongCPU("this CPU's CPUID does not report every instruction set the build was compiled for")
     lib.gpt2lab_decode_step.restype = None
     lib.gpt2lab_omp_max_threads.restype = ctypes.c_int
     lib.gpt2lab_kernel_paths.restype = ctypes.c_int
@@ -190,13 +208,13 @@ def load_build(flags: list[str]) -> ctypes.CDLL:
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    global _reason
-    _reason = _why_not_buildable()
+    global _reason, _fallback
+    _reason, _fallback = _why_not_buildable(), None
     if _reason is not None:
         return None
     flags, cxx = requested_flags(), compiler()
     version = _compiler_version(cxx)
-    # a compiler too old for the AVX-512 flags still builds the AVX2 kernel
+    # a compiler too old for the AVX-512 flags, or a CPU that does not run them, still gets the AVX2 kernel
     tries = [flags, list(_BASE_FLAGS)] if any(f.startswith("-mavx512") for f in flags) else [flags]
     for attempt in tries:
         try:
@@ -204,6 +222,8 @@ def _load() -> Optional[ctypes.CDLL]:
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
             _reason = f"the native kernel did not build or load: {exc}"
             continue
+        if attempt is not flags:
+            _fallback = f"the AVX2 kernel, since the AVX-512 build was not usable ({_reason})"
         _reason = None
         return lib
     return None
@@ -219,6 +239,11 @@ def library() -> Optional[ctypes.CDLL]:
 def unavailable_reason() -> Optional[str]:
     """Why `library()` is None (None while it is available or not yet asked for)."""
     return _reason
+
+
+def fallback_note() -> Optional[str]:
+    """Where `library()` fell back to the AVX2 build on an AVX-512 CPU, why (for `gpt2lab info`); else None."""
+    return _fallback
 
 
 def kernel_paths(lib: Optional[ctypes.CDLL] = None) -> frozenset[str]:

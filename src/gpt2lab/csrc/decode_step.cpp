@@ -528,8 +528,9 @@ static void dot4_i8_vnni(const int8_t* w, const int8_t* x, int64_t K, int32_t* o
 #endif
 
 #if defined(USE_BF16_DOT)
-// Activations rounded to bf16 (to nearest, ties to even, as torch's .to(torch.bfloat16) for finite values): the
-// bf16 dot-product path multiplies bf16 by bf16, as BF16Linear's own forward does.
+// Activations rounded to bf16 (to nearest, ties to even, as torch's .to(torch.bfloat16) for finite values; a NaN
+// may become an infinity here, where torch keeps it a NaN): the bf16 dot-product path multiplies bf16 by bf16, as
+// BF16Linear's small-batch forward does.
 static inline uint32_t bf16_round_bits(uint32_t u) { return (u + 0x7FFF + ((u >> 16) & 1)) >> 16; }
 
 static void round_rows_bf16(const float* x, int64_t B, int64_t K, uint16_t* out) {
@@ -923,6 +924,25 @@ extern "C" void gpt2lab_dequantize_int4(const uint8_t* packed, const int16_t* gr
         }
         if (k < K) widen_group(last_group_i4(w + k / 2), (float)group_scale[n * G + k / 32] * row_scale[n], o + k);
     }
+}
+
+// Whether this CPU runs what this build was compiled for, asked of the CPU itself (CPUID, and the OS's saving of the
+// AVX-512 registers) rather than of /proc/cpuinfo: a build whose instructions would fault is not used
+// (gpt2lab/native.py falls back to the AVX2 build). An emulated build needs only AVX2.
+extern "C" int gpt2lab_cpu_ok(void) {
+    __builtin_cpu_init();
+    int ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#if defined(USE_AVX512) && !defined(GPT2LAB_EMULATE_AVX512)
+    ok = ok && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#endif
+#if defined(USE_BF16_DOT) && !defined(GPT2LAB_EMULATE_AVX512)
+    ok = ok && __builtin_cpu_supports("avx512bf16");
+#endif
+#if defined(USE_VNNI) && !defined(GPT2LAB_EMULATE_AVX512)
+    ok = ok && __builtin_cpu_supports("avx512vnni");
+#endif
+    return ok;
 }
 
 // Which wider paths this build took (the header comment): 1 AVX-512 (int4), 2 bf16 dot products, 4 VNNI (int8),
