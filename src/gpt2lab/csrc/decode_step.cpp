@@ -13,7 +13,7 @@
 // runtime and thread count.
 //
 // Instruction sets: the base is AVX2 with FMA and F16C, which every path below can run on. Built for a CPU with
-// AVX-512 (F and BW), the low-precision products take wider paths where the CPU has the instructions that change
+// AVX-512 (F, BW and VL), the low-precision products take wider paths where the CPU has the instructions that change
 // their arithmetic cost, not just their width: bf16 weights with AVX-512-BF16 multiply bf16 activations with
 // VDPBF16PS (32 products in one instruction instead of widening 8 weights to float per FMA), int8 weights with
 // AVX-512-VNNI use VPDPBUSD (64 byte products summed into 32 bits in one instruction), and int4 weights use
@@ -43,11 +43,11 @@
 #endif
 #endif
 #endif
-#include <string.h>
 #include <linux/futex.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
