@@ -590,3 +590,19 @@ def test_token_events_carry_alternatives_only_when_asked_and_are_frozen():
     assert event.top_logprobs == [] and event.finish_reason == "length"
     with pytest.raises(dataclasses.FrozenInstanceError):  # one event may be shared by several consumers
         event.token = 0
+
+
+def test_generate_skips_the_log_softmax_that_decode_steps_reports(monkeypatch):
+    """`generate` returns tokens only, so its loop leaves out the per-step log-softmax over the vocabulary; the same
+    loop behind `decode_steps` still reports each token's log-probability."""
+    model = make_model(CONFIGS["tiny"])
+    prompt = torch.tensor([[1, 2, 3]])
+    expected = generate(model, prompt, 4, temperature=0)
+    events = [e[0] for e in decode_steps(model, [[1, 2, 3]], 4, SamplingParams(temperature=0))]
+    assert [e.token for e in events] == expected[0, 3:].tolist() and all(e.logprob <= 0 for e in events)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("log_softmax computed for generate")
+
+    monkeypatch.setattr(generation.torch, "log_softmax", refuse)
+    assert torch.equal(generate(model, prompt, 4, temperature=0), expected)

