@@ -629,3 +629,12 @@ def test_the_int4_embedding_widens_its_rows_through_the_kernel_bit_for_bit(monke
     monkeypatch.setattr(native, "library", lambda: None)
     assert torch.equal(embedding(idx), fast)
     assert torch.equal(embedding(torch.tensor([7]))[0], head.dequantized()[7])
+
+
+def test_int4_rows_wider_than_the_kernels_exact_bound_are_not_read():
+    """The kernel's int4 sums stay exact in 32-bit lanes for rows of up to 22,000 weights; a wider layer keeps the
+    PyTorch step rather than overflow (GPT-2's widest is 6,400)."""
+    from gpt2lab.native_step import INT4_MAX_WIDTH
+
+    assert linear_kind(Int4Linear.from_linear(nn.Linear(INT4_MAX_WIDTH // 32 * 32, 2))) == 3
+    assert linear_kind(Int4Linear.from_linear(nn.Linear((INT4_MAX_WIDTH // 32 + 1) * 32, 2))) is None

@@ -82,6 +82,10 @@ def _plain_f32(t: Optional[torch.Tensor]) -> bool:
     return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
 
 
+# the widest int4 rows the kernel's 32-bit lanes hold exactly (csrc/decode_step.cpp, finish_i4); GPT-2's widest is
+# 6,400 (gpt2-xl's MLP)
+INT4_MAX_WIDTH = 22_000
+
 # the layer classes the kernel reads in place, with their weight kind and the dtype their weight must have
 _LAYER_KINDS = {nn.Linear: (_F32, torch.float32), BF16Linear: (_BF16, torch.bfloat16), Int8Linear: (_INT8, torch.int8),
                 Int4Linear: (_INT4, torch.uint8)}
@@ -94,7 +98,8 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
     if (kind is None or w is None or w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
             or not _plain_f32(layer.bias)):
         return None
-    if kind == _INT4 and not (layer.in_features % 32 == 0 and _plain_f32(layer.scale)
+    if kind == _INT4 and not (layer.in_features % 32 == 0 and layer.in_features <= INT4_MAX_WIDTH
+                              and _plain_f32(layer.scale)
                               and layer.group_scale.dtype == torch.int16 and layer.group_scale.is_contiguous()):
         return None
     return kind

@@ -279,22 +279,38 @@ static inline int64_t hsum_i64(__m256i v) {  // the 8 int32 lanes, summed withou
     return _mm_cvtsi128_si64(two) + _mm_extract_epi64(two, 1);
 }
 
-// sum_g s_g * sums8_g: what one weight row's product takes back out. Both are 16-bit, so vpmaddwd multiplies 16
-// pairs at a time; a lane adds G / 8 products of at most 255 * 32512, under 2^31 for rows of up to 2,000 groups
-// (dot_i4's own bound, 35,000 weights, is the tighter one).
-static inline int64_t correction_i4(const int16_t* s, const int16_t* sums8, int64_t G) {
+// sum_g s_g * sums8_g, what one weight row's product takes back out, as 8 int32 lanes to subtract from the
+// product's lanes before their one horizontal sum (plus, in *rest, the products of the last G % 8 groups). Both
+// are 16-bit, so vpmaddwd multiplies 16 pairs at a time, then 8 in the lower half. A lane adds at most K / 512 + 1
+// pair products of 2 * 255 * 32512; with the product's lanes (dot_i4) the difference stays under 2^31 for rows of
+// up to 22,800 weights (native_step refuses int4 rows wider than 22,000).
+static inline __m256i correction_lanes_i4(const int16_t* s, const int16_t* sums8, int64_t G, int64_t* rest) {
     __m256i acc = _mm256_setzero_si256();
     int64_t g = 0;
     for (; g + 16 <= G; g += 16)
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(s + g)),
                                                       _mm256_loadu_si256((const __m256i*)(sums8 + g))));
-    int64_t c = hsum_i64(acc);
+    if (g + 8 <= G) {
+        const __m128i half = _mm_madd_epi16(_mm_loadu_si128((const __m128i*)(s + g)),
+                                            _mm_loadu_si128((const __m128i*)(sums8 + g)));
+        acc = _mm256_add_epi32(acc, _mm256_inserti128_si256(_mm256_setzero_si256(), half, 0));
+        g += 8;
+    }
+    int64_t c = 0;
     for (; g < G; g++) c += (int32_t)s[g] * sums8[g];
-    return c;
+    *rest = c;
+    return acc;
+}
+
+// A row's product lanes less its correction lanes, summed: sum_g s_g (w_g . x_g).
+static inline int64_t finish_i4(__m256i product, const int16_t* s, const int16_t* sums8, int64_t G) {
+    int64_t rest;
+    const __m256i correction = correction_lanes_i4(s, sums8, G, &rest);
+    return hsum_i64(_mm256_sub_epi32(product, correction)) - rest;
 }
 
 // One int4 weight row times one int8 activation row (its group sums in sums8): sum_g s_g (w_g . x_g), an integer.
-// Each lane adds at most K / 32 groups of 2 * 3810 * 255, under 2^31 for rows of up to 35,000 weights.
+// Each lane of a0 + a1 adds at most K / 32 groups of 2 * 3810 * 255 (the bound with the correction: finish_i4).
 [[maybe_unused]] static int64_t dot_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0;
     int64_t k = 0;
@@ -304,7 +320,7 @@ static inline int64_t correction_i4(const int16_t* s, const int16_t* sums8, int6
         a1 = _mm256_add_epi32(a1, group_i4(high4(b), x + k + 32, s[k / 32 + 1]));
     }
     if (k < K) a0 = _mm256_add_epi32(a0, group_i4(last_group_i4(w + k / 2), x + k, s[k / 32]));
-    return hsum_i64(_mm256_add_epi32(a0, a1)) - correction_i4(s, sums8, K / 32);
+    return finish_i4(_mm256_add_epi32(a0, a1), s, sums8, K / 32);
 }
 
 // One int4 weight row against four activation rows: each block unpacked, and its scales broadcast, once for the four.
@@ -325,7 +341,7 @@ static inline int64_t correction_i4(const int16_t* s, const int16_t* sums8, int6
         const __m256i q = last_group_i4(w + k / 2);
         for (int r = 0; r < 4; r++) lo[r] = _mm256_add_epi32(lo[r], group_i4(q, x + r * K + k, s[k / 32]));
     }
-    for (int r = 0; r < 4; r++) out[r] = hsum_i64(_mm256_add_epi32(lo[r], hi[r])) - correction_i4(s, sums8 + r * G, G);
+    for (int r = 0; r < 4; r++) out[r] = finish_i4(_mm256_add_epi32(lo[r], hi[r]), s, sums8 + r * G, G);
 }
 
 // How many rows ahead the batched kernels prefetch: with several input rows a pass computes long enough that the
@@ -435,10 +451,6 @@ static inline int32_t hsum512_i32(__m512i v) {
     return hsum_i32(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
 }
 
-static inline int64_t hsum512_i64(__m512i v) {  // the 16 int32 lanes, summed without overflow
-    return hsum_i64(_mm512_castsi512_si256(v)) + hsum_i64(_mm512_extracti64x4_epi64(v, 1));
-}
-
 static inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 
 // int4 at 64 weights a step: the 32 bytes of a block hold group g in their low four bits and g + 1 in their high
@@ -459,13 +471,17 @@ static inline __m512i block_dot_i4(__m512i q, const int8_t* x, __m512i scales) {
     return _mm512_madd_epi16(_mm512_maddubs_epi16(q, load512(x)), scales);
 }
 
+static inline __m256i halves_added(__m512i v) {  // 16 int32 lanes -> 8 (the bounds of AVX2's a0 + a1)
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
 static int64_t dot_i4_512(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K) {
     __m512i acc = _mm512_setzero_si512();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) acc = _mm512_add_epi32(acc, block_dot_i4(block_i4(w + k / 2), x + k, block_scales_i4(s + k / 32)));
-    int64_t total = hsum512_i64(acc);
-    if (k < K) total += hsum_i64(group_i4(last_group_i4(w + k / 2), x + k, s[k / 32]));
-    return total - correction_i4(s, sums8, K / 32);
+    __m256i lanes = halves_added(acc);
+    if (k < K) lanes = _mm256_add_epi32(lanes, group_i4(last_group_i4(w + k / 2), x + k, s[k / 32]));
+    return finish_i4(lanes, s, sums8, K / 32);
 }
 
 static void dot4_i4_512(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K,
@@ -478,11 +494,13 @@ static void dot4_i4_512(const uint8_t* w, const int16_t* s, const int8_t* x, con
         const __m512i q = block_i4(w + k / 2), scales = block_scales_i4(s + k / 32);
         for (int r = 0; r < 4; r++) acc[r] = _mm512_add_epi32(acc[r], block_dot_i4(q, x + r * K + k, scales));
     }
-    for (int r = 0; r < 4; r++) out[r] = hsum512_i64(acc[r]) - correction_i4(s, sums8 + r * G, G);
+    __m256i lanes[4];
+    for (int r = 0; r < 4; r++) lanes[r] = halves_added(acc[r]);
     if (k < K) {
         const __m256i q = last_group_i4(w + k / 2);
-        for (int r = 0; r < 4; r++) out[r] += hsum_i64(group_i4(q, x + r * K + k, s[k / 32]));
+        for (int r = 0; r < 4; r++) lanes[r] = _mm256_add_epi32(lanes[r], group_i4(q, x + r * K + k, s[k / 32]));
     }
+    for (int r = 0; r < 4; r++) out[r] = finish_i4(lanes[r], s, sums8 + r * G, G);
 }
 #endif
 
