@@ -593,8 +593,9 @@ def test_token_events_carry_alternatives_only_when_asked_and_are_frozen():
 
 
 def test_generate_skips_the_log_softmax_that_decode_steps_reports(monkeypatch):
-    """`generate` returns tokens only, so its loop leaves out the per-step log-softmax over the vocabulary; the same
-    loop behind `decode_steps` still reports each token's log-probability."""
+    """`generate` returns tokens only, so its loop leaves out the per-step log-softmax over the vocabulary, as
+    `decode_steps(logprobs=False)` does (stream_text, lm-eval's generate_until); by default `decode_steps` still
+    reports each token's log-probability."""
     model = make_model(CONFIGS["tiny"])
     prompt = torch.tensor([[1, 2, 3]])
     expected = generate(model, prompt, 4, temperature=0)
@@ -606,3 +607,5 @@ def test_generate_skips_the_log_softmax_that_decode_steps_reports(monkeypatch):
 
     monkeypatch.setattr(generation.torch, "log_softmax", refuse)
     assert torch.equal(generate(model, prompt, 4, temperature=0), expected)
+    quiet = [e[0] for e in decode_steps(model, [[1, 2, 3]], 4, SamplingParams(temperature=0), logprobs=False)]
+    assert [e.token for e in quiet] == [e.token for e in events] and all(e.logprob != e.logprob for e in quiet)  # NaN

@@ -298,15 +298,16 @@ def _choose_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
 def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingParams | list[SamplingParams], eos_token_id: int | None = None,
                  generators: list[torch.Generator | None] | None = None, top_logprobs: int = 0,
-                 should_stop: Callable[[int], bool] | None = None, make_step: StepFactory | None = None
-                 ) -> Iterator[list[Optional[TokenEvent]]]:
+                 should_stop: Callable[[int], bool] | None = None, make_step: StepFactory | None = None,
+                 logprobs: bool = True) -> Iterator[list[Optional[TokenEvent]]]:
     """Decode all prompts together (one left-padded batch, one KV cache), yielding one list per step.
 
     Each list has one entry per prompt: a `TokenEvent`, or None for a row that has already finished. A row's last
     event has `finish_reason` "stop" (it produced `eos_token_id`) or "length" (its `max_new_tokens` is reached).
     `max_new_tokens`, `sampling` and `generators` may be given per row. `should_stop(row)` is asked before every
     step; True ends that row without another event (e.g. its client went away). Finished rows leave the batch, so
-    they cost nothing afterwards. Log-probabilities are log-softmax of the raw logits, before any sampling filter.
+    they cost nothing afterwards. Log-probabilities are log-softmax of the raw logits, before any sampling filter;
+    `logprobs=False` leaves them out (each event's logprob is NaN) for callers that read only the tokens.
     `make_step` picks the one-token decode step for the model (see `default_step`, which it defaults to).
 
     Nothing is decoded until the first `next()`; `generate` runs the same loop.
@@ -325,7 +326,7 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
     _check_make_step(make_step)
     idx, mask = _left_pad(prompts, model.ln_f.weight.device)
     return _run_decode(model, idx, mask, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop,
-                       make_step)
+                       make_step, logprobs)
 
 
 def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits: list[int],
@@ -509,7 +510,8 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, *,
     n_ctx = model.config.n_ctx
     if len(ids) > n_ctx:
         raise ValueError(f"the prompt is {len(ids)} tokens long, more than the model's context n_ctx={n_ctx}")
-    steps = decode_steps(model, [ids], max_new_tokens, params, eos_token_id=eos_token_id, generators=[generator])
+    steps = decode_steps(model, [ids], max_new_tokens, params, eos_token_id=eos_token_id, generators=[generator],
+                         logprobs=False)
     return _stream(steps, tokenizer, eos_token_id, stops)
 
 

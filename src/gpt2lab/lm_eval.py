@@ -255,7 +255,7 @@ class HarnessModel(TemplateLM):
         out = [bytearray() for _ in prompts]
         done = [False] * len(prompts)
         steps = decode_steps(self.model, prompts, max_new, sampling, eos_token_id=self.eot_token_id,
-                             should_stop=lambda row: done[row])
+                             should_stop=lambda row: done[row], logprobs=False)
         for events in steps:
             for row, event in enumerate(events):
                 if event is None or event.token == self.eot_token_id:
