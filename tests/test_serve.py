@@ -134,6 +134,17 @@ def test_stream_ends_with_done_event(server):
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
 
 
+def test_logprobs_zero_still_reports_each_chosen_tokens_logprob(client, model, tokenizer):
+    """logprobs=0 asks for no alternatives but for the chosen tokens' log-probabilities, which the decode loop then
+    computes (a request without `logprobs` lets it skip them)."""
+    prompt = "Hello there"
+    result = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0, logprobs=0)
+    _, logprobs = greedy_reference(model, tokenizer.encode(prompt), 5)
+    assert result.choices[0].logprobs.token_logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0).choices[0].logprobs \
+        is None
+
+
 def test_logprobs_are_the_models_and_offsets_index_the_text(client, model, tokenizer):
     prompt = "Hello there"
     result = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, logprobs=3)

@@ -209,7 +209,8 @@ class CompletionServer:
                 generator = torch.Generator(device=device).manual_seed((req.seed + index) % 2**63)
             return Row(prompt=req.prompts[index // req.n], max_new_tokens=req.max_tokens, sampling=req.sampling,
                        generator=generator, top_logprobs=req.logprobs or 0,
-                       text=ChoiceText(self.tokenizer, req.stop, self._token_name), deliver=deliver)
+                       text=ChoiceText(self.tokenizer, req.stop, self._token_name), deliver=deliver,
+                       logprobs=req.logprobs is not None)
         return make
 
     def _header(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class Row:
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     failed: bool = False
+    logprobs: bool = True  # whether the request asked for log-probabilities (a batch computes them if any row did)
 
     @property
     def done(self) -> bool:
@@ -178,7 +179,8 @@ class BatchWorker:
             steps = decode_steps(self.model, [list(r.prompt) + r.tokens for r in rows],
                                  [r.max_new_tokens - len(r.tokens) for r in rows], [r.sampling for r in rows],
                                  eos_token_id=self.eos_token_id, generators=[r.generator for r in rows],
-                                 top_logprobs=max(r.top_logprobs for r in rows), should_stop=lambda i: rows[i].done)
+                                 top_logprobs=max(r.top_logprobs for r in rows), should_stop=lambda i: rows[i].done,
+                                 logprobs=any(r.logprobs for r in rows))
             for events in steps:
                 for row, event in zip(rows, events):
                     if event is not None and not row.done:
