@@ -514,14 +514,22 @@ static inline __m512i biased_i8(const int8_t* x) { return _mm512_xor_si512(load5
 
 static int32_t dot_i8_vnni(const int8_t* w, const int8_t* x, int64_t K) {
     const __m512i ones = _mm512_set1_epi8(1);
-    __m512i acc = _mm512_setzero_si512(), wsum = acc;
+    // two chains of each sum: VPDPBUSD's latency is several cycles, so one chain would wait on itself
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, wsum0 = acc0, wsum1 = acc0;
     int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        const __m512i w0 = load512(w + k), w1 = load512(w + k + 64);
+        acc0 = _mm512_dpbusd_epi32(acc0, biased_i8(x + k), w0);
+        acc1 = _mm512_dpbusd_epi32(acc1, biased_i8(x + k + 64), w1);
+        wsum0 = _mm512_dpbusd_epi32(wsum0, ones, w0);
+        wsum1 = _mm512_dpbusd_epi32(wsum1, ones, w1);
+    }
     for (; k + 64 <= K; k += 64) {
         const __m512i wv = load512(w + k);
-        acc = _mm512_dpbusd_epi32(acc, biased_i8(x + k), wv);
-        wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+        acc0 = _mm512_dpbusd_epi32(acc0, biased_i8(x + k), wv);
+        wsum0 = _mm512_dpbusd_epi32(wsum0, ones, wv);
     }
-    int32_t s = hsum512_i32(acc) - 128 * hsum512_i32(wsum);
+    int32_t s = hsum512_i32(_mm512_add_epi32(acc0, acc1)) - 128 * hsum512_i32(_mm512_add_epi32(wsum0, wsum1));
     for (; k < K; k++) s += (int32_t)w[k] * x[k];
     return s;
 }
