@@ -5,9 +5,10 @@
 Each precision runs both ways on the same random weights (GPT-2's init, seed 0):
 
 - "native": the model as `prepare_for_inference` leaves it with the native kernel built (fp32: the nn.Linear layers
-  as loaded; bf16: BF16Linear; int8: Int8Linear), stepped by `NativeStep`;
+  as loaded; bf16: BF16Linear; int8: Int8Linear; int4: Int4Linear), stepped by `NativeStep`;
 - "flat": the model prepared as it is without the native kernel (fp32: row blocks + oneDNN; bf16: FBGEMM's fp16
-  layout; int8: FBGEMM's integer GEMM, where this torch build has them), stepped by `FlatStep`.
+  layout; int8: FBGEMM's integer GEMM, where this torch build has them; int4: Int4Linear widening its weights at
+  every call), stepped by `FlatStep`.
 
 Tokens/s of cached decode steps alone (after a 16-token prefill; greedy argmax between steps), best of `--rounds`
 rounds in which the two run alternately, and the ratio native / flat within each round. Prints the CPU's flags.
@@ -69,7 +70,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = GPT(GPTConfig.preset(args.preset)).eval()
     pairs = {dtype: (prepare_for_inference(copy.deepcopy(base), dtype), flat_model(base, dtype))
-             for dtype in ("fp32", "bf16", "int8")}
+             for dtype in ("fp32", "bf16", "int8", "int4")}
     for batch in (int(b) for b in args.batches.split(",")):
         for dtype, (fast, flat) in pairs.items():
             best_n = best_f = 0.0

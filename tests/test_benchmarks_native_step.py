@@ -21,7 +21,7 @@ def test_the_benchmark_runs_every_precision_and_batch(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("CPU flags: ")
     for batch in (1, 3):
-        for dtype in ("fp32", "bf16", "int8"):
+        for dtype in ("fp32", "bf16", "int8", "int4"):
             assert f"batch {batch} {dtype}: native " in out
     assert "flat (Linear)" not in out  # the flat side runs the layers prepared without the native kernel
 
