@@ -3,6 +3,7 @@ batch size, and says why where there is nothing to compare. (The speed itself is
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -25,7 +26,9 @@ def test_the_benchmark_runs_both_builds_for_every_precision_and_batch(monkeypatc
     for batch in (1, 4):
         for dtype in bench.DTYPES:
             assert f"batch {batch} {dtype}: wide " in out
-    apart = {line.split(":")[0]: float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "apart" in line}
+    apart = {line.split(":")[0]: float(re.search(r"logits apart (\S+)", line).group(1))
+             for line in out.splitlines() if "apart" in line}
+    assert all(re.search(r"of bound: wide \d+%, AVX2 \d+%", line) for line in out.splitlines() if "apart" in line)
     assert apart["batch 1 fp32"] == apart["batch 1 int8"] == apart["batch 1 int4"] == 0.0  # the same arithmetic
     assert 0.0 < apart["batch 1 bf16"] < 0.05  # bf16 activations on the wide build, float32 ones on AVX2
 
