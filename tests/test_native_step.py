@@ -283,10 +283,10 @@ def test_native_step_on_int8_weights_equals_its_reference_arithmetic():
 
 @needs_kernel
 @pytest.mark.parametrize("name,batch", [("tiny", 1), ("tiny", 5), ("wide", 8), ("mixed", 1), ("mixed", 4),
-                                        ("long", 5)])
+                                        ("long", 5), ("192", 1)])
 def test_int8_at_any_width_and_batch_equals_its_reference_arithmetic(name, batch):
-    """n_embd 16 (no whole 32-byte block: scalar tails), 32, 96 and 544 (whole 64-byte blocks, then a tail of 32:
-    VNNI's body and tail); batches that take the four-row int8 kernel."""
+    """n_embd 16 (no whole 32-byte block: scalar tails), 32, 96, 192 (VNNI's 128-wide loop, then its 64-wide one)
+    and 544 (whole blocks, then a tail of 32); batches that take the four-row int8 kernel."""
     model = to_int8(model_for(name) if name in CONFIGS else model_for_config(INT4_CONFIGS[name]))
     V = model.config.vocab_size
     assert linear_kind(model.h[0].attn.c_attn) == 2 and NativeStep.applies(model)
@@ -325,6 +325,7 @@ INT4_CONFIGS = {
     "mixed": GPTConfig(vocab_size=131, n_ctx=32, n_layer=2, n_head=4, n_embd=96),  # 96 = a block and a group
     # 544 = 8 blocks and a group: 17 groups, so the correction's 16-at-a-time loop and its tail both run
     "long": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=544),
+    "192": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=192),  # 6 groups; int8's widths 192, 768
 }
 
 
@@ -630,6 +631,15 @@ def test_the_int4_embedding_widens_its_rows_through_the_kernel_bit_for_bit(monke
     monkeypatch.setattr(native, "library", lambda: None)
     assert torch.equal(embedding(idx), fast)
     assert torch.equal(embedding(torch.tensor([7]))[0], head.dequantized()[7])
+    assert embedding(torch.zeros(1, 0, dtype=torch.long)).shape == (1, 0, 96)  # no tokens: no rows, any path
+
+
+def test_int4_group_scales_outside_the_kernels_range_are_refused():
+    layer = Int4Linear.from_linear(nn.Linear(64, 3))
+    scales = layer.group_scale.clone()
+    scales[1, 0] = 300
+    with pytest.raises(ValueError, match=r"group scales must lie in \[-255, 255\].*got one of 300"):
+        Int4Linear(layer.weight, scales, layer.scale)
 
 
 def test_int4_rows_wider_than_the_kernels_exact_bound_are_not_read():

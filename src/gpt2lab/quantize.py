@@ -129,6 +129,9 @@ class Int4Linear(_WeightOnlyLinear):
     def __init__(self, packed: torch.Tensor, group_scale: torch.Tensor, scale: torch.Tensor,
                  bias: Optional[torch.Tensor] = None) -> None:
         super().__init__(packed.size(0), 2 * packed.size(1), bias)
+        if group_scale.numel() and int(group_scale.abs().max()) > 255:  # the kernel's exact sums assume it
+            raise ValueError(f"int4 group scales must lie in [-255, 255] (quantize_int4's range), got one of "
+                             f"{int(group_scale.abs().max())}")
         self.register_buffer("weight", packed.contiguous())  # (N, K/2) uint8: two weights per byte
         self.register_buffer("group_scale", group_scale.to(torch.int16).contiguous())  # (N, K/32)
         self.register_buffer("scale", scale.float().contiguous())  # (N,) float32: the row's
@@ -382,7 +385,7 @@ class Int4Embedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         rows = idx.reshape(-1)  # (B*T,)
         widened = widen_int4(self.weight[rows], self.group_scale[rows], self.scale[rows])  # (B*T, C)
-        return widened.view(*idx.shape, -1)  # (B, T, C)
+        return widened.view(*idx.shape, 2 * self.weight.size(1))  # (B, T, C)
 
 
 class LowPrecisionEmbedding(nn.Module):
