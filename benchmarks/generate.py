@@ -301,7 +301,11 @@ def main() -> None:
         return measure_memory(args.memory_of, args.tokens)
     import transformers
 
-    print(f"machine: {cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}")
+    from gpt2lab import native
+
+    paths = ", ".join(sorted(native.kernel_paths())) or ("the AVX2 paths" if native.library() else "none")
+    print(f"machine: {cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"gpt2lab's native kernel: {paths}")
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         bandwidth = read_bandwidth()

@@ -120,6 +120,14 @@ def read_cpuinfo() -> str:
         return ""
 
 
+def kernel_description(native: ModuleType) -> str:
+    """Which build of gpt2lab's native kernel runs here: its wider paths (AVX-512, bf16 and int8 dot products), or
+    the AVX2 one, or why there is none."""
+    if native.library() is None:
+        return f"unavailable ({native.unavailable_reason()}): gpt2lab decodes through PyTorch"
+    return ", ".join(sorted(native.kernel_paths())) or native.fallback_note() or "the AVX2 paths"
+
+
 # ----------------------------------------------------------------------------------------- finding llama.cpp
 def import_llama_cpp() -> ModuleType:
     """Import the llama_cpp package. Python puts this file's directory first on sys.path, where `import llama_cpp`
@@ -532,7 +540,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     llama_cpp = import_llama_cpp()
     torch.set_num_threads(args.threads)  # before loading: the fp32 layout is chosen for the thread count
+    from gpt2lab import native
+
     print(f"CPU: {cpu_description(read_cpuinfo())}")
+    print(f"gpt2lab's native kernel: {kernel_description(native)}")
     print(f"llama.cpp built with: {llama_cpp.llama_print_system_info().decode().strip(' |')}")
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, llama-cpp-python "
           f"{llama_cpp.__version__}; {args.preset}, {args.threads} threads, batches "

@@ -195,3 +195,15 @@ def test_rounds_rotate_the_pairs_and_keep_each_pair_together(bench):
     assert orders[3] == ["int8", "q8_0", "generate", "fp32", "f32", "bf16", "f16"]
     assert all(sorted(o) == sorted(names) for o in orders)
     assert len({o[0] for o in orders}) == 4  # each group leads once in four rounds
+
+
+def test_the_kernel_description_names_the_build_or_why_there_is_none(bench, monkeypatch):
+    from gpt2lab import native
+
+    fake = types.SimpleNamespace(library=lambda: None, unavailable_reason=lambda: "no C++ compiler found")
+    assert bench.kernel_description(fake) == "unavailable (no C++ compiler found): gpt2lab decodes through PyTorch"
+    fake = types.SimpleNamespace(library=lambda: object(), kernel_paths=lambda: frozenset({"avx512_vnni", "avx512"}),
+                                 fallback_note=lambda: None)
+    assert bench.kernel_description(fake) == "avx512, avx512_vnni"
+    fake.kernel_paths = lambda: frozenset()
+    assert bench.kernel_description(fake) == "the AVX2 paths"
