@@ -42,6 +42,19 @@ def test_int8_linear_matches_its_dequantized_weight():
     assert torch.allclose(layer(x), ref, rtol=2e-2, atol=2e-2)
 
 
+def test_int8_linear_works_on_a_torch_without_its_private_int8_kernel(monkeypatch):
+    """torch._weight_int8pack_mm is a private op: without it the layer multiplies by its widened weight."""
+    from gpt2lab import quantize
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(2, 3, 64)
+    monkeypatch.setattr(quantize, "INT8PACK", False)
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    torch.testing.assert_close(layer(x), x @ layer.dequantized().t() + linear.bias, rtol=1e-5, atol=1e-5)
+
+
 def test_int4_groups_of_32_round_to_the_nearest_step_of_their_own_scale():
     import doctest
 

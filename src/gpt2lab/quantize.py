@@ -56,6 +56,9 @@ if TYPE_CHECKING:  # pragma: no cover
 # Activations are cast to bfloat16 for the int8 kernel: its float32-activation path is not vectorized on CPU, while
 # the bf16 one runs near memory speed.
 KERNEL_DTYPE = torch.bfloat16
+# torch's int8 weight-only kernel is a private op: where a torch build lacks it, Int8Linear multiplies by its widened
+# weight instead (the same weights, float32 activations)
+INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 # Rows (batch × tokens) above which a matmul is compute-bound and, without native bf16, runs as a float32 GEMM.
 SMALL_M = 32
 
@@ -115,6 +118,8 @@ class Int8Linear(_WeightOnlyLinear):
         return cls(q, s, linear.bias)
 
     def small_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if not INT8PACK:
+            return F.linear(x.float(), self.dequantized())  # (M, N)
         return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.weight, self.kernel_scale).float()  # (M, N)
 
     def dequantized(self) -> torch.Tensor:
