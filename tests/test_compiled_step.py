@@ -166,3 +166,20 @@ def test_model_is_left_unchanged(monkeypatch):
     compiled_step(model)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name])
+
+
+def test_int8_layers_compile_without_torchs_private_int8_kernel(monkeypatch):
+    """Where a torch build lacks _weight_int8pack_mm, the compiled step's int8 layers multiply by the widened
+    weight (the same weights, float32 activations)."""
+    from gpt2lab import compiled_step, quantize
+    from gpt2lab.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(quantize, "INT8PACK", False)
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    widened = layer.weight.float() * layer.kernel_scale.float()[:, None]
+    got = compiled_step._int8_linear(layer.weight, layer.kernel_scale, layer.bias)(x)
+    torch.testing.assert_close(got, x @ widened.t() + linear.bias, rtol=1e-5, atol=1e-5)

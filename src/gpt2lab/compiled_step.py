@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2lab import quantize
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
@@ -80,6 +81,10 @@ def linear_function(layer: nn.Module) -> Linear:
 
 
 def _int8_linear(weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> Linear:
+    if not quantize.INT8PACK:  # a torch without its private int8 kernel: the widened weight (quantize.Int8Linear)
+        widened = weight.float() * scale.float()[:, None]  # (N, K)
+        return lambda x: F.linear(x.float(), widened, bias)
+
     def linear(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.size(-1)).to(KERNEL_DTYPE)  # (M, K)
         y = torch._weight_int8pack_mm(x2, weight, scale).float()  # (M, N)
