@@ -618,8 +618,8 @@ def test_int4_weights_widen_through_the_kernel_bit_for_bit(n, k):
 
 @needs_kernel
 def test_the_int4_embedding_widens_its_rows_through_the_kernel_bit_for_bit(monkeypatch):
-    """Int4Embedding reads the tied head's rows: through the kernel (a decode step's one row per token, which the
-    PyTorch widening took 200 us for on GPT-2's table) the same float32 values as through PyTorch, any index shape."""
+    """Int4Embedding reads the tied head's rows: through the kernel (a decode step's one row per token) the same
+    float32 values as through PyTorch, any index shape."""
     from gpt2lab.quantize import Int4Embedding
 
     torch.manual_seed(3)

@@ -335,8 +335,8 @@ def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits
                 logprobs: bool = True) -> Iterator[list[Optional[TokenEvent]]]:
     """The decode loop behind `decode_steps` and `generate`: idx (B, T) left-padded token ids, mask (B, T) 1 for real
     tokens (None: no padding), and per-row limits, settings and generators, already checked. Without `logprobs`
-    (`generate`, which returns tokens only) the events' logprob is NaN: the log-softmax over the vocabulary that
-    nobody would read is skipped (0.1 ms a step at batch 1, 0.7 ms at batch 8, for GPT-2's 50,257 tokens)."""
+    (`generate`, which returns tokens only) the events' logprob is NaN: the log-softmax over the whole vocabulary
+    that nobody would read is skipped (its cost is in docs/benchmarks.md)."""
     n = idx.size(0)
     if n == 0 or max(limits) == 0:
         return
