@@ -16,7 +16,6 @@ mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -28,7 +27,7 @@ from gpt2lab.kv_cache import KVCache
 from gpt2lab.native_step import NativeStep
 
 from generate import bytes_per_token, read_bandwidth
-from native_step import steps_per_second
+from native_step import step_arguments, steps_per_second
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 
@@ -62,12 +61,7 @@ def logits_apart(model: GPT, wide, avx2, batch: int, steps: int = 4) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="gpt2")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = step_arguments(__doc__.split("\n")[0])
     ap.add_argument("--emulate", action="store_true", help="the wide side on SIMDe's emulation (times mean nothing)")
     args = ap.parse_args()
     if native.library() is None:

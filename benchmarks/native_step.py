@@ -51,14 +51,19 @@ def flat_model(base: GPT, dtype: str) -> GPT:
         return prepare_for_inference(copy.deepcopy(base), dtype)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that time decode steps (this one and kernel_paths.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--preset", default="gpt2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = step_arguments(__doc__.split("\n")[0]).parse_args()
     if native.library() is None:
         print(f"the native kernel is unavailable here: {native.unavailable_reason()}")
         return
