@@ -202,11 +202,6 @@ def test_an_avx512_build_the_cpu_does_not_run_falls_back_to_the_avx2_one(monkeyp
 
 
 @pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable here: {native.unavailable_reason()}")
-def test_the_loaded_kernel_passed_its_own_cpu_check():
-    assert native.library().gpt2lab_cpu_ok() == 1
-
-
-@pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable here: {native.unavailable_reason()}")
 def test_the_kernels_argmax_is_torchs():
     """First index of the largest value, ties included; -inf rows, vectors with a scalar tail; a NaN goes to torch."""
     g = torch.Generator().manual_seed(0)

@@ -55,26 +55,16 @@ def both_paths(model, prompt, tokens, positions=None, mask=None, reference=None)
     return ref, fast, caches[0], caches[1]
 
 
-def model_for(name: str, sharpen: bool = True):
-    """make_model's sharpened model (or GPT-2's init) with random biases and LayerNorm gains, so that every tensor
-    the kernel reads changes the logits (GPT-2's init leaves biases at 0 and gains at 1)."""
+def model_for(name: str | GPTConfig, sharpen: bool = True):
+    """make_model's sharpened model (or GPT-2's init) of CONFIGS[name] (or of a config given itself) with random
+    biases and LayerNorm gains, so that every tensor the kernel reads changes the logits (GPT-2's init leaves biases
+    at 0 and gains at 1)."""
+    config = CONFIGS[name] if isinstance(name, str) else name
     if sharpen:
-        model = make_model(CONFIGS[name])
+        model = make_model(config)
     else:
         torch.manual_seed(0)
-        model = GPT(CONFIGS[name]).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def model_for_config(config: GPTConfig):
-    """GPT-2's init for `config` with random biases and LayerNorm gains (as model_for)."""
-    torch.manual_seed(0)
-    model = GPT(config).eval()
+        model = GPT(config).eval()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in model.parameters():
@@ -287,7 +277,7 @@ def test_native_step_on_int8_weights_equals_its_reference_arithmetic():
 def test_int8_at_any_width_and_batch_equals_its_reference_arithmetic(name, batch):
     """n_embd 16 (no whole 32-byte block: scalar tails), 32, 96, 192 (VNNI's 128-wide loop, then its 64-wide one)
     and 544 (whole blocks, then a tail of 32); batches that take the four-row int8 kernel."""
-    model = to_int8(model_for(name) if name in CONFIGS else model_for_config(INT4_CONFIGS[name]))
+    model = to_int8(model_for(name) if name in CONFIGS else model_for(INT4_CONFIGS[name], sharpen=False))
     V = model.config.vocab_size
     assert linear_kind(model.h[0].attn.c_attn) == 2 and NativeStep.applies(model)
     reference = int8_reference(model)

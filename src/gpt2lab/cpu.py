@@ -108,8 +108,8 @@ def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> CPUFeatures:
     level = torch.backends.cpu.get_cpu_capability().upper()  # "AVX2", "AVX512", "DEFAULT", ...
     avx512 = level.startswith("AVX512")
     avx2 = avx512 or level.startswith("AVX2")
-    return CPUFeatures(avx2=avx2, fma=avx2, f16c=avx2, avx512=avx512, avx512bw=avx512, avx512vl=avx512)  # torch's
-    # AVX512 level means F, BW, VL and DQ
+    # torch's AVX512 level means F, BW, VL and DQ
+    return CPUFeatures(avx2=avx2, fma=avx2, f16c=avx2, avx512=avx512, avx512bw=avx512, avx512vl=avx512)
 
 
 # ------------------------------------------------------------------------------------------------------- threads
@@ -166,7 +166,7 @@ def busy_cpus(window: float = 0.1, stat: str | Path = "/proc/stat") -> Optional[
 class LoadMeter:
     """How many CPUs other programs keep busy while this program runs, measured as it runs: the busy time /proc/stat
     reports for the CPUs this process may use, less this process's own CPU time, over the wall time between two
-    readings at least `interval` seconds apart (one reading is a file read, ~20 us). Niced programs do not count,
+    readings at least `interval` seconds apart (one reading is one file read). Niced programs do not count,
     unless this one is niced too: its own time is then in the nice column, and the column counts as busy.
     `others()` is None until the first interval has passed, and always where /proc/stat cannot be read
     (`available` is False there)."""

@@ -10,8 +10,7 @@ It reads the model's own tensors, no copies: float32 `nn.Linear` weights as they
 (widened to float32 in registers), `Int8Linear`'s int8 weights with their per-channel scales (multiplied by int8
 activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per block of 32), and `Int4Linear`'s int4
 weights with an integer scale per group of 32 and a float per row (quantize_int.quantize_int4, times the same int8
-activations). The KV cache is the
-usual `KVCache`, so prefill (through the modules) and steps (here) share it.
+activations). The KV cache is the usual `KVCache`, so prefill (through the modules) and steps (here) share it.
 
     tokens (B,) ─ wte + wpe (PyTorch) ─► x (B, C) ─ gpt2lab_decode_step (C++) ─► logits (B, V)
                                                       └─ writes K, V of this token into cache column `pos`
@@ -44,6 +43,7 @@ from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
 from gpt2lab.quantize import BF16Linear, Int4Linear, Int8Linear
+from gpt2lab.quantize_int import INT4_GROUP
 from gpt2lab.thread_tuner import ThreadTuner
 
 _F32, _BF16, _INT8, _INT4 = 0, 1, 2, 3
@@ -98,7 +98,7 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
     if (kind is None or w is None or w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
             or not _plain_f32(layer.bias)):
         return None
-    if kind == _INT4 and not (layer.in_features % 32 == 0 and layer.in_features <= INT4_MAX_WIDTH
+    if kind == _INT4 and not (layer.in_features % INT4_GROUP == 0 and layer.in_features <= INT4_MAX_WIDTH
                               and _plain_f32(layer.scale)
                               and layer.group_scale.dtype == torch.int16 and layer.group_scale.is_contiguous()):
         return None

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from gpt2lab import native
 from gpt2lab.cpu import CPUFeatures, cpu_features
 from gpt2lab.memory import use_huge_pages
-from gpt2lab.quantize_int import (FbgemmInt8Linear, activation_bits, choose_int8_kernel, dequantize_int4,
-                                  fbgemm_int8, quantize_int4, quantize_per_channel)
+from gpt2lab.quantize_int import (INT4_SCALE_LEVELS, FbgemmInt8Linear, activation_bits, choose_int8_kernel,
+                                  dequantize_int4, fbgemm_int8, quantize_int4, quantize_per_channel)
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpt2lab.model import GPT
@@ -134,8 +134,9 @@ class Int4Linear(_WeightOnlyLinear):
     def __init__(self, packed: torch.Tensor, group_scale: torch.Tensor, scale: torch.Tensor,
                  bias: Optional[torch.Tensor] = None) -> None:
         super().__init__(packed.size(0), 2 * packed.size(1), bias)
-        if group_scale.numel() and int(group_scale.abs().max()) > 255:  # the kernel's exact sums assume it
-            raise ValueError(f"int4 group scales must lie in [-255, 255] (quantize_int4's range), got one of "
+        if group_scale.numel() and int(group_scale.abs().max()) > INT4_SCALE_LEVELS:  # the kernel's sums assume it
+            raise ValueError(f"int4 group scales must lie in [-{INT4_SCALE_LEVELS}, {INT4_SCALE_LEVELS}] "
+                             f"(quantize_int4's range), got one of "
                              f"{int(group_scale.abs().max())}")
         self.register_buffer("weight", packed.contiguous())  # (N, K/2) uint8: two weights per byte
         self.register_buffer("group_scale", group_scale.to(torch.int16).contiguous())  # (N, K/32)

@@ -682,9 +682,6 @@ static inline void rows4_i4(const uint8_t* w, const int16_t* s, const int8_t* x,
 // What each output row of a product becomes.
 enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 
-// out (B, N) = x (B, K) W^T + b, for this thread's share of the N rows; integer layers read this thread's
-// quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For B > 1 each
-// weight row stays in L1 while every input row passes, so the weights still come from memory once.
 // The dot products of weight rows [n, n + rows_w) with input rows [r0, r0 + rows) into v (rows_w, 4): the batched
 // kernels where a whole group fits (two float rows x four inputs; one integer row x four inputs), else one by one.
 static void products(const Linear& L, const float* x, const QuantRows& Q, int64_t n, int64_t r0, int64_t rows,
@@ -720,6 +717,9 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
         }
 }
 
+// out (B, N) = x (B, K) W^T + b, for weight rows [lo, hi) of this thread's chunk; integer layers read this thread's
+// quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For
+// B > 1 each weight row stays in L1 while every input row passes, so the weights still come from memory once.
 static void linear_block(const Linear& L, const float* x, const QuantRows& Q, int64_t B,
                          float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi;) {
@@ -991,7 +991,7 @@ extern "C" int gpt2lab_kernel_paths(void) {
 }
 
 // The index of each row's largest value, the first where several tie (torch.argmax's answer), for greedy decoding:
-// (B, V) -> (B,). One pass finds the maximum 8 lanes at a time, a second the first index holding it. Returns 1
+// (B, V) -> (B,). One vector pass finds the maximum, a second the first index holding it. Returns 1
 // without answering where a row holds a NaN (torch calls NaN the largest; the caller asks torch), else 0.
 extern "C" int gpt2lab_argmax_rows(const float* x, int64_t B, int64_t V, int64_t* out) {
     for (int64_t r = 0; r < B; r++) {
