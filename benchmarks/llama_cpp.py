@@ -2,16 +2,21 @@
 
     python benchmarks/llama_cpp.py --converter SDIST/vendor/llama.cpp/convert_hf_to_gguf.py
                                    [--preset gpt2] [--threads 2] [--batches 1,8] [--rounds 2] [--repeats 3]
-                                   [--train-seconds 60]
+                                   [--train-seconds 60] [--any-build]
+    python benchmarks/llama_cpp.py --cmake-args
 
 llama.cpp runs through llama-cpp-python (0.3.36), a benchmark-only dependency built from its sdist. Build it for
-the CPU at hand rather than with -march=native, which can die with SIGILL on VMs whose CPU flags lie:
+the CPU at hand rather than with -march=native, which can die with SIGILL on VMs whose CPU flags lie;
+`--cmake-args` prints the CMAKE_ARGS that name each vector extension this CPU has:
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR
     tar xzf DIR/llama_cpp_python-0.3.36.tar.gz -C DIR
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=ON" \\
-        pip install DIR/llama_cpp_python-0.3.36
-    # AVX-512 CPUs: add -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+    CMAKE_ARGS="$(python benchmarks/llama_cpp.py --cmake-args)" pip install DIR/llama_cpp_python-0.3.36
+    # on an AVX2 CPU: -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=ON;
+    # AVX-512 CPUs add -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON (and VBMI, AMX where present)
+
+A build that leaves out an extension this CPU has (an AVX2 build on an AVX-512 machine, say) is refused before any
+work, since gpt2lab would be timed against a llama.cpp slower than it can be here; `--any-build` times it anyway.
 
 The GGUF files come from llama.cpp's own converter (the sdist's vendor/llama.cpp/convert_hf_to_gguf.py, which
 accepts gpt2lab's `save_pretrained` directory as it is): f32, f16 and q8_0 of one random GPT-2 (GPT-2's init,
@@ -62,12 +67,14 @@ TOKENS = 128  # new tokens per timed decode
 PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0"))  # gpt2lab precision, its peer
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
              "amx_int8")
-BUILD_HINT = ("pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR && tar xzf "
-              "DIR/llama_cpp_python-0.3.36.tar.gz -C DIR && CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON "
-              "-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=ON\" pip install DIR/llama_cpp_python-0.3.36 (on AVX-512 "
-              "CPUs add -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON; a native build can die with "
-              "SIGILL on VMs), then pass --converter "
-              "DIR/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")
+# (flag in /proc/cpuinfo, llama.cpp's CMake option that compiles it in, the name llama.cpp's system info gives it
+# when it is compiled in; None where that line does not show it)
+GGML_OPTIONS = (("avx2", "GGML_AVX2", "AVX2"), ("fma", "GGML_FMA", "FMA"), ("f16c", "GGML_F16C", "F16C"),
+                ("avx_vnni", "GGML_AVX_VNNI", "AVX_VNNI"), ("avx512f", "GGML_AVX512", "AVX512"),
+                ("avx512_vbmi", "GGML_AVX512_VBMI", "AVX512_VBMI"), ("avx512_vnni", "GGML_AVX512_VNNI", "AVX512_VNNI"),
+                ("avx512_bf16", "GGML_AVX512_BF16", "AVX512_BF16"), ("amx_tile", "GGML_AMX_TILE", None),
+                ("amx_int8", "GGML_AMX_INT8", "AMX_INT8"), ("amx_bf16", "GGML_AMX_BF16", None))
+ALWAYS_AVX2 = ("avx2", "fma", "f16c")  # the baseline the hint names even where /proc/cpuinfo cannot be read
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -82,6 +89,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=_positive, default=3, help="timings per variant and round, best kept")
     parser.add_argument("--train-seconds", type=float, default=60.0,
                         help="training time of the agreement model; 0 skips the agreement check")
+    parser.add_argument("--cmake-args", action="store_true",
+                        help="print the CMAKE_ARGS that build llama-cpp-python for this CPU, and exit")
+    parser.add_argument("--any-build", action="store_true",
+                        help="run even against a llama.cpp build that leaves out vector extensions this CPU has")
     return parser.parse_args(argv)
 
 
@@ -107,8 +118,7 @@ def cpu_description(cpuinfo: str) -> str:
     """'<model name> (N vCPU; flag, flag, ...)' from the text of /proc/cpuinfo, naming the vector flags that decide
     which kernels either library can use."""
     name = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
-    flags_line = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
-    flags = set(flags_line.group(1).split()) if flags_line else set()
+    flags = cpu_flags(cpuinfo)
     shown = [f for f in ISA_FLAGS if f in flags]
     return f"{name.group(1) if name else 'unknown CPU'} ({os.cpu_count()} vCPU; {', '.join(shown) or 'no AVX2'})"
 
@@ -126,6 +136,43 @@ def kernel_description(native: ModuleType) -> str:
     if native.library() is None:
         return f"unavailable ({native.unavailable_reason()}): gpt2lab decodes through PyTorch"
     return ", ".join(sorted(native.kernel_paths())) or native.fallback_note() or "the AVX2 paths"
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The flags of the first CPU in the text of /proc/cpuinfo (empty where there is none)."""
+    line = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
+    return set(line.group(1).split()) if line else set()
+
+
+def cmake_args(flags: set[str]) -> str:
+    """CMAKE_ARGS that build llama.cpp for a CPU with these flags: every vector extension it has that llama.cpp can
+    use, named one by one (GGML_NATIVE off: -march=native can die with SIGILL on VMs whose CPU flags lie).
+
+    >>> cmake_args({"avx2", "fma", "f16c", "avx512f", "avx512_bf16"})
+    '-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_BF16=ON -DGGML_OPENMP=ON'
+    """
+    wanted = flags | set(ALWAYS_AVX2)
+    on = [f"-D{option}=ON" for flag, option, _ in GGML_OPTIONS if flag in wanted]
+    return " ".join(["-DGGML_NATIVE=OFF", *on, "-DGGML_OPENMP=ON"])
+
+
+def build_hint(flags: set[str]) -> str:
+    """How to build llama-cpp-python for this CPU and where its converter then is, on one line."""
+    return (f"pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR && tar xzf "
+            f"DIR/llama_cpp_python-0.3.36.tar.gz -C DIR && CMAKE_ARGS=\"{cmake_args(flags)}\" pip install "
+            f"DIR/llama_cpp_python-0.3.36 (the flags of this CPU; python benchmarks/llama_cpp.py --cmake-args prints "
+            f"them), then pass --converter DIR/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")
+
+
+def missing_from_build(flags: set[str], system_info: str) -> list[str]:
+    """The vector extensions this CPU has that the llama.cpp build leaves out (its system info names what it was
+    compiled with): against such a build gpt2lab would be compared with a llama.cpp slower than it can be here.
+
+    >>> missing_from_build({"avx2", "avx512f", "avx512_vnni"}, "CPU : AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |")
+    ['AVX512_VNNI']
+    """
+    built = set(re.findall(r"([A-Z0-9_]+) = 1", system_info))
+    return [name for flag, _, name in GGML_OPTIONS if name and flag in flags and name not in built]
 
 
 # ----------------------------------------------------------------------------------------- finding llama.cpp
@@ -155,10 +202,12 @@ def skip_reason(converter: Optional[Path]) -> Optional[str]:
     try:
         import_llama_cpp()
     except Exception as exc:  # a missing package, or a build whose shared library does not load
-        return f"skipped: llama_cpp is not importable ({type(exc).__name__}: {exc}); build it: {BUILD_HINT}"
+        return (f"skipped: llama_cpp is not importable ({type(exc).__name__}: {exc}); build it: "
+                f"{build_hint(cpu_flags(read_cpuinfo()))}")
     if converter is None or not converter.is_file():
         what = "no --converter given" if converter is None else f"--converter {converter} is not a file"
-        return f"skipped: {what}; llama.cpp's convert_hf_to_gguf.py is in the extracted sdist: {BUILD_HINT}"
+        return (f"skipped: {what}; llama.cpp's convert_hf_to_gguf.py is in the extracted sdist: "
+                f"{build_hint(cpu_flags(read_cpuinfo()))}")
     return None
 
 
@@ -365,16 +414,24 @@ class LlamaBatch:
             lib.llama_model_free(self.model)
 
 
+def preset_config(name: str) -> object:
+    """The GPTConfig of preset `name`; ValueError naming the presets, or the positions the benchmark needs."""
+    from gpt2lab import GPTConfig
+
+    config = GPTConfig.preset(name)
+    if config.n_ctx < PROMPT + TOKENS:  # llama.cpp aborts on a position beyond its table
+        raise ValueError(f"--preset {name!r} holds {config.n_ctx} positions; the benchmark needs "
+                         f"{PROMPT + TOKENS} ({PROMPT} prompt + {TOKENS} new tokens)")
+    return config
+
+
 def make_files(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) -> tuple[Path, dict[str, Path]]:
     """Export one random model and make llama.cpp's files of it: the export's directory and {peer name: GGUF}."""
     import torch
 
-    from gpt2lab import GPT, GPTConfig, Tokenizer
+    from gpt2lab import GPT, Tokenizer
 
-    config = GPTConfig.preset(args.preset)
-    if config.n_ctx < PROMPT + TOKENS:  # llama.cpp aborts on a position beyond its table
-        raise ValueError(f"--preset {args.preset!r} holds {config.n_ctx} positions; the benchmark needs "
-                         f"{PROMPT + TOKENS} ({PROMPT} prompt + {TOKENS} new tokens)")
+    config = preset_config(args.preset)
     torch.manual_seed(0)
     model_dir = root / args.preset
     GPT(config).save_pretrained(model_dir, tokenizer=Tokenizer.gpt2())  # + GPT-2's vocab files
@@ -532,19 +589,34 @@ def run_agreement(args: argparse.Namespace, llama_cpp: ModuleType, root: Path, p
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    flags = cpu_flags(read_cpuinfo())
+    if args.cmake_args:
+        print(cmake_args(flags))
+        return
     reason = skip_reason(args.converter)
     if reason:
         print(reason)
         return
+    llama_cpp = import_llama_cpp()
+    system_info = llama_cpp.llama_print_system_info().decode()
+    missing = missing_from_build(flags, system_info)
+    if missing and not args.any_build:
+        sys.exit(f"error: this llama.cpp build leaves out {', '.join(missing)}, which this CPU has, so it would run "
+                 f"slower than llama.cpp can here; rebuild llama-cpp-python with CMAKE_ARGS=\"{cmake_args(flags)}\" "
+                 "(or pass --any-build to time this build anyway)")
     import torch
 
-    llama_cpp = import_llama_cpp()
+    try:
+        preset_config(args.preset)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
     torch.set_num_threads(args.threads)  # before loading: the fp32 layout is chosen for the thread count
     from gpt2lab import native
 
     print(f"CPU: {cpu_description(read_cpuinfo())}")
     print(f"gpt2lab's native kernel: {kernel_description(native)}")
-    print(f"llama.cpp built with: {llama_cpp.llama_print_system_info().decode().strip(' |')}")
+    print(f"llama.cpp built with: {system_info.strip(' |')}"
+          + (f" (leaves out {', '.join(missing)}: --any-build)" if missing else ""))
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, llama-cpp-python "
           f"{llama_cpp.__version__}; {args.preset}, {args.threads} threads, batches "
           f"{','.join(map(str, args.batches))}, greedy, {TOKENS} tokens after "

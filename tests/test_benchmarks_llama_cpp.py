@@ -176,7 +176,81 @@ def test_skips_with_the_build_command_when_llama_cpp_is_missing(tmp_path):
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("skipped: llama_cpp is not importable")
     assert "no llama.cpp library here" in lines[0]
-    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON' in lines[0] and "-DGGML_AVX512=ON" in lines[0]
+    here = bench_flags_of_this_cpu()
+    assert f'CMAKE_ARGS="{here}"' in lines[0] and here.startswith("-DGGML_NATIVE=OFF -DGGML_AVX2=ON")
+
+
+def bench_flags_of_this_cpu() -> str:
+    bench = load_benchmark("llama_cpp")
+    return bench.cmake_args(bench.cpu_flags(bench.read_cpuinfo()))
+
+
+ZEN4_FLAGS = {"sse2", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vbmi", "avx512_vnni",
+              "avx512_bf16"}
+AVX2_BUILD = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | OPENMP = 1 | "
+
+
+def test_cmake_args_name_each_extension_the_cpu_has(bench):
+    assert bench.cmake_args(set()) == "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=ON"
+    zen4 = bench.cmake_args(ZEN4_FLAGS).split()
+    assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON"} <= set(zen4)
+    assert not any("AMX" in a or "AVX_VNNI" in a for a in zen4)
+    sapphire = bench.cmake_args(ZEN4_FLAGS | {"avx_vnni", "amx_tile", "amx_int8", "amx_bf16"})
+    assert all(f"-D{o}=ON" in sapphire for o in ("GGML_AVX_VNNI", "GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16"))
+
+
+def test_a_build_without_the_cpus_extensions_is_named(bench):
+    assert bench.missing_from_build(ZEN4_FLAGS, AVX2_BUILD) == ["AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"]
+    full = AVX2_BUILD + "AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | "
+    assert bench.missing_from_build(ZEN4_FLAGS, full) == []
+    assert bench.missing_from_build({"avx2", "fma", "f16c"}, AVX2_BUILD) == []
+    assert bench.missing_from_build({"avx2", "amx_int8"}, AVX2_BUILD) == ["AMX_INT8"]
+
+
+def test_refuses_to_time_a_build_that_leaves_out_the_cpus_extensions(bench, monkeypatch, tmp_path, capsys):
+    """On an AVX-512 CPU an AVX2 build of llama.cpp would make gpt2lab look better than it is: refused before any
+    work, with the CMAKE_ARGS to rebuild, unless --any-build."""
+    converter = tmp_path / "convert_hf_to_gguf.py"
+    converter.write_text("")
+    fake = types.SimpleNamespace(llama_print_system_info=lambda: AVX2_BUILD.encode())
+    monkeypatch.setattr(bench, "read_cpuinfo", lambda: "model name : Zen 4\nflags : " + " ".join(ZEN4_FLAGS) + "\n")
+    monkeypatch.setattr(bench, "import_llama_cpp", lambda: fake)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--converter", str(converter)])
+    message = str(stop.value.code)
+    assert message.startswith("error: this llama.cpp build leaves out AVX512, AVX512_VBMI, AVX512_VNNI, AVX512_BF16")
+    assert bench.cmake_args(ZEN4_FLAGS) in message and "--any-build" in message and "\n" not in message
+
+    class Started(Exception):
+        pass
+
+    def stop_at_torch(*args):  # --any-build goes on to the timed work: stop where it would start
+        raise Started
+
+    monkeypatch.setattr(bench, "cpu_description", stop_at_torch)
+    with pytest.raises(Started):
+        bench.main(["--converter", str(converter), "--any-build"])
+
+
+@pytest.mark.parametrize("preset, expected", [("nope", "error: unknown preset 'nope'; choose one of: gpt2, "),
+                                              ("mini", "error: --preset 'mini' holds 256 positions; the "
+                                                       "benchmark needs 1016")])
+def test_a_bad_preset_is_one_line_before_any_work(bench, monkeypatch, tmp_path, preset, expected):
+    monkeypatch.setattr(bench, "TOKENS", 1000)  # every preset holds the default 144 positions
+    converter = tmp_path / "convert_hf_to_gguf.py"
+    converter.write_text("")
+    fake = types.SimpleNamespace(llama_print_system_info=lambda: AVX2_BUILD.encode())
+    monkeypatch.setattr(bench, "read_cpuinfo", lambda: "flags : avx2 fma f16c\n")
+    monkeypatch.setattr(bench, "import_llama_cpp", lambda: fake)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--converter", str(converter), "--preset", preset])
+    assert str(stop.value.code).startswith(expected) and "\n" not in str(stop.value.code)
+
+
+def test_cmake_args_option_prints_this_cpus_build_flags():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--cmake-args"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [bench_flags_of_this_cpu()]
 
 
 def test_skips_when_the_converter_is_missing(tmp_path):
