@@ -21,7 +21,7 @@ from gpt2lab.fast_step import FlatStep
 from gpt2lab.generate import Decoder, generate
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.native_step import NativeStep, decode_step_for, linear_kind
-from gpt2lab.quantize import BF16Linear, Int4Linear, Int8Linear, _replace_linears
+from gpt2lab.quantize import BF16Linear, Int4Linear, Int8Linear, LowPrecisionEmbedding, _replace_linears
 from gpt2lab.quantize_int import quantize_per_channel
 
 from conftest import CONFIGS, assert_step_refuses_a_full_cache_or_wrong_batch, make_model, modules_and_step
@@ -151,11 +151,11 @@ def test_widths_that_are_not_whole_vectors_take_the_scalar_tails(kind, batch):
 
 
 def to_bf16(model):
-    """Every linear layer and the tied head as BF16Linear (the embedding reads the same bf16 table, widened)."""
+    """Every linear layer and the tied head as BF16Linear, the embedding reading the head's bf16 table (as
+    prepare_for_inference converts)."""
     _replace_linears(model, BF16Linear.from_linear)
     model.lm_head = BF16Linear(model.wte.weight)
-    with torch.no_grad():
-        model.wte.weight.copy_(model.lm_head.weight.float())
+    model.wte = LowPrecisionEmbedding(model.lm_head.weight)
     return model
 
 
@@ -170,6 +170,11 @@ def dequantized(model):
                 if layer.bias is not None:
                     plain.bias.copy_(layer.bias)
             setattr(owner, name, plain)
+    with torch.no_grad():
+        table = model.wte(torch.arange(model.config.vocab_size))  # (V, C) the rows the embedding reads, float32
+    model.wte = nn.Embedding(model.config.vocab_size, model.config.n_embd)
+    with torch.no_grad():
+        model.wte.weight.copy_(table)
     model.lm_head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
     model.lm_head.weight = model.wte.weight
     return model
@@ -255,8 +260,7 @@ def to_int8(model):
     q, s = quantize_per_channel(model.wte.weight)
     _replace_linears(model, Int8Linear.from_linear)
     model.lm_head = Int8Linear(q, s)
-    with torch.no_grad():
-        model.wte.weight.copy_(model.lm_head.dequantized())
+    model.wte = LowPrecisionEmbedding(q, model.lm_head.scale)  # the head's table, as prepare_for_inference converts
     return model
 
 
@@ -415,15 +419,83 @@ def test_rows_retired_mid_decode_keep_their_own_cache_rows():
 
 
 @needs_kernel
-def test_a_weight_moved_after_the_step_was_built_is_refused_not_read():
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+def test_a_step_decodes_with_the_weights_it_was_built_with(dtype):
+    """A weight pointed elsewhere after the step was built (`p.data = ...`, as `.half()` or huge pages do) does not
+    reach that step, and its old memory is not freed under it: the step keeps its own alias of each tensor, so no
+    per-token check is needed (it cost 0.2-0.3 ms a token). In-place writes reach it; a new step sees the new
+    weights."""
+    from gpt2lab.inference import prepare_for_inference
+
+    model = prepare_for_inference(model_for("wide", sharpen=False), dtype)
+    step = NativeStep(model)
+    prefilled = KVCache.for_model(model, 1, max_length=8)
+    with torch.no_grad():
+        model(torch.tensor([[3, 1, 4]]), kv_cache=prefilled)  # once: the modules would prefill with new weights
+
+    def decode(step):
+        cache = KVCache.for_model(model, 1, max_length=8)
+        cache.k.copy_(prefilled.k)
+        cache.v.copy_(prefilled.v)
+        cache.advance(prefilled.length)
+        return step(torch.tensor([5]), cache)
+
+    before = decode(step)
+    with torch.no_grad():
+        for layer in (model.h[1].mlp.c_fc, model.lm_head):
+            for name in ("weight", "scale"):
+                t = getattr(layer, name, None)
+                if t is not None:
+                    t.data = t.data.clone() * 2 if t.is_floating_point() else t.data.clone() // 2
+        fill = [torch.full((layer.weight.numel(),), float("nan")) for _ in range(8)]  # reuse any freed memory
+    torch.testing.assert_close(decode(step), before, rtol=0, atol=0)
+    changed = decode(NativeStep(model))
+    assert not torch.allclose(changed, before)
+    with torch.no_grad():  # an in-place write to what the step reads reaches it
+        model.h[0].ln_1.bias.add_(1.0)
+    assert not torch.allclose(decode(step), before)
+    del fill
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
+def test_the_kernel_embeds_from_the_heads_table_only_where_they_are_tied(dtype):
+    """The kernel embeds tokens from the head's weights, so it runs only where the embedding reads that table (GPT-2
+    ties them; prepare_for_inference keeps the tie); an untied model decodes through the flat step, as correctly."""
+    from gpt2lab.inference import prepare_for_inference
+    from gpt2lab.native_step import embeds_with_head
+
+    model = prepare_for_inference(model_for("wide", sharpen=False), dtype)
+    assert embeds_with_head(model) and isinstance(decode_step_for(model), NativeStep)
+    untied = copy.deepcopy(model)
+    with torch.no_grad():
+        table = untied.wte(torch.arange(untied.config.vocab_size))  # (V, C) float32
+    untied.wte = nn.Embedding.from_pretrained(table.clone(), freeze=False)
+    assert not embeds_with_head(untied) and isinstance(decode_step_for(untied), FlatStep)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    untied_out = generate(untied, prompt, 6, temperature=0)
+    assert untied_out.shape == (1, 11)
+    if dtype == "fp32":  # the same arithmetic by another route (the other precisions' flat layers round otherwise)
+        assert torch.equal(untied_out, generate(model, prompt, 6, temperature=0))
+
+
+@needs_kernel
+def test_token_ids_and_positions_out_of_range_are_refused_before_anything_is_written():
     model = model_for("wide")
     step = NativeStep(model)
-    cache = KVCache.for_model(model, 1, max_length=4)
+    V, n_ctx = model.config.vocab_size, model.config.n_ctx
+    cache = KVCache.for_model(model, 2, max_length=8)
     with torch.no_grad():
-        model.h[1].mlp.c_fc.weight.data = model.h[1].mlp.c_fc.weight.data.clone()  # as a conversion or .half() does
-        with pytest.raises(RuntimeError, match="moved after this decode step was built"):
-            step(torch.zeros(1, dtype=torch.long), cache)
-    assert cache.length == 0
+        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
+    k_before = cache.k.clone()
+    with pytest.raises(IndexError, match=f"token id {V} is out of range: the vocabulary has ids 0 to {V - 1}"):
+        step(torch.tensor([1, V]), cache)
+    with pytest.raises(IndexError, match="token id -1 is out of range"):
+        step(torch.tensor([-1, 2]), cache)
+    with pytest.raises(IndexError, match=f"position {n_ctx} is out of range: the model has positions 0 to {n_ctx - 1}"):
+        step(torch.tensor([1, 2]), cache, positions=torch.tensor([[3], [n_ctx]]))
+    assert cache.length == 3 and torch.equal(cache.k, k_before)
+    assert step(torch.tensor([1, 2]), cache).shape == (2, V) and cache.length == 4
 
 
 @needs_kernel

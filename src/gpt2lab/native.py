@@ -186,7 +186,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gpt2lab_cpu_ok.restype = ctypes.c_int
     if not lib.gpt2lab_cpu_ok():
         raise WrongCPU("this CPU's CPUID does not report every instruction set the build was compiled for")
-    lib.gpt2lab_decode_step.restype = None
+    lib.gpt2lab_decode_step.restype = ctypes.c_int
     lib.gpt2lab_omp_max_threads.restype = ctypes.c_int
     lib.gpt2lab_kernel_paths.restype = ctypes.c_int
     lib.gpt2lab_set_spin_ns.argtypes = [ctypes.c_int64]

@@ -12,8 +12,14 @@ activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per b
 weights with an integer scale per group of 32 and a float per row (quantize_int.quantize_int4, times the same int8
 activations). The KV cache is the usual `KVCache`, so prefill (through the modules) and steps (here) share it.
 
-    tokens (B,) ─ wte + wpe (PyTorch) ─► x (B, C) ─ gpt2lab_decode_step (C++) ─► logits (B, V)
-                                                      └─ writes K, V of this token into cache column `pos`
+    tokens (B,) ─ gpt2lab_decode_step (C++): the head's row + wpe ─► x (B, C) ─ 12 blocks ─► logits (B, V)
+                                             └─ writes K, V of this token into cache column `pos`
+
+The step reads the weights it was built with: it keeps its own alias of each tensor (`detach()`), so a weight
+pointed elsewhere during a decode (`p.data = ...`, as `.half()` or `use_huge_pages` do) neither reaches that decode
+nor frees memory under it, and no per-token check is needed; in-place writes (`load_state_dict`, an optimizer step)
+do reach it. `generate` and `decode_steps` build a step per call. The token embedding is the head's own table (GPT-2
+ties them; `embeds_with_head` checks), so the kernel embeds from the same weights.
 
 `NativeStep.applies(model)` says where it runs: FlatStep's conditions (eval mode, stock blocks, no hooks), the
 layer kinds above on the CPU, and the kernel library built (gpt2lab.native). In float32 it computes the modules'
@@ -42,7 +48,7 @@ from gpt2lab.cpu import LoadMeter, usable_cpus
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
-from gpt2lab.quantize import BF16Linear, Int4Linear, Int8Linear
+from gpt2lab.quantize import BF16Linear, Int4Embedding, Int4Linear, Int8Linear, LowPrecisionEmbedding
 from gpt2lab.quantize_int import INT4_GROUP
 from gpt2lab.thread_tuner import ThreadTuner
 
@@ -64,14 +70,16 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("n_layer", ctypes.c_int64), ("n_embd", ctypes.c_int64), ("n_head", ctypes.c_int64),
                 ("ffn", ctypes.c_int64), ("eps", ctypes.c_float), ("activation", ctypes.c_int32),
-                ("layers", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Linear)]
+                ("layers", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Linear), ("wpe", _p),
+                ("n_ctx", ctypes.c_int64)]
 
 
 class _Step(ctypes.Structure):
     _fields_ = [("x", _p), ("logits", _p), ("k_cache", _p), ("v_cache", _p), ("batch", ctypes.c_int64),
                 ("batch_max", ctypes.c_int64), ("s_max", ctypes.c_int64), ("pos", ctypes.c_int64), ("mask", _p),
                 ("qkv", _p), ("att", _p), ("hidden", _p), ("norm", _p), ("scores", _p), ("xq", _p),
-                ("xq_scale", _p), ("xq_sums", _p), ("xb", _p), ("threads", ctypes.c_int32)]
+                ("xq_scale", _p), ("xq_sums", _p), ("xb", _p), ("threads", ctypes.c_int32),
+                ("tokens", _p), ("positions", _p)]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -134,6 +142,28 @@ def threads_adapt() -> bool:
     return adaptive_threads_default() and native.buildable()
 
 
+def _same_memory(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    return (a is not None and b is not None and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
+
+
+def embeds_with_head(model: GPT) -> bool:
+    """Whether the token embedding reads the head's own table (GPT-2 ties them, and `prepare_for_inference` keeps
+    the tie in every precision), so the kernel can embed tokens from the head's weights: a float32 `nn.Embedding`
+    on an `nn.Linear` head's weight, a `LowPrecisionEmbedding` on a bf16 or int8 head's weight (the int8 one with
+    the head's scales), an `Int4Embedding` on an int4 head's tensors."""
+    wte, head = model.wte, model.lm_head
+    kind = linear_kind(head)
+    if type(wte) is nn.Embedding:
+        return kind == _F32 and _same_memory(wte.weight, head.weight)
+    if type(wte) is LowPrecisionEmbedding and kind in (_BF16, _INT8) and _same_memory(wte.weight, head.weight):
+        return (wte.scale is None) if kind == _BF16 else (
+            wte.scale is not None and torch.equal(wte.scale, head.scale.float()))
+    if type(wte) is Int4Embedding and kind == _INT4:
+        return all(_same_memory(getattr(wte, n), getattr(head, n)) for n in ("weight", "group_scale", "scale"))
+    return False
+
+
 def _linears(model: GPT) -> list[nn.Module]:
     return [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)] + [model.lm_head]
 
@@ -163,7 +193,6 @@ class NativeStep:
         self.vocab_size = model.lm_head.out_features
         self.n_embd, self.ffn = cfg.n_embd, model.h[0].mlp.c_fc.out_features
         self._keep: list[torch.Tensor] = []  # every tensor whose memory the kernel reads, kept alive with the step
-        self._sources: list[tuple[dict, str, Optional[int]]] = []  # (module's tensor table, name, address) checked
         layers = (_Layer * cfg.n_layer)()
         for i, b in enumerate(model.h):
             layers[i] = _Layer(self._addr(b.ln_1, "weight"), self._addr(b.ln_1, "bias"), self._linear(b.attn.c_attn),
@@ -172,28 +201,21 @@ class NativeStep:
         self._layers = layers
         self._model = _Model(cfg.n_layer, cfg.n_embd, cfg.n_head, self.ffn, cfg.layer_norm_eps,
                              _ACTIVATIONS[cfg.activation], ctypes.addressof(layers), self._addr(model.ln_f, "weight"),
-                             self._addr(model.ln_f, "bias"), self._linear(model.lm_head))
-        self.positions = model.wpe.weight  # (n_ctx, C)
+                             self._addr(model.ln_f, "bias"), self._linear(model.lm_head), self._addr(model.wpe, "weight"),
+                             cfg.n_ctx)
+        self.n_ctx = cfg.n_ctx
         self._scratch: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
     def _addr(self, module: nn.Module, name: str) -> Optional[int]:
-        """The address of `module.name` (None for an absent bias), kept alive and remembered for `_check`."""
-        table = module._parameters if name in module._parameters else module._buffers
-        t = table.get(name)
-        address = None if t is None else t.data_ptr()
-        if t is not None:
-            self._keep.append(t)
-        self._sources.append((table, name, address))
-        return address
-
-    def _check(self) -> None:
-        """Refuse to run if a weight the kernel reads has moved since the step was built (`p.data` swapped by a
-        conversion, `.half()`, huge pages): the kernel would read the old memory. A step is built per decode."""
-        for table, name, address in self._sources:
-            t = table.get(name)
-            if (None if t is None else t.data_ptr()) != address:
-                raise RuntimeError(f"a weight of the model ({name}) moved after this decode step was built; "
-                                   "build a new step (generate builds one per call)")
+        """The address of `module.name` (None for an absent bias). The step keeps its own alias of the tensor
+        (`detach()`: the same memory, another tensor), so the memory stays alive for the step even where the
+        module's tensor is later pointed elsewhere (`p.data = ...`, as `.half()` or `use_huge_pages` do)."""
+        t = getattr(module, name, None)
+        if t is None:
+            return None
+        alias = t.detach()
+        self._keep.append(alias)
+        return alias.data_ptr()
 
     def _linear(self, layer: nn.Module) -> _Linear:
         kind = linear_kind(layer)
@@ -201,8 +223,7 @@ class NativeStep:
             raise TypeError(f"the native decode step cannot read a {type(layer).__name__} layer")
         scale = group_scale = None
         if kind == _INT8:
-            self._addr(layer, "scale")
-            as_float = layer.scale.float().contiguous()  # (N,) the kernel multiplies in float32
+            as_float = layer.scale.detach().float().contiguous()  # (N,) the kernel multiplies in float32
             self._keep.append(as_float)
             scale = as_float.data_ptr()
         elif kind == _INT4:
@@ -221,16 +242,24 @@ class NativeStep:
         norms += [model.ln_f.weight, model.ln_f.bias, model.wpe.weight]
         if not all(_plain_f32(t) for t in norms) or any(linear_kind(m) is None for m in _linears(model)):
             return False
-        return native.library() is not None
+        return embeds_with_head(model) and native.library() is not None
+
+    def _out_of_range(self, ids: torch.Tensor, at: int | torch.Tensor, refused: int) -> IndexError:
+        """The error for the kernel's refusal (1: a token id, 2: a position outside the model's), naming the value."""
+        if refused == 1:
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0].item()
+            return IndexError(f"token id {bad} is out of range: the vocabulary has ids 0 to {self.vocab_size - 1}")
+        bad = at if isinstance(at, int) else at[(at < 0) | (at >= self.n_ctx)][0].item()
+        return IndexError(f"position {bad} is out of range: the model has positions 0 to {self.n_ctx - 1}")
 
     def _buffers(self, B: int, s_max: int, threads: int) -> tuple[torch.Tensor, ...]:
-        """Scratch memory for B rows, allocated once per shape: qkv, att, hidden, norm, scores, xq, xq_scale,
-        xq_sums, xb (each thread's bf16 copy of the activations, bits in int16)."""
+        """Scratch memory for B rows, allocated once per shape: x (the residual stream), qkv, att, hidden, norm,
+        scores, xq, xq_scale, xq_sums, xb (each thread's bf16 copy of the activations, bits in int16)."""
         key = (B, s_max, threads)
         if key not in self._scratch:
             C, F = self.n_embd, self.ffn
             f32 = dict(dtype=torch.float32)
-            self._scratch[key] = (torch.empty(B, 3 * C, **f32), torch.empty(B, C, **f32), torch.empty(B, F, **f32),
+            self._scratch[key] = (torch.empty(B, C, **f32), torch.empty(B, 3 * C, **f32), torch.empty(B, C, **f32), torch.empty(B, F, **f32),
                                   torch.empty(threads, B, C, **f32), torch.empty(threads, s_max, **f32),
                                   torch.empty(threads, B, max(C, F), dtype=torch.int8),
                                   torch.empty(threads, B, **f32),
@@ -255,9 +284,8 @@ class NativeStep:
                                            or attention_mask.size(1) != pos + 1):
             raise ValueError(f"attention_mask must be (B, S) = ({B}, {pos + 1}) over the cached positions and the new "
                              f"one, got shape {tuple(attention_mask.shape)}")
-        self._check()
-        pos_emb = self.positions[pos] if positions is None else self.positions[positions.view(-1)]  # (C,) or (B, C)
-        x = (self.model.wte(tokens) + pos_emb).float().contiguous()  # (B, C), becomes the final residual stream
+        ids = tokens.reshape(B).long().contiguous()  # (B,) embedded by the kernel from the head's table
+        at = None if positions is None else positions.reshape(B).long().contiguous()  # (B,) or every row at pos
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, :pos + 1].to(torch.uint8).contiguous()  # (B, pos + 1)
@@ -265,13 +293,15 @@ class NativeStep:
         most = torch.get_num_threads()
         tuner = thread_tuner(self.model, most) if self.adaptive_threads else None
         threads = tuner.threads() if tuner is not None else most
-        qkv, att, hidden, norm, scores, xq, xq_scale, xq_sums, xb = self._buffers(B, cache.max_length, most)
+        x, qkv, att, hidden, norm, scores, xq, xq_scale, xq_sums, xb = self._buffers(B, cache.max_length, most)
         step = _Step(x.data_ptr(), logits.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), B, cache.k.size(1),
                      cache.max_length, pos, _ptr(mask), qkv.data_ptr(), att.data_ptr(), hidden.data_ptr(),
                      norm.data_ptr(), scores.data_ptr(), xq.data_ptr(), xq_scale.data_ptr(), xq_sums.data_ptr(),
-                     xb.data_ptr(), threads)
+                     xb.data_ptr(), threads, ids.data_ptr(), _ptr(at))
         start = time.perf_counter()
-        self._run(ctypes.byref(self._model), ctypes.byref(step))
+        refused = self._run(ctypes.byref(self._model), ctypes.byref(step))
+        if refused:
+            raise self._out_of_range(ids, pos if at is None else at, refused)
         if tuner is not None:
             tuner.record(time.perf_counter() - start, B, load_meter().others())
         self.threads_used = threads

@@ -1,4 +1,4 @@
-// The whole one-token decode step of GPT-2 in one call: embeddings in, logits out.
+// The whole one-token decode step of GPT-2 in one call: token ids in, logits out.
 //
 // Why C++: at batch 1 a step streams every weight once (about 500 MB for GPT-2 small in float32), and the time to do
 // that is the floor. Through PyTorch the step is ~300 small operations, each paying Python and dispatch overhead,
@@ -7,8 +7,9 @@
 // (bias, residual add, activation, writing keys and values into the cache) fused into the product that makes its
 // input, and the threads meeting only where one operation needs all of the previous one's output.
 //
-// The arithmetic is GPT.forward's at T = 1 (tests compare the two): pre-LayerNorm blocks, fused QKV, causal
-// attention over the KV cache, a tanh-GELU (or exact GELU, or ReLU) MLP, the final LayerNorm, the tied head.
+// The arithmetic is GPT.forward's at T = 1 (tests compare the two): the token's row of the tied table (widened from
+// its precision) plus the position's, pre-LayerNorm blocks, fused QKV, causal attention over the KV cache, a
+// tanh-GELU (or exact GELU, or ReLU) MLP, the final LayerNorm, the tied head.
 // Built at first use by gpt2lab/native.py for the CPU at hand; loaded after torch, so it shares torch's OpenMP
 // runtime and thread count.
 //
@@ -82,12 +83,14 @@ struct Model {
     int32_t activation;
     const Layer* layers;         // (n_layer,)
     const float *lnf_w, *lnf_b;
-    Linear head;                 // C -> V
+    Linear head;                 // C -> V, its weight also the token embedding table (tied, as GPT-2's)
+    const float* wpe;            // (n_ctx, C) position embeddings
+    int64_t n_ctx;
 };
 
 // One call's state: the residual stream x, the KV cache, and scratch memory, all owned by the caller (torch tensors).
 struct Step {
-    float* x;                    // (B, C) token + position embeddings in, final residual stream out
+    float* x;                    // (B, C) the residual stream: token + position embeddings, then each block's
     float* logits;               // (B, V)
     float *k_cache, *v_cache;    // (L, B_max, H, S_max, D)
     int64_t batch, batch_max, s_max, pos;  // B active rows; this token's keys and values go to column pos
@@ -102,6 +105,8 @@ struct Step {
     int16_t* xq_sums;            // (threads, B, max(C, F) / 32) 8 x each group's sum (int4's correction)
     uint16_t* xb;                // (threads, B, max(C, F)) bf16 activations (the bf16 dot-product path)
     int32_t threads;
+    const int64_t* tokens;       // (B,) this step's token ids
+    const int64_t* positions;    // (B,) each row's position (padded batches); null: every row at pos
 };
 
 // ------------------------------------------------------------------------------------------------ small helpers
@@ -865,6 +870,59 @@ static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b,
     }
 }
 
+// ------------------------------------------------------------------------------------------------ embeddings
+// 32 stored values q + 8 in [0, 15] -> q * step as float, in order (the same float product torch's dequantize makes)
+static inline void widen_group(__m256i stored, float step, float* out) {
+    const __m256i q = _mm256_sub_epi8(stored, _mm256_set1_epi8(8));
+    const __m256 st = _mm256_set1_ps(step);
+    const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+    for (int h = 0; h < 2; h++) {
+        const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(halves[h]));
+        const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(halves[h], 8)));
+        _mm256_storeu_ps(out + 16 * h, _mm256_mul_ps(a, st));
+        _mm256_storeu_ps(out + 16 * h + 8, _mm256_mul_ps(b, st));
+    }
+}
+
+// One int4 row widened to float32, K weights from K / 2 bytes: one mask and one shift per 64 weights, then bytes ->
+// int32 -> float times the group's step s * D.
+static void widen_row_i4(const uint8_t* w, const int16_t* group_scale, float row_scale, int64_t K, float* o) {
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k / 2));
+        widen_group(low4(b), (float)group_scale[k / 32] * row_scale, o + k);
+        widen_group(high4(b), (float)group_scale[k / 32 + 1] * row_scale, o + k + 32);
+    }
+    if (k < K) widen_group(last_group_i4(w + k / 2), (float)group_scale[k / 32] * row_scale, o + k);
+}
+
+// Row b of x = the token's row of the tied table, widened as its layer stores it (the same float products as the
+// embedding modules: a copy, bf16 bits shifted, int8 times the row's scale, int4 as widen_row_i4), plus the
+// position's row of wpe. Returns 1 if a token id is outside [0, V), 2 if a position is outside [0, n_ctx), 0 when
+// every row was written; nothing is written unless all are valid.
+static int embed_rows(const Model& M, const Step& S) {
+    const Linear& E = M.head;
+    const int64_t B = S.batch, C = M.n_embd;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t p = S.positions ? S.positions[b] : S.pos;
+        if (S.tokens[b] < 0 || S.tokens[b] >= E.n) return 1;
+        if (p < 0 || p >= M.n_ctx) return 2;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t t = S.tokens[b], p = S.positions ? S.positions[b] : S.pos;
+        float* x = S.x + b * C;
+        if (E.kind == F32) memcpy(x, (const float*)E.weight + t * C, C * sizeof(float));
+        else if (E.kind == BF16)
+            for (int64_t i = 0; i < C; i++) x[i] = bf16_to_float(((const uint16_t*)E.weight)[t * C + i]);
+        else if (E.kind == INT8)
+            for (int64_t i = 0; i < C; i++) x[i] = (float)((const int8_t*)E.weight)[t * C + i] * E.scale[t];
+        else widen_row_i4((const uint8_t*)E.weight + t * (C / 2), E.group_scale + t * (C / 32), E.scale[t], C, x);
+        const float* pe = M.wpe + p * C;
+        for (int64_t i = 0; i < C; i++) x[i] += pe[i];
+    }
+    return 0;
+}
+
 // ---------------------------------------------------------------------------------------------------- the step
 static bool integer(const Linear& L) { return L.kind == INT8 || L.kind == INT4; }
 
@@ -879,11 +937,13 @@ static void project(const Linear& L, const float* x, const QuantRows& xq, int64_
     linear_rows(L, x, xq, B, out, ld_out, how, activation, nth);
 }
 
-// x (B, C) holds the embeddings; on return logits (B, V) hold the next-token logits and the cache holds this
-// token's keys and values at column pos. The caller advances the cache.
-extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
+// Embeds the tokens into x (B, C); on return logits (B, V) hold the next-token logits and the cache holds this
+// token's keys and values at column pos (the caller advances the cache). Returns embed_rows' refusal (1: a token id,
+// 2: a position out of range; nothing computed), else 0.
+extern "C" int gpt2lab_decode_step(const Model* model, const Step* step) {
     const Model& M = *model;
     const Step& S = *step;
+    if (const int bad = embed_rows(M, S)) return bad;
     const int64_t B = S.batch, C = M.n_embd, F = M.ffn, H = M.n_head;
     const int64_t widest = C > F ? C : F;
     Barrier meet;
@@ -917,39 +977,16 @@ extern "C" void gpt2lab_decode_step(const Model* model, const Step* step) {
         project(M.head, norm, xq, B, S.logits, M.head.n, STORE, M.activation, nth);
         barrier_wait(meet, nth);  // so OpenMP's own barrier at the end of the region finds everyone there
     }
-}
-
-// 32 stored values q + 8 in [0, 15] -> q * step as float, in order (the same float product torch's dequantize makes)
-static inline void widen_group(__m256i stored, float step, float* out) {
-    const __m256i q = _mm256_sub_epi8(stored, _mm256_set1_epi8(8));
-    const __m256 st = _mm256_set1_ps(step);
-    const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
-    for (int h = 0; h < 2; h++) {
-        const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(halves[h]));
-        const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(halves[h], 8)));
-        _mm256_storeu_ps(out + 16 * h, _mm256_mul_ps(a, st));
-        _mm256_storeu_ps(out + 16 * h + 8, _mm256_mul_ps(b, st));
-    }
+    return 0;
 }
 
 // int4 weights widened to float32, (N, K / 2) bytes -> (N, K): what a prefill multiplies by (Int4Linear.dequantized),
-// rows split between the threads. One mask and one shift per 64 weights, then bytes -> int32 -> float times the
-// group's step s * D.
+// rows split between the threads.
 extern "C" void gpt2lab_dequantize_int4(const uint8_t* packed, const int16_t* group_scale, const float* row_scale,
                                         int64_t N, int64_t K, float* out) {
     const int64_t G = K / 32;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t* w = packed + n * (K / 2);
-        float* o = out + n * K;
-        int64_t k = 0;
-        for (; k + 64 <= K; k += 64) {
-            const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k / 2));
-            widen_group(low4(b), (float)group_scale[n * G + k / 32] * row_scale[n], o + k);
-            widen_group(high4(b), (float)group_scale[n * G + k / 32 + 1] * row_scale[n], o + k + 32);
-        }
-        if (k < K) widen_group(last_group_i4(w + k / 2), (float)group_scale[n * G + k / 32] * row_scale[n], o + k);
-    }
+    for (int64_t n = 0; n < N; n++) widen_row_i4(packed + n * (K / 2), group_scale + n * G, row_scale[n], K, out + n * K);
 }
 
 // Whether this CPU runs what this build was compiled for, asked of the CPU itself (CPUID, and the OS's saving of the
