@@ -12,7 +12,8 @@ the CPU at hand rather than with -march=native, which can die with SIGILL on VMs
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR
     tar xzf DIR/llama_cpp_python-0.3.36.tar.gz -C DIR
     CMAKE_ARGS="$(python benchmarks/llama_cpp.py --cmake-args)" pip install DIR/llama_cpp_python-0.3.36
-    # on an AVX2 CPU: -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=ON;
+    # on an AVX2 CPU: -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON
+    #                 -DGGML_F16C=ON -DGGML_OPENMP=ON;
     # AVX-512 CPUs add -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON (and VBMI, AMX where present)
 
 A build that leaves out an extension this CPU has (an AVX2 build on an AVX-512 machine, say) is refused before any
@@ -67,14 +68,21 @@ TOKENS = 128  # new tokens per timed decode
 PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0"))  # gpt2lab precision, its peer
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
              "amx_int8")
-# (flag in /proc/cpuinfo, llama.cpp's CMake option that compiles it in, the name llama.cpp's system info gives it
-# when it is compiled in; None where that line does not show it)
-GGML_OPTIONS = (("avx2", "GGML_AVX2", "AVX2"), ("fma", "GGML_FMA", "FMA"), ("f16c", "GGML_F16C", "F16C"),
-                ("avx_vnni", "GGML_AVX_VNNI", "AVX_VNNI"), ("avx512f", "GGML_AVX512", "AVX512"),
-                ("avx512_vbmi", "GGML_AVX512_VBMI", "AVX512_VBMI"), ("avx512_vnni", "GGML_AVX512_VNNI", "AVX512_VNNI"),
-                ("avx512_bf16", "GGML_AVX512_BF16", "AVX512_BF16"), ("amx_tile", "GGML_AMX_TILE", None),
-                ("amx_int8", "GGML_AMX_INT8", "AMX_INT8"), ("amx_bf16", "GGML_AMX_BF16", None))
-ALWAYS_AVX2 = ("avx2", "fma", "f16c")  # the baseline the hint names even where /proc/cpuinfo cannot be read
+# (flags /proc/cpuinfo must list, llama.cpp's CMake option that compiles them in, the name llama.cpp's system info
+# gives it when compiled in; None where that line does not show it). GGML_AVX512 compiles with -mavx512f, cd, vl, dq
+# and bw, so it needs all five; its extensions need them too.
+AVX512 = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+GGML_OPTIONS = ((("sse4_2",), "GGML_SSE42", None), (("avx",), "GGML_AVX", "AVX"), (("avx2",), "GGML_AVX2", "AVX2"),
+                (("bmi2",), "GGML_BMI2", "BMI2"), (("fma",), "GGML_FMA", "FMA"), (("f16c",), "GGML_F16C", "F16C"),
+                (("avx_vnni",), "GGML_AVX_VNNI", "AVX_VNNI"), (AVX512, "GGML_AVX512", "AVX512"),
+                ((*AVX512, "avx512vbmi"), "GGML_AVX512_VBMI", "AVX512_VBMI"),
+                ((*AVX512, "avx512_vnni"), "GGML_AVX512_VNNI", "AVX512_VNNI"),
+                ((*AVX512, "avx512_bf16"), "GGML_AVX512_BF16", "AVX512_BF16"), (("amx_tile",), "GGML_AMX_TILE", None),
+                (("amx_tile", "amx_int8"), "GGML_AMX_INT8", "AMX_INT8"),
+                (("amx_tile", "amx_bf16"), "GGML_AMX_BF16", None))
+# the baseline the hint names even where /proc/cpuinfo cannot be read (gpt2lab's kernel needs AVX2 too); named
+# explicitly because llama.cpp turns these off by default where SOURCE_DATE_EPOCH is set
+BASELINE = ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -148,11 +156,11 @@ def cmake_args(flags: set[str]) -> str:
     """CMAKE_ARGS that build llama.cpp for a CPU with these flags: every vector extension it has that llama.cpp can
     use, named one by one (GGML_NATIVE off: -march=native can die with SIGILL on VMs whose CPU flags lie).
 
-    >>> cmake_args({"avx2", "fma", "f16c", "avx512f", "avx512_bf16"})
-    '-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_BF16=ON -DGGML_OPENMP=ON'
+    >>> cmake_args({"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512_bf16"}).split()[7:]
+    ['-DGGML_AVX512=ON', '-DGGML_AVX512_BF16=ON', '-DGGML_OPENMP=ON']
     """
-    wanted = flags | set(ALWAYS_AVX2)
-    on = [f"-D{option}=ON" for flag, option, _ in GGML_OPTIONS if flag in wanted]
+    have = flags | set(BASELINE)
+    on = [f"-D{option}=ON" for needs, option, _ in GGML_OPTIONS if have.issuperset(needs)]
     return " ".join(["-DGGML_NATIVE=OFF", *on, "-DGGML_OPENMP=ON"])
 
 
@@ -168,11 +176,11 @@ def missing_from_build(flags: set[str], system_info: str) -> list[str]:
     """The vector extensions this CPU has that the llama.cpp build leaves out (its system info names what it was
     compiled with): against such a build gpt2lab would be compared with a llama.cpp slower than it can be here.
 
-    >>> missing_from_build({"avx2", "avx512f", "avx512_vnni"}, "CPU : AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |")
+    >>> missing_from_build({"avx2", *AVX512, "avx512_vnni"}, "CPU : AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |")
     ['AVX512_VNNI']
     """
     built = set(re.findall(r"([A-Z0-9_]+) = 1", system_info))
-    return [name for flag, _, name in GGML_OPTIONS if name and flag in flags and name not in built]
+    return [name for needs, _, name in GGML_OPTIONS if name and flags.issuperset(needs) and name not in built]
 
 
 # ----------------------------------------------------------------------------------------- finding llama.cpp
