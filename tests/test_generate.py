@@ -164,6 +164,27 @@ def test_decoder_keep_controls_the_slide():
         Decoder(model, idx, keep=0)
 
 
+def test_the_step_is_built_again_after_each_re_encoding_of_the_window():
+    """The re-encoding runs the modules on the model's weights of now, so the steps after it are built anew: a
+    native step reads the weights it was built with, and a decode must not mix two sets."""
+    from gpt2lab.generate import default_step
+
+    model = make_model(CONFIGS["tiny"], seed=10)
+    built = []
+
+    def counting(m):
+        built.append(m)
+        return default_step(m)
+
+    idx = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(11))
+    decoder = Decoder(model, idx, max_new_tokens=10, keep=8, make_step=counting)
+    with torch.no_grad():
+        logits = decoder.prefill()
+        for _ in range(5):
+            logits = decoder.step(logits.argmax(-1))
+    assert len(built) == 2 and decoder.start > 0  # at construction, then after the one slide
+
+
 # --------------------------------------------------------------------------------------------------- decode steps
 def test_the_default_step_is_the_native_or_flat_step_where_it_applies(monkeypatch):
     from gpt2lab import native

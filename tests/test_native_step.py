@@ -21,7 +21,8 @@ from gpt2lab.fast_step import FlatStep
 from gpt2lab.generate import Decoder, generate
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.native_step import NativeStep, decode_step_for, linear_kind
-from gpt2lab.quantize import BF16Linear, Int4Linear, Int8Linear, LowPrecisionEmbedding, _replace_linears
+from gpt2lab.quantize import (BF16Linear, Int4Embedding, Int4Linear, Int8Linear, LowPrecisionEmbedding,
+                              _replace_linears)
 from gpt2lab.quantize_int import quantize_per_channel
 
 from conftest import CONFIGS, assert_step_refuses_a_full_cache_or_wrong_batch, make_model, modules_and_step
@@ -423,8 +424,7 @@ def test_rows_retired_mid_decode_keep_their_own_cache_rows():
 def test_a_step_decodes_with_the_weights_it_was_built_with(dtype):
     """A weight pointed elsewhere after the step was built (`p.data = ...`, as `.half()` or huge pages do) does not
     reach that step, and its old memory is not freed under it: the step keeps its own alias of each tensor, so no
-    per-token check is needed (it cost 0.2-0.3 ms a token). In-place writes reach it; a new step sees the new
-    weights."""
+    per-token check is needed. In-place writes reach it; a new step sees the new weights."""
     from gpt2lab.inference import prepare_for_inference
 
     model = prepare_for_inference(model_for("wide", sharpen=False), dtype)
@@ -447,7 +447,8 @@ def test_a_step_decodes_with_the_weights_it_was_built_with(dtype):
                 t = getattr(layer, name, None)
                 if t is not None:
                     t.data = t.data.clone() * 2 if t.is_floating_point() else t.data.clone() // 2
-        fill = [torch.full((layer.weight.numel(),), float("nan")) for _ in range(8)]  # reuse any freed memory
+        nbytes = max(t.numel() * t.element_size() for t in (model.lm_head.weight, model.h[1].mlp.c_fc.weight))
+        fill = [torch.full((nbytes // 4,), float("nan")) for _ in range(8)]  # blocks the freed ones' size: reused
     torch.testing.assert_close(decode(step), before, rtol=0, atol=0)
     changed = decode(NativeStep(model))
     assert not torch.allclose(changed, before)
@@ -472,6 +473,19 @@ def test_the_kernel_embeds_from_the_heads_table_only_where_they_are_tied(dtype):
         table = untied.wte(torch.arange(untied.config.vocab_size))  # (V, C) float32
     untied.wte = nn.Embedding.from_pretrained(table.clone(), freeze=False)
     assert not embeds_with_head(untied) and isinstance(decode_step_for(untied), FlatStep)
+    with pytest.raises(TypeError, match="embeds tokens from the LM head's table"):
+        NativeStep(untied)
+    if dtype != "fp32":  # the same kind of embedding module on another table, or other scales
+        other = copy.deepcopy(model)
+        head = other.lm_head
+        if dtype == "int4":
+            other.wte = Int4Embedding(head)
+            other.wte.group_scale = head.group_scale.clone()
+        elif dtype == "bf16":
+            other.wte = LowPrecisionEmbedding(head.weight.clone())
+        else:
+            other.wte = LowPrecisionEmbedding(head.weight, head.scale * 2)
+        assert not embeds_with_head(other)
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     untied_out = generate(untied, prompt, 6, temperature=0)
     assert untied_out.shape == (1, 11)
@@ -494,8 +508,43 @@ def test_token_ids_and_positions_out_of_range_are_refused_before_anything_is_wri
         step(torch.tensor([-1, 2]), cache)
     with pytest.raises(IndexError, match=f"position {n_ctx} is out of range: the model has positions 0 to {n_ctx - 1}"):
         step(torch.tensor([1, 2]), cache, positions=torch.tensor([[3], [n_ctx]]))
+    with pytest.raises(IndexError, match="position -2 is out of range"):
+        step(torch.tensor([1, 2]), cache, positions=torch.tensor([[-2], [3]]))
     assert cache.length == 3 and torch.equal(cache.k, k_before)
     assert step(torch.tensor([1, 2]), cache).shape == (2, V) and cache.length == 4
+    long_cache = KVCache.for_model(model, 1, max_length=n_ctx + 2)  # room past the model's positions
+    long_cache.advance(n_ctx)
+    with pytest.raises(IndexError, match=f"position {n_ctx} is out of range"):
+        step(torch.tensor([1]), long_cache)  # every row at the cache's column
+    assert long_cache.length == n_ctx
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
+def test_the_kernels_embedding_is_the_modules_bit_for_bit(dtype):
+    """With every block adding exactly zero, the residual stream the kernel leaves in its x buffer is the embedding
+    alone: the token's row of the head's table widened as the embedding module widens it, plus the position's row,
+    equal to `wte(tokens) + wpe[positions]` to the bit (the logits tests allow a tolerance)."""
+    from gpt2lab.inference import prepare_for_inference
+
+    model = prepare_for_inference(model_for("wide", sharpen=False), dtype)
+    with torch.no_grad():
+        for block in model.h:
+            for layer in (block.attn.c_proj, block.mlp.c_proj):
+                for name in ("weight", "scale", "bias"):
+                    t = getattr(layer, name, None)
+                    if t is not None and t.is_floating_point():
+                        t.zero_()
+    step = NativeStep(model)
+    V = model.config.vocab_size
+    tokens, positions = torch.tensor([0, V - 1, 77]), torch.tensor([[5], [0], [9]])
+    cache = KVCache.for_model(model, 3, max_length=8)
+    cache.advance(4)
+    step(tokens, cache, positions=positions)
+    x = step._buffers(3, 8, torch.get_num_threads())[0]  # (B, C) the residual stream after the last block
+    with torch.no_grad():
+        want = model.wte(tokens) + model.wpe.weight[positions.view(-1)]
+    assert torch.equal(x, want)
 
 
 @needs_kernel

@@ -132,6 +132,7 @@ class Decoder:
         self.cache = KVCache.for_model(model, B, max_length=min(n_ctx, capacity))
         self.padded = False
         self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) position of the next token
+        self._make_step = make_step
         self.fast_step = _pick_step(model, make_step)  # None: the model's own forward
 
     @property
@@ -191,7 +192,11 @@ class Decoder:
         forget = overflow[:, None] & (cols[None, :] < (self.length - kept)[:, None])  # (B, length)
         self.mask[:, :self.length].masked_fill_(forget, 0)
         self.start = self.length - int(kept.max())
-        return self.prefill()
+        logits = self.prefill()
+        # the re-encoding ran the modules on the weights of now: the steps after it read those too (a native step
+        # reads the weights it was built with, gpt2lab.native_step)
+        self.fast_step = _pick_step(self.model, self._make_step)
+        return logits
 
     def retire(self, keep: torch.Tensor) -> None:
         """Keep only the active rows listed in `keep` (indices into the active rows, ascending)."""

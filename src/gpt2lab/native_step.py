@@ -2,7 +2,7 @@
 
 FlatStep (fast_step.py) runs a step as ~100 PyTorch operations; at batch 1 their fixed cost and the general GEMM
 kernels behind them leave the step well short of the time it takes to stream the weights from memory. NativeStep hands
-the whole step to one C function instead: the embeddings go in, the logits come out, and in between every layer's
+the whole step to one C function instead: the token ids go in, the logits come out, and in between every layer's
 LayerNorm, matrix-vector products, attention over the KV cache and MLP run in one OpenMP parallel region (the design
 is in the source's header comment).
 
@@ -12,14 +12,15 @@ activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per b
 weights with an integer scale per group of 32 and a float per row (quantize_int.quantize_int4, times the same int8
 activations). The KV cache is the usual `KVCache`, so prefill (through the modules) and steps (here) share it.
 
-    tokens (B,) ─ gpt2lab_decode_step (C++): the head's row + wpe ─► x (B, C) ─ 12 blocks ─► logits (B, V)
+    tokens (B,) ─ gpt2lab_decode_step (C++): the head's row + wpe ─► x (B, C) ─ the blocks ─► logits (B, V)
                                              └─ writes K, V of this token into cache column `pos`
 
 The step reads the weights it was built with: it keeps its own alias of each tensor (`detach()`), so a weight
-pointed elsewhere during a decode (`p.data = ...`, as `.half()` or `use_huge_pages` do) neither reaches that decode
-nor frees memory under it, and no per-token check is needed; in-place writes (`load_state_dict`, an optimizer step)
-do reach it. `generate` and `decode_steps` build a step per call. The token embedding is the head's own table (GPT-2
-ties them; `embeds_with_head` checks), so the kernel embeds from the same weights.
+pointed elsewhere during a decode (`p.data = ...`, as `.half()` or `use_huge_pages` do) does not reach it and frees
+no memory under it (only resizing a tensor's storage in place would), and no per-token check is needed; in-place
+writes (`load_state_dict`, an optimizer step) do reach it. `generate` and `decode_steps` build a step per call, and
+again after each re-encoding of the sliding window, so a decode never mixes two sets of weights. The token
+embedding is the head's own table (GPT-2 ties them; `embeds_with_head` checks), so the kernel embeds from it.
 
 `NativeStep.applies(model)` says where it runs: FlatStep's conditions (eval mode, stock blocks, no hooks), the
 layer kinds above on the CPU, and the kernel library built (gpt2lab.native). In float32 it computes the modules'
@@ -149,13 +150,13 @@ def _same_memory(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
 
 def embeds_with_head(model: GPT) -> bool:
     """Whether the token embedding reads the head's own table (GPT-2 ties them, and `prepare_for_inference` keeps
-    the tie in every precision), so the kernel can embed tokens from the head's weights: a float32 `nn.Embedding`
-    on an `nn.Linear` head's weight, a `LowPrecisionEmbedding` on a bf16 or int8 head's weight (the int8 one with
-    the head's scales), an `Int4Embedding` on an int4 head's tensors."""
+    the tie for every head the kernel reads), so the kernel can embed tokens from the head's weights: a float32
+    `nn.Embedding` on an `nn.Linear` head's weight, a `LowPrecisionEmbedding` on a bf16 or int8 head's weight (the
+    int8 one with the head's scales), an `Int4Embedding` on an int4 head's tensors."""
     wte, head = model.wte, model.lm_head
     kind = linear_kind(head)
     if type(wte) is nn.Embedding:
-        return kind == _F32 and _same_memory(wte.weight, head.weight)
+        return kind == _F32 and wte.max_norm is None and _same_memory(wte.weight, head.weight)
     if type(wte) is LowPrecisionEmbedding and kind in (_BF16, _INT8) and _same_memory(wte.weight, head.weight):
         return (wte.scale is None) if kind == _BF16 else (
             wte.scale is not None and torch.equal(wte.scale, head.scale.float()))
@@ -185,6 +186,9 @@ class NativeStep:
         lib = native.library() if library is None else library  # another build: benchmarks/kernel_paths.py
         if lib is None:
             raise RuntimeError(f"the native decode kernel is unavailable: {native.unavailable_reason()}")
+        if not embeds_with_head(model):
+            raise TypeError("the native decode step embeds tokens from the LM head's table, and this model's "
+                            "embedding reads another one (untied); decode it with FlatStep")
         self._run = lib.gpt2lab_decode_step
         cfg = model.config
         self.model = model
@@ -201,9 +205,9 @@ class NativeStep:
         self._layers = layers
         self._model = _Model(cfg.n_layer, cfg.n_embd, cfg.n_head, self.ffn, cfg.layer_norm_eps,
                              _ACTIVATIONS[cfg.activation], ctypes.addressof(layers), self._addr(model.ln_f, "weight"),
-                             self._addr(model.ln_f, "bias"), self._linear(model.lm_head), self._addr(model.wpe, "weight"),
-                             cfg.n_ctx)
-        self.n_ctx = cfg.n_ctx
+                             self._addr(model.ln_f, "bias"), self._linear(model.lm_head),
+                             self._addr(model.wpe, "weight"), model.wpe.weight.size(0))
+        self.n_ctx = model.wpe.weight.size(0)  # (n_ctx, C): the positions the kernel may read
         self._scratch: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
     def _addr(self, module: nn.Module, name: str) -> Optional[int]:
@@ -242,6 +246,8 @@ class NativeStep:
         norms += [model.ln_f.weight, model.ln_f.bias, model.wpe.weight]
         if not all(_plain_f32(t) for t in norms) or any(linear_kind(m) is None for m in _linears(model)):
             return False
+        if model.wpe.weight.shape != (model.config.n_ctx, model.config.n_embd):
+            return False
         return embeds_with_head(model) and native.library() is not None
 
     def _out_of_range(self, ids: torch.Tensor, at: int | torch.Tensor, refused: int) -> IndexError:
@@ -259,7 +265,8 @@ class NativeStep:
         if key not in self._scratch:
             C, F = self.n_embd, self.ffn
             f32 = dict(dtype=torch.float32)
-            self._scratch[key] = (torch.empty(B, C, **f32), torch.empty(B, 3 * C, **f32), torch.empty(B, C, **f32), torch.empty(B, F, **f32),
+            self._scratch[key] = (torch.empty(B, C, **f32), torch.empty(B, 3 * C, **f32), torch.empty(B, C, **f32),
+                                  torch.empty(B, F, **f32),
                                   torch.empty(threads, B, C, **f32), torch.empty(threads, s_max, **f32),
                                   torch.empty(threads, B, max(C, F), dtype=torch.int8),
                                   torch.empty(threads, B, **f32),
@@ -285,7 +292,7 @@ class NativeStep:
             raise ValueError(f"attention_mask must be (B, S) = ({B}, {pos + 1}) over the cached positions and the new "
                              f"one, got shape {tuple(attention_mask.shape)}")
         ids = tokens.reshape(B).long().contiguous()  # (B,) embedded by the kernel from the head's table
-        at = None if positions is None else positions.reshape(B).long().contiguous()  # (B,) or every row at pos
+        at = None if positions is None else positions.reshape(B).long().contiguous()  # (B,); None: all at pos
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, :pos + 1].to(torch.uint8).contiguous()  # (B, pos + 1)

@@ -90,7 +90,7 @@ struct Model {
 
 // One call's state: the residual stream x, the KV cache, and scratch memory, all owned by the caller (torch tensors).
 struct Step {
-    float* x;                    // (B, C) the residual stream: token + position embeddings, then each block's
+    float* x;                    // (B, C) the residual stream: the embeddings, then each block adds its output
     float* logits;               // (B, V)
     float *k_cache, *v_cache;    // (L, B_max, H, S_max, D)
     int64_t batch, batch_max, s_max, pos;  // B active rows; this token's keys and values go to column pos
@@ -986,7 +986,8 @@ extern "C" void gpt2lab_dequantize_int4(const uint8_t* packed, const int16_t* gr
                                         int64_t N, int64_t K, float* out) {
     const int64_t G = K / 32;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) widen_row_i4(packed + n * (K / 2), group_scale + n * G, row_scale[n], K, out + n * K);
+    for (int64_t n = 0; n < N; n++)
+        widen_row_i4(packed + n * (K / 2), group_scale + n * G, row_scale[n], K, out + n * K);
 }
 
 // Whether this CPU runs what this build was compiled for, asked of the CPU itself (CPUID, and the OS's saving of the
