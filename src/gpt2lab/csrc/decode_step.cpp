@@ -684,6 +684,75 @@ static inline void rows4_i4(const uint8_t* w, const int16_t* s, const int8_t* x,
 #endif
 }
 
+// ------------------------------------------------------------------------------------------------ narrow rows
+// A row of a few hundred bytes (a small model's 128-wide layers and head) costs more in its own overhead (the call,
+// the horizontal sum, the epilogue) than in its products: a 50257 x 128 int8 head took ~24 ns a row where its
+// products take ~5. So at fewer than four input rows, rows this narrow go four at a time: one activation load
+// feeds four rows' products and one shuffle tree sums all four. Four consecutive narrow rows are one contiguous
+// stretch of memory, so the walk stays a single stream (wide rows walked four at a time are four streams, which
+// the prefetcher does not keep up with; docs/benchmarks.md). Float sums come out in another order than the
+// one-row kernels' (both within float32's error); integer sums are the same integers.
+static constexpr int64_t NARROW_ROW_BYTES = 256;
+
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {  // (sum a, sum b, sum c, sum d)
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+// Rows [0, 4) of w (4, K) times x (K,), K a multiple of 8, into out[0..3].
+template <typename W>
+static void dot4rows(const typename W::T* w, const float* x, int64_t K, float* out) {
+    __m256 a[4];
+    for (int r = 0; r < 4; r++) a[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        for (int r = 0; r < 4; r++) a[r] = _mm256_fmadd_ps(W::load8(w + r * K + k), xv, a[r]);
+    }
+    _mm_storeu_ps(out, hsum4(a[0], a[1], a[2], a[3]));
+}
+
+// The same for int8 rows and int8 activations, K a multiple of 32: exact int32 sums, as dot_i8's.
+static void dot4rows_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* out) {
+    __m256i a[4];
+    for (int r = 0; r < 4; r++) a[r] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += 32) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + k));
+        for (int r = 0; r < 4; r++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
+            a[r] = _mm256_add_epi32(a[r], dot32_i8(_mm256_sign_epi8(wv, wv), wv, xv));
+        }
+    }
+    _mm_storeu_si128((__m128i*)out, hsum4_i32(a[0], a[1], a[2], a[3]));
+}
+
+// Whether L's rows go four at a time at batch < 4: narrow, of a width the kernels above take whole, and not bf16
+// on the bf16 dot-product path (whose products round the activations: it keeps its one-row kernel). int4 rows keep
+// theirs too (each row also needs its own correction), and float32 rows, which wait on memory either way (four at
+// a time measured 0.85x on a 128-wide model).
+static bool narrow(const Linear& L) {
+#if !defined(USE_BF16_DOT)
+    if (L.kind == BF16) return L.k * 2 <= NARROW_ROW_BYTES && L.k % 8 == 0;
+#endif
+    if (L.kind == INT8) return L.k <= NARROW_ROW_BYTES && L.k % 32 == 0;
+    return false;
+}
+
+// Four weight rows [n, n + 4) against input row r into v[0..3].
+static inline void products4rows(const Linear& L, const float* x, const QuantRows& Q, int64_t n, int64_t r, float* v) {
+    const int64_t K = L.k;
+    if (L.kind == BF16) dot4rows<BF16Weights>((const uint16_t*)L.weight + n * K, x + r * K, K, v);
+    else {
+        int32_t iv[4];
+        dot4rows_i8((const int8_t*)L.weight + n * K, Q.q + r * K, K, iv);
+        for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
+    }
+}
+
 // What each output row of a product becomes.
 enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 
@@ -725,9 +794,27 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
 // out (B, N) = x (B, K) W^T + b, for weight rows [lo, hi) of this thread's chunk; integer layers read this thread's
 // quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For
 // B > 1 each weight row stays in L1 while every input row passes, so the weights still come from memory once.
+static inline void finish_output(const Linear& L, const QuantRows& Q, int64_t r, int64_t m, float y, float* out,
+                                 int64_t ld_out, Epilogue how) {
+    if (L.kind == INT8 || L.kind == INT4) y *= L.scale[m] * Q.scale[r];
+    if (L.bias) y += L.bias[m];
+    float* o = out + r * ld_out + m;
+    if (how == ADD_TO) *o += y;
+    else *o = y;
+}
+
 static void linear_block(const Linear& L, const float* x, const QuantRows& Q, int64_t B,
                          float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi;) {
+    int64_t n = lo;
+    if (B < 4 && narrow(L)) {  // four narrow rows at a time (above), then the rest one by one
+        for (; n + 4 <= hi; n += 4)
+            for (int64_t r = 0; r < B; r++) {
+                float v[4];
+                products4rows(L, x, Q, n, r, v);
+                for (int j = 0; j < 4; j++) finish_output(L, Q, r, n + j, v[j], out, ld_out, how);
+            }
+    }
+    while (n < hi) {
         // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
         const int64_t rows_w = ((L.kind == F32 || L.kind == BF16) && B >= 4 && n + 1 < hi) ? 2 : 1;
         for (int64_t r0 = 0; r0 < B; r0 += 4) {
@@ -735,15 +822,7 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
             float v[8];  // (rows_w, 4) dot products
             products(L, x, Q, n, r0, rows, rows_w, v);
             for (int64_t i = 0; i < rows_w; i++)
-                for (int64_t j = 0; j < rows; j++) {
-                    const int64_t r = r0 + j, m = n + i;
-                    float y = v[i * 4 + j];
-                    if (L.kind == INT8 || L.kind == INT4) y *= L.scale[m] * Q.scale[r];
-                    if (L.bias) y += L.bias[m];
-                    float* o = out + r * ld_out + m;
-                    if (how == ADD_TO) *o += y;
-                    else *o = y;
-                }
+                for (int64_t j = 0; j < rows; j++) finish_output(L, Q, r0 + j, n + i, v[i * 4 + j], out, ld_out, how);
         }
         n += rows_w;
     }
