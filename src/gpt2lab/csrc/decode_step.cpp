@@ -730,15 +730,38 @@ static void dot4rows_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* ou
     _mm_storeu_si128((__m128i*)out, hsum4_i32(a[0], a[1], a[2], a[3]));
 }
 
+// The same for int4 rows (K a multiple of 64, at most 512 weights): each row's product lanes less its correction
+// lanes (as finish_i4), then one shuffle tree for the four. Exact in int32: over at most 16 groups a product lane
+// holds at most 16 x 4 x 15 x 127 x 255 and a correction lane 2 x 255 x 32512, under 2^26 together, so the sum of
+// a row's 8 lanes stays under 2^29.
+static void dot4rows_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K,
+                        float* out) {
+    const int64_t G = K / 32;
+    __m256i a[4];
+    for (int r = 0; r < 4; r++) a[r] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += 64)
+        for (int r = 0; r < 4; r++) {
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(w + r * (K / 2) + k / 2));
+            const int16_t* sr = s + r * G;
+            a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(group_i4(low4(b), x + k, sr[k / 32]),
+                                                           group_i4(high4(b), x + k + 32, sr[k / 32 + 1])));
+        }
+    int64_t rest[4];
+    for (int r = 0; r < 4; r++) a[r] = _mm256_sub_epi32(a[r], correction_lanes_i4(s + r * G, sums8, G, &rest[r]));
+    int32_t sums[4];
+    _mm_storeu_si128((__m128i*)sums, hsum4_i32(a[0], a[1], a[2], a[3]));
+    for (int r = 0; r < 4; r++) out[r] = (float)(sums[r] - rest[r]);
+}
+
 // Whether L's rows go four at a time at batch < 4: narrow, of a width the kernels above take whole, and not bf16
-// on the bf16 dot-product path (whose products round the activations: it keeps its one-row kernel). int4 rows keep
-// theirs too (each row also needs its own correction), and float32 rows, which wait on memory either way (four at
-// a time measured 0.85x on a 128-wide model).
+// on the bf16 dot-product path (whose products round the activations: it keeps its one-row kernel). float32 rows
+// keep theirs too: they wait on memory either way (four at a time measured 0.85x on a 128-wide model).
 static bool narrow(const Linear& L) {
 #if !defined(USE_BF16_DOT)
     if (L.kind == BF16) return L.k * 2 <= NARROW_ROW_BYTES && L.k % 8 == 0;
 #endif
     if (L.kind == INT8) return L.k <= NARROW_ROW_BYTES && L.k % 32 == 0;
+    if (L.kind == INT4) return L.k / 2 <= NARROW_ROW_BYTES && L.k % 64 == 0;
     return false;
 }
 
@@ -746,6 +769,9 @@ static bool narrow(const Linear& L) {
 static inline void products4rows(const Linear& L, const float* x, const QuantRows& Q, int64_t n, int64_t r, float* v) {
     const int64_t K = L.k;
     if (L.kind == BF16) dot4rows<BF16Weights>((const uint16_t*)L.weight + n * K, x + r * K, K, v);
+    else if (L.kind == INT4)
+        dot4rows_i4((const uint8_t*)L.weight + n * (K / 2), L.group_scale + n * (K / 32), Q.q + r * K,
+                    Q.sums8 + r * (K / 32), K, v);
     else {
         int32_t iv[4];
         dot4rows_i8((const int8_t*)L.weight + n * K, Q.q + r * K, K, iv);
