@@ -686,11 +686,11 @@ static inline void rows4_i4(const uint8_t* w, const int16_t* s, const int8_t* x,
 
 // ------------------------------------------------------------------------------------------------ narrow rows
 // A row of a few hundred bytes (a small model's 128-wide layers and head) costs more in its own overhead (the call,
-// the horizontal sum, the epilogue) than in its products: a 50257 x 128 int8 head took ~24 ns a row where its
-// products take ~5. So at fewer than four input rows, rows this narrow go four at a time: one activation load
-// feeds four rows' products and one shuffle tree sums all four. Four consecutive narrow rows are one contiguous
-// stretch of memory, so the walk stays a single stream (wide rows walked four at a time are four streams, which
-// the prefetcher does not keep up with; docs/benchmarks.md). Float sums come out in another order than the
+// the horizontal sum, the epilogue) than in its products (several times more for a 128-wide int8 head, measured in
+// docs/benchmarks.md). So rows this narrow go four at a time (`narrow` says at which batch sizes): one activation
+// load feeds four rows' products and one shuffle tree sums all four. Four consecutive narrow rows are one
+// contiguous stretch of memory, so the walk stays a single stream (wide rows walked four at a time are four streams,
+// which the prefetcher does not keep up with; docs/benchmarks.md). Float sums come out in another order than the
 // one-row kernels' (both within float32's error); integer sums are the same integers.
 static constexpr int64_t NARROW_ROW_BYTES = 256;
 
@@ -753,15 +753,17 @@ static void dot4rows_i4(const uint8_t* w, const int16_t* s, const int8_t* x, con
     for (int r = 0; r < 4; r++) out[r] = (float)(sums[r] - rest[r]);
 }
 
-// Whether L's rows go four at a time at batch < 4: narrow, of a width the kernels above take whole, and not bf16
+// Whether L's rows go four at a time for B input rows: narrow, of a width the kernels above take whole, and not bf16
 // on the bf16 dot-product path (whose products round the activations: it keeps its one-row kernel). float32 rows
-// keep theirs too: they wait on memory either way (four at a time measured 0.85x on a 128-wide model).
-static bool narrow(const Linear& L) {
+// keep theirs too: they wait on memory either way. From four input rows on, bf16 and int4 do better with their
+// batched kernels (each weight row against four input rows), int8 with this one (four weight rows stay in L1 while
+// each input row passes). The measurements behind each choice are in docs/benchmarks.md.
+static bool narrow(const Linear& L, int64_t B) {
 #if !defined(USE_BF16_DOT)
-    if (L.kind == BF16) return L.k * 2 <= NARROW_ROW_BYTES && L.k % 8 == 0;
+    if (L.kind == BF16) return B < 4 && L.k * 2 <= NARROW_ROW_BYTES && L.k % 8 == 0;
 #endif
     if (L.kind == INT8) return L.k <= NARROW_ROW_BYTES && L.k % 32 == 0;
-    if (L.kind == INT4) return L.k / 2 <= NARROW_ROW_BYTES && L.k % 64 == 0;
+    if (L.kind == INT4) return B < 4 && L.k / 2 <= NARROW_ROW_BYTES && L.k % 64 == 0;
     return false;
 }
 
@@ -832,7 +834,7 @@ static inline void finish_output(const Linear& L, const QuantRows& Q, int64_t r,
 static void linear_block(const Linear& L, const float* x, const QuantRows& Q, int64_t B,
                          float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
     int64_t n = lo;
-    if (B < 4 && narrow(L)) {  // four narrow rows at a time (above), then the rest one by one
+    if (narrow(L, B)) {  // four narrow rows at a time (above), then the rest one by one
         for (; n + 4 <= hi; n += 4)
             for (int64_t r = 0; r < B; r++) {
                 float v[4];
