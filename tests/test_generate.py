@@ -164,25 +164,30 @@ def test_decoder_keep_controls_the_slide():
         Decoder(model, idx, keep=0)
 
 
-def test_the_step_is_built_again_after_each_re_encoding_of_the_window():
-    """The re-encoding runs the modules on the model's weights of now, so the steps after it are built anew: a
-    native step reads the weights it was built with, and a decode must not mix two sets."""
-    from gpt2lab.generate import default_step
+def test_the_default_step_is_built_again_after_each_re_encoding_of_the_window(monkeypatch):
+    """The re-encoding runs the modules on the model's weights of now, so the default step is built anew after it
+    (a native step reads the weights it was built with: a decode must not mix two sets); a given `make_step`, which
+    may be costly (a compiled step) or hand back one prebuilt step, is called once."""
+    from gpt2lab import generate as generation
 
     model = make_model(CONFIGS["tiny"], seed=10)
     built = []
+    default = generation.default_step
 
     def counting(m):
         built.append(m)
-        return default_step(m)
+        return default(m)
 
+    monkeypatch.setattr(generation, "default_step", counting)
     idx = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(11))
-    decoder = Decoder(model, idx, max_new_tokens=10, keep=8, make_step=counting)
-    with torch.no_grad():
-        logits = decoder.prefill()
-        for _ in range(5):
-            logits = decoder.step(logits.argmax(-1))
-    assert len(built) == 2 and decoder.start > 0  # at construction, then after the one slide
+    for make_step, calls in ((None, 2), (counting, 1)):
+        built.clear()
+        decoder = Decoder(model, idx, max_new_tokens=10, keep=8, make_step=make_step)
+        with torch.no_grad():
+            logits = decoder.prefill()
+            for _ in range(5):
+                logits = decoder.step(logits.argmax(-1))
+        assert len(built) == calls and decoder.start > 0  # at construction (and after the one slide)
 
 
 # --------------------------------------------------------------------------------------------------- decode steps

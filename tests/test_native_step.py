@@ -227,10 +227,12 @@ def assert_bf16_as_exact_as_its_reference(model, prompt, tokens, reference):
 
 
 @needs_kernel
-def test_native_step_on_bf16_weights_equals_the_widened_model():
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_native_step_on_bf16_weights_equals_the_widened_model(batch):
+    """Rows of 32 and 128 (narrow: four at a time below four input rows, on the AVX2 path)."""
     model = to_bf16(model_for("wide"))
     assert linear_kind(model.h[0].mlp.c_fc) == 1 and NativeStep.applies(model)
-    prompt, tokens = random_steps(211, 2, 4, seed=3)
+    prompt, tokens = random_steps(211, batch, 4, seed=3)
     assert_bf16_as_exact_as_its_reference(model, prompt, tokens, bf16_reference(model))
 
 
@@ -278,10 +280,11 @@ def test_native_step_on_int8_weights_equals_its_reference_arithmetic():
 
 @needs_kernel
 @pytest.mark.parametrize("name,batch", [("tiny", 1), ("tiny", 5), ("wide", 8), ("mixed", 1), ("mixed", 4),
-                                        ("long", 5), ("192", 1)])
+                                        ("long", 5), ("192", 1), ("64", 1), ("64", 4), ("320", 1), ("320", 3)])
 def test_int8_at_any_width_and_batch_equals_its_reference_arithmetic(name, batch):
-    """n_embd 16 (no whole 32-byte block: scalar tails), 32, 96, 192 (VNNI's 128-wide loop, then its 64-wide one)
-    and 544 (whole blocks, then a tail of 32); batches that take the four-row int8 kernel."""
+    """n_embd 16 (no whole 32-byte block: scalar tails), 32, 96, 192, 64 (hidden 256: the widest narrow rows, four
+    at a time), 320 (too wide for that: VNNI's 128-wide loop, then its 64-wide one) and 544 (whole blocks, then a
+    tail of 32); batches of 1-3 and of 4 or more, which take different kernels for wide rows."""
     model = to_int8(model_for(name) if name in CONFIGS else model_for(INT4_CONFIGS[name], sharpen=False))
     V = model.config.vocab_size
     assert linear_kind(model.h[0].attn.c_attn) == 2 and NativeStep.applies(model)
@@ -321,6 +324,12 @@ INT4_CONFIGS = {
     # 544 = 8 blocks and a group: 17 groups, so the correction's 16-at-a-time loop and its tail both run
     "long": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=544),
     "192": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=192),  # 6 groups; int8's widths 192, 768
+    # narrow-row edges: 64 wide (int8 rows of 64, 256 bytes = the narrow limit at 256 wide) and 128 wide (int4 rows
+    # of 512 weights: 16 groups, the correction's 16-wide step, the exactness bound's worst case)
+    "64": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=64),
+    "128": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=128),
+    # 320 wide: int8 rows too wide to go four at a time, 320 = 2 x 128 + 64 (VNNI's 128-wide loop, then its 64-wide one)
+    "320": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=320),
 }
 
 
@@ -340,11 +349,13 @@ def int4_model_and_reference(name="wide"):
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["wide", "mixed", "long"])
+@pytest.mark.parametrize("name", ["wide", "mixed", "long", "192", "128"])
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 8])
 def test_native_step_on_int4_weights_equals_its_reference_arithmetic(name, batch):
-    """Batches of 1-3 take the one-row int4 kernel, 4 and 8 the four-row one, 5 both; widths of 32, 96, 128, 544
-    and 2176 take the block and the last-group paths and both parts of the correction."""
+    """Batches of 1-3 take the one-row int4 kernel for wide rows and the four-rows-at-a-time one for rows of at
+    most 512 weights in whole blocks (128, 192, 384, 512: with rows left over, the head's 67 or 211), 4 and 8 the
+    four-input-row kernel, 5 both; widths of 32, 96, 128, 192, 384, 512, 544, 768 and 2176 take the block and the
+    last-group paths and both parts of the correction."""
     model, reference = int4_model_and_reference(name)
     assert linear_kind(model.lm_head) == 3 and NativeStep.applies(model)
     prompt, tokens = random_steps(model.config.vocab_size, batch, 3, seed=13)
@@ -371,17 +382,19 @@ def test_int4_reference_is_not_the_int4_layers_own_forward():
 @needs_kernel
 def test_int8_weights_of_minus_128_keep_their_sign():
     """torch's int8 layers accept -128, which AVX2's byte sign instruction cannot negate; the kernel moves the sign
-    onto the activations instead. Rows of 1, 4 and 5 inputs take each int8 kernel."""
-    model = to_int8(model_for("wide"))
-    with torch.no_grad():
-        for layer in (model.h[0].mlp.c_fc, model.h[1].attn.c_attn, model.lm_head):
-            layer.weight[::3, ::5] = -128
-    reference = int8_reference(model)
-    for batch in (1, 4, 5):
-        prompt, tokens = random_steps(211, batch, 2, seed=11)
-        ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
-        for a, b in zip(ref, fast):
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    onto the activations instead. Rows of 1, 4 and 5 inputs take each int8 kernel: on "wide" the narrow rows'
+    four-at-a-time one, on "long" (rows of 544 and 2176) the one-row and four-input-row ones."""
+    for name in ("wide", "long"):
+        model = to_int8(model_for(name) if name in CONFIGS else model_for(INT4_CONFIGS[name], sharpen=False))
+        with torch.no_grad():
+            for layer in (model.h[0].mlp.c_fc, model.h[-1].attn.c_attn, model.lm_head):
+                layer.weight[::3, ::5] = -128
+        reference = int8_reference(model)
+        for batch in (1, 4, 5):
+            prompt, tokens = random_steps(model.config.vocab_size, batch, 2, seed=11)
+            ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
+            for a, b in zip(ref, fast):
+                torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
 @needs_kernel

@@ -105,7 +105,8 @@ class Decoder:
     It owns a token buffer (B, T + max_new_tokens) and its padding mask, the next position id of each row, and the
     KV cache; only the model's own outputs are allocated per step. See the module docstring for the sliding window.
     `make_step(model)` gives the one-token step (`DecodeStep`), or None for the model's forward; None (the default)
-    means `default_step`. The prefill and the window's re-encoding always run the model's forward.
+    means `default_step`, built again after each re-encoding of the window (a given `make_step` is called once).
+    The prefill and the window's re-encoding always run the model's forward.
     """
 
     def __init__(self, model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -193,9 +194,8 @@ class Decoder:
         self.mask[:, :self.length].masked_fill_(forget, 0)
         self.start = self.length - int(kept.max())
         logits = self.prefill()
-        # the re-encoding ran the modules on the weights of now: the steps after it read those too (a native step
-        # reads the weights it was built with, gpt2lab.native_step)
-        self.fast_step = _pick_step(self.model, self._make_step)
+        if self._make_step is None:  # the default step: built again, so the steps after the re-encoding read the
+            self.fast_step = _pick_step(self.model)  # weights it ran on (a native step keeps those it was built with)
         return logits
 
     def retire(self, keep: torch.Tensor) -> None:

@@ -21,6 +21,8 @@
 // AVX-512BW's 64-byte multiply-adds. float32 stays on the AVX2 path: its products wait for memory, not arithmetic.
 // GPT2LAB_EMULATE_* (tests only) compile those paths against SIMDe's portable AVX-512 intrinsics instead, so a
 // machine without AVX-512 can check their arithmetic (slowly) against the same oracles.
+// Narrow int8 and int4 rows (a small model's, `narrow` below) take the AVX2 four-rows-at-a-time kernels in every
+// build, the same integers; on AVX-512 CPUs that choice is not yet measured against the wide one-row paths.
 
 #if defined(GPT2LAB_EMULATE_AVX512)
 #define SIMDE_ENABLE_NATIVE_ALIASES
