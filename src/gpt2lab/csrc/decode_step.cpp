@@ -303,17 +303,24 @@ static inline __m256i correction_lanes_i4(const int16_t* s, const int16_t* sums8
         acc = _mm256_add_epi32(acc, _mm256_inserti128_si256(_mm256_setzero_si256(), half, 0));
         g += 8;
     }
+    if (G < 8 && g + 4 <= G) {  // a narrow row's 4 to 7 groups: 4 of them in one 64-bit multiply-add
+        const __m128i quarter = _mm_madd_epi16(_mm_loadl_epi64((const __m128i*)(s + g)),
+                                               _mm_loadl_epi64((const __m128i*)(sums8 + g)));
+        acc = _mm256_add_epi32(acc, _mm256_inserti128_si256(_mm256_setzero_si256(), quarter, 0));
+        g += 4;
+    }
     int64_t c = 0;
     for (; g < G; g++) c += (int32_t)s[g] * sums8[g];
     *rest = c;
     return acc;
 }
 
-// A row's product lanes less its correction lanes, summed: sum_g s_g (w_g . x_g).
+// A row's product lanes less its correction lanes, summed: sum_g s_g (w_g . x_g). Rows of at most 16 groups sum
+// their lanes in 32 bits (exact: dot4rows_i4's bound), wider ones in 64.
 static inline int64_t finish_i4(__m256i product, const int16_t* s, const int16_t* sums8, int64_t G) {
     int64_t rest;
-    const __m256i correction = correction_lanes_i4(s, sums8, G, &rest);
-    return hsum_i64(_mm256_sub_epi32(product, correction)) - rest;
+    const __m256i difference = _mm256_sub_epi32(product, correction_lanes_i4(s, sums8, G, &rest));
+    return (G <= 16 ? (int64_t)hsum_i32(difference) : hsum_i64(difference)) - rest;
 }
 
 // One int4 weight row times one int8 activation row (its group sums in sums8): sum_g s_g (w_g . x_g), an integer.
