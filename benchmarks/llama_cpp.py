@@ -60,6 +60,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from gpt2lab.cpu import parse_cpu_flags
+
 if TYPE_CHECKING:
     import torch
 
@@ -126,7 +128,7 @@ def cpu_description(cpuinfo: str) -> str:
     """'<model name> (N vCPU; flag, flag, ...)' from the text of /proc/cpuinfo, naming the vector flags that decide
     which kernels either library can use."""
     name = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
-    flags = cpu_flags(cpuinfo)
+    flags = parse_cpu_flags(cpuinfo)
     shown = [f for f in ISA_FLAGS if f in flags]
     return f"{name.group(1) if name else 'unknown CPU'} ({os.cpu_count()} vCPU; {', '.join(shown) or 'no AVX2'})"
 
@@ -146,13 +148,7 @@ def kernel_description(native: ModuleType) -> str:
     return ", ".join(sorted(native.kernel_paths())) or native.fallback_note() or "the AVX2 paths"
 
 
-def cpu_flags(cpuinfo: str) -> set[str]:
-    """The flags of the first CPU in the text of /proc/cpuinfo (empty where there is none)."""
-    line = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
-    return set(line.group(1).split()) if line else set()
-
-
-def cmake_args(flags: set[str]) -> str:
+def cmake_args(flags: frozenset[str] | set[str]) -> str:
     """CMAKE_ARGS that build llama.cpp for a CPU with these flags: every vector extension it has that llama.cpp can
     use, named one by one (GGML_NATIVE off: -march=native can die with SIGILL on VMs whose CPU flags lie).
 
@@ -164,7 +160,7 @@ def cmake_args(flags: set[str]) -> str:
     return " ".join(["-DGGML_NATIVE=OFF", *on, "-DGGML_OPENMP=ON"])
 
 
-def build_hint(flags: set[str]) -> str:
+def build_hint(flags: frozenset[str] | set[str]) -> str:
     """How to build llama-cpp-python for this CPU and where its converter then is, on one line."""
     return (f"pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR && tar xzf "
             f"DIR/llama_cpp_python-0.3.36.tar.gz -C DIR && CMAKE_ARGS=\"{cmake_args(flags)}\" pip install "
@@ -172,7 +168,7 @@ def build_hint(flags: set[str]) -> str:
             f"them), then pass --converter DIR/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")
 
 
-def missing_from_build(flags: set[str], system_info: str) -> list[str]:
+def missing_from_build(flags: frozenset[str] | set[str], system_info: str) -> list[str]:
     """The vector extensions this CPU has that the llama.cpp build leaves out (its system info names what it was
     compiled with): against such a build gpt2lab would be compared with a llama.cpp slower than it can be here.
 
@@ -211,11 +207,11 @@ def skip_reason(converter: Optional[Path]) -> Optional[str]:
         import_llama_cpp()
     except Exception as exc:  # a missing package, or a build whose shared library does not load
         return (f"skipped: llama_cpp is not importable ({type(exc).__name__}: {exc}); build it: "
-                f"{build_hint(cpu_flags(read_cpuinfo()))}")
+                f"{build_hint(parse_cpu_flags(read_cpuinfo()))}")
     if converter is None or not converter.is_file():
         what = "no --converter given" if converter is None else f"--converter {converter} is not a file"
         return (f"skipped: {what}; llama.cpp's convert_hf_to_gguf.py is in the extracted sdist: "
-                f"{build_hint(cpu_flags(read_cpuinfo()))}")
+                f"{build_hint(parse_cpu_flags(read_cpuinfo()))}")
     return None
 
 
@@ -597,7 +593,7 @@ def run_agreement(args: argparse.Namespace, llama_cpp: ModuleType, root: Path, p
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    flags = cpu_flags(read_cpuinfo())
+    flags = parse_cpu_flags(read_cpuinfo())
     if args.cmake_args:
         print(cmake_args(flags))
         return

@@ -182,7 +182,7 @@ def test_skips_with_the_build_command_when_llama_cpp_is_missing(tmp_path):
 
 def bench_flags_of_this_cpu() -> str:
     bench = load_benchmark("llama_cpp")
-    return bench.cmake_args(bench.cpu_flags(bench.read_cpuinfo()))
+    return bench.cmake_args(bench.parse_cpu_flags(bench.read_cpuinfo()))
 
 
 ZEN4_FLAGS = {"sse2", "sse4_2", "avx", "avx2", "bmi2", "fma", "f16c", "avx512f", "avx512cd", "avx512dq", "avx512bw",

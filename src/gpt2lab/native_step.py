@@ -19,8 +19,9 @@ The step reads the weights it was built with: it keeps its own alias of each ten
 pointed elsewhere during a decode (`p.data = ...`, as `.half()` or `use_huge_pages` do) does not reach it and frees
 no memory under it (only resizing a tensor's storage in place would), and no per-token check is needed; in-place
 writes (`load_state_dict`, an optimizer step) do reach it. `generate` and `decode_steps` build a step per call, and
-the default step again after each re-encoding of the sliding window, so a decode never mixes two sets of weights. The token
-embedding is the head's own table (GPT-2 ties them; `embeds_with_head` checks), so the kernel embeds from it.
+the default step again after each re-encoding of the sliding window, so a decode never mixes two sets of weights.
+The token embedding is the head's own table (GPT-2 ties them; `embeds_with_head` checks), so the kernel embeds
+from it.
 
 `NativeStep.applies(model)` says where it runs: FlatStep's conditions (eval mode, stock blocks, no hooks), the
 layer kinds above on the CPU, and the kernel library built (gpt2lab.native). In float32 it computes the modules'

@@ -155,7 +155,7 @@ class Int4Linear(_WeightOnlyLinear):
 
 def widen_int4(packed: torch.Tensor, group_scale: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`quantize_int.dequantize_int4` of (N, K/2) packed rows: through the native kernel where it is built (the same
-    values, bit for bit, faster: a prefill's whole matrix, or a decode step's embedding rows), else in PyTorch."""
+    values, bit for bit, faster: a prefill's whole matrix, or the embedding's rows), else in PyTorch."""
     lib = native.library() if packed.device.type == "cpu" else None
     if lib is None:
         return dequantize_int4(packed, group_scale, scale)

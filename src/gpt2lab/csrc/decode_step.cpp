@@ -287,10 +287,11 @@ static inline int64_t hsum_i64(__m256i v) {  // the 8 int32 lanes, summed withou
 }
 
 // sum_g s_g * sums8_g, what one weight row's product takes back out, as 8 int32 lanes to subtract from the
-// product's lanes before their one horizontal sum (plus, in *rest, the products of the last G % 8 groups). Both
-// are 16-bit, so vpmaddwd multiplies 16 pairs at a time, then 8 in the lower half. A lane adds at most K / 512 + 1
-// pair products of 2 * 255 * 32512; with the product's lanes (dot_i4) the difference stays under 2^31 for rows of
-// up to 22,800 weights (native_step refuses int4 rows wider than 22,000).
+// product's lanes before their one horizontal sum (plus, in *rest, the products of the groups left over). Both
+// are 16-bit, so vpmaddwd multiplies 16 pairs at a time, then 8 in the lower half (a row of fewer than 8 groups:
+// 4 in the lower quarter). A lane adds at most K / 512 + 1 pair products of 2 * 255 * 32512; with the product's
+// lanes (dot_i4) the difference stays under 2^31 for rows of up to 22,800 weights (native_step refuses int4 rows
+// wider than 22,000).
 static inline __m256i correction_lanes_i4(const int16_t* s, const int16_t* sums8, int64_t G, int64_t* rest) {
     __m256i acc = _mm256_setzero_si256();
     int64_t g = 0;
@@ -828,9 +829,7 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
         }
 }
 
-// out (B, N) = x (B, K) W^T + b, for weight rows [lo, hi) of this thread's chunk; integer layers read this thread's
-// quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For
-// B > 1 each weight row stays in L1 while every input row passes, so the weights still come from memory once.
+// Output (r, m) from its dot product y: the integer layers' two scales, the bias, then stored or added.
 static inline void finish_output(const Linear& L, const QuantRows& Q, int64_t r, int64_t m, float y, float* out,
                                  int64_t ld_out, Epilogue how) {
     if (L.kind == INT8 || L.kind == INT4) y *= L.scale[m] * Q.scale[r];
@@ -839,6 +838,10 @@ static inline void finish_output(const Linear& L, const QuantRows& Q, int64_t r,
     if (how == ADD_TO) *o += y;
     else *o = y;
 }
+
+// out (B, N) = x (B, K) W^T + b, for weight rows [lo, hi) of this thread's chunk; integer layers read this thread's
+// quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For
+// B > 1 each weight row stays in L1 while every input row passes, so the weights still come from memory once.
 
 static void linear_block(const Linear& L, const float* x, const QuantRows& Q, int64_t B,
                          float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
