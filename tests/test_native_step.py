@@ -330,6 +330,7 @@ INT4_CONFIGS = {
     "128": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=128),
     # 320 wide: int8 rows too wide to go four at a time, 320 = 2 x 128 + 64 (VNNI's 128-wide loop, then its 64-wide one)
     "320": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=320),
+    "448": GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=448),  # int4 rows of 14 groups
 }
 
 
@@ -349,13 +350,15 @@ def int4_model_and_reference(name="wide"):
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["wide", "mixed", "long", "192", "128"])
-@pytest.mark.parametrize("batch", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("name", ["wide", "mixed", "long", "192", "128", "64", "320", "448"])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 8, 17])
 def test_native_step_on_int4_weights_equals_its_reference_arithmetic(name, batch):
-    """Batches of 1-3 take the one-row int4 kernel for wide rows and the four-rows-at-a-time one for rows of at
-    most 512 weights in whole blocks (128, 192, 384, 512: with rows left over, the head's 67 or 211), 4 and 8 the
-    four-input-row kernel, 5 both; widths of 32, 96, 128, 192, 384, 512, 544, 768 and 2176 take the block and the
-    last-group paths and both parts of the correction."""
+    """Rows of at most 512 weights in whole blocks go four at a time, at every batch size, each group count its
+    own compiled kernel (64, 128, 192, 256, 320, 384, 448, 512 wide: 2 to 16 groups, with rows left over in the
+    heads of 67 or 211): one input row unpacks each block as it goes, more unpack the four rows once, 17 rows take
+    two calls. Wider rows (544, 768, 1280, 1792, 2176) take the one-row kernel at batches of 1-3, the four-input-row
+    one at 4 and 8, both at 5 and 17. Widths of 32, 96 and 544 take the last-group path, and every width the
+    correction's 16-, 8- and 4-group steps and its tail where it has them."""
     model, reference = int4_model_and_reference(name)
     assert linear_kind(model.lm_head) == 3 and NativeStep.applies(model)
     prompt, tokens = random_steps(model.config.vocab_size, batch, 3, seed=13)
@@ -383,18 +386,26 @@ def test_int4_reference_is_not_the_int4_layers_own_forward():
 def test_int8_weights_of_minus_128_keep_their_sign():
     """torch's int8 layers accept -128, which AVX2's byte sign instruction cannot negate; the kernel moves the sign
     onto the activations instead. Rows of 1, 4 and 5 inputs take each int8 kernel: on "wide" the narrow rows'
-    four-at-a-time one, on "long" (rows of 544 and 2176) the one-row and four-input-row ones."""
+    four-at-a-time one, on "long" (rows of 544 and 2176) the one-row and four-input-row ones.
+    With weights this large, a last-bit difference upstream (LayerNorm, attention) can move an activation across a
+    rounding boundary of its int8 copy and shift every later logit by a step of that copy (seen on 2 of 90 seeds, of
+    this kernel and of the one before), so a fixed tolerance would pass or fail by luck. A lost sign (-128 read as
+    +128) moves the logits ten times further than any such step: the test asks that the kernel's logits be within a
+    tenth of that distance of the reference's."""
     for name in ("wide", "long"):
         model = to_int8(model_for(name) if name in CONFIGS else model_for(INT4_CONFIGS[name], sharpen=False))
         with torch.no_grad():
             for layer in (model.h[0].mlp.c_fc, model.h[-1].attn.c_attn, model.lm_head):
                 layer.weight[::3, ::5] = -128
-        reference = int8_reference(model)
+        reference, lost_sign = int8_reference(model), int8_reference(model)
+        for layer in (lost_sign.h[0].mlp.c_fc, lost_sign.h[-1].attn.c_attn, lost_sign.lm_head):
+            layer.q = torch.where(layer.q == -128, 128, layer.q.to(torch.int16))
         for batch in (1, 4, 5):
             prompt, tokens = random_steps(model.config.vocab_size, batch, 2, seed=11)
             ref, fast, _, _ = both_paths(model, prompt, tokens, reference=reference)
-            for a, b in zip(ref, fast):
-                torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+            wrong, _, _, _ = both_paths(model, prompt, tokens, reference=lost_sign)
+            for a, b, c in zip(ref, fast, wrong):
+                assert (b - a).abs().mean() < 0.1 * (c - a).abs().mean(), (name, batch)
 
 
 @needs_kernel

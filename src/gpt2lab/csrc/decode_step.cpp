@@ -740,54 +740,115 @@ static void dot4rows_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* ou
     _mm_storeu_si128((__m128i*)out, hsum4_i32(a[0], a[1], a[2], a[3]));
 }
 
-// The same for int4 rows (K a multiple of 64, at most 512 weights): each row's product lanes less its correction
-// lanes (as finish_i4), then one shuffle tree for the four. Exact in int32: over at most 16 groups a product lane
-// holds at most 16 x 4 x 15 x 127 x 255 and a correction lane 2 x 255 x 32512, under 2^26 together, so the sum of
-// a row's 8 lanes stays under 2^29.
-static void dot4rows_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t K,
-                        float* out) {
-    const int64_t G = K / 32;
-    __m256i a[4];
-    for (int r = 0; r < 4; r++) a[r] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < K; k += 64)
-        for (int r = 0; r < 4; r++) {
-            const __m256i b = _mm256_loadu_si256((const __m256i*)(w + r * (K / 2) + k / 2));
-            const int16_t* sr = s + r * G;
-            a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(group_i4(low4(b), x + k, sr[k / 32]),
-                                                           group_i4(high4(b), x + k + 32, sr[k / 32 + 1])));
-        }
+// The same for int4 rows of G groups (K = 32 G, G even, at most 16: narrow rows), against `rows` input rows: each
+// row's product lanes less its correction lanes (as finish_i4), then one shuffle tree for the four weight rows. G is
+// a compile-time constant so the group loops unroll and the accumulators stay in registers (a run-time G spilled
+// them: half the speed, docs/benchmarks.md). With more than one input row the four weight rows are unpacked to
+// bytes, and their scales broadcast, once for all of them (at most 2 KiB and 2 KiB, in L1). Exact in int32: over at
+// most 16 groups a product lane holds at most 16 x 4 x 15 x 127 x 255 and a correction lane 2 x 255 x 32512, under
+// 2^26 together, so the sum of a row's 8 lanes stays under 2^29.
+template <int G>
+static inline __m128 finish4rows_i4(__m256i a0, __m256i a1, __m256i a2, __m256i a3, const int16_t* s,
+                                    const int16_t* sums8) {
+    __m256i a[4] = {a0, a1, a2, a3};
     int64_t rest[4];
-    for (int r = 0; r < 4; r++) a[r] = _mm256_sub_epi32(a[r], correction_lanes_i4(s + r * G, sums8, G, &rest[r]));
-    int32_t sums[4];
-    _mm_storeu_si128((__m128i*)sums, hsum4_i32(a[0], a[1], a[2], a[3]));
-    for (int r = 0; r < 4; r++) out[r] = (float)(sums[r] - rest[r]);
+    for (int j = 0; j < 4; j++) a[j] = _mm256_sub_epi32(a[j], correction_lanes_i4(s + j * G, sums8, G, &rest[j]));
+    const __m128i sums = hsum4_i32(a[0], a[1], a[2], a[3]);
+    return _mm_cvtepi32_ps(_mm_sub_epi32(sums, _mm_setr_epi32((int32_t)rest[0], (int32_t)rest[1], (int32_t)rest[2],
+                                                              (int32_t)rest[3])));
+}
+
+template <int G>
+static void dot4rows_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t rows,
+                        float* out /* (rows, 4) */) {
+    constexpr int64_t K = 32 * G;
+    if (rows == 1) {  // each block unpacked as it is used
+        __m256i a[4];
+        for (int j = 0; j < 4; j++) a[j] = _mm256_setzero_si256();
+        for (int64_t k = 0; k < K; k += 64)
+            for (int j = 0; j < 4; j++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i*)(w + j * (K / 2) + k / 2));
+                a[j] = _mm256_add_epi32(a[j], _mm256_add_epi32(group_i4(low4(b), x + k, s[j * G + k / 32]),
+                                                               group_i4(high4(b), x + k + 32, s[j * G + k / 32 + 1])));
+            }
+        _mm_storeu_ps(out, finish4rows_i4<G>(a[0], a[1], a[2], a[3], s, sums8));
+        return;
+    }
+    alignas(32) uint8_t q[4 * K];
+    __m256i scales[4 * G];
+    for (int j = 0; j < 4; j++) {
+        for (int64_t k = 0; k < K; k += 64) {
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(w + j * (K / 2) + k / 2));
+            _mm256_store_si256((__m256i*)(q + j * K + k), low4(b));
+            _mm256_store_si256((__m256i*)(q + j * K + k + 32), high4(b));
+        }
+        for (int g = 0; g < G; g++) scales[j * G + g] = _mm256_set1_epi16(s[j * G + g]);
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t* xr = x + r * K;
+        __m256i a[4];
+        for (int j = 0; j < 4; j++) a[j] = _mm256_setzero_si256();
+        for (int g = 0; g < G; g++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xr + 32 * g));
+            for (int j = 0; j < 4; j++) {
+                const __m256i p = _mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)(q + j * K + 32 * g)), xv);
+                a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(p, scales[j * G + g]));
+            }
+        }
+        _mm_storeu_ps(out + 4 * r, finish4rows_i4<G>(a[0], a[1], a[2], a[3], s, sums8 + r * G));
+    }
 }
 
 // Whether L's rows go four at a time for B input rows: narrow, of a width the kernels above take whole, and not bf16
 // on the bf16 dot-product path (whose products round the activations: it keeps its one-row kernel). float32 rows
-// keep theirs too: they wait on memory either way. From four input rows on, bf16 and int4 do better with their
-// batched kernels (each weight row against four input rows), int8 with this one (four weight rows stay in L1 while
+// keep theirs too: they wait on memory either way. From four input rows on, bf16 does better with its batched
+// kernel (each weight row against four input rows), int8 and int4 with these (four weight rows stay in L1 while
 // each input row passes). The measurements behind each choice are in docs/benchmarks.md.
 static bool narrow(const Linear& L, int64_t B) {
 #if !defined(USE_BF16_DOT)
     if (L.kind == BF16) return B < 4 && L.k * 2 <= NARROW_ROW_BYTES && L.k % 8 == 0;
+#else
+    (void)B;
 #endif
     if (L.kind == INT8) return L.k <= NARROW_ROW_BYTES && L.k % 32 == 0;
-    if (L.kind == INT4) return B < 4 && L.k / 2 <= NARROW_ROW_BYTES && L.k % 64 == 0;
+    if (L.kind == INT4) return L.k / 2 <= NARROW_ROW_BYTES && L.k % 64 == 0;
     return false;
 }
 
-// Four weight rows [n, n + 4) against input row r into v[0..3].
-static inline void products4rows(const Linear& L, const float* x, const QuantRows& Q, int64_t n, int64_t r, float* v) {
+// How many input rows one call of the narrow kernels takes (an int4 call unpacks its four weight rows once for them).
+static constexpr int64_t NARROW_INPUT_ROWS = 16;
+
+template <int G>
+static void products4rows_i4(const Linear& L, const QuantRows& Q, int64_t n, int64_t r0, int64_t rows, float* v) {
+    dot4rows_i4<G>((const uint8_t*)L.weight + n * (16 * G), L.group_scale + n * G, Q.q + r0 * 32 * G,
+                   Q.sums8 + r0 * G, rows, v);
+}
+
+// Four narrow weight rows [n, n + 4) against input rows [r0, r0 + rows) into v (rows, 4).
+static void products4rows(const Linear& L, const float* x, const QuantRows& Q, int64_t n, int64_t r0, int64_t rows,
+                          float* v) {
     const int64_t K = L.k;
-    if (L.kind == BF16) dot4rows<BF16Weights>((const uint16_t*)L.weight + n * K, x + r * K, K, v);
-    else if (L.kind == INT4)
-        dot4rows_i4((const uint8_t*)L.weight + n * (K / 2), L.group_scale + n * (K / 32), Q.q + r * K,
-                    Q.sums8 + r * (K / 32), K, v);
-    else {
-        int32_t iv[4];
-        dot4rows_i8((const int8_t*)L.weight + n * K, Q.q + r * K, K, iv);
-        for (int j = 0; j < 4; j++) v[j] = (float)iv[j];
+    if (L.kind == INT4) {
+        switch (K / 32) {  // narrow int4 rows have 2 to 16 groups, an even number
+            case 2: return products4rows_i4<2>(L, Q, n, r0, rows, v);
+            case 4: return products4rows_i4<4>(L, Q, n, r0, rows, v);
+            case 6: return products4rows_i4<6>(L, Q, n, r0, rows, v);
+            case 8: return products4rows_i4<8>(L, Q, n, r0, rows, v);
+            case 10: return products4rows_i4<10>(L, Q, n, r0, rows, v);
+            case 12: return products4rows_i4<12>(L, Q, n, r0, rows, v);
+            case 14: return products4rows_i4<14>(L, Q, n, r0, rows, v);
+            default: return products4rows_i4<16>(L, Q, n, r0, rows, v);
+        }
+    }
+    for (int64_t j = 0; j < rows; j++) {
+        const int64_t r = r0 + j;
+        if (L.kind == BF16) {
+            dot4rows<BF16Weights>((const uint16_t*)L.weight + n * K, x + r * K, K, v + 4 * j);
+        } else {
+            alignas(16) int32_t iv[4];
+            dot4rows_i8((const int8_t*)L.weight + n * K, Q.q + r * K, K, iv);
+            _mm_storeu_ps(v + 4 * j, _mm_cvtepi32_ps(_mm_load_si128((const __m128i*)iv)));
+        }
     }
 }
 
@@ -839,6 +900,19 @@ static inline void finish_output(const Linear& L, const QuantRows& Q, int64_t r,
     else *o = y;
 }
 
+// finish_output for outputs (r, m) to (r, m + 3) at once.
+static inline void finish4_outputs(const Linear& L, const QuantRows& Q, int64_t r, int64_t m, const float* v,
+                                   float* out, int64_t ld_out, Epilogue how) {
+    __m128 y = _mm_loadu_ps(v);
+    const bool integer = L.kind == INT8 || L.kind == INT4;
+    const __m128 scale = integer ? _mm_mul_ps(_mm_loadu_ps(L.scale + m), _mm_set1_ps(Q.scale[r])) : _mm_set1_ps(1.0f);
+    if (L.bias) y = _mm_fmadd_ps(y, scale, _mm_loadu_ps(L.bias + m));
+    else if (integer) y = _mm_mul_ps(y, scale);
+    float* o = out + r * ld_out + m;
+    if (how == ADD_TO) y = _mm_add_ps(y, _mm_loadu_ps(o));
+    _mm_storeu_ps(o, y);
+}
+
 // out (B, N) = x (B, K) W^T + b, for weight rows [lo, hi) of this thread's chunk; integer layers read this thread's
 // quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For
 // B > 1 each weight row stays in L1 while every input row passes, so the weights still come from memory once.
@@ -848,10 +922,11 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
     int64_t n = lo;
     if (narrow(L, B)) {  // four narrow rows at a time (above), then the rest one by one
         for (; n + 4 <= hi; n += 4)
-            for (int64_t r = 0; r < B; r++) {
-                float v[4];
-                products4rows(L, x, Q, n, r, v);
-                for (int j = 0; j < 4; j++) finish_output(L, Q, r, n + j, v[j], out, ld_out, how);
+            for (int64_t r0 = 0; r0 < B; r0 += NARROW_INPUT_ROWS) {
+                const int64_t rows = B - r0 < NARROW_INPUT_ROWS ? B - r0 : NARROW_INPUT_ROWS;
+                float v[4 * NARROW_INPUT_ROWS];  // (rows, 4)
+                products4rows(L, x, Q, n, r0, rows, v);
+                for (int64_t j = 0; j < rows; j++) finish4_outputs(L, Q, r0 + j, n, v + 4 * j, out, ld_out, how);
             }
     }
     while (n < hi) {
