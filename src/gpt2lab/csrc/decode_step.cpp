@@ -855,6 +855,18 @@ static void products4rows(const Linear& L, const float* x, const QuantRows& Q, i
 // What each output row of a product becomes.
 enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 
+// The dot product of weight row m with input row r, by the one-row kernel of L's kind.
+static inline float row_product(const Linear& L, const float* x, const QuantRows& Q, int64_t m, int64_t r) {
+    const int64_t K = L.k, G = K / 32;
+    switch (L.kind) {
+        case F32: return dot<F32Weights>((const float*)L.weight + m * K, x + r * K, K);
+        case BF16: return row_bf16((const uint16_t*)L.weight + m * K, x + r * K, Q.bf16 + r * K, K);
+        case INT8: return (float)row_i8((const int8_t*)L.weight + m * K, Q.q + r * K, K);
+        default: return (float)row_i4((const uint8_t*)L.weight + m * (K / 2), L.group_scale + m * G, Q.q + r * K,
+                                      Q.sums8 + r * G, K);
+    }
+}
+
 // The dot products of weight rows [n, n + rows_w) with input rows [r0, r0 + rows) into v (rows_w, 4): the batched
 // kernels where a whole group fits (two float rows x four inputs; one integer row x four inputs), else one by one.
 static void products(const Linear& L, const float* x, const QuantRows& Q, int64_t n, int64_t r0, int64_t rows,
@@ -879,15 +891,7 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
         return;
     }
     for (int64_t i = 0; i < rows_w; i++)
-        for (int64_t j = 0; j < rows; j++) {
-            const int64_t r = r0 + j, m = n + i;
-            float& d = v[i * 4 + j];
-            if (L.kind == F32) d = dot<F32Weights>((const float*)L.weight + m * K, x + r * K, K);
-            else if (L.kind == BF16) d = row_bf16((const uint16_t*)L.weight + m * K, x + r * K, Q.bf16 + r * K, K);
-            else if (L.kind == INT8) d = (float)row_i8((const int8_t*)L.weight + m * K, xq + r * K, K);
-            else d = (float)row_i4((const uint8_t*)L.weight + m * (K / 2), L.group_scale + m * G, xq + r * K,
-                                   Q.sums8 + r * G, K);
-        }
+        for (int64_t j = 0; j < rows; j++) v[i * 4 + j] = row_product(L, x, Q, n + i, r0 + j);
 }
 
 // Output (r, m) from its dot product y: the integer layers' two scales, the bias, then stored or added.
@@ -916,7 +920,9 @@ static inline void finish4_outputs(const Linear& L, const QuantRows& Q, int64_t 
 // out (B, N) = x (B, K) W^T + b, for weight rows [lo, hi) of this thread's chunk; integer layers read this thread's
 // quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For
 // B > 1 each weight row stays in L1 while every input row passes, so the weights still come from memory once.
-
+// Below four input rows the rows' outputs are finished four at a time, each weight row's product computed inline:
+// through the general `products` (a call and its branches per row) a 384-byte int4 row spent more time around its
+// product than in it (docs/benchmarks.md).
 static void linear_block(const Linear& L, const float* x, const QuantRows& Q, int64_t B,
                          float* out, int64_t ld_out, Epilogue how, int32_t activation, int64_t lo, int64_t hi) {
     int64_t n = lo;
@@ -928,6 +934,13 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
                 products4rows(L, x, Q, n, r0, rows, v);
                 for (int64_t j = 0; j < rows; j++) finish4_outputs(L, Q, r0 + j, n, v + 4 * j, out, ld_out, how);
             }
+    } else if (B < 4) {  // four weight rows one after the other, each against every input row, then four outputs at once
+        for (; n + 4 <= hi; n += 4) {
+            float v[3 * 4];  // (B, 4)
+            for (int j = 0; j < 4; j++)
+                for (int64_t r = 0; r < B; r++) v[r * 4 + j] = row_product(L, x, Q, n + j, r);
+            for (int64_t r = 0; r < B; r++) finish4_outputs(L, Q, r, n, v + 4 * r, out, ld_out, how);
+        }
     }
     while (n < hi) {
         // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
