@@ -740,13 +740,7 @@ static void dot4rows_i8(const int8_t* w, const int8_t* x, int64_t K, int32_t* ou
     _mm_storeu_si128((__m128i*)out, hsum4_i32(a[0], a[1], a[2], a[3]));
 }
 
-// The same for int4 rows of G groups (K = 32 G, G even, at most 16: narrow rows), against `rows` input rows: each
-// row's product lanes less its correction lanes (as finish_i4), then one shuffle tree for the four weight rows. G is
-// a compile-time constant so the group loops unroll and the accumulators stay in registers (a run-time G spilled
-// them: half the speed, docs/benchmarks.md). With more than one input row the four weight rows are unpacked to
-// bytes, and their scales broadcast, once for all of them (at most 2 KiB and 2 KiB, in L1). Exact in int32: over at
-// most 16 groups a product lane holds at most 16 x 4 x 15 x 127 x 255 and a correction lane 2 x 255 x 32512, under
-// 2^26 together, so the sum of a row's 8 lanes stays under 2^29.
+// Four int4 rows' product lanes less their correction lanes (as finish_i4), summed by one shuffle tree, as floats.
 template <int G>
 static inline __m128 finish4rows_i4(__m256i a0, __m256i a1, __m256i a2, __m256i a3, const int16_t* s,
                                     const int16_t* sums8) {
@@ -758,6 +752,12 @@ static inline __m128 finish4rows_i4(__m256i a0, __m256i a1, __m256i a2, __m256i 
                                                               (int32_t)rest[3])));
 }
 
+// The same for int4 rows of G groups (K = 32 G, G even, at most 16: narrow rows), against `rows` input rows. G is
+// a compile-time constant so the group loops unroll and the accumulators stay in registers (a run-time G spilled
+// them: half the speed, docs/benchmarks.md). With more than one input row the four weight rows are unpacked to
+// bytes, and their scales broadcast, once for all of them (at most 2 KiB and 2 KiB, in L1). Exact in int32: every
+// sum above is integer arithmetic that wraps modulo 2^32, and what it computes, sum_g s_g (w_g . x_g), is at most
+// 16 x 32 x 8 x 127 x 255 < 2^27 in magnitude, so the wrapped result is the true one.
 template <int G>
 static void dot4rows_i4(const uint8_t* w, const int16_t* s, const int8_t* x, const int16_t* sums8, int64_t rows,
                         float* out /* (rows, 4) */) {
@@ -811,12 +811,14 @@ static bool narrow(const Linear& L, int64_t B) {
     (void)B;
 #endif
     if (L.kind == INT8) return L.k <= NARROW_ROW_BYTES && L.k % 32 == 0;
-    if (L.kind == INT4) return L.k / 2 <= NARROW_ROW_BYTES && L.k % 64 == 0;
+    if (L.kind == INT4) return L.k >= 64 && L.k / 2 <= NARROW_ROW_BYTES && L.k % 64 == 0;
     return false;
 }
 
-// How many input rows one call of the narrow kernels takes (an int4 call unpacks its four weight rows once for them).
+// How many input rows one call of the narrow kernels takes: an int4 call unpacks its four weight rows once for
+// them, so a batch of B rows unpacks them ceil(B / 16) times; the results sit on the stack, 4 floats a row.
 static constexpr int64_t NARROW_INPUT_ROWS = 16;
+static_assert(NARROW_ROW_BYTES == 256, "narrow int4 rows have 2 to 16 groups: products4rows has a kernel for each");
 
 template <int G>
 static void products4rows_i4(const Linear& L, const QuantRows& Q, int64_t n, int64_t r0, int64_t rows, float* v) {
@@ -837,7 +839,8 @@ static void products4rows(const Linear& L, const float* x, const QuantRows& Q, i
             case 10: return products4rows_i4<10>(L, Q, n, r0, rows, v);
             case 12: return products4rows_i4<12>(L, Q, n, r0, rows, v);
             case 14: return products4rows_i4<14>(L, Q, n, r0, rows, v);
-            default: return products4rows_i4<16>(L, Q, n, r0, rows, v);
+            case 16: return products4rows_i4<16>(L, Q, n, r0, rows, v);
+            default: __builtin_trap();  // narrow() admits no other count
         }
     }
     for (int64_t j = 0; j < rows; j++) {
@@ -895,10 +898,14 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
 }
 
 // Output (r, m) from its dot product y: the integer layers' two scales, the bias, then stored or added.
+// The scales and the bias in one fused multiply-add, as finish4_outputs does, so every path rounds an output alike
+// and an integer layer's row comes out the same at any batch size.
 static inline void finish_output(const Linear& L, const QuantRows& Q, int64_t r, int64_t m, float y, float* out,
                                  int64_t ld_out, Epilogue how) {
-    if (L.kind == INT8 || L.kind == INT4) y *= L.scale[m] * Q.scale[r];
-    if (L.bias) y += L.bias[m];
+    const bool integer = L.kind == INT8 || L.kind == INT4;
+    const float scale = integer ? L.scale[m] * Q.scale[r] : 1.0f;
+    if (L.bias) y = fmaf(y, scale, L.bias[m]);
+    else if (integer) y *= scale;
     float* o = out + r * ld_out + m;
     if (how == ADD_TO) *o += y;
     else *o = y;
@@ -934,7 +941,7 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
                 products4rows(L, x, Q, n, r0, rows, v);
                 for (int64_t j = 0; j < rows; j++) finish4_outputs(L, Q, r0 + j, n, v + 4 * j, out, ld_out, how);
             }
-    } else if (B < 4) {  // four weight rows one after the other, each against every input row, then four outputs at once
+    } else if (B < 4) {  // four weight rows one by one, each against every input row, then four outputs at once
         for (; n + 4 <= hi; n += 4) {
             float v[3 * 4];  // (B, 4)
             for (int j = 0; j < 4; j++)
