@@ -28,39 +28,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import re
 import tempfile
 import time
 from typing import Callable
 
 import torch
 
+from _machine import cpu_description, read_bandwidth
+
 PROMPT = 16  # decode benchmarks start from a 16-token prompt
 PREFILL = 512
-
-
-def cpu_name() -> str:
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return f"{name.group(1) if name else 'unknown CPU'} ({os.cpu_count()} vCPU; {', '.join(isa) or 'no AVX2'})"
-
-
-def read_bandwidth(repeats: int = 10) -> float:
-    """Bytes/s of a streaming read with every core: the best of several sums over a 512 MiB tensor (far beyond any
-    cache)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    a = torch.ones(128 * 1024 * 1024)
-    best = min(_timed(lambda: a.sum()) for _ in range(repeats))
-    torch.set_num_threads(threads)
-    return a.numel() * 4 / best
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -304,7 +281,7 @@ def main() -> None:
     from gpt2lab import native
 
     paths = ", ".join(sorted(native.kernel_paths())) or ("the AVX2 paths" if native.library() else "none")
-    print(f"machine: {cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}; "
+    print(f"machine: {cpu_description()}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"gpt2lab's native kernel: {paths}")
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)

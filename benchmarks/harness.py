@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from _machine import cpu_description
+
 WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but have an "
          "they you were her she there one all we their been has when who will more no if out so said what up its "
          "about into than them can only other new some could time these two may then do first any my now such like "
@@ -121,7 +123,7 @@ def main() -> None:
                 best[name] = min(best.get(name, float("inf")), seconds)
                 print(f"round {r + 1}: {name:14s} {seconds:7.1f} s", flush=True)
     print(f"\n{args.preset}, batch size {args.batch_size}, {args.threads} threads, best of {args.rounds} rounds")
-    print(f"CPU: {_cpu_name()}")
+    print(f"CPU: {cpu_description()}")
     reference = {t: loglikelihoods(outputs["hf"], t) for t in ("bench_mc", "bench_roll")}
     for name in models:
         ratio = best["hf"] / best[name]
@@ -129,17 +131,6 @@ def main() -> None:
         same = generations(outputs[name]) == generations(outputs["hf"])
         print(f"{name:14s} {best[name]:7.1f} s   hf / this {ratio:5.2f}x   max |Δ loglik| {max(diffs):.2e}   "
               f"generations {'identical' if same else 'DIFFER'}")
-
-
-def _cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
-    return f"{name} (flags: {', '.join(shown) or 'none of avx2/avx512/amx'})"
 
 
 if __name__ == "__main__":

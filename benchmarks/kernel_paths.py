@@ -26,7 +26,8 @@ from gpt2lab.inference import prepare_for_inference
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.native_step import NativeStep
 
-from generate import bytes_per_token, read_bandwidth
+from _machine import read_bandwidth
+from generate import bytes_per_token
 from native_step import step_arguments, steps_per_second
 
 DTYPES = ("fp32", "bf16", "int8", "int4")

@@ -60,6 +60,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from _machine import cpu_description, read_bandwidth, read_cpuinfo
 from gpt2lab.cpu import parse_cpu_flags
 
 if TYPE_CHECKING:
@@ -68,8 +69,6 @@ if TYPE_CHECKING:
 PROMPT = 16  # prompt tokens before the timed decode
 TOKENS = 128  # new tokens per timed decode
 PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0"))  # gpt2lab precision, its peer
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
-             "amx_int8")
 # (flags /proc/cpuinfo must list, llama.cpp's CMake option that compiles them in, the name llama.cpp's system info
 # gives it when compiled in; None where that line does not show it). GGML_AVX512 compiles with -mavx512f, cd, vl, dq
 # and bw, so it needs all five; its extensions need them too.
@@ -124,22 +123,6 @@ def _batches(text: str) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------- the machine
-def cpu_description(cpuinfo: str) -> str:
-    """'<model name> (N vCPU; flag, flag, ...)' from the text of /proc/cpuinfo, naming the vector flags that decide
-    which kernels either library can use."""
-    name = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
-    flags = parse_cpu_flags(cpuinfo)
-    shown = [f for f in ISA_FLAGS if f in flags]
-    return f"{name.group(1) if name else 'unknown CPU'} ({os.cpu_count()} vCPU; {', '.join(shown) or 'no AVX2'})"
-
-
-def read_cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
 def kernel_description(native: ModuleType) -> str:
     """Which build of gpt2lab's native kernel runs here: its wider paths (AVX-512, bf16 and int8 dot products), or
     the AVX2 one, or why there is none."""
@@ -312,19 +295,6 @@ def gpt2lab_variant(name: str, model: object) -> Variant:
         return out[:, len(prompts[0]):].tolist()
 
     return Variant(name, generate)
-
-
-def read_bandwidth(repeats: int = 5) -> float:
-    """Bytes/s of a streaming read with every core (the best sum over a 512 MiB tensor), as
-    benchmarks/generate.py measures it: what bounds a batch-1 decode step, which reads every weight once."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    a = torch.ones(128 * 1024 * 1024)
-    best = min(_seconds(a.sum) for _ in range(repeats))
-    torch.set_num_threads(threads)
-    return a.numel() * 4 / best
 
 
 def llama_variant(name: str, llama_cpp: ModuleType, gguf: Path, threads: int, rows: int = 1) -> Variant:
@@ -617,7 +587,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(args.threads)  # before loading: the fp32 layout is chosen for the thread count
     from gpt2lab import native
 
-    print(f"CPU: {cpu_description(read_cpuinfo())}")
+    print(f"CPU: {cpu_description()}")
     print(f"gpt2lab's native kernel: {kernel_description(native)}")
     print(f"llama.cpp built with: {system_info.strip(' |')}"
           + (f" (leaves out {', '.join(missing)}: --any-build)" if missing else ""))

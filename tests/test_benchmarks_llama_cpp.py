@@ -153,13 +153,6 @@ def test_span_formats_a_range_or_one_value(bench):
     assert bench.span([0.5], "{:.2f}x") == "0.50x"
 
 
-def test_cpu_description_names_the_vector_flags(bench):
-    info = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 fma f16c avx512f avx512_bf16\n"
-    text = bench.cpu_description(info)
-    assert text.startswith("Some CPU (") and "avx2, fma, f16c, avx512f, avx512_bf16" in text
-    assert "no AVX2" in bench.cpu_description("model name : Old\nflags : sse2\n")
-
-
 def _run_with_fake_llama_cpp(tmp_path: Path, init: str, *args: str) -> subprocess.CompletedProcess:
     """Run the script with a `llama_cpp` package of our own first on the path, standing in for a missing or broken
     build (`init` is its __init__.py) whatever is installed."""
@@ -283,9 +276,7 @@ def test_rounds_rotate_the_pairs_and_keep_each_pair_together(bench):
     assert len({o[0] for o in orders}) == 4  # each group leads once in four rounds
 
 
-def test_the_kernel_description_names_the_build_or_why_there_is_none(bench, monkeypatch):
-    from gpt2lab import native
-
+def test_the_kernel_description_names_the_build_or_why_there_is_none(bench):
     fake = types.SimpleNamespace(library=lambda: None, unavailable_reason=lambda: "no C++ compiler found")
     assert bench.kernel_description(fake) == "unavailable (no C++ compiler found): gpt2lab decodes through PyTorch"
     fake = types.SimpleNamespace(library=lambda: object(), kernel_paths=lambda: frozenset({"avx512_vnni", "avx512"}),
