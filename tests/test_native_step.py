@@ -151,6 +151,26 @@ def test_widths_that_are_not_whole_vectors_take_the_scalar_tails(kind, batch):
     assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
 
 
+@needs_kernel
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_long_float_rows_at_four_input_rows_or_more(kind):
+    """n_embd 128, hidden 512: at batch 5 the two-by-four kernels read rows of 512 floats (2 KiB) and of 512 bf16
+    (1 KiB), which they prefetch into L2 rather than L1 (FAR_ROW_BYTES), and rows of 128 values, prefetched into L1;
+    the fifth row takes the one-row kernels."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=128)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape)) if p.dim() == 1 else p.mul_(4.0)
+    prompt, tokens = random_steps(67, 5, 3, seed=9)
+    if kind == "bf16":
+        model = to_bf16(model)
+        assert_bf16_as_exact_as_its_reference(model, prompt, tokens, bf16_reference(model))
+        return
+    ref, fast, _, _ = both_paths(model, prompt, tokens)
+    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
+
+
 def to_bf16(model):
     """Every linear layer and the tied head as BF16Linear, the embedding reading the head's bf16 table (as
     prepare_for_inference converts)."""

@@ -363,10 +363,18 @@ static inline int64_t finish_i4(__m256i product, const int16_t* s, const int16_t
 // hardware prefetcher alone falls behind (the distance is chosen in docs/benchmarks.md). A prefetch never faults,
 // so asking for rows past the matrix's end is harmless.
 static constexpr int64_t PREFETCH_ROWS = 2;
+// Where the float kernels' prefetch puts the rows ahead: rows of at least this many bytes (GPT-2's) into L2, shorter
+// ones into L1. Long rows stream from memory, and L1's few miss buffers filled with prefetches stall the loads the
+// products wait on (into L2: GPT-2 124M fp32 at batch 8 1.41x); short rows (a small model's, whose weights the
+// last-level cache may hold) come from it faster than L2-then-L1 (into L2: 0.83-0.88x). docs/benchmarks.md.
+static constexpr int64_t FAR_ROW_BYTES = 1024;
+
+template <bool TO_L2>
+static inline void prefetch_row(const void* p) { _mm_prefetch((const char*)p, TO_L2 ? _MM_HINT_T1 : _MM_HINT_T0); }
 
 // Two weight rows against four input rows: eight accumulators, six loads per eight FMAs (one row against four needs
 // five per four). Once a batch makes the products compute-bound, loads are what bound them.
-template <typename W>
+template <typename W, bool TO_L2>
 static void dot2x4(const typename W::T* w, const float* x, int64_t K, float* out /* (2, 4) */) {
     const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
@@ -375,8 +383,8 @@ static void dot2x4(const typename W::T* w, const float* x, int64_t K, float* out
         __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
         __m256 v2 = _mm256_loadu_ps(x2 + k), v3 = _mm256_loadu_ps(x3 + k);
         asm("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3));  // keep them in registers: one load each, not two
-        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
-        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);
+        prefetch_row<TO_L2>(w + PREFETCH_ROWS * K + k);
+        prefetch_row<TO_L2>(w + (PREFETCH_ROWS + 1) * K + k);
         const __m256 w0 = W::load8(w + k), w1 = W::load8(w + K + k);
         a00 = _mm256_fmadd_ps(w0, v0, a00); a01 = _mm256_fmadd_ps(w0, v1, a01);
         a02 = _mm256_fmadd_ps(w0, v2, a02); a03 = _mm256_fmadd_ps(w0, v3, a03);
@@ -615,14 +623,15 @@ static float dot_bf16_dp(const uint16_t* w, const uint16_t* x, int64_t K) {
 }
 
 // Two bf16 weight rows against four bf16 activation rows (the float kernels' 2 x 4 shape).
+template <bool TO_L2>
 static void dot2x4_bf16_dp(const uint16_t* w, const uint16_t* x, int64_t K, float* out /* (2, 4) */) {
     __m512 acc[2][4];
     for (int j = 0; j < 2; j++)
         for (int r = 0; r < 4; r++) acc[j][r] = _mm512_setzero_ps();
     const int64_t k_end = K / 32 * 32;
     for (int64_t k = 0; k < k_end; k += 32) {
-        _mm_prefetch((const char*)(w + PREFETCH_ROWS * K + k), _MM_HINT_T0);
-        _mm_prefetch((const char*)(w + (PREFETCH_ROWS + 1) * K + k), _MM_HINT_T0);
+        prefetch_row<TO_L2>(w + PREFETCH_ROWS * K + k);
+        prefetch_row<TO_L2>(w + (PREFETCH_ROWS + 1) * K + k);
         const __m512bh w0 = load_bh(w + k), w1 = load_bh(w + K + k);
         for (int r = 0; r < 4; r++) {
             const __m512bh v = load_bh(x + r * K + k);
@@ -651,13 +660,14 @@ static inline float row_bf16(const uint16_t* w, const float* x, const uint16_t* 
 #endif
 }
 
+template <bool TO_L2>
 static inline void rows2x4_bf16(const uint16_t* w, const float* x, const uint16_t* xb, int64_t K, float* out) {
 #if defined(USE_BF16_DOT)
     (void)x;
-    dot2x4_bf16_dp(w, xb, K, out);
+    dot2x4_bf16_dp<TO_L2>(w, xb, K, out);
 #else
     (void)xb;
-    dot2x4<BF16Weights>(w, x, K, out);
+    dot2x4<BF16Weights, TO_L2>(w, x, K, out);
 #endif
 }
 
@@ -877,8 +887,15 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
     const int64_t K = L.k, G = K / 32;
     const int8_t* xq = Q.q;
     if (rows == 4 && rows_w == 2) {
-        if (L.kind == F32) dot2x4<F32Weights>((const float*)L.weight + n * K, x + r0 * K, K, v);
-        else rows2x4_bf16((const uint16_t*)L.weight + n * K, x + r0 * K, Q.bf16 + r0 * K, K, v);
+        if (L.kind == F32) {
+            const float* w = (const float*)L.weight + n * K;
+            if (K * 4 >= FAR_ROW_BYTES) dot2x4<F32Weights, true>(w, x + r0 * K, K, v);
+            else dot2x4<F32Weights, false>(w, x + r0 * K, K, v);
+        } else {
+            const uint16_t* w = (const uint16_t*)L.weight + n * K;
+            if (K * 2 >= FAR_ROW_BYTES) rows2x4_bf16<true>(w, x + r0 * K, Q.bf16 + r0 * K, K, v);
+            else rows2x4_bf16<false>(w, x + r0 * K, Q.bf16 + r0 * K, K, v);
+        }
         return;
     }
     if (rows == 4 && L.kind == INT8) {
