@@ -45,11 +45,13 @@ def read_bandwidth(repeats: int = 5) -> float:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
-    a = torch.ones(128 * 1024 * 1024)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - start)
-    torch.set_num_threads(threads)
+    try:
+        a = torch.ones(128 * 1024 * 1024)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a.sum()
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     return a.numel() * 4 / best

@@ -563,7 +563,8 @@ def run_agreement(args: argparse.Namespace, llama_cpp: ModuleType, root: Path, p
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    flags = parse_cpu_flags(read_cpuinfo())
+    cpuinfo = read_cpuinfo()
+    flags = parse_cpu_flags(cpuinfo)
     if args.cmake_args:
         print(cmake_args(flags))
         return
@@ -587,7 +588,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(args.threads)  # before loading: the fp32 layout is chosen for the thread count
     from gpt2lab import native
 
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {cpu_description(cpuinfo)}")
     print(f"gpt2lab's native kernel: {kernel_description(native)}")
     print(f"llama.cpp built with: {system_info.strip(' |')}"
           + (f" (leaves out {', '.join(missing)}: --any-build)" if missing else ""))

@@ -156,7 +156,8 @@ def test_widths_that_are_not_whole_vectors_take_the_scalar_tails(kind, batch):
 def test_long_float_rows_at_four_input_rows_or_more(kind):
     """n_embd 128, hidden 512: at batch 5 the two-by-four kernels read rows of 512 floats (2 KiB) and of 512 bf16
     (1 KiB), which they prefetch into L2 rather than L1 (FAR_ROW_BYTES), and rows of 128 values, prefetched into L1;
-    the fifth row takes the one-row kernels."""
+    the fifth row takes the one-row kernels. Where a prefetch goes changes only the speed: this checks that both
+    instances of each kernel compute the right thing (benchmarks/native_step.py times them)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=128)).eval()
     with torch.no_grad():

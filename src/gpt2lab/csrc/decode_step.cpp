@@ -365,12 +365,16 @@ static inline int64_t finish_i4(__m256i product, const int16_t* s, const int16_t
 static constexpr int64_t PREFETCH_ROWS = 2;
 // Where the float kernels' prefetch puts the rows ahead: rows of at least this many bytes (GPT-2's) into L2, shorter
 // ones into L1. Long rows stream from memory, and L1's few miss buffers filled with prefetches stall the loads the
-// products wait on (into L2: GPT-2 124M fp32 at batch 8 1.41x); short rows (a small model's, whose weights the
-// last-level cache may hold) come from it faster than L2-then-L1 (into L2: 0.83-0.88x). docs/benchmarks.md.
+// products wait on (into L2: GPT-2 124M fp32 at batch 8 1.41x). A small model's 128-wide rows, whose weights the
+// last-level cache may hold, come from it faster into L1 (into L2: 0.83-0.88x); its 512-wide MLP rows (1-2 KiB) go
+// to L2 by this rule, which measured level with all of its rows in L1 (0.94-1.01x). docs/benchmarks.md.
 static constexpr int64_t FAR_ROW_BYTES = 1024;
 
 template <bool TO_L2>
-static inline void prefetch_row(const void* p) { _mm_prefetch((const char*)p, TO_L2 ? _MM_HINT_T1 : _MM_HINT_T0); }
+static inline void prefetch_row(const void* p) {
+    if constexpr (TO_L2) _mm_prefetch((const char*)p, _MM_HINT_T1);
+    else _mm_prefetch((const char*)p, _MM_HINT_T0);
+}
 
 // Two weight rows against four input rows: eight accumulators, six loads per eight FMAs (one row against four needs
 // five per four). Once a batch makes the products compute-bound, loads are what bound them.
