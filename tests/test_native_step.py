@@ -137,18 +137,7 @@ def test_native_step_with_left_padding_equals_the_modules():
 def test_widths_that_are_not_whole_vectors_take_the_scalar_tails(kind, batch):
     """n_embd 36 and head width 12: every product and dot ends in a tail shorter than one 8-float vector (and than
     one 32-value bf16 dot product); batch 4 takes the two-by-four kernels' tails."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=53, n_ctx=16, n_layer=2, n_head=3, n_embd=36)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape)) if p.dim() == 1 else p.mul_(4.0)
-    prompt, tokens = random_steps(53, batch, 4, seed=8)
-    if kind == "bf16":
-        model = to_bf16(model)
-        assert_bf16_as_exact_as_its_reference(model, prompt, tokens, bf16_reference(model))
-        return
-    ref, fast, _, _ = both_paths(model, prompt, tokens)
-    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
+    assert_float_step_exact(kind, GPTConfig(vocab_size=53, n_ctx=16, n_layer=2, n_head=3, n_embd=36), batch, 4, seed=8)
 
 
 @needs_kernel
@@ -158,12 +147,18 @@ def test_long_float_rows_at_four_input_rows_or_more(kind):
     (1 KiB), which they prefetch into L2 rather than L1 (FAR_ROW_BYTES), and rows of 128 values, prefetched into L1;
     the fifth row takes the one-row kernels. Where a prefetch goes changes only the speed: this checks that both
     instances of each kernel compute the right thing (benchmarks/native_step.py times them)."""
+    assert_float_step_exact(kind, GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=128), 5, 3, seed=9)
+
+
+def assert_float_step_exact(kind: str, config: GPTConfig, batch: int, steps: int, seed: int) -> None:
+    """The native step on `config` in fp32 (against the modules) or bf16 (against its reference arithmetic), with
+    weights 4x GPT-2's init and random biases and gains, over `steps` random tokens of `batch` rows."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=128)).eval()
+    model = GPT(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape)) if p.dim() == 1 else p.mul_(4.0)
-    prompt, tokens = random_steps(67, 5, 3, seed=9)
+    prompt, tokens = random_steps(config.vocab_size, batch, steps, seed=seed)
     if kind == "bf16":
         model = to_bf16(model)
         assert_bf16_as_exact_as_its_reference(model, prompt, tokens, bf16_reference(model))
@@ -378,9 +373,9 @@ def test_native_step_on_int4_weights_equals_its_reference_arithmetic(name, batch
     own compiled kernel (64, 128, 192, 256, 320, 384, 448, 512 wide: 2 to 16 groups, with rows left over in the
     heads of 67 or 211): one input row unpacks each block as it goes, more unpack the four rows once, 17 and 20 rows
     take two calls (the second of one row, of four). Wider rows (544, 768, 1280, 1792, 2176) take the one-row kernel
-    at batches of 1-3, the four-input-row one at 4 and 8, both at 5, 17 and 20. Widths of 32, 96 and 544 take the last-group path, and every width the
-    correction's 16-, 8- and 4-group steps and its tail where it has them. (Batch 2 shares batch 3's paths; it is
-    compared bit for bit with batch 5 below.)"""
+    at batches of 1-3, the four-input-row one at 4 and 8, both at 5, 17 and 20. Widths of 32, 96 and 544 take the
+    last-group path, and every width the correction's 16-, 8- and 4-group steps and its tail where it has them.
+    (Batch 2 shares batch 3's paths; it is compared bit for bit with batch 5 below.)"""
     model, reference = int4_model_and_reference(name)
     assert linear_kind(model.lm_head) == 3 and NativeStep.applies(model)
     prompt, tokens = random_steps(model.config.vocab_size, batch, 3, seed=13)

@@ -204,11 +204,11 @@ class NativeStep:
                                self._linear(b.attn.c_proj), self._addr(b.ln_2, "weight"), self._addr(b.ln_2, "bias"),
                                self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj))
         self._layers = layers
+        self.n_ctx = model.wpe.weight.size(0)  # wpe is (n_ctx, C): the positions the kernel may read
         self._model = _Model(cfg.n_layer, cfg.n_embd, cfg.n_head, self.ffn, cfg.layer_norm_eps,
                              _ACTIVATIONS[cfg.activation], ctypes.addressof(layers), self._addr(model.ln_f, "weight"),
                              self._addr(model.ln_f, "bias"), self._linear(model.lm_head),
-                             self._addr(model.wpe, "weight"), model.wpe.weight.size(0))
-        self.n_ctx = model.wpe.weight.size(0)  # (n_ctx, C): the positions the kernel may read
+                             self._addr(model.wpe, "weight"), self.n_ctx)
         self._scratch: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
     def _addr(self, module: nn.Module, name: str) -> Optional[int]:

@@ -365,9 +365,9 @@ static inline int64_t finish_i4(__m256i product, const int16_t* s, const int16_t
 static constexpr int64_t PREFETCH_ROWS = 2;
 // Where the float kernels' prefetch puts the rows ahead: rows of at least this many bytes (GPT-2's) into L2, shorter
 // ones into L1. Long rows stream from memory, and L1's few miss buffers filled with prefetches stall the loads the
-// products wait on (into L2: GPT-2 124M fp32 at batch 8 1.41x). A small model's 128-wide rows, whose weights the
-// last-level cache may hold, come from it faster into L1 (into L2: 0.83-0.88x); its 512-wide MLP rows (1-2 KiB) go
-// to L2 by this rule, which measured level with all of its rows in L1 (0.94-1.01x). docs/benchmarks.md.
+// products wait on. A small model's 128-wide rows, whose weights the last-level cache may hold, come from it faster
+// into L1; its 512-wide MLP rows (1-2 KiB) go to L2 by this rule, which measured level with keeping them in L1.
+// The measurements are in docs/benchmarks.md.
 static constexpr int64_t FAR_ROW_BYTES = 1024;
 
 template <bool TO_L2>
@@ -767,8 +767,8 @@ static inline __m128 finish4rows_i4(__m256i a0, __m256i a1, __m256i a2, __m256i 
 }
 
 // The same for int4 rows of G groups (K = 32 G, G even, at most 16: narrow rows), against `rows` input rows. G is
-// a compile-time constant so the group loops unroll and the accumulators stay in registers (a run-time G spilled
-// them: half the speed, docs/benchmarks.md). With more than one input row the four weight rows are unpacked to
+// a compile-time constant so the group loops unroll and the accumulators stay in registers (with a run-time G they
+// spilled to the stack: docs/benchmarks.md). With more than one input row the four weight rows are unpacked to
 // bytes, and their scales broadcast, once for all of them (at most 2 KiB and 2 KiB, in L1). Exact in int32: every
 // sum above is integer arithmetic that wraps modulo 2^32, and what it computes, sum_g s_g (w_g . x_g), is at most
 // 16 x 32 x 8 x 127 x 255 < 2^27 in magnitude, so the wrapped result is the true one.
