@@ -2,7 +2,7 @@
 
     python benchmarks/llama_cpp.py --converter SDIST/vendor/llama.cpp/convert_hf_to_gguf.py
                                    [--preset gpt2] [--threads 2] [--batches 1,8] [--rounds 2] [--repeats 3]
-                                   [--train-seconds 60] [--any-build]
+                                   [--prefill 16,64,512 | --no-prefill] [--train-seconds 60] [--any-build]
     python benchmarks/llama_cpp.py --cmake-args
 
 llama.cpp runs through llama-cpp-python (0.3.36), a benchmark-only dependency built from its sdist. Build it for
@@ -33,6 +33,11 @@ prompt and llama.cpp through its own batch API (`llama_batch` with one sequence 
 rows per step, greedy argmax of each row's logits), one context holding the B sequences. Rounds alternate the variants, each gpt2lab
 precision next to its llama.cpp peer (the pairs in an order rotated each round), so a noisy machine hits both alike;
 the ratios gpt2lab / llama.cpp are taken within a round and printed as a range over rounds.
+
+Prefill: prompt tokens/s of encoding one row's prompt of each `--prefill` length (default 16, 64 and 512 tokens,
+those the preset holds),
+gpt2lab's `generate(prompt, 1)` against llama.cpp's `Llama.eval(prompt)` from an empty cache, pairs in turn, best
+of `--repeats`, ratio within each round: the time to the first token, for a short question or a long document.
 
 Agreement: random weights repeat one token, so greedy agreement on them proves nothing. The script trains a small
 model with GPT-2's vocabulary for `--train-seconds` on Shakespeare (obtained by `gpt2lab.data`; a generated counting
@@ -96,6 +101,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="comma-separated batch sizes, rows decoded at once (default 1,8)")
     parser.add_argument("--rounds", type=_positive, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--repeats", type=_positive, default=3, help="timings per variant and round, best kept")
+    parser.add_argument("--prefill", type=_batches, default=None,
+                        help="prompt lengths whose encoding is timed, one row (default 16,64,512, those the "
+                             "preset holds)")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the prompt-encoding timings")
     parser.add_argument("--train-seconds", type=float, default=60.0,
                         help="training time of the agreement model; 0 skips the agreement check")
     parser.add_argument("--cmake-args", action="store_true",
@@ -478,6 +487,60 @@ def report_speed(variants: list[Variant], bandwidth: float, rows: int = 1) -> No
         print(f"  {label:<40} {span([x / y for x, y in zip(a.rates, b.rates)], '{:.2f}x'):>11}")
 
 
+# ---------------------------------------------------------------------------------------------------- prefill
+PREFILL = (16, 64, 512)  # default prompt lengths of the prefill timings
+
+
+def prefill_sides(model_dir: Path, ggufs: dict[str, Path], llama_cpp: ModuleType, threads: int,
+                  longest: int) -> tuple[dict[str, object], dict[str, object]]:
+    """gpt2lab's prepared model of each precision, and llama.cpp's `Llama` of each peer file, for prompts of up to
+    `longest` tokens encoded in one batch."""
+    from gpt2lab import GPT
+    from gpt2lab.generate import load_for_inference
+
+    ours = {name: load_for_inference(str(model_dir), name, model_class=GPT)[0] for name, _ in PAIRS}
+    theirs = {name: llama_cpp.Llama(str(ggufs[name]), n_ctx=longest, n_batch=longest, n_ubatch=longest,
+                                    n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+              for _, name in PAIRS}
+    return ours, theirs
+
+
+def run_prefill(ours: dict[str, object], theirs: dict[str, object], lengths: Sequence[int], rounds: int,
+                repeats: int) -> dict[int, dict[str, list[float]]]:
+    """Prompt encoding (prefill) of one row: gpt2lab's `generate(prompt, 1)` (the encoding and one greedy choice)
+    against llama.cpp's `Llama.eval(prompt)` (the encoding, last position's logits), prompt tokens/s; the pairs in
+    an order rotated each round, best of `repeats`, the ratio within each round. Returns the rates by length and
+    name."""
+    import torch
+
+    longest = max(lengths)
+    prompt = torch.randint(0, 50257, (1, longest), generator=torch.Generator().manual_seed(2))
+
+    def ours_once(name: str, n: int) -> float:
+        return _seconds(lambda: ours[name].generate(prompt[:, :n], 1, temperature=0))
+
+    def theirs_once(name: str, n: int) -> float:
+        llm = theirs[name]
+        llm.reset()  # an empty cache: the whole prompt is encoded
+        return _seconds(lambda: llm.eval(prompt[0, :n].tolist()))
+
+    for ours_name, theirs_name in PAIRS:  # warm-up
+        ours_once(ours_name, longest), theirs_once(theirs_name, longest)
+    print("\nprompt encoding (prefill), one row: prompt tokens/s (range over rounds), ratio within each round")
+    table = {}
+    for n in lengths:
+        rates: dict[str, list[float]] = table.setdefault(n, {name: [] for pair in PAIRS for name in pair})
+        for r in range(rounds):
+            for ours_name, theirs_name in PAIRS[r % len(PAIRS):] + PAIRS[:r % len(PAIRS)]:
+                rates[ours_name].append(n / min(ours_once(ours_name, n) for _ in range(repeats)))
+                rates[theirs_name].append(n / min(theirs_once(theirs_name, n) for _ in range(repeats)))
+        for ours_name, theirs_name in PAIRS:
+            a, b = rates[ours_name], rates[theirs_name]
+            print(f"  {n:>4} tokens: gpt2lab {ours_name:<5} {span(a, '{:.0f}'):>10}   llama.cpp {theirs_name:<5} "
+                  f"{span(b, '{:.0f}'):>10}   {span([x / y for x, y in zip(a, b)], '{:.2f}x'):>11}", flush=True)
+    return table
+
+
 # -------------------------------------------------------------------------------------------------- agreement
 COUNTING_LINES = 2000  # lines of the generated fallback text
 
@@ -582,9 +645,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import torch
 
     try:
-        preset_config(args.preset)
+        config = preset_config(args.preset)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
+    lengths = args.prefill or tuple(n for n in PREFILL if n <= config.n_ctx)
+    if not args.no_prefill and max(lengths) > config.n_ctx:
+        sys.exit(f"error: --prefill {max(lengths)} is longer than {args.preset}'s {config.n_ctx} positions")
     torch.set_num_threads(args.threads)  # before loading: the fp32 layout is chosen for the thread count
     from gpt2lab import native
 
@@ -606,6 +672,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             report_speed(variants, bandwidth, rows)
             print(f"load average after the timed rounds: {os.getloadavg()[0]:.1f}", flush=True)
             del variants
+        if not args.no_prefill:
+            ours, theirs = prefill_sides(model_dir, ggufs, llama_cpp, args.threads, max(lengths))
+            run_prefill(ours, theirs, lengths, args.rounds, args.repeats)
+            del ours, theirs
         if args.train_seconds > 0:
             run_agreement(args, llama_cpp, Path(tmp))
 

@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import load_benchmark
 
@@ -284,3 +285,52 @@ def test_the_kernel_description_names_the_build_or_why_there_is_none(bench):
     assert bench.kernel_description(fake) == "avx512, avx512_vnni"
     fake.kernel_paths = lambda: frozenset()
     assert bench.kernel_description(fake) == "the AVX2 paths"
+
+
+def test_prefill_lengths_default_to_those_the_preset_holds(bench, monkeypatch, tmp_path):
+    args = bench.parse_args([])
+    assert args.prefill is None and not args.no_prefill
+    assert bench.parse_args(["--prefill", "32,128"]).prefill == (32, 128)
+    converter = tmp_path / "convert_hf_to_gguf.py"
+    converter.write_text("")
+    fake = types.SimpleNamespace(llama_print_system_info=lambda: AVX2_BUILD.encode())
+    monkeypatch.setattr(bench, "read_cpuinfo", lambda: "flags : avx2 fma f16c\n")
+    monkeypatch.setattr(bench, "import_llama_cpp", lambda: fake)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as stop:  # before any work: no file is made
+            bench.main(["--converter", str(converter), "--preset", "mini", "--prefill", "16,300"])
+    finally:
+        torch.set_num_threads(threads)
+    assert stop.value.code == "error: --prefill 300 is longer than mini's 256 positions"
+
+
+class FakeSide:
+    """A model's `generate` or llama.cpp's `reset` + `eval`, recording the prompt lengths it encodes."""
+
+    def __init__(self):
+        self.lengths = []
+
+    def generate(self, prompt, n, temperature):
+        assert n == 1 and temperature == 0 and prompt.shape[0] == 1
+        self.lengths.append(prompt.shape[1])
+
+    def reset(self):
+        self.lengths.append("reset")
+
+    def eval(self, tokens):
+        assert all(isinstance(t, int) for t in tokens)
+        self.lengths.append(len(tokens))
+
+
+def test_prefill_times_each_length_on_both_sides_from_an_empty_cache(bench, capsys):
+    ours = {name: FakeSide() for name, _ in bench.PAIRS}
+    theirs = {name: FakeSide() for _, name in bench.PAIRS}
+    table = bench.run_prefill(ours, theirs, (4, 9), rounds=2, repeats=3)
+    assert sorted(table) == [4, 9] and all(len(rates) == 2 for rates in table[4].values())
+    for side in ours.values():  # warm-up at the longest, then 3 repeats per length and round
+        assert side.lengths == [9] + [4] * 6 + [9] * 6
+    for side in theirs.values():  # llama.cpp's cache is reset before every encoding
+        assert side.lengths == ["reset", 9] + ["reset", 4] * 6 + ["reset", 9] * 6
+    out = capsys.readouterr().out
+    assert "prompt encoding (prefill)" in out and out.count("tokens: gpt2lab") == 2 * len(bench.PAIRS)

@@ -842,3 +842,106 @@ def test_int4_rows_wider_than_the_kernels_exact_bound_are_not_read():
 
     assert linear_kind(Int4Linear.from_linear(nn.Linear(INT4_MAX_WIDTH // 32 * 32, 2))) == 3
     assert linear_kind(Int4Linear.from_linear(nn.Linear((INT4_MAX_WIDTH // 32 + 1) * 32, 2))) is None
+
+
+# ------------------------------------------------------------------------------------------------------- prefill
+@needs_kernel
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_native_prefill_computes_the_forward_in_float32(name):
+    """`NativeStep.prefill` is the model's forward on the last position (float32: the same arithmetic, summed in
+    another order), and fills the cache with the same keys and values; a second chunk after a cached first one too
+    (attention over the past and the chunk's own causal part)."""
+    model = model_for(name)
+    g = torch.Generator().manual_seed(5)
+    first = torch.randint(0, model.config.vocab_size, (2, 6), generator=g)
+    second = torch.randint(0, model.config.vocab_size, (2, 3), generator=g)
+    step = NativeStep(model)
+    caches = [KVCache.for_model(model, 2, max_length=12) for _ in range(2)]
+    exact, modules, fast = [], [], []
+    with torch.no_grad():
+        model64 = copy.deepcopy(model).double()
+        cache64 = KVCache(model.config.n_layer, 2, model.config.n_head, 12, model.config.head_dim, dtype=torch.float64)
+        for chunk in (first, second):
+            exact.append(model64(chunk, kv_cache=cache64, logits_to_keep=1)[:, -1].float())
+            modules.append(model(chunk, kv_cache=caches[0], logits_to_keep=1)[:, -1])
+            fast.append(step.prefill(chunk, caches[1]))
+    assert_as_exact_as_the_modules(exact, modules, fast)
+    assert caches[1].length == caches[0].length == 9
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+        torch.testing.assert_close(b, a, atol=1e-4 * a.abs().max().item(), rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
+def test_native_prefill_computes_what_the_step_computes_token_by_token(dtype):
+    """Every prompt token's products in `prefill` are those the decode step computes for it (int8 and int4 round
+    each row of activations to int8 on its own), so a prompt prefilled in one call gives the logits and the cache of
+    the same prompt fed to the step one token at a time. LayerNorm and attention are torch's in one and the kernel's
+    in the other, summed in other orders: now and then an activation lands on the other side of an int8 (or bf16)
+    rounding boundary, which moves a few logits by about one rounding step, not more."""
+    from gpt2lab.inference import prepare_for_inference
+
+    model = prepare_for_inference(model_for("wide", sharpen=False), dtype)
+    step = NativeStep(model)
+    prompt = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(11))
+    caches = [KVCache.for_model(model, 3, max_length=8) for _ in range(2)]
+    fast = step.prefill(prompt, caches[0])
+    for t in range(prompt.size(1)):
+        one_by_one = step(prompt[:, t], caches[1])
+    scale = one_by_one.abs().max().item()
+    off = (fast - one_by_one).abs() > 1e-4 * scale
+    assert off.float().mean() < 0.05 and (fast - one_by_one).abs().max() < 2e-2 * scale, \
+        (off.float().mean(), (fast - one_by_one).abs().max(), scale)
+    assert caches[0].length == caches[1].length == 7
+    for a, b in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
+        assert ((a - b).abs() > 1e-4 * a.abs().max()).float().mean() < 0.05
+
+
+@needs_kernel
+def test_native_prefill_refuses_a_full_cache_a_wrong_batch_or_a_bad_token():
+    model = model_for("tiny")
+    step = NativeStep(model)
+    with pytest.raises(ValueError, match="KV cache overflow: 0 cached \\+ 5 new positions exceed max_length=4"):
+        step.prefill(torch.zeros(1, 5, dtype=torch.long), KVCache.for_model(model, 1, max_length=4))
+    with pytest.raises(ValueError, match="KV cache holds 2 active rows, got 1 prompts"):
+        step.prefill(torch.zeros(1, 3, dtype=torch.long), KVCache.for_model(model, 2, max_length=4))
+    with pytest.raises(ValueError, match="token id 97 is out of range for vocab_size=97"):
+        step.prefill(torch.tensor([[1, 97]]), KVCache.for_model(model, 1, max_length=4))
+
+
+@needs_kernel
+def test_prefill_rows_by_weight_kind():
+    """Float prompts of up to 64 (fp32) or 128 (bf16) tokens in all take the kernel, longer ones the modules' GEMM;
+    int8 and int4 prompts take the kernel at any length (where it measured faster: docs/benchmarks.md)."""
+    from gpt2lab.inference import prepare_for_inference
+
+    limits = {"fp32": 64, "bf16": 128, "int8": None, "int4": None}
+    for dtype, most in limits.items():
+        step = NativeStep(prepare_for_inference(model_for("wide", sharpen=False), dtype))
+        assert not step.prefills(0)
+        if most is None:
+            assert step.prefills(1) and step.prefills(100_000)
+        else:
+            assert step.prefills(1) and step.prefills(most) and not step.prefills(most + 1)
+
+
+@needs_kernel
+def test_generate_prefills_short_unpadded_prompts_with_the_kernel(monkeypatch):
+    """`generate` hands a short prompt without padding to `NativeStep.prefill` and gets the modules' greedy tokens;
+    a padded batch, and a float32 prompt past the kernel's share, go through the model's forward."""
+    import gpt2lab.native_step as native_step
+
+    model = model_for(GPTConfig(vocab_size=97, n_ctx=96, n_layer=2, n_head=2, n_embd=32))
+    calls = []
+    real = NativeStep.prefill
+    monkeypatch.setattr(NativeStep, "prefill", lambda self, idx, cache: calls.append(idx.shape) or real(self, idx, cache))
+    short = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2))
+    out = generate(model, short, 6, temperature=0)
+    assert calls == [(2, 5)]
+    with monkeypatch.context() as m:
+        m.setattr(native_step, "PREFILL_ROWS", {k: 0 for k in native_step.PREFILL_ROWS})  # the modules prefill
+        assert torch.equal(generate(model, short, 6, temperature=0), out)
+    assert calls == [(2, 5)]
+    generate(model, short, 2, temperature=0, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    generate(model, torch.randint(0, 97, (1, 65)), 2, temperature=0)
+    assert calls == [(2, 5)]

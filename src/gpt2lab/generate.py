@@ -36,7 +36,7 @@ import torch
 from gpt2lab import checks
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
-from gpt2lab.native_step import decode_step_for
+from gpt2lab.native_step import NativeStep, decode_step_for
 from gpt2lab.sampling import SamplingParams, choose_tokens
 from gpt2lab.text import text_pieces
 
@@ -106,7 +106,8 @@ class Decoder:
     KV cache; only the model's own outputs are allocated per step. See the module docstring for the sliding window.
     `make_step(model)` gives the one-token step (`DecodeStep`), or None for the model's forward; None (the default)
     means `default_step`, built again after each re-encoding of the window (a given `make_step` is called once).
-    The prefill and the window's re-encoding always run the model's forward.
+    The prefill and the window's re-encoding run the model's forward, except that a native step encodes unpadded
+    prompts short enough for its kernel to be the faster one (`NativeStep.prefill`: the same function).
     """
 
     def __init__(self, model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -146,6 +147,8 @@ class Decoder:
         self.cache.reset()
         window = self.mask[:, self.start:self.length]  # (B, W)
         self.padded = not bool(window.all())
+        if not self.padded and isinstance(self.fast_step, NativeStep) and self.fast_step.prefills(window.numel()):
+            return self.fast_step.prefill(self.tokens[:, self.start:self.length], self.cache)  # a short prompt
         if not self.padded:
             logits = self.model(self.tokens[:, self.start:self.length], kv_cache=self.cache, logits_to_keep=1)
         else:
@@ -193,10 +196,9 @@ class Decoder:
         forget = overflow[:, None] & (cols[None, :] < (self.length - kept)[:, None])  # (B, length)
         self.mask[:, :self.length].masked_fill_(forget, 0)
         self.start = self.length - int(kept.max())
-        logits = self.prefill()
-        if self._make_step is None:  # the default step: built again, so the steps after the re-encoding read the
-            self.fast_step = _pick_step(self.model)  # weights it ran on (a native step keeps those it was built with)
-        return logits
+        if self._make_step is None:  # the default step: built again, so the re-encoding and the steps after it read
+            self.fast_step = _pick_step(self.model)  # the weights as they are now (a native step keeps its own)
+        return self.prefill()
 
     def retire(self, keep: torch.Tensor) -> None:
         """Keep only the active rows listed in `keep` (indices into the active rows, ascending)."""

@@ -10,7 +10,9 @@ It reads the model's own tensors, no copies: float32 `nn.Linear` weights as they
 (widened to float32 in registers), `Int8Linear`'s int8 weights with their per-channel scales (multiplied by int8
 activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per block of 32), and `Int4Linear`'s int4
 weights with an integer scale per group of 32 and a float per row (quantize_int.quantize_int4, times the same int8
-activations). The KV cache is the usual `KVCache`, so prefill (through the modules) and steps (here) share it.
+activations). The KV cache is the usual `KVCache`, so the prefill and the steps share it. A short prompt is encoded
+here too (`NativeStep.prefill`: the modules' embedding, LayerNorm and attention, the kernel's products over all its
+tokens at once), since the modules' GEMM runs few rows slowly.
 
     tokens (B,) ─ gpt2lab_decode_step (C++): the head's row + wpe ─► x (B, C) ─ the blocks ─► logits (B, V)
                                              └─ writes K, V of this token into cache column `pos`
@@ -43,13 +45,14 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpt2lab import native
 from gpt2lab.cpu import LoadMeter, usable_cpus
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
-from gpt2lab.model import GPT
+from gpt2lab.model import GPT, sdpa_attention
 from gpt2lab.quantize import BF16Linear, Int4Embedding, Int4Linear, Int8Linear, LowPrecisionEmbedding
 from gpt2lab.quantize_int import INT4_GROUP
 from gpt2lab.thread_tuner import ThreadTuner
@@ -95,6 +98,11 @@ def _plain_f32(t: Optional[torch.Tensor]) -> bool:
 # the widest int4 rows the kernel's 32-bit lanes hold exactly (csrc/decode_step.cpp, finish_i4); GPT-2's widest is
 # 6,400 (gpt2-xl's MLP)
 INT4_MAX_WIDTH = 22_000
+
+# Prompts of up to this many tokens in all (batch x length) are encoded by `NativeStep.prefill`, by the kind of the
+# blocks' weights (None: any prompt); longer float ones by the modules, whose GEMM is the faster kernel for many rows.
+# Measured on an AVX2 CPU (docs/benchmarks.md, prefill).
+PREFILL_ROWS = {_F32: 64, _BF16: 128, _INT8: None, _INT4: None}
 
 # the layer classes the kernel reads in place, with their weight kind and the dtype their weight must have
 _LAYER_KINDS = {nn.Linear: (_F32, torch.float32), BF16Linear: (_BF16, torch.bfloat16), Int8Linear: (_INT8, torch.int8),
@@ -191,6 +199,8 @@ class NativeStep:
             raise TypeError("the native decode step embeds tokens from the LM head's table, and this model's "
                             "embedding reads another one (untied); decode it with FlatStep")
         self._run = lib.gpt2lab_decode_step
+        self._run_linear = lib.gpt2lab_linear
+        self._activation = _ACTIVATIONS[model.config.activation]
         cfg = model.config
         self.model = model
         self.adaptive_threads = adaptive_threads_default() if adaptive_threads is None else bool(adaptive_threads)
@@ -315,6 +325,62 @@ class NativeStep:
         self.threads_used = threads
         cache.advance(1)
         return logits
+
+    def prefills(self, rows: int) -> bool:
+        """Whether `prefill` is the faster way to encode prompts of `rows` tokens in all (batch x length)."""
+        most = PREFILL_ROWS[self._layers[0].attn.kind]
+        return rows > 0 and (most is None or rows <= most)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`model(idx, kv_cache=cache, logits_to_keep=1)[:, -1]` for prompts without padding, every product by the
+        kernel: (B, T) ids -> (B, V) float32 logits of each row's last position; the cache advances by T.
+
+        A short prompt's products have few rows, which MKL's GEMM and torch's bf16 and int8 kernels run far below
+        what the cores can do, while the kernel streams each weight once for all B x T rows (docs/benchmarks.md,
+        prefill). Embedding, LayerNorm and attention are the modules' own operations. Each prompt token's products
+        are those the step computes for it, so in int8 and int4 a prompt is encoded with int8 activations, as the
+        tokens after it are."""
+        model, cfg = self.model, self.model.config
+        B, T = idx.shape
+        past = cache.length
+        if past + T > cache.max_length:
+            raise ValueError(f"KV cache overflow: {past} cached + {T} new positions exceed max_length={cache.max_length}")
+        if B != cache.batch_size:
+            raise ValueError(f"KV cache holds {cache.batch_size} active rows, got {B} prompts")
+        C, H, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_eps
+        model._check_inputs(idx, past)
+        threads = torch.get_num_threads()
+        positions = torch.arange(past, past + T, device=idx.device)  # (T,)
+        x = (model.wte(idx) + model.wpe(positions)).float().reshape(B * T, C).contiguous()  # (B*T, C)
+        for i, block in enumerate(model.h):
+            layer = self._layers[i]
+            h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps)  # (B*T, C)
+            qkv = self._product(layer.attn, h, threads)  # (B*T, 3C)
+            q, k, v = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+            k, v = cache.update(i, k, v)  # (B, H, past + T, D)
+            y = sdpa_attention(q, k, v, None).transpose(1, 2).reshape(B * T, C)  # (B*T, C)
+            self._product(layer.attn_proj, y, threads, add_to=x)  # x += y W^T + b
+            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps)
+            hidden = self._product(layer.fc, h, threads, activate=True)  # (B*T, F)
+            self._product(layer.mlp_proj, hidden, threads, add_to=x)
+        cache.advance(T)
+        last = F.layer_norm(x.view(B, T, C)[:, -1], (C,), model.ln_f.weight, model.ln_f.bias, eps)  # (B, C)
+        return self._product(self._model.head, last.contiguous(), threads)  # (B, V)
+
+    def _product(self, layer: _Linear, x: torch.Tensor, threads: int, add_to: Optional[torch.Tensor] = None,
+                 activate: bool = False) -> torch.Tensor:
+        """x (M, K) float32, contiguous -> x W^T + b (M, N), or added into `add_to`, or through the activation."""
+        M, K = x.shape
+        out = torch.empty(M, layer.n) if add_to is None else add_to  # (M, N)
+        how = 1 if add_to is not None else 2 if activate else 0
+        xq = torch.empty(threads, M, K, dtype=torch.int8)  # each thread's int8 copy of x (integer layers)
+        xq_scale = torch.empty(threads, M)
+        xq_sums = torch.empty(threads, M, max(1, K // 32), dtype=torch.int16)
+        xb = torch.empty(threads, M, K, dtype=torch.int16)  # and bf16 copy (the bf16 dot-product path)
+        self._run_linear(ctypes.byref(layer), x.data_ptr(), M, out.data_ptr(), how, self._activation, xq.data_ptr(),
+                     xq_scale.data_ptr(), xq_sums.data_ptr(), xb.data_ptr(), threads)
+        return out
 
 
 def decode_step_for(model: GPT) -> Optional[NativeStep | FlatStep]:

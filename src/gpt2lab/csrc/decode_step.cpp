@@ -1215,6 +1215,22 @@ extern "C" int gpt2lab_decode_step(const Model* model, const Step* step) {
     return 0;
 }
 
+// out (B, N) = x (B, K) L^T + bias, stored (how 0), added into out (1) or passed through the activation (2): one
+// product of a short prefill, whose B rows are every prompt token of every row. The kernels are the decode step's, so
+// a prompt token's products are those the step computes for it (integer layers round each row to int8 on its own).
+// xq, xq_scale, xq_sums and xb are `threads` copies of a QuantRows for B rows of width K.
+extern "C" void gpt2lab_linear(const Linear* layer, const float* x, int64_t B, float* out, int32_t how,
+                               int32_t activation, int8_t* xq, float* xq_scale, int16_t* xq_sums, uint16_t* xb,
+                               int32_t threads) {
+    const Linear& L = *layer;
+#pragma omp parallel num_threads(threads)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        const QuantRows q{xq + tid * B * L.k, xq_scale + tid * B, xq_sums + tid * B * (L.k / 32), xb + tid * B * L.k};
+        project(L, x, q, B, out, L.n, (Epilogue)how, activation, nth);
+    }
+}
+
 // int4 weights widened to float32, (N, K / 2) bytes -> (N, K): what a prefill multiplies by (Int4Linear.dequantized),
 // rows split between the threads.
 extern "C" void gpt2lab_dequantize_int4(const uint8_t* packed, const int16_t* group_scale, const float* row_scale,
