@@ -926,22 +926,46 @@ def test_prefill_rows_by_weight_kind():
 
 
 @needs_kernel
-def test_generate_prefills_short_unpadded_prompts_with_the_kernel(monkeypatch):
-    """`generate` hands a short prompt without padding to `NativeStep.prefill` and gets the modules' greedy tokens;
-    a padded batch, and a float32 prompt past the kernel's share, go through the model's forward."""
+def test_native_prefill_of_a_left_padded_batch_computes_the_forward():
+    """With the position ids and padding mask of a left-padded batch (as `Decoder` makes them), `prefill` is the
+    forward on those arguments: each row's real tokens count from position 0 and never see the padding."""
+    model = model_for("wide")
+    idx = torch.randint(0, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    caches = [KVCache.for_model(model, 3, max_length=8) for _ in range(2)]
+    with torch.no_grad():
+        want = model(idx, position_ids=positions, attention_mask=mask, kv_cache=caches[0], logits_to_keep=1)[:, -1]
+    got = NativeStep(model).prefill(idx, caches[1], positions, mask)
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+    alone = NativeStep(model).prefill(idx[:1, 3:], KVCache.for_model(model, 1, max_length=8))  # row 0 unpadded
+    torch.testing.assert_close(got[:1], alone, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+@needs_kernel
+def test_generate_prefills_short_prompts_with_the_kernel(monkeypatch):
+    """`generate` hands a short prompt, padded or not, to `NativeStep.prefill` and gets the modules' greedy tokens;
+    a float32 prompt past the kernel's share goes through the model's forward."""
     import gpt2lab.native_step as native_step
 
     model = model_for(GPTConfig(vocab_size=97, n_ctx=96, n_layer=2, n_head=2, n_embd=32))
     calls = []
     real = NativeStep.prefill
-    monkeypatch.setattr(NativeStep, "prefill", lambda self, idx, cache: calls.append(idx.shape) or real(self, idx, cache))
+
+    def counted(self, idx, cache, *args):
+        calls.append(tuple(idx.shape))
+        return real(self, idx, cache, *args)
+
+    monkeypatch.setattr(NativeStep, "prefill", counted)
     short = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2))
-    out = generate(model, short, 6, temperature=0)
-    assert calls == [(2, 5)]
-    with monkeypatch.context() as m:
-        m.setattr(native_step, "PREFILL_ROWS", {k: 0 for k in native_step.PREFILL_ROWS})  # the modules prefill
-        assert torch.equal(generate(model, short, 6, temperature=0), out)
-    assert calls == [(2, 5)]
-    generate(model, short, 2, temperature=0, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    for mask in (None, padding):
+        calls.clear()
+        out = generate(model, short, 6, temperature=0, attention_mask=mask)
+        assert calls == [(2, 5)]
+        with monkeypatch.context() as m:
+            m.setattr(native_step, "PREFILL_ROWS", {k: 0 for k in native_step.PREFILL_ROWS})  # the modules prefill
+            assert torch.equal(generate(model, short, 6, temperature=0, attention_mask=mask), out)
+        assert calls == [(2, 5)]
     generate(model, torch.randint(0, 97, (1, 65)), 2, temperature=0)
     assert calls == [(2, 5)]

@@ -106,8 +106,8 @@ class Decoder:
     KV cache; only the model's own outputs are allocated per step. See the module docstring for the sliding window.
     `make_step(model)` gives the one-token step (`DecodeStep`), or None for the model's forward; None (the default)
     means `default_step`, built again after each re-encoding of the window (a given `make_step` is called once).
-    The prefill and the window's re-encoding run the model's forward, except that a native step encodes unpadded
-    prompts short enough for its kernel to be the faster one (`NativeStep.prefill`: the same function).
+    The prefill and the window's re-encoding run the model's forward, except that a native step encodes prompts
+    short enough for its kernel to be the faster one (`NativeStep.prefill`: the same function).
     """
 
     def __init__(self, model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -147,15 +147,15 @@ class Decoder:
         self.cache.reset()
         window = self.mask[:, self.start:self.length]  # (B, W)
         self.padded = not bool(window.all())
-        if not self.padded and isinstance(self.fast_step, NativeStep) and self.fast_step.prefills(window.numel()):
-            return self.fast_step.prefill(self.tokens[:, self.start:self.length], self.cache)  # a short prompt
-        if not self.padded:
-            logits = self.model(self.tokens[:, self.start:self.length], kv_cache=self.cache, logits_to_keep=1)
-        else:
+        tokens = self.tokens[:, self.start:self.length]  # (B, W)
+        positions = mask = None
+        if self.padded:
             positions = (window.cumsum(-1) - 1).clamp_(min=0)  # (B, W): real tokens count from 0, padding at 0
             self.next_pos = window.sum(-1, keepdim=True)  # (B, 1)
-            logits = self.model(self.tokens[:, self.start:self.length], position_ids=positions,
-                                attention_mask=window, kv_cache=self.cache, logits_to_keep=1)
+            mask = window
+        if isinstance(self.fast_step, NativeStep) and self.fast_step.prefills(window.numel()):  # a short prompt
+            return self.fast_step.prefill(tokens, self.cache, positions, mask)
+        logits = self.model(tokens, position_ids=positions, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)
         return logits[:, -1].float()  # (B, V)
 
     @torch.no_grad()

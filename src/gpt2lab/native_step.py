@@ -52,7 +52,7 @@ from gpt2lab import native
 from gpt2lab.cpu import LoadMeter, usable_cpus
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
-from gpt2lab.model import GPT, sdpa_attention
+from gpt2lab.model import GPT, attention_mask_for, sdpa_attention
 from gpt2lab.quantize import BF16Linear, Int4Embedding, Int4Linear, Int8Linear, LowPrecisionEmbedding
 from gpt2lab.quantize_int import INT4_GROUP
 from gpt2lab.thread_tuner import ThreadTuner
@@ -332,9 +332,12 @@ class NativeStep:
         return rows > 0 and (most is None or rows <= most)
 
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """`model(idx, kv_cache=cache, logits_to_keep=1)[:, -1]` for prompts without padding, every product by the
-        kernel: (B, T) ids -> (B, V) float32 logits of each row's last position; the cache advances by T.
+    def prefill(self, idx: torch.Tensor, cache: KVCache, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`model(idx, position_ids=, attention_mask=, kv_cache=cache, logits_to_keep=1)[:, -1]` with every product
+        by the kernel: (B, T) ids -> (B, V) float32 logits of each row's last position; the cache advances by T.
+        position_ids (B, T) or (T,) and attention_mask (B, past + T) as the model's forward takes them (a
+        left-padded batch).
 
         A short prompt's products have few rows, which MKL's GEMM and torch's bf16 and int8 kernels run far below
         what the cores can do, while the kernel streams each weight once for all B x T rows (docs/benchmarks.md,
@@ -345,21 +348,24 @@ class NativeStep:
         B, T = idx.shape
         past = cache.length
         if past + T > cache.max_length:
-            raise ValueError(f"KV cache overflow: {past} cached + {T} new positions exceed max_length={cache.max_length}")
+            raise ValueError(f"KV cache overflow: {past} cached + {T} new positions exceed "
+                             f"max_length={cache.max_length}")
         if B != cache.batch_size:
             raise ValueError(f"KV cache holds {cache.batch_size} active rows, got {B} prompts")
         C, H, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_eps
         model._check_inputs(idx, past)
         threads = torch.get_num_threads()
-        positions = torch.arange(past, past + T, device=idx.device)  # (T,)
-        x = (model.wte(idx) + model.wpe(positions)).float().reshape(B * T, C).contiguous()  # (B*T, C)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device)  # (T,)
+        mask = attention_mask_for(T, past + T, attention_mask)  # None (causal) or (B, 1, T, past + T)
+        x = (model.wte(idx) + model.wpe(position_ids)).float().reshape(B * T, C).contiguous()  # (B*T, C)
         for i, block in enumerate(model.h):
             layer = self._layers[i]
             h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps)  # (B*T, C)
             qkv = self._product(layer.attn, h, threads)  # (B*T, 3C)
             q, k, v = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
             k, v = cache.update(i, k, v)  # (B, H, past + T, D)
-            y = sdpa_attention(q, k, v, None).transpose(1, 2).reshape(B * T, C)  # (B*T, C)
+            y = sdpa_attention(q, k, v, mask).transpose(1, 2).reshape(B * T, C)  # (B*T, C)
             self._product(layer.attn_proj, y, threads, add_to=x)  # x += y W^T + b
             h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps)
             hidden = self._product(layer.fc, h, threads, activate=True)  # (B*T, F)
