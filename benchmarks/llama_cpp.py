@@ -101,7 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="comma-separated batch sizes, rows decoded at once (default 1,8)")
     parser.add_argument("--rounds", type=_positive, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--repeats", type=_positive, default=3, help="timings per variant and round, best kept")
-    parser.add_argument("--prefill", type=_batches, default=None,
+    parser.add_argument("--prefill", type=_lengths, default=None,
                         help="prompt lengths whose encoding is timed, one row (default 16,64,512, those the "
                              "preset holds)")
     parser.add_argument("--no-prefill", action="store_true", help="skip the prompt-encoding timings")
@@ -129,6 +129,13 @@ def _batches(text: str) -> tuple[int, ...]:
         return tuple(_positive(part) for part in text.split(","))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 1,8, got {text!r}")
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated prompt lengths such as 16,64,512, got {text!r}")
 
 
 # --------------------------------------------------------------------------------------------- the machine

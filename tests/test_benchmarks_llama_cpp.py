@@ -287,7 +287,7 @@ def test_the_kernel_description_names_the_build_or_why_there_is_none(bench):
     assert bench.kernel_description(fake) == "the AVX2 paths"
 
 
-def test_prefill_lengths_default_to_those_the_preset_holds(bench, monkeypatch, tmp_path):
+def test_prefill_lengths_default_to_those_the_preset_holds(bench, monkeypatch, tmp_path, capsys):
     args = bench.parse_args([])
     assert args.prefill is None and not args.no_prefill
     assert bench.parse_args(["--prefill", "32,128"]).prefill == (32, 128)
@@ -303,6 +303,10 @@ def test_prefill_lengths_default_to_those_the_preset_holds(bench, monkeypatch, t
     finally:
         torch.set_num_threads(threads)
     assert stop.value.code == "error: --prefill 300 is longer than mini's 256 positions"
+    assert [f.name for f in tmp_path.iterdir()] == ["convert_hf_to_gguf.py"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--prefill", "16,0"])
+    assert "comma-separated prompt lengths such as 16,64,512, got '16,0'" in capsys.readouterr().err
 
 
 class FakeSide:

@@ -79,10 +79,7 @@ class FlatStep:
         D = C // H
         pos = cache.length  # the column this token's key and value go to
         end = pos + 1
-        if end > cache.max_length:
-            raise ValueError(f"KV cache overflow: {pos} cached + 1 new position exceed max_length={cache.max_length}")
-        if B != cache.batch_size:
-            raise ValueError(f"KV cache holds {cache.batch_size} active rows, got {B} tokens")
+        cache.check_room(B, 1, f"{B} tokens")
         # every row at position `pos` (a row of the table, no index tensor), or each padded row at its own
         pos_emb = self.positions[pos] if positions is None else self.positions[positions.view(-1)]  # (C,) or (B, C)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)

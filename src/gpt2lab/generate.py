@@ -106,8 +106,9 @@ class Decoder:
     KV cache; only the model's own outputs are allocated per step. See the module docstring for the sliding window.
     `make_step(model)` gives the one-token step (`DecodeStep`), or None for the model's forward; None (the default)
     means `default_step`, built again after each re-encoding of the window (a given `make_step` is called once).
-    The prefill and the window's re-encoding run the model's forward, except that a native step encodes prompts
-    short enough for its kernel to be the faster one (`NativeStep.prefill`: the same function).
+    The prefill and the window's re-encoding run the model's forward, except where the default step is the native
+    one and the prompt short enough for its kernel to be faster (`NativeStep.prefill`: in float32 the same function;
+    in bf16, int8 and int4 the step's own arithmetic, as for the tokens after the prompt).
     """
 
     def __init__(self, model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -153,10 +154,15 @@ class Decoder:
             positions = (window.cumsum(-1) - 1).clamp_(min=0)  # (B, W): real tokens count from 0, padding at 0
             self.next_pos = window.sum(-1, keepdim=True)  # (B, 1)
             mask = window
-        if isinstance(self.fast_step, NativeStep) and self.fast_step.prefills(window.numel()):  # a short prompt
+        if self._native_prefill(window.numel()):  # a short prompt: the kernel's products
             return self.fast_step.prefill(tokens, self.cache, positions, mask)
         logits = self.model(tokens, position_ids=positions, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)
         return logits[:, -1].float()  # (B, V)
+
+    def _native_prefill(self, rows: int) -> bool:
+        """Whether the default step is the native one and encodes `rows` prompt tokens faster than the modules (a
+        step given by `make_step` is not rebuilt after a re-encoding, so its weights may be older than the modules')."""
+        return self._make_step is None and isinstance(self.fast_step, NativeStep) and self.fast_step.prefills(rows)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -54,13 +54,19 @@ class KVCache:
         return cls(cfg.n_layer, batch_size, cfg.n_head, max_length or cfg.n_ctx, cfg.head_dim,
                    dtype=activation_dtype(model), device=model.ln_f.weight.device)
 
+    def check_room(self, batch: int, new: int, got: str) -> None:
+        """Refuse, naming the numbers, `new` positions past `max_length`, or `batch` rows where the cache holds
+        another number of active rows (`got` says what the caller brought: "3 tokens", "keys for 3")."""
+        if self.length + new > self.max_length:
+            raise ValueError(f"KV cache overflow: {self.length} cached + {new} new position{'s' if new != 1 else ''} "
+                             f"exceed max_length={self.max_length}")
+        if batch != self.batch_size:
+            raise ValueError(f"KV cache holds {self.batch_size} active rows, got {got}")
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = k.size(0), k.size(2)
+        self.check_room(B, T, f"keys for {B}")
         start, end = self.length, self.length + T
-        if end > self.max_length:
-            raise ValueError(f"KV cache overflow: {start} cached + {T} new positions exceed max_length={self.max_length}")
-        if B != self.batch_size:
-            raise ValueError(f"KV cache holds {self.batch_size} active rows, got keys for {B}")
         self.k[layer, :B, :, start:end].copy_(k)
         self.v[layer, :B, :, start:end].copy_(v)
         return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]  # (B, H, S, D) views

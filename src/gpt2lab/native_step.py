@@ -100,9 +100,9 @@ def _plain_f32(t: Optional[torch.Tensor]) -> bool:
 INT4_MAX_WIDTH = 22_000
 
 # Prompts of up to this many tokens in all (batch x length) are encoded by `NativeStep.prefill`, by the kind of the
-# blocks' weights (None: any prompt); longer float ones by the modules, whose GEMM is the faster kernel for many rows.
-# Measured on an AVX2 CPU (docs/benchmarks.md, prefill).
-PREFILL_ROWS = {_F32: 64, _BF16: 128, _INT8: None, _INT4: None}
+# blocks' weights; longer ones by the modules, whose GEMM is the faster kernel for many rows. Measured on an AVX2 CPU
+# (docs/benchmarks.md, prefill).
+PREFILL_ROWS = {_F32: 64, _BF16: 128, _INT8: 512, _INT4: 512}
 
 # the layer classes the kernel reads in place, with their weight kind and the dtype their weight must have
 _LAYER_KINDS = {nn.Linear: (_F32, torch.float32), BF16Linear: (_BF16, torch.bfloat16), Int8Linear: (_INT8, torch.int8),
@@ -200,7 +200,6 @@ class NativeStep:
                             "embedding reads another one (untied); decode it with FlatStep")
         self._run = lib.gpt2lab_decode_step
         self._run_linear = lib.gpt2lab_linear
-        self._activation = _ACTIVATIONS[model.config.activation]
         cfg = model.config
         self.model = model
         self.adaptive_threads = adaptive_threads_default() if adaptive_threads is None else bool(adaptive_threads)
@@ -290,10 +289,7 @@ class NativeStep:
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B = tokens.size(0)
         pos = cache.length  # the column this token's key and value go to
-        if pos + 1 > cache.max_length:
-            raise ValueError(f"KV cache overflow: {pos} cached + 1 new position exceed max_length={cache.max_length}")
-        if B != cache.batch_size:
-            raise ValueError(f"KV cache holds {cache.batch_size} active rows, got {B} tokens")
+        cache.check_room(B, 1, f"{B} tokens")
         if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
             raise TypeError("the native decode step needs a contiguous float32 KV cache on the CPU")
         if positions is not None and positions.numel() != B:
@@ -328,33 +324,30 @@ class NativeStep:
 
     def prefills(self, rows: int) -> bool:
         """Whether `prefill` is the faster way to encode prompts of `rows` tokens in all (batch x length)."""
-        most = PREFILL_ROWS[self._layers[0].attn.kind]
-        return rows > 0 and (most is None or rows <= most)
+        return 0 < rows <= PREFILL_ROWS[self._layers[0].attn.kind]
 
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, cache: KVCache, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`model(idx, position_ids=, attention_mask=, kv_cache=cache, logits_to_keep=1)[:, -1]` with every product
-        by the kernel: (B, T) ids -> (B, V) float32 logits of each row's last position; the cache advances by T.
-        position_ids (B, T) or (T,) and attention_mask (B, past + T) as the model's forward takes them (a
-        left-padded batch).
+        """The prompt's encoding with every product by the kernel: (B, T) ids -> (B, V) float32 logits of each row's
+        last position, the cache advanced by T. position_ids (B, T) or (T,) and attention_mask (B, past + T) as the
+        model's forward takes them (a left-padded batch).
 
         A short prompt's products have few rows, which MKL's GEMM and torch's bf16 and int8 kernels run far below
         what the cores can do, while the kernel streams each weight once for all B x T rows (docs/benchmarks.md,
-        prefill). Embedding, LayerNorm and attention are the modules' own operations. Each prompt token's products
-        are those the step computes for it, so in int8 and int4 a prompt is encoded with int8 activations, as the
-        tokens after it are."""
+        prefill). Embedding, LayerNorm and attention are the modules' own operations; the products are those the
+        step computes for each token. So in float32 this is `model(idx, ..., kv_cache=cache, logits_to_keep=1)[:,
+        -1]` summed in another order, and in bf16, int8 and int4 the step's arithmetic (see the module docstring),
+        as for the tokens after the prompt."""
         model, cfg = self.model, self.model.config
         B, T = idx.shape
         past = cache.length
-        if past + T > cache.max_length:
-            raise ValueError(f"KV cache overflow: {past} cached + {T} new positions exceed "
-                             f"max_length={cache.max_length}")
-        if B != cache.batch_size:
-            raise ValueError(f"KV cache holds {cache.batch_size} active rows, got {B} prompts")
+        cache.check_room(B, T, f"{B} prompt{'s' if B != 1 else ''}")
+        model._check_inputs(idx, past)  # token ids and positions in range, or the model's own error
         C, H, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_eps
-        model._check_inputs(idx, past)
-        threads = torch.get_num_threads()
+        most = torch.get_num_threads()
+        threads = thread_tuner(self.model, most).threads() if self.adaptive_threads else most
+        scratch = self._prefill_scratch(B * T)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)  # (T,)
         mask = attention_mask_for(T, past + T, attention_mask)  # None (causal) or (B, 1, T, past + T)
@@ -362,30 +355,39 @@ class NativeStep:
         for i, block in enumerate(model.h):
             layer = self._layers[i]
             h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps)  # (B*T, C)
-            qkv = self._product(layer.attn, h, threads)  # (B*T, 3C)
+            qkv = self._product(layer.attn, h, scratch, threads)  # (B*T, 3C)
             q, k, v = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
             k, v = cache.update(i, k, v)  # (B, H, past + T, D)
             y = sdpa_attention(q, k, v, mask).transpose(1, 2).reshape(B * T, C)  # (B*T, C)
-            self._product(layer.attn_proj, y, threads, add_to=x)  # x += y W^T + b
-            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps)
-            hidden = self._product(layer.fc, h, threads, activate=True)  # (B*T, F)
-            self._product(layer.mlp_proj, hidden, threads, add_to=x)
+            self._product(layer.attn_proj, y, scratch, threads, add_to=x)  # x += y W^T + b
+            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps)  # (B*T, C)
+            hidden = self._product(layer.fc, h, scratch, threads, activate=True)  # (B*T, F)
+            self._product(layer.mlp_proj, hidden, scratch, threads, add_to=x)  # x += ...
         cache.advance(T)
-        last = F.layer_norm(x.view(B, T, C)[:, -1], (C,), model.ln_f.weight, model.ln_f.bias, eps)  # (B, C)
-        return self._product(self._model.head, last.contiguous(), threads)  # (B, V)
+        last = x.view(B, T, C)[:, -1]  # (B, C)
+        last = F.layer_norm(last, (C,), model.ln_f.weight, model.ln_f.bias, eps).contiguous()  # (B, C)
+        return self._product(self._model.head, last, scratch, threads)  # (B, V)
 
-    def _product(self, layer: _Linear, x: torch.Tensor, threads: int, add_to: Optional[torch.Tensor] = None,
-                 activate: bool = False) -> torch.Tensor:
+    def _prefill_scratch(self, M: int) -> tuple[torch.Tensor, ...]:
+        """Where a prefill's products round M rows of activations (the widest, max(C, F)): int8 rows, their
+        scales and group sums (integer layers), bf16 rows (bf16 layers; one element where there are none)."""
+        W = max(self.n_embd, self.ffn)
+        any_bf16 = self._model.head.kind == _BF16 or any(
+            getattr(layer, name).kind == _BF16 for layer in self._layers
+            for name in ("attn", "attn_proj", "fc", "mlp_proj"))
+        return (torch.empty(M, W, dtype=torch.int8), torch.empty(M), torch.empty(M, max(1, W // 32), dtype=torch.int16),
+                torch.empty(M, W if any_bf16 else 1, dtype=torch.int16))
+
+    def _product(self, layer: _Linear, x: torch.Tensor, scratch: tuple[torch.Tensor, ...], threads: int,
+                 add_to: Optional[torch.Tensor] = None, activate: bool = False) -> torch.Tensor:
         """x (M, K) float32, contiguous -> x W^T + b (M, N), or added into `add_to`, or through the activation."""
         M, K = x.shape
+        assert K == layer.k and x.is_contiguous() and x.dtype == torch.float32
         out = torch.empty(M, layer.n) if add_to is None else add_to  # (M, N)
-        how = 1 if add_to is not None else 2 if activate else 0
-        xq = torch.empty(threads, M, K, dtype=torch.int8)  # each thread's int8 copy of x (integer layers)
-        xq_scale = torch.empty(threads, M)
-        xq_sums = torch.empty(threads, M, max(1, K // 32), dtype=torch.int16)
-        xb = torch.empty(threads, M, K, dtype=torch.int16)  # and bf16 copy (the bf16 dot-product path)
-        self._run_linear(ctypes.byref(layer), x.data_ptr(), M, out.data_ptr(), how, self._activation, xq.data_ptr(),
-                     xq_scale.data_ptr(), xq_sums.data_ptr(), xb.data_ptr(), threads)
+        how = 1 if add_to is not None else 2 if activate else 0  # the kernel's epilogue: store, add, activate
+        xq, xq_scale, xq_sums, xb = scratch
+        self._run_linear(ctypes.byref(layer), x.data_ptr(), M, out.data_ptr(), how, self._model.activation,
+                         xq.data_ptr(), xq_scale.data_ptr(), xq_sums.data_ptr(), xb.data_ptr(), threads)
         return out
 
 

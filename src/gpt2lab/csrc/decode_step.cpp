@@ -1218,16 +1218,26 @@ extern "C" int gpt2lab_decode_step(const Model* model, const Step* step) {
 // out (B, N) = x (B, K) L^T + bias, stored (how 0), added into out (1) or passed through the activation (2): one
 // product of a short prefill, whose B rows are every prompt token of every row. The kernels are the decode step's, so
 // a prompt token's products are those the step computes for it (integer layers round each row to int8 on its own).
-// xq, xq_scale, xq_sums and xb are `threads` copies of a QuantRows for B rows of width K.
+// The rows are rounded once, each thread its share into the one QuantRows q (B rows of width K), then every thread
+// reads all of them.
 extern "C" void gpt2lab_linear(const Linear* layer, const float* x, int64_t B, float* out, int32_t how,
                                int32_t activation, int8_t* xq, float* xq_scale, int16_t* xq_sums, uint16_t* xb,
                                int32_t threads) {
     const Linear& L = *layer;
+    const int64_t K = L.k;
+    const QuantRows q{xq, xq_scale, xq_sums, xb};
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        const QuantRows q{xq + tid * B * L.k, xq_scale + tid * B, xq_sums + tid * B * (L.k / 32), xb + tid * B * L.k};
-        project(L, x, q, B, out, L.n, (Epilogue)how, activation, nth);
+        const int64_t lo = B * tid / nth, hi = B * (tid + 1) / nth;  // the rows this thread rounds
+        if (integer(L)) {
+            quantize_rows(x + lo * K, hi - lo, K, QuantRows{xq + lo * K, xq_scale + lo, xq_sums + lo * (K / 32), xb});
+        }
+#if defined(USE_BF16_DOT)
+        else if (L.kind == BF16) round_rows_bf16(x + lo * K, hi - lo, K, xb + lo * K);
+#endif
+#pragma omp barrier
+        linear_rows(L, x, q, B, out, L.n, (Epilogue)how, activation, nth);
     }
 }
 
