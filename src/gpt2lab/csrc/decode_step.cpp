@@ -376,6 +376,37 @@ static inline void prefetch_row(const void* p) {
     else _mm_prefetch((const char*)p, _MM_HINT_T0);
 }
 
+// Four weight rows against three input rows: twelve accumulators (with the three input vectors and one weight vector,
+// all sixteen registers), seven loads per twelve FMAs. The input rows, read again for every four weight rows (from
+// L2 in a long batch), take three of the seven, where two weight rows against four input rows take four of six:
+// from sixteen input rows on this is the faster of the two (docs/benchmarks.md). `fetch`: the first pass over these
+// weight rows prefetches the next four; the passes after it find them in L1.
+template <typename W, bool TO_L2>
+static void dot4x3(const typename W::T* w, const float* x, int64_t K, float* out /* (4, 3) */, bool fetch) {
+    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K;
+    __m256 a[4][3];
+    for (int j = 0; j < 4; j++)
+        for (int r = 0; r < 3; r++) a[j][r] = _mm256_setzero_ps();
+    const int64_t k_end = K / 8 * 8;
+    for (int64_t k = 0; k < k_end; k += 8) {
+        __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k), v2 = _mm256_loadu_ps(x2 + k);
+        asm("" : "+x"(v0), "+x"(v1), "+x"(v2));  // keep them in registers: one load each
+        if (fetch)
+            for (int j = 0; j < 4; j++) prefetch_row<TO_L2>(w + (4 + j) * K + k);
+        for (int j = 0; j < 4; j++) {
+            const __m256 wj = W::load8(w + j * K + k);
+            a[j][0] = _mm256_fmadd_ps(wj, v0, a[j][0]);
+            a[j][1] = _mm256_fmadd_ps(wj, v1, a[j][1]);
+            a[j][2] = _mm256_fmadd_ps(wj, v2, a[j][2]);
+        }
+    }
+    for (int j = 0; j < 4; j++)
+        for (int r = 0; r < 3; r++) out[j * 3 + r] = hsum(a[j][r]);
+    for (int64_t k = k_end; k < K; k++)
+        for (int j = 0; j < 4; j++)
+            for (int r = 0; r < 3; r++) out[j * 3 + r] += W::one(w[j * K + k]) * x[r * K + k];
+}
+
 // Two weight rows against four input rows: eight accumulators, six loads per eight FMAs (one row against four needs
 // five per four). Once a batch makes the products compute-bound, loads are what bound them.
 template <typename W, bool TO_L2>
@@ -717,6 +748,8 @@ static inline void rows4_i4(const uint8_t* w, const int16_t* s, const int8_t* x,
 // which the prefetcher does not keep up with; docs/benchmarks.md). Float sums come out in another order than the
 // one-row kernels' (both within float32's error); integer sums are the same integers.
 static constexpr int64_t NARROW_ROW_BYTES = 256;
+// From how many input rows float32 rows go four at a time against three input rows (dot4x3), not two against four.
+static constexpr int64_t FOUR_BY_THREE_ROWS = 16;
 
 static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {  // (sum a, sum b, sum c, sum d)
     const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
@@ -969,6 +1002,27 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
                 for (int64_t r = 0; r < B; r++) v[r * 4 + j] = row_product(L, x, Q, n + j, r);
             for (int64_t r = 0; r < B; r++) finish4_outputs(L, Q, r, n, v + 4 * r, out, ld_out, how);
         }
+    }
+    if (L.kind == F32 && B >= FOUR_BY_THREE_ROWS) {  // four weight rows against three input rows at a time
+        const int64_t K = L.k;
+        for (; n + 4 <= hi; n += 4)
+            for (int64_t r0 = 0; r0 < B; r0 += 3) {
+                const int64_t rows = B - r0 < 3 ? B - r0 : 3;  // three input rows at a time, then the rest
+                float v[12];  // (4, 3) dot products
+                const float* w = (const float*)L.weight + n * K;
+                if (rows < 3) {
+                    for (int j = 0; j < 4; j++)
+                        for (int64_t r = 0; r < rows; r++)
+                            v[j * 3 + r] = dot<F32Weights>(w + j * K, x + (r0 + r) * K, K);
+                } else if (K * 4 >= FAR_ROW_BYTES) {
+                    dot4x3<F32Weights, true>(w, x + r0 * K, K, v, r0 == 0);
+                } else {
+                    dot4x3<F32Weights, false>(w, x + r0 * K, K, v, r0 == 0);
+                }
+                for (int j = 0; j < 4; j++)
+                    for (int64_t r = 0; r < rows; r++)
+                        finish_output(L, Q, r0 + r, n + j, v[j * 3 + r], out, ld_out, how);
+            }
     }
     while (n < hi) {
         // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
