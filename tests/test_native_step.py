@@ -151,14 +151,15 @@ def test_long_float_rows_at_four_input_rows_or_more(kind):
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch", [16, 17, 19])
+@pytest.mark.parametrize("kind, batch", [("fp32", 16), ("fp32", 17), ("fp32", 19), ("bf16", 48), ("bf16", 50)])
 @pytest.mark.parametrize("n_embd", [40, 128])
-def test_float32_rows_from_sixteen_input_rows_go_four_against_three(batch, n_embd):
+def test_float_rows_from_many_input_rows_go_four_against_three(kind, batch, n_embd):
     """From 16 input rows float32 weight rows go four at a time against three input rows (dot4x3), the last one or
-    two input rows (17, 19) one by one; 160-float rows (640 bytes) prefetch into L1, 512-float ones into L2, and
-    widths of 40 and 67 leave tails past the last 8 and rows past the last four."""
+    two input rows (17, 19) one by one; bf16 rows (on the widening path) from 48, each four widened into float32
+    first. 160-float rows (640 bytes) prefetch into L1, 512-float ones into L2, and widths of 40 and 67 leave tails
+    past the last 8 and rows past the last four."""
     config = GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=n_embd)
-    assert_float_step_exact("fp32", config, batch, 2, seed=batch)
+    assert_float_step_exact(kind, config, batch, 2, seed=batch)
 
 
 def assert_float_step_exact(kind: str, config: GPTConfig, batch: int, steps: int, seed: int) -> None:
@@ -934,11 +935,11 @@ def test_native_prefill_refuses_a_full_cache_a_wrong_batch_or_a_bad_token():
 
 @needs_kernel
 def test_prefill_rows_by_weight_kind():
-    """Prompts of up to 256 (fp32), 128 (bf16) or 512 (int8, int4) tokens in all take the kernel, longer ones the
-    modules' GEMM (where each measured faster: docs/benchmarks.md)."""
+    """Prompts of up to 256 (fp32, bf16) or 512 (int8, int4) tokens in all take the kernel, longer ones the modules'
+    GEMM (where each measured faster: docs/benchmarks.md)."""
     from gpt2lab.inference import prepare_for_inference
 
-    for dtype, most in {"fp32": 256, "bf16": 128, "int8": 512, "int4": 512}.items():
+    for dtype, most in {"fp32": 256, "bf16": 256, "int8": 512, "int4": 512}.items():
         step = NativeStep(prepare_for_inference(model_for("wide", sharpen=False), dtype))
         assert not step.prefills(0) and step.prefills(1) and step.prefills(most) and not step.prefills(most + 1)
 

@@ -102,7 +102,7 @@ INT4_MAX_WIDTH = 22_000
 # Prompts of up to this many tokens in all (batch x length) are encoded by `NativeStep.prefill`, by the kind of the
 # blocks' weights; longer ones by the modules, whose GEMM is the faster kernel for many rows. Measured on an AVX2 CPU
 # (docs/benchmarks.md, prefill).
-PREFILL_ROWS = {_F32: 256, _BF16: 128, _INT8: 512, _INT4: 512}
+PREFILL_ROWS = {_F32: 256, _BF16: 256, _INT8: 512, _INT4: 512}
 
 # the layer classes the kernel reads in place, with their weight kind and the dtype their weight must have
 _LAYER_KINDS = {nn.Linear: (_F32, torch.float32), BF16Linear: (_BF16, torch.bfloat16), Int8Linear: (_INT8, torch.int8),

@@ -57,6 +57,7 @@
 
 #include <atomic>
 #include <climits>
+#include <vector>
 
 // A linear layer y = x W^T + b with W (N, K) row-major, as nn.Linear stores it. `kind` says what the weight holds.
 enum WeightKind : int32_t { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
@@ -748,8 +749,29 @@ static inline void rows4_i4(const uint8_t* w, const int16_t* s, const int8_t* x,
 // which the prefetcher does not keep up with; docs/benchmarks.md). Float sums come out in another order than the
 // one-row kernels' (both within float32's error); integer sums are the same integers.
 static constexpr int64_t NARROW_ROW_BYTES = 256;
-// From how many input rows float32 rows go four at a time against three input rows (dot4x3), not two against four.
+// From how many input rows float32 rows go four at a time against three input rows (dot4x3), not two against four;
+// bf16 rows on the widening path from more, each four widened into float32 once for all the input rows (the
+// widening then costs a pass of its own).
 static constexpr int64_t FOUR_BY_THREE_ROWS = 16;
+static constexpr int64_t WIDENED_FOUR_BY_THREE_ROWS = 48;
+
+static bool four_by_three(const Linear& L, int64_t B) {
+    if (L.kind == F32) return B >= FOUR_BY_THREE_ROWS;
+#if !defined(USE_BF16_DOT)
+    if (L.kind == BF16) return B >= WIDENED_FOUR_BY_THREE_ROWS;
+#endif
+    return false;
+}
+
+// n bf16 values from w as float32 into out (exact), prefetching the n values after them.
+static void widen_rows_bf16(const uint16_t* w, int64_t n, float* out) {
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        if (k % 32 == 0) _mm_prefetch((const char*)(w + n + k), _MM_HINT_T0);
+        _mm256_storeu_ps(out + k, load_bf16(w + k));
+    }
+    for (; k < n; k++) out[k] = bf16_to_float(w[k]);
+}
 
 static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {  // (sum a, sum b, sum c, sum d)
     const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
@@ -1003,26 +1025,32 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
             for (int64_t r = 0; r < B; r++) finish4_outputs(L, Q, r, n, v + 4 * r, out, ld_out, how);
         }
     }
-    if (L.kind == F32 && B >= FOUR_BY_THREE_ROWS) {  // four weight rows against three input rows at a time
+    if (four_by_three(L, B)) {  // four weight rows against three input rows at a time
         const int64_t K = L.k;
-        for (; n + 4 <= hi; n += 4)
+        const bool in_place = L.kind == F32;
+        thread_local std::vector<float> widened;  // (4, K): a bf16 layer's four rows as float32
+        if (!in_place && (int64_t)widened.size() < 4 * K) widened.resize(4 * K);
+        for (; n + 4 <= hi; n += 4) {
+            const float* w = in_place ? (const float*)L.weight + n * K : widened.data();
+            if (!in_place) widen_rows_bf16((const uint16_t*)L.weight + n * K, 4 * K, widened.data());
             for (int64_t r0 = 0; r0 < B; r0 += 3) {
                 const int64_t rows = B - r0 < 3 ? B - r0 : 3;  // three input rows at a time, then the rest
                 float v[12];  // (4, 3) dot products
-                const float* w = (const float*)L.weight + n * K;
+                const bool fetch = in_place && r0 == 0;  // the next four rows, on the first pass over these
                 if (rows < 3) {
                     for (int j = 0; j < 4; j++)
                         for (int64_t r = 0; r < rows; r++)
                             v[j * 3 + r] = dot<F32Weights>(w + j * K, x + (r0 + r) * K, K);
                 } else if (K * 4 >= FAR_ROW_BYTES) {
-                    dot4x3<F32Weights, true>(w, x + r0 * K, K, v, r0 == 0);
+                    dot4x3<F32Weights, true>(w, x + r0 * K, K, v, fetch);
                 } else {
-                    dot4x3<F32Weights, false>(w, x + r0 * K, K, v, r0 == 0);
+                    dot4x3<F32Weights, false>(w, x + r0 * K, K, v, fetch);
                 }
                 for (int j = 0; j < 4; j++)
                     for (int64_t r = 0; r < rows; r++)
                         finish_output(L, Q, r0 + r, n + j, v[j * 3 + r], out, ld_out, how);
             }
+        }
     }
     while (n < hi) {
         // float weights with four or more input rows: two weight rows per pass (compute-bound); else one
