@@ -152,13 +152,13 @@ def test_long_float_rows_at_four_input_rows_or_more(kind):
 
 @needs_kernel
 @pytest.mark.parametrize("kind, batch", [("fp32", 16), ("fp32", 17), ("fp32", 19), ("bf16", 48), ("bf16", 50)])
-@pytest.mark.parametrize("n_embd", [40, 128])
-def test_float_rows_from_many_input_rows_go_four_against_three(kind, batch, n_embd):
+@pytest.mark.parametrize("n_embd, n_head", [(36, 3), (40, 4), (128, 4)])
+def test_float_rows_from_many_input_rows_go_four_against_three(kind, batch, n_embd, n_head):
     """From 16 input rows float32 weight rows go four at a time against three input rows (dot4x3), the last one or
     two input rows (17, 19) one by one; bf16 rows (on the widening path) from 48, each four widened into float32
-    first. 160-float rows (640 bytes) prefetch into L1, 512-float ones into L2, and widths of 40 and 67 leave tails
-    past the last 8 and rows past the last four."""
-    config = GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=4, n_embd=n_embd)
+    first. 160-float rows (640 bytes) prefetch into L1, 512-float ones into L2; rows of 36 and 144 leave a tail
+    past the last 8 values, and a head of 67 rows leaves rows past the last four."""
+    config = GPTConfig(vocab_size=67, n_ctx=16, n_layer=1, n_head=n_head, n_embd=n_embd)
     assert_float_step_exact(kind, config, batch, 2, seed=batch)
 
 

@@ -58,8 +58,8 @@ class KVCache:
         """Refuse, naming the numbers, `new` positions past `max_length`, or `batch` rows where the cache holds
         another number of active rows (`got` says what the caller brought: "3 tokens", "keys for 3")."""
         if self.length + new > self.max_length:
-            raise ValueError(f"KV cache overflow: {self.length} cached + {new} new position{'s' if new != 1 else ''} "
-                             f"exceed max_length={self.max_length}")
+            positions = f"{new} new positions exceed" if new != 1 else "1 new position exceeds"
+            raise ValueError(f"KV cache overflow: {self.length} cached + {positions} max_length={self.max_length}")
         if batch != self.batch_size:
             raise ValueError(f"KV cache holds {self.batch_size} active rows, got {got}")
 

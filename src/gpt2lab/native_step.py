@@ -200,6 +200,7 @@ class NativeStep:
                             "embedding reads another one (untied); decode it with FlatStep")
         self._run = lib.gpt2lab_decode_step
         self._run_linear = lib.gpt2lab_linear
+        self._bf16_dot = "avx512_bf16" in native.kernel_paths(lib)  # bf16 products round their activations
         cfg = model.config
         self.model = model
         self.adaptive_threads = adaptive_threads_default() if adaptive_threads is None else bool(adaptive_threads)
@@ -289,7 +290,7 @@ class NativeStep:
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B = tokens.size(0)
         pos = cache.length  # the column this token's key and value go to
-        cache.check_room(B, 1, f"{B} tokens")
+        cache.check_room(B, 1, f"{B} token{'s' if B != 1 else ''}")
         if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
             raise TypeError("the native decode step needs a contiguous float32 KV cache on the CPU")
         if positions is not None and positions.numel() != B:
@@ -369,14 +370,17 @@ class NativeStep:
         return self._product(self._model.head, last, scratch, threads)  # (B, V)
 
     def _prefill_scratch(self, M: int) -> tuple[torch.Tensor, ...]:
-        """Where a prefill's products round M rows of activations (the widest, max(C, F)): int8 rows, their
-        scales and group sums (integer layers), bf16 rows (bf16 layers; one element where there are none)."""
+        """Where a prefill's products round M rows of activations (of the widest, max(C, F)): int8 rows, their scales
+        and group sums for integer layers, bf16 rows for bf16 layers on the dot-product path (one element each where
+        nothing is rounded so)."""
         W = max(self.n_embd, self.ffn)
-        any_bf16 = self._model.head.kind == _BF16 or any(
-            getattr(layer, name).kind == _BF16 for layer in self._layers
-            for name in ("attn", "attn_proj", "fc", "mlp_proj"))
-        return (torch.empty(M, W, dtype=torch.int8), torch.empty(M), torch.empty(M, max(1, W // 32), dtype=torch.int16),
-                torch.empty(M, W if any_bf16 else 1, dtype=torch.int16))
+        kinds = {self._model.head.kind} | {getattr(layer, name).kind for layer in self._layers
+                                           for name in ("attn", "attn_proj", "fc", "mlp_proj")}
+        ints = bool(kinds & {_INT8, _INT4})
+        bf16 = _BF16 in kinds and self._bf16_dot
+        return (torch.empty(M, W if ints else 1, dtype=torch.int8), torch.empty(M if ints else 1),
+                torch.empty(M, max(1, W // 32) if ints else 1, dtype=torch.int16),
+                torch.empty(M, W if bf16 else 1, dtype=torch.int16))
 
     def _product(self, layer: _Linear, x: torch.Tensor, scratch: tuple[torch.Tensor, ...], threads: int,
                  add_to: Optional[torch.Tensor] = None, activate: bool = False) -> torch.Tensor:

@@ -454,8 +454,8 @@ static void dot2x4(const typename W::T* w, const float* x, int64_t K, float* out
     }
 }
 
-// A thread's copy of B activation rows rounded to the precision a product multiplies in: int8 for the integer
-// products, bf16 for the bf16 dot-product path.
+// B activation rows rounded to the precision a product multiplies in: int8 for the integer products, bf16 for the
+// bf16 dot-product path (each thread's own copy in the step; one copy the threads share in gpt2lab_linear).
 struct QuantRows {
     int8_t* q;      // (B, K) in [-127, 127] (so |q| * |w| pairs fit in 16 bits)
     float* scale;   // (B,) x ~ q * scale
@@ -763,7 +763,8 @@ static bool four_by_three(const Linear& L, int64_t B) {
     return false;
 }
 
-// n bf16 values from w as float32 into out (exact), prefetching the n values after them.
+// n bf16 values from w as float32 into out (exact), prefetching the n values after them into L1 (a few KiB at a
+// time, which the passes over these rows then read from there).
 static void widen_rows_bf16(const uint16_t* w, int64_t n, float* out) {
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) {
@@ -1000,8 +1001,8 @@ static inline void finish4_outputs(const Linear& L, const QuantRows& Q, int64_t 
     _mm_storeu_ps(o, y);
 }
 
-// out (B, N) = x (B, K) W^T + b, for weight rows [lo, hi) of this thread's chunk; integer layers read this thread's
-// quantized copy of x. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For
+// out (B, N) = x (B, K) W^T + b, for weight rows [lo, hi) of this thread's chunk; integer layers read x rounded to
+// int8 in Q. ADD_TO adds into out (the residual stream); ACTIVATE applies the MLP's non-linearity. For
 // B > 1 each weight row stays in L1 while every input row passes, so the weights still come from memory once.
 // Below four input rows the rows' outputs are finished four at a time, each weight row's product computed inline:
 // through the general `products` (a call and its branches per row) a 384-byte int4 row spent more time around its
@@ -1243,14 +1244,19 @@ static int embed_rows(const Model& M, const Step& S) {
 // ---------------------------------------------------------------------------------------------------- the step
 static bool integer(const Linear& L) { return L.kind == INT8 || L.kind == INT4; }
 
-// One product, out = x L^T (+ epilogue), over the team: an integer layer first rounds this thread's copy of x to
-// int8, a bf16 one on the dot-product path to bf16.
+// B rows of x (width L.k) rounded to what L's products multiply: int8 for an integer layer, bf16 for a bf16 one on
+// the dot-product path; others read x itself.
+static void round_rows_for(const Linear& L, const float* x, int64_t B, const QuantRows& q) {
+    if (integer(L)) quantize_rows(x, B, L.k, q);
+#if defined(USE_BF16_DOT)
+    else if (L.kind == BF16) round_rows_bf16(x, B, L.k, q.bf16);
+#endif
+}
+
+// One product, out = x L^T (+ epilogue), over the team: each thread first rounds its own copy of x (round_rows_for).
 static void project(const Linear& L, const float* x, const QuantRows& xq, int64_t B, float* out, int64_t ld_out,
                     Epilogue how, int32_t activation, int nth) {
-    if (integer(L)) quantize_rows(x, B, L.k, xq);
-#if defined(USE_BF16_DOT)
-    else if (L.kind == BF16) round_rows_bf16(x, B, L.k, xq.bf16);
-#endif
+    round_rows_for(L, x, B, xq);
     linear_rows(L, x, xq, B, out, ld_out, how, activation, nth);
 }
 
@@ -1312,12 +1318,8 @@ extern "C" void gpt2lab_linear(const Linear* layer, const float* x, int64_t B, f
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         const int64_t lo = B * tid / nth, hi = B * (tid + 1) / nth;  // the rows this thread rounds
-        if (integer(L)) {
-            quantize_rows(x + lo * K, hi - lo, K, QuantRows{xq + lo * K, xq_scale + lo, xq_sums + lo * (K / 32), xb});
-        }
-#if defined(USE_BF16_DOT)
-        else if (L.kind == BF16) round_rows_bf16(x + lo * K, hi - lo, K, xb + lo * K);
-#endif
+        const QuantRows mine{xq + lo * K, xq_scale + lo, xq_sums + lo * (K / 32), xb + lo * K};  // rows [lo, hi) of q
+        round_rows_for(L, x + lo * K, hi - lo, mine);
 #pragma omp barrier
         linear_rows(L, x, q, B, out, L.n, (Epilogue)how, activation, nth);
     }
