@@ -468,7 +468,18 @@ def test_generate_restores_training_mode_and_zero_tokens():
     idx = torch.tensor([[4, 5]])
     assert torch.equal(generate(model, idx, 0), idx)
     generate(model, idx, 2)
-    assert model.training
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_generate_runs_every_module_in_eval_mode_and_leaves_an_eval_model_so():
+    """A model in eval mode with one module left training (its dropout would be live) decodes with every module in
+    eval mode, and stays in eval mode after, as `model.eval()` would leave it; a wholly eval model is not touched."""
+    model = make_model(GPTConfig(vocab_size=97, n_ctx=32, n_layer=2, n_head=2, n_embd=16, dropout=0.5))
+    idx = torch.tensor([[4, 5]])
+    want = generate(model, idx, 4, temperature=0)
+    model.h[0].train()
+    assert torch.equal(generate(model, idx, 4, temperature=0), want)  # no dropout
+    assert not any(m.training for m in model.modules())
 
 
 # --------------------------------------------------------------------------------------------------- decode_steps

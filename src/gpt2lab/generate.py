@@ -222,14 +222,29 @@ class _EvalMode:
         self.model = model
 
     def __enter__(self) -> None:
-        self.was_training = self.model.training
+        self.was_training = _enter_eval(self.model)
         self.grad = torch.no_grad()
         self.grad.__enter__()
-        self.model.eval()
 
     def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was_training)
+        _leave_eval(self.model, self.was_training)
         self.grad.__exit__(*exc)
+
+
+def _enter_eval(model: torch.nn.Module) -> bool:
+    """Put every module of `model` in eval mode; returns whether the model itself was training. `eval()` sets a flag
+    on each of a model's modules through nn.Module's `__setattr__` (0.3 ms a call for a small GPT, a share of a short
+    prompt's time), so a model already wholly in eval mode is left alone."""
+    was_training = model.training
+    if any(m.training for m in model.modules()):
+        model.eval()
+    return was_training
+
+
+def _leave_eval(model: torch.nn.Module, was_training: bool) -> None:
+    """Undo `_enter_eval` for a model that was training (one that was not stays in eval mode, as it was)."""
+    if was_training:
+        model.train(True)
 
 
 def _check_token(name: str, value: object, vocab_size: int) -> Optional[int]:
@@ -357,8 +372,7 @@ def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits
     needs_seen = any(p.repetition_penalty not in (None, 1.0) for p in params)
     # No grad-mode context is held across `yield` (grad mode is per thread and the consumer runs between steps):
     # the decoder's own methods run under no_grad, and only eval mode is kept until the generator ends.
-    was_training = model.training
-    model.eval()
+    was_training = _enter_eval(model)
     try:
         decoder = Decoder(model, idx, mask, max(limits), make_step=make_step)
         seen = _seen_from_prompts(idx, mask, V) if needs_seen else None
@@ -413,7 +427,7 @@ def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits
                 seen = seen[keep] if seen is not None else None
             logits = decoder.step(tokens)
     finally:
-        model.train(was_training)
+        _leave_eval(model, was_training)
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
