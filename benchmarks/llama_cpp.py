@@ -124,18 +124,18 @@ def _positive(text: str) -> int:
     return value
 
 
-def _batches(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(_positive(part) for part in text.split(","))
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 1,8, got {text!r}")
+def _counts(what: str, example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type for comma-separated positive integers, its error naming `what` they are and an example."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(_positive(part) for part in text.split(","))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {what} such as {example}, got {text!r}")
+    return parse
 
 
-def _lengths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(_positive(part) for part in text.split(","))
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated prompt lengths such as 16,64,512, got {text!r}")
+_batches = _counts("positive integers", "1,8")
+_lengths = _counts("prompt lengths", "16,64,512")
 
 
 # --------------------------------------------------------------------------------------------- the machine

@@ -934,13 +934,18 @@ def test_native_prefill_refuses_a_full_cache_a_wrong_batch_or_a_bad_token():
 
 
 @needs_kernel
-def test_prefill_rows_by_weight_kind():
-    """Prompts of up to 256 (fp32, bf16) or 512 (int8, int4) tokens in all take the kernel, longer ones the modules'
-    GEMM (where each measured faster: docs/benchmarks.md)."""
+def test_prefill_rows_follow_the_weight_kind_of_the_model():
+    """Each precision's prompts take the kernel up to its own limit (PREFILL_ROWS, by the layers' weight kind),
+    longer ones the modules' GEMM, and an empty prompt neither."""
     from gpt2lab.inference import prepare_for_inference
+    from gpt2lab.native_step import PREFILL_ROWS
 
-    for dtype, most in {"fp32": 256, "bf16": 256, "int8": 512, "int4": 512}.items():
-        step = NativeStep(prepare_for_inference(model_for("wide", sharpen=False), dtype))
+    kinds = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
+    for dtype, kind in kinds.items():
+        model = prepare_for_inference(model_for("wide", sharpen=False), dtype)
+        assert linear_kind(model.h[0].attn.c_attn) == kind
+        most = PREFILL_ROWS[kind]
+        step = NativeStep(model)
         assert not step.prefills(0) and step.prefills(1) and step.prefills(most) and not step.prefills(most + 1)
 
 
@@ -986,7 +991,8 @@ def test_generate_prefills_short_prompts_with_the_kernel(monkeypatch):
             m.setattr(native_step, "PREFILL_ROWS", {k: 0 for k in native_step.PREFILL_ROWS})  # the modules prefill
             assert torch.equal(generate(model, short, 6, temperature=0, attention_mask=mask), out)
         assert calls == [(2, 5)]
-    generate(model, torch.randint(0, 97, (4, 65)), 2, temperature=0)  # 260 rows: past fp32's 256
+    rows = native_step.PREFILL_ROWS[0] // 65 + 1  # rows of 65 tokens: past fp32's limit
+    generate(model, torch.randint(0, 97, (rows, 65)), 2, temperature=0)
     assert calls == [(2, 5)]
 
 

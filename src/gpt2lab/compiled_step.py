@@ -187,7 +187,7 @@ class CompiledStep:
     def __call__(self, tokens: torch.Tensor, cache: KVCache, positions: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, pos = tokens.size(0), cache.length
-        cache.check_room(B, 1, f"{B} token{'s' if B != 1 else ''}")
+        cache.check_room(B, 1, "token")
         if self.failed or pos < 2:  # a cache of 0 or 1 positions would get a graph of its own
             return self.flat(tokens, cache, positions, attention_mask)
         # the mask of the cached columns and of the new one apart, and fresh position ids: an index or a view offset

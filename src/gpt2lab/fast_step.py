@@ -79,7 +79,7 @@ class FlatStep:
         D = C // H
         pos = cache.length  # the column this token's key and value go to
         end = pos + 1
-        cache.check_room(B, 1, f"{B} token{'s' if B != 1 else ''}")
+        cache.check_room(B, 1, "token")
         # every row at position `pos` (a row of the table, no index tensor), or each padded row at its own
         pos_emb = self.positions[pos] if positions is None else self.positions[positions.view(-1)]  # (C,) or (B, C)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)

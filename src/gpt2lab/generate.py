@@ -233,8 +233,8 @@ class _EvalMode:
 
 def _enter_eval(model: torch.nn.Module) -> bool:
     """Put every module of `model` in eval mode; returns whether the model itself was training. `eval()` sets a flag
-    on each of a model's modules through nn.Module's `__setattr__` (0.3 ms a call for a small GPT, a share of a short
-    prompt's time), so a model already wholly in eval mode is left alone."""
+    on each of a model's modules through nn.Module's `__setattr__`, a visible share of a short prompt's time on a
+    small model (docs/benchmarks.md), so a model already wholly in eval mode is left alone."""
     was_training = model.training
     if any(m.training for m in model.modules()):
         model.eval()

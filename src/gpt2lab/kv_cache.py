@@ -54,18 +54,18 @@ class KVCache:
         return cls(cfg.n_layer, batch_size, cfg.n_head, max_length or cfg.n_ctx, cfg.head_dim,
                    dtype=activation_dtype(model), device=model.ln_f.weight.device)
 
-    def check_room(self, batch: int, new: int, got: str) -> None:
+    def check_room(self, batch: int, new: int, rows: str) -> None:
         """Refuse, naming the numbers, `new` positions past `max_length`, or `batch` rows where the cache holds
-        another number of active rows (`got` says what the caller brought: "3 tokens", "keys for 3")."""
+        another number of active rows (`rows` names what the caller brought, one of them: "token", "key row")."""
         if self.length + new > self.max_length:
             positions = f"{new} new positions exceed" if new != 1 else "1 new position exceeds"
             raise ValueError(f"KV cache overflow: {self.length} cached + {positions} max_length={self.max_length}")
         if batch != self.batch_size:
-            raise ValueError(f"KV cache holds {self.batch_size} active rows, got {got}")
+            raise ValueError(f"KV cache holds {self.batch_size} active rows, got {batch} {rows}{'s' * (batch != 1)}")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = k.size(0), k.size(2)
-        self.check_room(B, T, f"keys for {B}")
+        self.check_room(B, T, "key row")
         start, end = self.length, self.length + T
         self.k[layer, :B, :, start:end].copy_(k)
         self.v[layer, :B, :, start:end].copy_(v)

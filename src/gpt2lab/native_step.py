@@ -290,7 +290,7 @@ class NativeStep:
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B = tokens.size(0)
         pos = cache.length  # the column this token's key and value go to
-        cache.check_room(B, 1, f"{B} token{'s' if B != 1 else ''}")
+        cache.check_room(B, 1, "token")
         if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
             raise TypeError("the native decode step needs a contiguous float32 KV cache on the CPU")
         if positions is not None and positions.numel() != B:
@@ -343,7 +343,7 @@ class NativeStep:
         model, cfg = self.model, self.model.config
         B, T = idx.shape
         past = cache.length
-        cache.check_room(B, T, f"{B} prompt{'s' if B != 1 else ''}")
+        cache.check_room(B, T, "prompt")
         model._check_inputs(idx, past)  # token ids and positions in range, or the model's own error
         C, H, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_eps
         most = torch.get_num_threads()

@@ -367,8 +367,7 @@ static constexpr int64_t PREFETCH_ROWS = 2;
 // Where the float kernels' prefetch puts the rows ahead: rows of at least this many bytes (GPT-2's) into L2, shorter
 // ones into L1. Long rows stream from memory, and L1's few miss buffers filled with prefetches stall the loads the
 // products wait on. A small model's 128-wide rows, whose weights the last-level cache may hold, come from it faster
-// into L1; its 512-wide MLP rows (1-2 KiB) go to L2 by this rule, which measured level with keeping them in L1.
-// The measurements are in docs/benchmarks.md.
+// into L1; its 512-wide MLP rows (1-2 KiB) go to L2 by this rule. The measurements are in docs/benchmarks.md.
 static constexpr int64_t FAR_ROW_BYTES = 1024;
 
 template <bool TO_L2>
@@ -382,8 +381,8 @@ static inline void prefetch_row(const void* p) {
 // L2 in a long batch), take three of the seven, where two weight rows against four input rows take four of six:
 // from sixteen input rows on this is the faster of the two (docs/benchmarks.md). `fetch`: the first pass over these
 // weight rows prefetches the next four; the passes after it find them in L1.
-template <typename W, bool TO_L2>
-static void dot4x3(const typename W::T* w, const float* x, int64_t K, float* out /* (4, 3) */, bool fetch) {
+template <bool TO_L2>
+static void dot4x3(const float* w, const float* x, int64_t K, float* out /* (4, 3) */, bool fetch) {
     const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K;
     __m256 a[4][3];
     for (int j = 0; j < 4; j++)
@@ -395,7 +394,7 @@ static void dot4x3(const typename W::T* w, const float* x, int64_t K, float* out
         if (fetch)
             for (int j = 0; j < 4; j++) prefetch_row<TO_L2>(w + (4 + j) * K + k);
         for (int j = 0; j < 4; j++) {
-            const __m256 wj = W::load8(w + j * K + k);
+            const __m256 wj = _mm256_loadu_ps(w + j * K + k);
             a[j][0] = _mm256_fmadd_ps(wj, v0, a[j][0]);
             a[j][1] = _mm256_fmadd_ps(wj, v1, a[j][1]);
             a[j][2] = _mm256_fmadd_ps(wj, v2, a[j][2]);
@@ -405,7 +404,7 @@ static void dot4x3(const typename W::T* w, const float* x, int64_t K, float* out
         for (int r = 0; r < 3; r++) out[j * 3 + r] = hsum(a[j][r]);
     for (int64_t k = k_end; k < K; k++)
         for (int j = 0; j < 4; j++)
-            for (int r = 0; r < 3; r++) out[j * 3 + r] += W::one(w[j * K + k]) * x[r * K + k];
+            for (int r = 0; r < 3; r++) out[j * 3 + r] += w[j * K + k] * x[r * K + k];
 }
 
 // Two weight rows against four input rows: eight accumulators, six loads per eight FMAs (one row against four needs
@@ -928,6 +927,8 @@ static void products4rows(const Linear& L, const float* x, const QuantRows& Q, i
 // What each output row of a product becomes.
 enum Epilogue { STORE = 0, ADD_TO = 1, ACTIVATE = 2 };
 
+static bool integer(const Linear& L) { return L.kind == INT8 || L.kind == INT4; }
+
 // The dot product of weight row m with input row r, by the one-row kernel of L's kind.
 static inline float row_product(const Linear& L, const float* x, const QuantRows& Q, int64_t m, int64_t r) {
     const int64_t K = L.k, G = K / 32;
@@ -979,10 +980,9 @@ static void products(const Linear& L, const float* x, const QuantRows& Q, int64_
 // and an integer layer's row comes out the same at any batch size.
 static inline void finish_output(const Linear& L, const QuantRows& Q, int64_t r, int64_t m, float y, float* out,
                                  int64_t ld_out, Epilogue how) {
-    const bool integer = L.kind == INT8 || L.kind == INT4;
-    const float scale = integer ? L.scale[m] * Q.scale[r] : 1.0f;
+    const float scale = integer(L) ? L.scale[m] * Q.scale[r] : 1.0f;
     if (L.bias) y = fmaf(y, scale, L.bias[m]);
-    else if (integer) y *= scale;
+    else if (integer(L)) y *= scale;
     float* o = out + r * ld_out + m;
     if (how == ADD_TO) *o += y;
     else *o = y;
@@ -992,10 +992,9 @@ static inline void finish_output(const Linear& L, const QuantRows& Q, int64_t r,
 static inline void finish4_outputs(const Linear& L, const QuantRows& Q, int64_t r, int64_t m, const float* v,
                                    float* out, int64_t ld_out, Epilogue how) {
     __m128 y = _mm_loadu_ps(v);
-    const bool integer = L.kind == INT8 || L.kind == INT4;
-    const __m128 scale = integer ? _mm_mul_ps(_mm_loadu_ps(L.scale + m), _mm_set1_ps(Q.scale[r])) : _mm_set1_ps(1.0f);
+    const __m128 scale = integer(L) ? _mm_mul_ps(_mm_loadu_ps(L.scale + m), _mm_set1_ps(Q.scale[r])) : _mm_set1_ps(1.0f);
     if (L.bias) y = _mm_fmadd_ps(y, scale, _mm_loadu_ps(L.bias + m));
-    else if (integer) y = _mm_mul_ps(y, scale);
+    else if (integer(L)) y = _mm_mul_ps(y, scale);
     float* o = out + r * ld_out + m;
     if (how == ADD_TO) y = _mm_add_ps(y, _mm_loadu_ps(o));
     _mm_storeu_ps(o, y);
@@ -1043,9 +1042,9 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
                         for (int64_t r = 0; r < rows; r++)
                             v[j * 3 + r] = dot<F32Weights>(w + j * K, x + (r0 + r) * K, K);
                 } else if (K * 4 >= FAR_ROW_BYTES) {
-                    dot4x3<F32Weights, true>(w, x + r0 * K, K, v, fetch);
+                    dot4x3<true>(w, x + r0 * K, K, v, fetch);
                 } else {
-                    dot4x3<F32Weights, false>(w, x + r0 * K, K, v, fetch);
+                    dot4x3<false>(w, x + r0 * K, K, v, fetch);
                 }
                 for (int j = 0; j < 4; j++)
                     for (int64_t r = 0; r < rows; r++)
@@ -1242,8 +1241,6 @@ static int embed_rows(const Model& M, const Step& S) {
 }
 
 // ---------------------------------------------------------------------------------------------------- the step
-static bool integer(const Linear& L) { return L.kind == INT8 || L.kind == INT4; }
-
 // B rows of x (width L.k) rounded to what L's products multiply: int8 for an integer layer, bf16 for a bf16 one on
 // the dot-product path; others read x itself.
 static void round_rows_for(const Linear& L, const float* x, int64_t B, const QuantRows& q) {
