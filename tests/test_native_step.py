@@ -9,6 +9,7 @@ reference of the kernel's arithmetic (activations quantized per row to [-127, 12
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -552,6 +553,74 @@ def test_a_step_decodes_with_the_weights_it_was_built_with(dtype):
     del fill
 
 
+# what a user may do to a model between two decodes, each a change the next step must follow (the hook set for
+# every module is removed by the test)
+LAYOUT_CHANGES = {
+    "new memory for a weight": lambda m: setattr(m.h[1].mlp.c_fc.weight, "data", m.h[1].mlp.c_fc.weight.data * 2),
+    "a bias dropped": lambda m: setattr(m.h[0].attn.c_proj, "bias", None),
+    "another module": lambda m: setattr(m.h[0], "mlp", copy.deepcopy(m.h[0].mlp)),
+    "blocks reordered": lambda m: setattr(m, "h", nn.ModuleList(list(m.h)[::-1])),
+    "the head's table replaced": lambda m: setattr(m.wte, "weight", nn.Parameter(m.wte.weight.detach().clone())),
+    "a hook on a layer": lambda m: m.h[0].mlp.c_fc.register_forward_hook(lambda *args: None),
+    "a hook on the model": lambda m: m.register_forward_pre_hook(lambda *args: None),
+    "a hook on every module": lambda m: torch.nn.modules.module.register_module_forward_hook(lambda *args: None),
+    "a block training": lambda m: setattr(m.h[1], "training", True),
+    "attention without SDPA": lambda m: setattr(m.h[0].attn, "use_sdpa", False),
+    "another config": lambda m: setattr(m, "config", dataclasses.replace(m.config, activation="relu")),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("change", list(LAYOUT_CHANGES))
+def test_decode_step_for_reuses_a_models_step_until_what_it_reads_changes(change):
+    """Building a native step walks every layer, so `decode_step_for` keeps each model's last one (its kernel
+    structures, none of the model's tensors) and hands it out again while the model's `layout` is unchanged; after
+    any change the step follows it (a new step, or no native step where it no longer applies), and its logits are
+    those of a step built from scratch."""
+    from gpt2lab.native_step import _BUILT, layout
+
+    model = model_for("wide")
+    first, again = decode_step_for(model), decode_step_for(model)
+    assert isinstance(again, NativeStep) and again is not first and again._model is first._model
+    assert again.model is model and len(again._keep) == len(layout(model)[1])
+    kept = _BUILT[model][1]
+    assert kept.model is None and kept._keep == [] and kept._scratch == {}  # no tensor, no model held
+    before = layout(model)[0]
+    done = LAYOUT_CHANGES[change](model)
+    try:
+        assert layout(model)[0] != before
+        step = decode_step_for(model)
+        assert not (isinstance(step, NativeStep) and step._model is first._model)
+        if isinstance(step, NativeStep):
+            prompt, tokens = random_steps(model.config.vocab_size, 2, 2, seed=8)
+            reused = decode_step_for(model)
+            assert reused._model is step._model
+            (_, ours), _ = modules_and_step(model, reused, prompt, tokens)
+            (_, fresh), _ = modules_and_step(model, NativeStep(model), prompt, tokens)
+            assert all(torch.equal(a, b) for a, b in zip(ours, fresh))
+        else:
+            assert model not in _BUILT
+    finally:
+        if change == "a hook on every module":
+            done.remove()
+
+
+@needs_kernel
+def test_the_kept_step_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    from gpt2lab.native_step import _BUILT
+
+    model = model_for("tiny")
+    generate(model, torch.tensor([[1, 2, 3]]), 2, temperature=0)
+    assert model in _BUILT
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
 def test_the_kernel_embeds_from_the_heads_table_only_where_they_are_tied(dtype):
@@ -577,8 +646,8 @@ def test_the_kernel_embeds_from_the_heads_table_only_where_they_are_tied(dtype):
             other.wte.group_scale = head.group_scale.clone()
         elif dtype == "bf16":
             other.wte = LowPrecisionEmbedding(head.weight.clone())
-        else:
-            other.wte = LowPrecisionEmbedding(head.weight, head.scale * 2)
+        else:  # equal scales in other memory: whether the kernel applies never depends on values
+            other.wte = LowPrecisionEmbedding(head.weight, head.scale.clone())
         assert not embeds_with_head(other)
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     untied_out = generate(untied, prompt, 6, temperature=0)
@@ -683,6 +752,10 @@ def test_layers_the_kernel_cannot_read_keep_the_flat_step():
     model.h[0].mlp.c_fc.weight.data = model.h[0].mlp.c_fc.weight.data.t().contiguous().t()  # not row-major
     assert linear_kind(model.h[0].mlp.c_fc) is None
     assert not NativeStep.applies(model)
+    int8 = Int8Linear.from_linear(nn.Linear(32, 8))
+    assert linear_kind(int8) == 2
+    int8.scale = int8.scale.double()  # the kernel reads float32 scales in place: no copy it would have to refresh
+    assert linear_kind(int8) is None
 
 
 @needs_kernel

@@ -20,8 +20,11 @@ tokens at once), since the modules' GEMM runs few rows slowly.
 The step reads the weights it was built with: it keeps its own alias of each tensor (`detach()`), so a weight
 pointed elsewhere during a decode (`p.data = ...`, as `.half()` or `use_huge_pages` do) does not reach it and frees
 no memory under it (only resizing a tensor's storage in place would), and no per-token check is needed; in-place
-writes (`load_state_dict`, an optimizer step) do reach it. `generate` and `decode_steps` build a step per call, and
-the default step again after each re-encoding of the sliding window, so a decode never mixes two sets of weights.
+writes (`load_state_dict`, an optimizer step) do reach it. `generate` and `decode_steps` take a step per call from
+`decode_step_for`, and the default step again after each re-encoding of the sliding window, so a decode never mixes
+two sets of weights. `decode_step_for` hands out the kernel structures it built for a model again while the model's
+`layout` (every module, where each tensor lies, the settings the step reads) is the same, each time with this
+call's aliases: building them walks every layer, a visible share of a short prompt's time.
 The token embedding is the head's own table (GPT-2 ties them; `embeds_with_head` checks), so the kernel embeds
 from it.
 
@@ -37,6 +40,7 @@ arithmetic.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import os
@@ -116,6 +120,8 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
     if (kind is None or w is None or w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
             or not _plain_f32(layer.bias)):
         return None
+    if kind == _INT8 and not _plain_f32(layer.scale):  # read in place, as every tensor the kernel reads
+        return None
     if kind == _INT4 and not (layer.in_features % INT4_GROUP == 0 and layer.in_features <= INT4_MAX_WIDTH
                               and _plain_f32(layer.scale)
                               and layer.group_scale.dtype == torch.int16 and layer.group_scale.is_contiguous()):
@@ -161,14 +167,14 @@ def embeds_with_head(model: GPT) -> bool:
     """Whether the token embedding reads the head's own table (GPT-2 ties them, and `prepare_for_inference` keeps
     the tie for every head the kernel reads), so the kernel can embed tokens from the head's weights: a float32
     `nn.Embedding` on an `nn.Linear` head's weight, a `LowPrecisionEmbedding` on a bf16 or int8 head's weight (the
-    int8 one with the head's scales), an `Int4Embedding` on an int4 head's tensors."""
+    int8 one on the head's scales), an `Int4Embedding` on an int4 head's tensors. Each is the same memory, not equal
+    values, so whether a step applies depends on where the model's tensors lie, never on what they hold."""
     wte, head = model.wte, model.lm_head
     kind = linear_kind(head)
     if type(wte) is nn.Embedding:
         return kind == _F32 and wte.max_norm is None and _same_memory(wte.weight, head.weight)
     if type(wte) is LowPrecisionEmbedding and kind in (_BF16, _INT8) and _same_memory(wte.weight, head.weight):
-        return (wte.scale is None) if kind == _BF16 else (
-            wte.scale is not None and torch.equal(wte.scale, head.scale.float()))
+        return (wte.scale is None) if kind == _BF16 else _same_memory(wte.scale, head.scale)
     if type(wte) is Int4Embedding and kind == _INT4:
         return all(_same_memory(getattr(wte, n), getattr(head, n)) for n in ("weight", "group_scale", "scale"))
     return False
@@ -221,6 +227,15 @@ class NativeStep:
                              self._addr(model.wpe, "weight"), self.n_ctx)
         self._scratch: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
+    def bound(self, model: Optional[GPT], keep: list[torch.Tensor]) -> NativeStep:
+        """This step for `model` (or None: a step that holds no model), keeping `keep` alive in place of this step's
+        own aliases: the same kernel structures, fresh scratch memory and the default thread choice. `keep` must
+        hold every tensor the structures point into (`layout`'s aliases of a model whose layout is this step's)."""
+        step = copy.copy(self)
+        step.model, step._keep, step._scratch = model, keep, {}
+        step.adaptive_threads, step.threads_used = adaptive_threads_default(), None
+        return step
+
     def _addr(self, module: nn.Module, name: str) -> Optional[int]:
         """The address of `module.name` (None for an absent bias). The step keeps its own alias of the tensor
         (`detach()`: the same memory, another tensor), so the memory stays alive for the step even where the
@@ -236,13 +251,11 @@ class NativeStep:
         kind = linear_kind(layer)
         if kind is None:
             raise TypeError(f"the native decode step cannot read a {type(layer).__name__} layer")
-        scale = group_scale = None
-        if kind == _INT8:
-            as_float = layer.scale.detach().float().contiguous()  # (N,) the kernel multiplies in float32
-            self._keep.append(as_float)
-            scale = as_float.data_ptr()
-        elif kind == _INT4:
-            scale, group_scale = self._addr(layer, "scale"), self._addr(layer, "group_scale")  # read in place
+        scale = group_scale = None  # read in place: (N,) float32, int4's (N, K/32) int16
+        if kind in (_INT8, _INT4):
+            scale = self._addr(layer, "scale")
+        if kind == _INT4:
+            group_scale = self._addr(layer, "group_scale")
         weight = self._addr(layer, "weight")
         return _Linear(weight, scale, group_scale, self._addr(layer, "bias"), layer.out_features, layer.in_features,
                        kind)
@@ -395,9 +408,61 @@ class NativeStep:
         return out
 
 
+def layout(model: GPT) -> tuple[list[object], list[torch.Tensor]]:
+    """What a native step built for `model` depends on, and an alias (`detach()`) of each of its tensors.
+
+    The first is a list: for every module, depth first, its identity, mode and whether it has forward hooks, then
+    where each of its parameters and buffers lies (address, dtype, shape, strides; None for an absent one); ahead of
+    those, the settings the step reads besides its tensors (the config's sizes and activation, each attention's
+    `use_sdpa`, the embedding's `max_norm`, hooks set for every module). A step is a function of these alone (it
+    reads weights in place and no value decides whether it applies), so two equal layouts are decoded by the same
+    step. Walking the modules' own dictionaries costs a fifth of building a step (docs/benchmarks.md)."""
+    cfg = model.config
+    hooks = torch.nn.modules.module  # hooks registered for every module (register_module_forward_hook)
+    found: list[object] = [cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.layer_norm_eps, cfg.activation,
+                           bool(getattr(hooks, "_global_forward_hooks", None)
+                                or getattr(hooks, "_global_forward_pre_hooks", None)),
+                           getattr(model.wte, "max_norm", None)]
+    found += [getattr(b.attn, "use_sdpa", None) for b in model.h]
+    aliases: list[torch.Tensor] = []
+    todo: list[Optional[nn.Module]] = [model]
+    while todo:
+        m = todo.pop()
+        if m is None:
+            found.append(None)
+            continue
+        found.append((id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks)))
+        for tensors in (m._parameters, m._buffers):
+            for t in tensors.values():
+                if t is None:
+                    found.append(None)
+                    continue
+                alias = t.detach()
+                aliases.append(alias)
+                found.append((alias.data_ptr(), alias.dtype, alias.shape, alias.stride()))
+        todo.extend(m._modules.values())
+    return found, aliases
+
+
+# each model's last native step with the layout it was built for, without the model's tensors (`NativeStep.bound`)
+_BUILT: "weakref.WeakKeyDictionary[GPT, tuple[list[object], NativeStep]]" = weakref.WeakKeyDictionary()
+
+
 def decode_step_for(model: GPT) -> Optional[NativeStep | FlatStep]:
     """The fastest one-token step for `model`: the native kernel where it applies, else the flat PyTorch step where
-    that applies, else None (the modules run)."""
-    if NativeStep.applies(model):
-        return NativeStep(model)
+    that applies, else None (the modules run).
+
+    Building a native step walks every layer (a millisecond on GPT-2, a third of a short prompt's time on a small
+    model), so the last one built for a model is kept, without the model's tensors, and handed out again, holding
+    this call's aliases, while the model's `layout` is the one it was built for."""
+    if native.library() is not None:
+        found, aliases = layout(model)
+        built = _BUILT.get(model)
+        if built is not None and built[0] == found:
+            return built[1].bound(model, aliases)
+        if NativeStep.applies(model):
+            step = NativeStep(model)
+            _BUILT[model] = (found, step.bound(None, []))
+            return step
+        _BUILT.pop(model, None)
     return FlatStep(model) if FlatStep.applies(model) else None
