@@ -106,11 +106,18 @@ def assert_as_exact_as_the_modules(exact, modules, native_logits):
     assert native_error <= 4 * modules_error + 1e-4 * scale, (native_error, modules_error, scale)
 
 
+# head widths the kernel's attention takes in pieces: it scores four keys at a time and holds up to 64 of a head's
+# output values in registers per pass over the keys: 12 (a scalar tail), 72 (a pass of 64 and one of 8), 100 (64,
+# 32 and a scalar tail of 4), 160 (two passes of 64 and one of 32)
+HEAD_WIDTHS = {f"head {C // H}": GPTConfig(vocab_size=61, n_ctx=24, n_layer=2, n_head=H, n_embd=C)
+               for C, H in ((36, 3), (144, 2), (200, 2), (160, 1))}
+
+
 @needs_kernel
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(CONFIGS) + list(HEAD_WIDTHS))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_native_step_equals_the_modules(name, batch):
-    model = model_for(name)
+    model = model_for(CONFIGS.get(name) or HEAD_WIDTHS[name])
     V = model.config.vocab_size
     prompt, tokens = random_steps(V, batch, 6, seed=1)
     ref, fast, cache, native_cache = both_paths(model, prompt, tokens)
@@ -397,8 +404,8 @@ def test_native_step_on_int4_weights_equals_its_reference_arithmetic(name, batch
         off = (a - b).abs() > 1e-4
         # the kernel's LayerNorm and attention sum in another order, so now and then an activation sits on a
         # rounding boundary and lands one int8 step away from the reference's: a few logits move by about
-        # (group scale * activation scale), not more
-        assert off.float().mean() < 0.2 and (a - b).abs().max() < 1e-2, (off.float().mean(), (a - b).abs().max())
+        # (group scale * activation scale), here up to 0.016, not more
+        assert off.float().mean() < 0.2 and (a - b).abs().max() < 2e-2, (off.float().mean(), (a - b).abs().max())
     assert sum(int(((a - b).abs() > 1e-4).any()) for a, b in zip(ref, fast)) <= 1  # most steps match exactly
 
 
@@ -931,12 +938,13 @@ def test_int4_rows_wider_than_the_kernels_exact_bound_are_not_read():
 
 # ------------------------------------------------------------------------------------------------------- prefill
 @needs_kernel
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(CONFIGS) + list(HEAD_WIDTHS))
 def test_native_prefill_computes_the_forward_in_float32(name):
     """`NativeStep.prefill` is the model's forward on the last position (float32: the same arithmetic, summed in
     another order), and fills the cache with the same keys and values; a second chunk after a cached first one too
-    (attention over the past and the chunk's own causal part)."""
-    model = model_for(name)
+    (attention over the past and the chunk's own causal part: 1 to 9 columns, with and without a tail past the
+    last four keys)."""
+    model = model_for(CONFIGS.get(name) or HEAD_WIDTHS[name])
     g = torch.Generator().manual_seed(5)
     first = torch.randint(0, model.config.vocab_size, (2, 6), generator=g)
     second = torch.randint(0, model.config.vocab_size, (2, 3), generator=g)
@@ -961,12 +969,13 @@ def test_native_prefill_computes_the_forward_in_float32(name):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
 def test_native_prefill_computes_what_the_step_computes_token_by_token(dtype, name):
     """Every prompt token's products in `prefill` are those the decode step computes for it (int8 and int4 round
-    each row of activations to int8 on its own), so a prompt prefilled in one call gives the logits and the cache of
-    the same prompt fed to the step one token at a time. LayerNorm and attention are torch's in one and the kernel's
-    in the other, summed in other orders: now and then an activation lands on the other side of an int8 (or bf16)
-    rounding boundary, which moves a few logits by about one rounding step, not more. "wide" has narrow rows
-    (32 wide), "long" wide ones (544 and 2176: the one-row and four-input-row kernels); 3 x 9 = 27 rows, on two
-    threads, each rounding its share of the rows for both."""
+    each row of activations to int8 on its own), and its LayerNorm and attention the step's functions, so a prompt
+    prefilled in one call gives the logits and the cache of the same prompt fed to the step one token at a time.
+    The products over many rows take other kernels (four weight rows against three input rows) that sum in other
+    orders: now and then an activation lands on the other side of an int8 (or bf16) rounding boundary, which moves a
+    few logits by about one rounding step, not more. "wide" has narrow rows (32 wide), "long" wide ones (544 and
+    2176: the one-row and four-input-row kernels); 3 x 9 = 27 rows, on two threads, each rounding its share of the
+    rows for both."""
     from gpt2lab.inference import prepare_for_inference
 
     config = CONFIGS[name] if name in CONFIGS else INT4_CONFIGS[name]
@@ -1004,6 +1013,13 @@ def test_native_prefill_refuses_a_full_cache_a_wrong_batch_or_a_bad_token():
         step.prefill(torch.zeros(1, 3, dtype=torch.long), KVCache.for_model(model, 2, max_length=4))
     with pytest.raises(ValueError, match="token id 97 is out of range for vocab_size=97"):
         step.prefill(torch.tensor([[1, 97]]), KVCache.for_model(model, 1, max_length=4))
+    cache = KVCache.for_model(model, 1, max_length=4)
+    n_ctx = model.config.n_ctx
+    with pytest.raises(IndexError, match=f"position {n_ctx} is out of range: the model has positions 0 to {n_ctx - 1}"):
+        step.prefill(torch.tensor([[1, 2]]), cache, position_ids=torch.tensor([[0, n_ctx]]))
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, S\) = \(1, 2\) .* got shape \(1, 3\)"):
+        step.prefill(torch.tensor([[1, 2]]), cache, attention_mask=torch.ones(1, 3))
+    assert cache.length == 0  # nothing cached by a refused prompt
 
 
 @needs_kernel
@@ -1035,6 +1051,9 @@ def test_native_prefill_of_a_left_padded_batch_computes_the_forward():
         want = model(idx, position_ids=positions, attention_mask=mask, kv_cache=caches[0], logits_to_keep=1)[:, -1]
     got = NativeStep(model).prefill(idx, caches[1], positions, mask)
     torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # padding tokens too: each attends to
+        torch.testing.assert_close(b, a, atol=1e-4 * a.abs().max().item(), rtol=0)  # its own column, as modules'
+    assert caches[1].length == 6
     alone = NativeStep(model).prefill(idx[:1, 3:], KVCache.for_model(model, 1, max_length=8))  # row 0 unpadded
     torch.testing.assert_close(got[:1], alone, atol=1e-4 * want.abs().max().item(), rtol=0)
 

@@ -195,9 +195,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gpt2lab_dequantize_int4.restype = None
     lib.gpt2lab_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.gpt2lab_argmax_rows.restype = ctypes.c_int
-    lib.gpt2lab_linear.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
-                                    ctypes.c_int32] + [ctypes.c_void_p] * 4 + [ctypes.c_int32])
-    lib.gpt2lab_linear.restype = None
+    lib.gpt2lab_prefill.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.gpt2lab_prefill.restype = ctypes.c_int
     return lib
 
 

@@ -11,11 +11,13 @@ It reads the model's own tensors, no copies: float32 `nn.Linear` weights as they
 activations quantized per row, 8 bits, symmetric, as llama.cpp's q8_0 does per block of 32), and `Int4Linear`'s int4
 weights with an integer scale per group of 32 and a float per row (quantize_int.quantize_int4, times the same int8
 activations). The KV cache is the usual `KVCache`, so the prefill and the steps share it. A short prompt is encoded
-here too (`NativeStep.prefill`: the modules' embedding, LayerNorm and attention, the kernel's products over all its
-tokens at once), since the modules' GEMM runs few rows slowly.
+by the kernel too, in one call (`NativeStep.prefill`: the step's functions over all its tokens at once), since the
+modules' GEMM runs few rows slowly and the PyTorch operations between them cost more than a small model's products.
 
     tokens (B,) ─ gpt2lab_decode_step (C++): the head's row + wpe ─► x (B, C) ─ the blocks ─► logits (B, V)
                                              └─ writes K, V of this token into cache column `pos`
+    prompt (B, T) ─ gpt2lab_prefill (C++): the same over B x T rows ─► the last token's logits (B, V)
+                                         └─ writes K, V of the prompt into cache columns [past, past + T)
 
 The step reads the weights it was built with: it keeps its own alias of each tensor (`detach()`), so a weight
 pointed elsewhere during a decode (`p.data = ...`, as `.half()` or `use_huge_pages` do) does not reach it and frees
@@ -49,14 +51,13 @@ import weakref
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpt2lab import native
 from gpt2lab.cpu import LoadMeter, usable_cpus
 from gpt2lab.fast_step import FlatStep
 from gpt2lab.kv_cache import KVCache
-from gpt2lab.model import GPT, attention_mask_for, sdpa_attention
+from gpt2lab.model import GPT
 from gpt2lab.quantize import BF16Linear, Int4Embedding, Int4Linear, Int8Linear, LowPrecisionEmbedding
 from gpt2lab.quantize_int import INT4_GROUP
 from gpt2lab.thread_tuner import ThreadTuner
@@ -81,6 +82,14 @@ class _Model(ctypes.Structure):
                 ("ffn", ctypes.c_int64), ("eps", ctypes.c_float), ("activation", ctypes.c_int32),
                 ("layers", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Linear), ("wpe", _p),
                 ("n_ctx", ctypes.c_int64)]
+
+
+class _Prefill(ctypes.Structure):
+    _fields_ = [("x", _p), ("logits", _p), ("k_cache", _p), ("v_cache", _p), ("batch", ctypes.c_int64),
+                ("batch_max", ctypes.c_int64), ("s_max", ctypes.c_int64), ("past", ctypes.c_int64),
+                ("length", ctypes.c_int64), ("mask", _p), ("tokens", _p), ("positions", _p), ("qkv", _p), ("att", _p),
+                ("hidden", _p), ("norm", _p), ("scores", _p), ("xq", _p), ("xq_scale", _p), ("xq_sums", _p),
+                ("xb", _p), ("threads", ctypes.c_int32)]
 
 
 class _Step(ctypes.Structure):
@@ -205,7 +214,7 @@ class NativeStep:
             raise TypeError("the native decode step embeds tokens from the LM head's table, and this model's "
                             "embedding reads another one (untied); decode it with FlatStep")
         self._run = lib.gpt2lab_decode_step
-        self._run_linear = lib.gpt2lab_linear
+        self._run_prefill = lib.gpt2lab_prefill
         self._bf16_dot = "avx512_bf16" in native.kernel_paths(lib)  # bf16 products round their activations
         cfg = model.config
         self.model = model
@@ -343,69 +352,61 @@ class NativeStep:
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, cache: KVCache, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The prompt's encoding with every product by the kernel: (B, T) ids -> (B, V) float32 logits of each row's
-        last position, the cache advanced by T. position_ids (B, T) or (T,) and attention_mask (B, past + T) as the
-        model's forward takes them (a left-padded batch).
+        """The prompt's encoding in one kernel call: (B, T) ids -> (B, V) float32 logits of each row's last position,
+        the cache advanced by T. position_ids (B, T) or (T,) and attention_mask (B, past + T) as the model's forward
+        takes them (a left-padded batch).
 
         A short prompt's products have few rows, which MKL's GEMM and torch's bf16 and int8 kernels run far below
-        what the cores can do, while the kernel streams each weight once for all B x T rows (docs/benchmarks.md,
-        prefill). Embedding, LayerNorm and attention are the modules' own operations; the products are those the
-        step computes for each token. So in float32 this is `model(idx, ..., kv_cache=cache, logits_to_keep=1)[:,
-        -1]` summed in another order, and in bf16, int8 and int4 the step's arithmetic (see the module docstring),
-        as for the tokens after the prompt."""
-        model, cfg = self.model, self.model.config
+        what the cores can do, and on a small model the PyTorch operations between them cost more than the products
+        (docs/benchmarks.md, prefill). The kernel runs the whole forward instead: the step's products over all B x T
+        tokens at once (each weight streamed once), and the step's LayerNorm and attention, each token over the
+        columns up to its own that the mask keeps. So in float32 this is `model(idx, ..., kv_cache=cache,
+        logits_to_keep=1)[:, -1]` summed in another order, and in bf16, int8 and int4 the step's arithmetic (see the
+        module docstring), as for the tokens after the prompt."""
+        model = self.model
         B, T = idx.shape
         past = cache.length
         cache.check_room(B, T, "prompt")
         model._check_inputs(idx, past)  # token ids and positions in range, or the model's own error
-        C, H, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_eps
-        most = torch.get_num_threads()
-        threads = thread_tuner(self.model, most).threads() if self.adaptive_threads else most
-        scratch = self._prefill_scratch(B * T)
+        if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
+            raise TypeError("the native prefill needs a contiguous float32 KV cache on the CPU")
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=idx.device)  # (T,)
-        mask = attention_mask_for(T, past + T, attention_mask)  # None (causal) or (B, 1, T, past + T)
-        x = (model.wte(idx) + model.wpe(position_ids)).float().reshape(B * T, C).contiguous()  # (B*T, C)
-        for i, block in enumerate(model.h):
-            layer = self._layers[i]
-            h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps)  # (B*T, C)
-            qkv = self._product(layer.attn, h, scratch, threads)  # (B*T, 3C)
-            q, k, v = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-            k, v = cache.update(i, k, v)  # (B, H, past + T, D)
-            y = sdpa_attention(q, k, v, mask).transpose(1, 2).reshape(B * T, C)  # (B*T, C)
-            self._product(layer.attn_proj, y, scratch, threads, add_to=x)  # x += y W^T + b
-            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps)  # (B*T, C)
-            hidden = self._product(layer.fc, h, scratch, threads, activate=True)  # (B*T, F)
-            self._product(layer.mlp_proj, hidden, scratch, threads, add_to=x)  # x += ...
+            position_ids = torch.arange(past, past + T)  # (T,)
+        positions = position_ids.long().expand(B, T).reshape(B * T).contiguous()  # (B*T,)
+        ids = idx.long().reshape(B * T).contiguous()  # (B*T,)
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask must be (B, S) = ({B}, {past + T}) over the cached positions and "
+                                 f"the prompt's, got shape {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(torch.uint8).contiguous()  # (B, past + T)
+        most = torch.get_num_threads()
+        threads = thread_tuner(model, most).threads() if self.adaptive_threads else most
+        M, C, W = B * T, self.n_embd, max(self.n_embd, self.ffn)
+        ints, bf16 = self._rounded_kinds()
+        f32 = dict(dtype=torch.float32)
+        x, qkv, att, norm = (torch.empty(M, n, **f32) for n in (C, 3 * C, C, C))  # (M, C), (M, 3C), ...
+        hidden, logits = torch.empty(M, self.ffn, **f32), torch.empty(B, self.vocab_size, **f32)
+        scores = torch.empty(threads, past + T, **f32)
+        xq = torch.empty(M, W if ints else 1, dtype=torch.int8)  # (M, W): rounded only where a layer needs it
+        xq_scale, xq_sums = torch.empty(M if ints else 1), torch.empty(M, W // 32 if ints else 1, dtype=torch.int16)
+        xb = torch.empty(M, W if bf16 else 1, dtype=torch.int16)
+        run = _Prefill(x.data_ptr(), logits.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), B, cache.k.size(1),
+                       cache.max_length, past, T, _ptr(mask), ids.data_ptr(), positions.data_ptr(), qkv.data_ptr(),
+                       att.data_ptr(), hidden.data_ptr(), norm.data_ptr(), scores.data_ptr(), xq.data_ptr(),
+                       xq_scale.data_ptr(), xq_sums.data_ptr(), xb.data_ptr(), threads)
+        refused = self._run_prefill(ctypes.byref(self._model), ctypes.byref(run))
+        if refused:
+            raise self._out_of_range(ids, positions, refused)
         cache.advance(T)
-        last = x.view(B, T, C)[:, -1]  # (B, C)
-        last = F.layer_norm(last, (C,), model.ln_f.weight, model.ln_f.bias, eps).contiguous()  # (B, C)
-        return self._product(self._model.head, last, scratch, threads)  # (B, V)
+        return logits
 
-    def _prefill_scratch(self, M: int) -> tuple[torch.Tensor, ...]:
-        """Where a prefill's products round M rows of activations (of the widest, max(C, F)): int8 rows, their scales
-        and group sums for integer layers, bf16 rows for bf16 layers on the dot-product path (one element each where
-        nothing is rounded so)."""
-        W = max(self.n_embd, self.ffn)
+    def _rounded_kinds(self) -> tuple[bool, bool]:
+        """Whether a product rounds its activations to int8 (an integer layer) and to bf16 (a bf16 layer on the
+        dot-product path): what a prefill's shared scratch must hold."""
         kinds = {self._model.head.kind} | {getattr(layer, name).kind for layer in self._layers
                                            for name in ("attn", "attn_proj", "fc", "mlp_proj")}
-        ints = bool(kinds & {_INT8, _INT4})
-        bf16 = _BF16 in kinds and self._bf16_dot
-        return (torch.empty(M, W if ints else 1, dtype=torch.int8), torch.empty(M if ints else 1),
-                torch.empty(M, max(1, W // 32) if ints else 1, dtype=torch.int16),
-                torch.empty(M, W if bf16 else 1, dtype=torch.int16))
-
-    def _product(self, layer: _Linear, x: torch.Tensor, scratch: tuple[torch.Tensor, ...], threads: int,
-                 add_to: Optional[torch.Tensor] = None, activate: bool = False) -> torch.Tensor:
-        """x (M, K) float32, contiguous -> x W^T + b (M, N), or added into `add_to`, or through the activation."""
-        M, K = x.shape
-        assert K == layer.k and x.is_contiguous() and x.dtype == torch.float32
-        out = torch.empty(M, layer.n) if add_to is None else add_to  # (M, N)
-        how = 1 if add_to is not None else 2 if activate else 0  # the kernel's epilogue: store, add, activate
-        xq, xq_scale, xq_sums, xb = scratch
-        self._run_linear(ctypes.byref(layer), x.data_ptr(), M, out.data_ptr(), how, self._model.activation,
-                         xq.data_ptr(), xq_scale.data_ptr(), xq_sums.data_ptr(), xb.data_ptr(), threads)
-        return out
+        return bool(kinds & {_INT8, _INT4}), _BF16 in kinds and self._bf16_dot
 
 
 def layout(model: GPT) -> tuple[list[object], list[torch.Tensor]]:

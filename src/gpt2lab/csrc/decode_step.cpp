@@ -10,6 +10,8 @@
 // The arithmetic is GPT.forward's at T = 1 (tests compare the two): the token's row of the tied table (widened from
 // its precision) plus the position's, pre-LayerNorm blocks, fused QKV, causal attention over the KV cache, a
 // tanh-GELU (or exact GELU, or ReLU) MLP, the final LayerNorm, the tied head.
+// A prompt goes through the same functions in one call too (gpt2lab_prefill): every token of it as a row of the
+// products, each weight streamed once for all of them, and each token's attention over the columns up to its own.
 // Built at first use by gpt2lab/native.py for the CPU at hand; loaded after torch, so it shares torch's OpenMP
 // runtime and thread count.
 //
@@ -112,6 +114,25 @@ struct Step {
     const int64_t* positions;    // (B,) each row's position (padded batches); null: every row at pos
 };
 
+// A prompt's encoding: B rows of T new tokens each after `past` cached ones, all B x T tokens through the blocks at
+// once (M = B x T rows of activations), the logits of each row's last token. Scratch shared by the threads.
+struct Prefill {
+    float* x;                    // (M, C) the residual stream
+    float* logits;               // (B, V)
+    float *k_cache, *v_cache;    // (L, B_max, H, S_max, D)
+    int64_t batch, batch_max, s_max, past, length;  // B rows of T = length tokens; they go to columns past + t
+    const uint8_t* mask;         // (B, past + T) 1 = attend, 0 = padding; null: every column
+    const int64_t* tokens;       // (M,) row b's token t at b * T + t
+    const int64_t* positions;    // (M,) each token's position in wpe
+    float *qkv, *att, *hidden, *norm;  // (M, 3C), (M, C), (M, F), (M, C)
+    float* scores;               // (threads, past + T)
+    int8_t* xq;                  // (M, max(C, F)) the rows rounded for the next product, shared
+    float* xq_scale;             // (M,)
+    int16_t* xq_sums;            // (M, max(C, F) / 32)
+    uint16_t* xb;                // (M, max(C, F))
+    int32_t threads;
+};
+
 // ------------------------------------------------------------------------------------------------ small helpers
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -174,17 +195,34 @@ static void activate_row(float* y, int64_t n, int32_t activation) {
     for (; i < n; i++) y[i] = activate(y[i], activation);
 }
 
-// LayerNorm of B rows of width C into out; every thread computes its own copy (C is small; no barrier needed).
+// LayerNorm of B rows of width C into out (the step: every thread its own copy, C is small; a prefill: each thread
+// its share of the rows). Mean, then the variance about it, 8 lanes at a time (a scalar sum waits on each add).
 static void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t B, int64_t C, float* out) {
     for (int64_t r = 0; r < B; r++) {
         const float* xr = x + r * C;
         float* o = out + r * C;
-        float mean = 0.0f, var = 0.0f;
-        for (int64_t i = 0; i < C; i++) mean += xr[i];
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= C; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(xr + i));
+        float mean = hsum(acc);
+        for (; i < C; i++) mean += xr[i];
         mean /= C;
-        for (int64_t i = 0; i < C; i++) var += (xr[i] - mean) * (xr[i] - mean);
-        float inv = 1.0f / sqrtf(var / C + eps);
-        for (int64_t i = 0; i < C; i++) o[i] = (xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+        const __m256 vmean = _mm256_set1_ps(mean);
+        acc = _mm256_setzero_ps();
+        for (i = 0; i + 8 <= C; i += 8) {
+            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xr + i), vmean);
+            acc = _mm256_fmadd_ps(d, d, acc);
+        }
+        float var = hsum(acc);
+        for (; i < C; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        const float inv = 1.0f / sqrtf(var / C + eps);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (i = 0; i + 8 <= C; i += 8) {
+            const __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), vmean), vinv),
+                                           _mm256_loadu_ps(w + i));
+            _mm256_storeu_ps(o + i, b ? _mm256_add_ps(y, _mm256_loadu_ps(b + i)) : y);
+        }
+        for (; i < C; i++) o[i] = (xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
     }
 }
 
@@ -454,7 +492,7 @@ static void dot2x4(const typename W::T* w, const float* x, int64_t K, float* out
 }
 
 // B activation rows rounded to the precision a product multiplies in: int8 for the integer products, bf16 for the
-// bf16 dot-product path (each thread's own copy in the step; one copy the threads share in gpt2lab_linear).
+// bf16 dot-product path (each thread's own copy in the step; one copy the threads share in a prefill).
 struct QuantRows {
     int8_t* q;      // (B, K) in [-127, 127] (so |q| * |w| pairs fit in 16 bits)
     float* scale;   // (B,) x ~ q * scale
@@ -1132,59 +1170,119 @@ static void barrier_wait(Barrier& b, int nth) {
 }
 
 // ------------------------------------------------------------------------------------------------- attention
-// One head of one row: write this token's key and value into cache column pos, then softmax(q K^T / sqrt(D)) V over
-// columns [0, pos] that the mask keeps.
-static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b, int64_t h, float* scores) {
-    const int64_t C = M.n_embd, H = M.n_head, D = C / H, T = S.pos + 1;
-    const float* q = S.qkv + b * 3 * C + h * D;
-    const float* k_new = q + C;
-    const float* v_new = q + 2 * C;
-    const int64_t head_off = (((layer * S.batch_max) + b) * H + h) * S.s_max * D;
-    float* K = S.k_cache + head_off;  // (S_max, D)
-    float* V = S.v_cache + head_off;
-    for (int64_t i = 0; i < D; i++) { K[S.pos * D + i] = k_new[i]; V[S.pos * D + i] = v_new[i]; }
-    const uint8_t* keep = S.mask ? S.mask + b * T : nullptr;
+// q . k for four keys at once (four chains of FMAs in flight, one horizontal sum for the four), over the 8-lane
+// chunks of D, then its scalar tail.
+static inline __m128 dot4keys(const float* q, const float* k, int64_t D) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + D + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * D + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * D + i), a3);
+    }
+    __m128 s = hsum4(a0, a1, a2, a3);
+    if (i < D) {
+        float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int j = 0; j < 4; j++)
+            for (int64_t m = i; m < D; m++) tail[j] += q[m] * k[j * D + m];
+        s = _mm_add_ps(s, _mm_loadu_ps(tail));
+    }
+    return s;
+}
+
+// out[i0, i0 + 8 NV) = sum over the n columns of p[t] * inv * V[t, i0 + ...], held in NV registers while the columns
+// pass (a column of weight 0, masked, skipped).
+template <int NV>
+static void weigh_values(const float* p, float inv, const float* V, int64_t n, int64_t D, int64_t i0, float* out) {
+    __m256 acc[NV];
+    for (int j = 0; j < NV; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; t++) {
+        if (p[t] == 0.0f) continue;
+        const __m256 w = _mm256_set1_ps(p[t] * inv);
+        const float* vt = V + t * D + i0;
+        for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < NV; j++) _mm256_storeu_ps(out + i0 + 8 * j, acc[j]);
+}
+
+// softmax(q K^T / sqrt(D)) V for one query of one head over the first n columns of its cache (K, V: (S_max, D)),
+// leaving out the columns `keep` (null: none) marks 0, except `own`, the query's own column (-1: none), which a
+// padding query still attends to, as the modules do (attention_mask_for). out (D,). Scores four keys at a time;
+// the weighted sum of values in registers, up to 64 of out's values per pass over the columns.
+static void attend(const float* q, const float* K, const float* V, int64_t n, int64_t D, const uint8_t* keep,
+                   int64_t own, float* scores, float* out) {
     const float scale = 1.0f / sqrtf((float)D);
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < T; t++) {
-        if (keep && !keep[t]) { scores[t] = -INFINITY; continue; }
-        const float* kt = K + t * D;
-        __m256 acc = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kt + i), acc);
-        float s = hsum(acc);
-        for (; i < D; i++) s += q[i] * kt[i];
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) _mm_storeu_ps(scores + t, _mm_mul_ps(dot4keys(q, K + t * D, D), _mm_set1_ps(scale)));
+    for (; t < n; t++) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < D; i++) s += q[i] * K[t * D + i];
         scores[t] = s * scale;
+    }
+    float mx = -INFINITY;
+    for (t = 0; t < n; t++) {
+        if (keep && !keep[t] && t != own) scores[t] = -INFINITY;
         mx = fmaxf(mx, scores[t]);
     }
-    float* out = S.att + b * C + h * D;
-    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-    if (mx == -INFINITY) return;  // every column masked: SDPA would give NaN; the caller never asks for this row
+    if (mx == -INFINITY) {  // every column masked: SDPA would give NaN; the caller never asks for this row
+        for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+        return;
+    }
     // softmax numerators e^(s - max), 8 at a time; a masked column (-inf) gets exactly 0
     const __m256 vmx = _mm256_set1_ps(mx), masked = _mm256_set1_ps(-INFINITY);
     __m256 sum = _mm256_setzero_ps();
-    int64_t t = 0;
-    for (; t + 8 <= T; t += 8) {
+    for (t = 0; t + 8 <= n; t += 8) {
         const __m256 sv = _mm256_loadu_ps(scores + t);
         const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sv, vmx)), _mm256_cmp_ps(sv, masked, _CMP_NEQ_OQ));
         _mm256_storeu_ps(scores + t, e);
         sum = _mm256_add_ps(sum, e);
     }
     float total = hsum(sum);
-    for (; t < T; t++) {
+    for (; t < n; t++) {
         scores[t] = scores[t] == -INFINITY ? 0.0f : exp1(scores[t] - mx);
         total += scores[t];
     }
     const float inv = 1.0f / total;
-    for (int64_t t = 0; t < T; t++) {
-        if (scores[t] == 0.0f) continue;
-        const float p = scores[t] * inv;
-        const float* vt = V + t * D;
-        int64_t i = 0;
-        for (; i + 8 <= D; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(vt + i), _mm256_loadu_ps(out + i)));
-        for (; i < D; i++) out[i] += p * vt[i];
+    int64_t i0 = 0;
+    for (; i0 + 64 <= D; i0 += 64) weigh_values<8>(scores, inv, V, n, D, i0, out);
+    switch ((D - i0) / 8) {
+        case 7: weigh_values<7>(scores, inv, V, n, D, i0, out); break;
+        case 6: weigh_values<6>(scores, inv, V, n, D, i0, out); break;
+        case 5: weigh_values<5>(scores, inv, V, n, D, i0, out); break;
+        case 4: weigh_values<4>(scores, inv, V, n, D, i0, out); break;
+        case 3: weigh_values<3>(scores, inv, V, n, D, i0, out); break;
+        case 2: weigh_values<2>(scores, inv, V, n, D, i0, out); break;
+        case 1: weigh_values<1>(scores, inv, V, n, D, i0, out); break;
+        default: break;
     }
+    for (int64_t i = D - D % 8; i < D; i++) {  // the scalar tail of D
+        float o = 0.0f;
+        for (t = 0; t < n; t++)
+            if (scores[t] != 0.0f) o += scores[t] * inv * V[t * D + i];
+        out[i] = o;
+    }
+}
+
+// Where head h of cache row b of one layer lies: (S_max, D) keys, the values at the same offset of the v cache.
+static inline int64_t cache_offset(int64_t layer, int64_t batch_max, int64_t b, int64_t H, int64_t h, int64_t s_max,
+                                   int64_t D) {
+    return (((layer * batch_max) + b) * H + h) * s_max * D;
+}
+
+// One head of one row of the step: write this token's key and value into cache column pos, then attend over
+// columns [0, pos] that the mask keeps.
+static void attend_head(const Model& M, const Step& S, int64_t layer, int64_t b, int64_t h, float* scores) {
+    const int64_t C = M.n_embd, H = M.n_head, D = C / H;
+    const float* q = S.qkv + b * 3 * C + h * D;
+    const float* k_new = q + C;
+    const float* v_new = q + 2 * C;
+    const int64_t head_off = cache_offset(layer, S.batch_max, b, H, h, S.s_max, D);
+    float* K = S.k_cache + head_off;  // (S_max, D)
+    float* V = S.v_cache + head_off;
+    for (int64_t i = 0; i < D; i++) { K[S.pos * D + i] = k_new[i]; V[S.pos * D + i] = v_new[i]; }
+    attend(q, K, V, S.pos + 1, D, S.mask ? S.mask + b * (S.pos + 1) : nullptr, -1, scores, S.att + b * C + h * D);
 }
 
 // ------------------------------------------------------------------------------------------------ embeddings
@@ -1213,29 +1311,31 @@ static void widen_row_i4(const uint8_t* w, const int16_t* group_scale, float row
     if (k < K) widen_group(last_group_i4(w + k / 2), (float)group_scale[k / 32] * row_scale, o + k);
 }
 
-// Row b of x = the token's row of the tied table, widened as its layer stores it (the same float products as the
-// embedding modules: a copy, bf16 bits shifted, int8 times the row's scale, int4 as widen_row_i4), plus the
-// position's row of wpe. Returns 1 if a token id is outside [0, V), 2 if a position is outside [0, n_ctx), 0 when
-// every row was written; nothing is written unless all are valid.
-static int embed_rows(const Model& M, const Step& S) {
+// Row r of x (rows, C) = token r's row of the tied table, widened as its layer stores it (the same float products as
+// the embedding modules: a copy, bf16 bits shifted, int8 times the row's scale, int4 as widen_row_i4), plus the row
+// of wpe at its position (positions[r], or pos for every row where positions is null). Returns 1 if a token id is
+// outside [0, V), 2 if a position is outside [0, n_ctx), 0 when every row was written; nothing is written unless all
+// are valid.
+static int embed_rows(const Model& M, int64_t rows, const int64_t* tokens, const int64_t* positions, int64_t pos,
+                      float* x) {
     const Linear& E = M.head;
-    const int64_t B = S.batch, C = M.n_embd;
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t p = S.positions ? S.positions[b] : S.pos;
-        if (S.tokens[b] < 0 || S.tokens[b] >= E.n) return 1;
+    const int64_t C = M.n_embd;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t p = positions ? positions[r] : pos;
+        if (tokens[r] < 0 || tokens[r] >= E.n) return 1;
         if (p < 0 || p >= M.n_ctx) return 2;
     }
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t t = S.tokens[b], p = S.positions ? S.positions[b] : S.pos;
-        float* x = S.x + b * C;
-        if (E.kind == F32) memcpy(x, (const float*)E.weight + t * C, C * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t t = tokens[r], p = positions ? positions[r] : pos;
+        float* xr = x + r * C;
+        if (E.kind == F32) memcpy(xr, (const float*)E.weight + t * C, C * sizeof(float));
         else if (E.kind == BF16)
-            for (int64_t i = 0; i < C; i++) x[i] = bf16_to_float(((const uint16_t*)E.weight)[t * C + i]);
+            for (int64_t i = 0; i < C; i++) xr[i] = bf16_to_float(((const uint16_t*)E.weight)[t * C + i]);
         else if (E.kind == INT8)
-            for (int64_t i = 0; i < C; i++) x[i] = (float)((const int8_t*)E.weight)[t * C + i] * E.scale[t];
-        else widen_row_i4((const uint8_t*)E.weight + t * (C / 2), E.group_scale + t * (C / 32), E.scale[t], C, x);
+            for (int64_t i = 0; i < C; i++) xr[i] = (float)((const int8_t*)E.weight)[t * C + i] * E.scale[t];
+        else widen_row_i4((const uint8_t*)E.weight + t * (C / 2), E.group_scale + t * (C / 32), E.scale[t], C, xr);
         const float* pe = M.wpe + p * C;
-        for (int64_t i = 0; i < C; i++) x[i] += pe[i];
+        for (int64_t i = 0; i < C; i++) xr[i] += pe[i];
     }
     return 0;
 }
@@ -1263,7 +1363,7 @@ static void project(const Linear& L, const float* x, const QuantRows& xq, int64_
 extern "C" int gpt2lab_decode_step(const Model* model, const Step* step) {
     const Model& M = *model;
     const Step& S = *step;
-    if (const int bad = embed_rows(M, S)) return bad;
+    if (const int bad = embed_rows(M, S.batch, S.tokens, S.positions, S.pos, S.x)) return bad;
     const int64_t B = S.batch, C = M.n_embd, F = M.ffn, H = M.n_head;
     const int64_t widest = C > F ? C : F;
     Barrier meet;
@@ -1300,26 +1400,79 @@ extern "C" int gpt2lab_decode_step(const Model* model, const Step* step) {
     return 0;
 }
 
-// out (B, N) = x (B, K) L^T + bias, stored (how 0), added into out (1) or passed through the activation (2): one
-// product of a short prefill, whose B rows are every prompt token of every row. The kernels are the decode step's, so
-// a prompt token's products are those the step computes for it (integer layers round each row to int8 on its own).
-// The rows are rounded once, each thread its share into the one QuantRows q (B rows of width K), then every thread
-// reads all of them.
-extern "C" void gpt2lab_linear(const Linear* layer, const float* x, int64_t B, float* out, int32_t how,
-                               int32_t activation, int8_t* xq, float* xq_scale, int16_t* xq_sums, uint16_t* xb,
-                               int32_t threads) {
-    const Linear& L = *layer;
+// Rows [lo, hi) of n split evenly between the team: this thread's share of the elementwise work of a prefill.
+static inline void share(int64_t n, int tid, int nth, int64_t* lo, int64_t* hi) {
+    *lo = n * tid / nth;
+    *hi = n * (tid + 1) / nth;
+}
+
+// One product of a prefill over all M rows, out = x L^T (+ epilogue): each thread rounds its share of the rows into
+// the shared q, then every thread reads all of them (each weight row streamed once for all M).
+static void project_rows(const Linear& L, const float* x, const QuantRows& q, int64_t M, float* out, int64_t ld_out,
+                         Epilogue how, int32_t activation, Barrier& meet, int tid, int nth) {
+    int64_t lo, hi;
+    share(M, tid, nth, &lo, &hi);
     const int64_t K = L.k;
-    const QuantRows q{xq, xq_scale, xq_sums, xb};
-#pragma omp parallel num_threads(threads)
+    round_rows_for(L, x + lo * K, hi - lo, QuantRows{q.q + lo * K, q.scale + lo, q.sums8 + lo * (K / 32),
+                                                     q.bf16 + lo * K});
+    barrier_wait(meet, nth);
+    linear_rows(L, x, q, M, out, ld_out, how, activation, nth);
+    barrier_wait(meet, nth);
+}
+
+// Encodes a prompt: every token of every row through the blocks, its keys and values into the cache at columns
+// [past, past + T), and the logits of each row's last token. The products are the step's (each weight streamed
+// once for all M = B x T rows), and so is the attention: each token attends to the columns up to its own (causal)
+// that the mask keeps. Returns embed_rows' refusal (1: a token id, 2: a position; nothing computed), else 0.
+extern "C" int gpt2lab_prefill(const Model* model, const Prefill* prefill) {
+    const Model& M = *model;
+    const Prefill& P = *prefill;
+    const int64_t B = P.batch, T = P.length, R = B * T, C = M.n_embd, F = M.ffn, H = M.n_head, D = C / H;
+    const int64_t S = P.past + T;  // columns after this prompt
+    if (const int bad = embed_rows(M, R, P.tokens, P.positions, 0, P.x)) return bad;
+    const QuantRows q{P.xq, P.xq_scale, P.xq_sums, P.xb};
+    Barrier meet;
+    meet.spin_ns = SPIN_NS.load(std::memory_order_relaxed);
+#pragma omp parallel num_threads(P.threads)
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        const int64_t lo = B * tid / nth, hi = B * (tid + 1) / nth;  // the rows this thread rounds
-        const QuantRows mine{xq + lo * K, xq_scale + lo, xq_sums + lo * (K / 32), xb + lo * K};  // rows [lo, hi) of q
-        round_rows_for(L, x + lo * K, hi - lo, mine);
-#pragma omp barrier
-        linear_rows(L, x, q, B, out, L.n, (Epilogue)how, activation, nth);
+        float* scores = P.scores + tid * S;  // (S,)
+        int64_t lo, hi;
+        share(R, tid, nth, &lo, &hi);  // this thread's rows of the LayerNorms and of the cache writes
+        for (int64_t l = 0; l < M.n_layer; l++) {
+            const Layer& L = M.layers[l];
+            layer_norm(P.x + lo * C, L.ln1_w, L.ln1_b, M.eps, hi - lo, C, P.norm + lo * C);
+            project_rows(L.attn, P.norm, q, R, P.qkv, 3 * C, STORE, M.activation, meet, tid, nth);
+            for (int64_t r = lo; r < hi; r++) {  // keys and values into their columns, before anyone reads them
+                const int64_t b = r / T, col = P.past + r % T;
+                for (int64_t h = 0; h < H; h++) {
+                    const int64_t at = cache_offset(l, P.batch_max, b, H, h, P.s_max, D) + col * D;
+                    memcpy(P.k_cache + at, P.qkv + r * 3 * C + C + h * D, D * sizeof(float));
+                    memcpy(P.v_cache + at, P.qkv + r * 3 * C + 2 * C + h * D, D * sizeof(float));
+                }
+            }
+            barrier_wait(meet, nth);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t rh = 0; rh < R * H; rh++) {
+                const int64_t r = rh / H, h = rh % H, b = r / T, col = P.past + r % T;
+                const int64_t at = cache_offset(l, P.batch_max, b, H, h, P.s_max, D);
+                attend(P.qkv + r * 3 * C + h * D, P.k_cache + at, P.v_cache + at, col + 1, D,
+                       P.mask ? P.mask + b * S : nullptr, col, scores, P.att + r * C + h * D);
+            }
+            barrier_wait(meet, nth);
+            project_rows(L.attn_proj, P.att, q, R, P.x, C, ADD_TO, M.activation, meet, tid, nth);
+            layer_norm(P.x + lo * C, L.ln2_w, L.ln2_b, M.eps, hi - lo, C, P.norm + lo * C);
+            project_rows(L.fc, P.norm, q, R, P.hidden, F, ACTIVATE, M.activation, meet, tid, nth);
+            project_rows(L.mlp_proj, P.hidden, q, R, P.x, C, ADD_TO, M.activation, meet, tid, nth);
+        }
+        int64_t b0, b1;
+        share(B, tid, nth, &b0, &b1);  // each row's last token through the final LayerNorm into norm rows [0, B)
+        for (int64_t b = b0; b < b1; b++)
+            layer_norm(P.x + (b * T + T - 1) * C, M.lnf_w, M.lnf_b, M.eps, 1, C, P.norm + b * C);
+        barrier_wait(meet, nth);
+        project_rows(M.head, P.norm, q, B, P.logits, M.head.n, STORE, M.activation, meet, tid, nth);
     }
+    return 0;
 }
 
 // int4 weights widened to float32, (N, K / 2) bytes -> (N, K): what a prefill multiplies by (Int4Linear.dequantized),
