@@ -1019,6 +1019,10 @@ def test_native_prefill_refuses_a_full_cache_a_wrong_batch_or_a_bad_token():
         step.prefill(torch.tensor([[1, 2]]), cache, position_ids=torch.tensor([[0, n_ctx]]))
     with pytest.raises(ValueError, match=r"attention_mask must be \(B, S\) = \(1, 2\) .* got shape \(1, 3\)"):
         step.prefill(torch.tensor([[1, 2]]), cache, attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match=r"position_ids must be \(T,\) or \(B, T\) = \(1, 2\), got shape \(3,\)"):
+        step.prefill(torch.tensor([[1, 2]]), cache, position_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"needs at least one row and one token, got shape \(1, 0\)"):
+        step.prefill(torch.zeros(1, 0, dtype=torch.long), cache)
     assert cache.length == 0  # nothing cached by a refused prompt
 
 

@@ -364,14 +364,19 @@ class NativeStep:
         logits_to_keep=1)[:, -1]` summed in another order, and in bf16, int8 and int4 the step's arithmetic (see the
         module docstring), as for the tokens after the prompt."""
         model = self.model
+        model._check_inputs(idx, cache.length)  # (B, T) integer ids in range, or the model's own error
         B, T = idx.shape
         past = cache.length
+        if B == 0 or T == 0:
+            raise ValueError(f"a prompt to encode needs at least one row and one token, got shape {(B, T)}")
         cache.check_room(B, T, "prompt")
-        model._check_inputs(idx, past)  # token ids and positions in range, or the model's own error
         if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
             raise TypeError("the native prefill needs a contiguous float32 KV cache on the CPU")
         if position_ids is None:
             position_ids = torch.arange(past, past + T)  # (T,)
+        elif tuple(position_ids.shape) not in ((T,), (1, T), (B, T)):
+            raise ValueError(f"position_ids must be (T,) or (B, T) = ({B}, {T}), got shape "
+                             f"{tuple(position_ids.shape)}")
         positions = position_ids.long().expand(B, T).reshape(B * T).contiguous()  # (B*T,)
         ids = idx.long().reshape(B * T).contiguous()  # (B*T,)
         mask = None
