@@ -107,10 +107,10 @@ def assert_as_exact_as_the_modules(exact, modules, native_logits):
 
 
 # head widths the kernel's attention takes in pieces: it scores four keys at a time and holds up to 64 of a head's
-# output values in registers per pass over the keys: 12 (a scalar tail), 72 (a pass of 64 and one of 8), 100 (64,
-# 32 and a scalar tail of 4), 160 (two passes of 64 and one of 32)
+# output values in registers per pass over the keys: 4 (only a scalar tail), 12 (one of 8 and a scalar tail), 72 (a
+# pass of 64 and one of 8), 100 (64, 32 and a scalar tail of 4), 160 (two passes of 64 and one of 32)
 HEAD_WIDTHS = {f"head {C // H}": GPTConfig(vocab_size=61, n_ctx=24, n_layer=2, n_head=H, n_embd=C)
-               for C, H in ((36, 3), (144, 2), (200, 2), (160, 1))}
+               for C, H in ((16, 4), (36, 3), (144, 2), (200, 2), (160, 1))}
 
 
 @needs_kernel
@@ -574,7 +574,16 @@ LAYOUT_CHANGES = {
     "a block training": lambda m: setattr(m.h[1], "training", True),
     "attention without SDPA": lambda m: setattr(m.h[0].attn, "use_sdpa", False),
     "another config": lambda m: setattr(m, "config", dataclasses.replace(m.config, activation="relu")),
+    "a module's class changed": lambda m: setattr(m.h[0].mlp, "__class__", type("OtherMLP", (type(m.h[0].mlp),), {})),
+    "gain and bias swapped": lambda m: _swap_gain_and_bias(m.h[1].ln_2),
 }
+
+
+def _swap_gain_and_bias(ln):
+    """The same two tensors at the same addresses, under each other's names: only the names tell them apart."""
+    weight, bias = ln.weight, ln.bias
+    del ln.weight, ln.bias
+    ln.bias, ln.weight = weight, bias
 
 
 @needs_kernel
@@ -592,6 +601,7 @@ def test_decode_step_for_reuses_a_models_step_until_what_it_reads_changes(change
     assert again.model is model and len(again._keep) == len(layout(model)[1])
     kept = _BUILT[model][1]
     assert kept.model is None and kept._keep == [] and kept._scratch == {}  # no tensor, no model held
+    assert kept._checked_k is None and kept._checked_v is None
     before = layout(model)[0]
     done = LAYOUT_CHANGES[change](model)
     try:
@@ -610,6 +620,20 @@ def test_decode_step_for_reuses_a_models_step_until_what_it_reads_changes(change
     finally:
         if change == "a hook on every module":
             done.remove()
+
+
+@needs_kernel
+def test_a_tensor_without_an_address_builds_the_step_each_time():
+    """A sparse buffer has no data pointer to record: `layout` gives None, and the step is built each call, as
+    before there was a layout, instead of failing."""
+    from gpt2lab.native_step import _BUILT, layout
+
+    model = model_for("tiny")
+    model.h[0].register_buffer("extra", torch.eye(3).to_sparse())
+    assert layout(model) is None
+    first, second = decode_step_for(model), decode_step_for(model)
+    assert isinstance(first, NativeStep) and isinstance(second, NativeStep) and second._model is not first._model
+    assert model not in _BUILT
 
 
 @needs_kernel
@@ -1060,6 +1084,71 @@ def test_native_prefill_of_a_left_padded_batch_computes_the_forward():
     assert caches[1].length == 6
     alone = NativeStep(model).prefill(idx[:1, 3:], KVCache.for_model(model, 1, max_length=8))  # row 0 unpadded
     torch.testing.assert_close(got[:1], alone, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_prefill_of_one_token_and_of_padding_after_a_cached_chunk(threads):
+    """A one-token prompt (fewer rows than threads), and a second chunk of a left-padded batch after a first one (its
+    padding now in the cached columns, the mask over past and new ones), are the forward's, on one and three
+    threads; mask values other than 0 and 1 mean what they mean to the modules (nonzero: attend)."""
+    model = model_for("wide")
+    torch.set_num_threads(threads)  # conftest's autouse fixture restores the count
+    step = NativeStep(model, adaptive_threads=False)
+    one = torch.tensor([[7]])
+    caches = [KVCache.for_model(model, 1, max_length=4) for _ in range(2)]
+    with torch.no_grad():
+        want = model(one, kv_cache=caches[0], logits_to_keep=1)[:, -1]
+    torch.testing.assert_close(step.prefill(one, caches[1]), want, atol=1e-4 * want.abs().max().item(), rtol=0)
+    g = torch.Generator().manual_seed(9)
+    first, second = (torch.randint(0, model.config.vocab_size, (2, n), generator=g) for n in (4, 3))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, 7)
+    caches = [KVCache.for_model(model, 2, max_length=8) for _ in range(2)]
+    got = []
+    with torch.no_grad():
+        for chunk, cols in ((first, slice(0, 4)), (second, slice(4, 7))):
+            seen = mask[:, :cols.stop]
+            want = model(chunk, position_ids=positions[:, cols], attention_mask=seen, kv_cache=caches[0],
+                         logits_to_keep=1)[:, -1]
+            got = step.prefill(chunk, caches[1], positions[:, cols], seen * 3)  # 3: attend, as 1
+            torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+@needs_kernel
+def test_a_cache_of_another_shape_is_refused_before_the_kernel_writes_to_it():
+    """The kernel writes keys and values by the model's own sizes: a cache of fewer layers (or heads) would be
+    written past its end, so the step and the prefill refuse it, naming both shapes."""
+    model = model_for("wide")
+    step = NativeStep(model)
+    cfg = model.config
+    small = KVCache(cfg.n_layer - 1, 1, cfg.n_head, 8, cfg.head_dim)
+    with pytest.raises(ValueError, match=r"KV cache must be .* = \(3, 1, 4, 8, 8\) for this model, got keys "
+                                         r"\(2, 1, 4, 8, 8\)"):
+        step.prefill(torch.tensor([[1, 2]]), small)
+    with pytest.raises(ValueError, match="KV cache must be"):
+        step(torch.tensor([1]), small)
+    assert small.length == 0
+
+
+@needs_kernel
+def test_the_step_returns_float32_whatever_torchs_default_dtype():
+    """The kernel writes float32: its logits and scratch are float32 even where torch's default dtype is not."""
+    from gpt2lab.inference import prepare_for_inference
+
+    model = prepare_for_inference(model_for("wide", sharpen=False), "int8")
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    want = generate(model, prompt, 4, temperature=0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        step = NativeStep(model)
+        cache = KVCache.for_model(model, 1, max_length=8)  # float32: the model's activations
+        logits = step.prefill(prompt, cache)
+        assert logits.dtype == torch.float32 and step(logits.argmax(-1), cache).dtype == torch.float32
+        assert torch.equal(generate(model, prompt, 4, temperature=0), want)
+    finally:
+        torch.set_default_dtype(default)
 
 
 @needs_kernel

@@ -235,13 +235,15 @@ class NativeStep:
                              self._addr(model.ln_f, "bias"), self._linear(model.lm_head),
                              self._addr(model.wpe, "weight"), self.n_ctx)
         self._scratch: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+        self._checked_k: Optional[torch.Tensor] = None  # the cache tensors `_check_cache` last passed
+        self._checked_v: Optional[torch.Tensor] = None
 
     def bound(self, model: Optional[GPT], keep: list[torch.Tensor]) -> NativeStep:
         """This step for `model` (or None: a step that holds no model), keeping `keep` alive in place of this step's
         own aliases: the same kernel structures, fresh scratch memory and the default thread choice. `keep` must
         hold every tensor the structures point into (`layout`'s aliases of a model whose layout is this step's)."""
         step = copy.copy(self)
-        step.model, step._keep, step._scratch = model, keep, {}
+        step.model, step._keep, step._scratch, step._checked_k, step._checked_v = model, keep, {}, None, None
         step.adaptive_threads, step.threads_used = adaptive_threads_default(), None
         return step
 
@@ -283,6 +285,21 @@ class NativeStep:
             return False
         return embeds_with_head(model) and native.library() is not None
 
+    def _check_cache(self, cache: KVCache) -> None:
+        """The kernel writes keys and values by its own arithmetic: the cache must be this model's shape, float32,
+        contiguous, on the CPU (a cache of fewer layers or heads would be written past its end). Checked once per
+        pair of tensors: a decode's steps pass the same ones."""
+        if cache.k is self._checked_k and cache.v is self._checked_v:
+            return
+        if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
+            raise TypeError("the native decode step needs a contiguous float32 KV cache on the CPU")
+        L, H, C = self._model.n_layer, self._model.n_head, self.n_embd
+        want = (L, cache.k.size(1), H, cache.max_length, C // H)
+        if cache.k.dim() != 5 or tuple(cache.k.shape) != want or cache.v.shape != cache.k.shape:
+            raise ValueError(f"the KV cache must be (n_layer, B, n_head, max_length, head_dim) = {want} for this "
+                             f"model, got keys {tuple(cache.k.shape)} and values {tuple(cache.v.shape)}")
+        self._checked_k, self._checked_v = cache.k, cache.v
+
     def _out_of_range(self, ids: torch.Tensor, at: int | torch.Tensor, refused: int) -> IndexError:
         """The error for the kernel's refusal (1: a token id, 2: a position outside the model's), naming the value."""
         if refused == 1:
@@ -313,8 +330,7 @@ class NativeStep:
         B = tokens.size(0)
         pos = cache.length  # the column this token's key and value go to
         cache.check_room(B, 1, "token")
-        if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
-            raise TypeError("the native decode step needs a contiguous float32 KV cache on the CPU")
+        self._check_cache(cache)
         if positions is not None and positions.numel() != B:
             raise ValueError(f"positions must hold one position per row ({B}), got shape {tuple(positions.shape)}")
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.size(0) != B
@@ -325,8 +341,8 @@ class NativeStep:
         at = None if positions is None else positions.reshape(B).long().contiguous()  # (B,); None: all at pos
         mask = None
         if attention_mask is not None:
-            mask = attention_mask[:, :pos + 1].to(torch.uint8).contiguous()  # (B, pos + 1)
-        logits = torch.empty(B, self.vocab_size)  # (B, V)
+            mask = (attention_mask[:, :pos + 1] != 0).to(torch.uint8).contiguous()  # (B, pos + 1), as .bool()
+        logits = torch.empty(B, self.vocab_size, dtype=torch.float32)  # (B, V)
         most = torch.get_num_threads()
         tuner = thread_tuner(self.model, most) if self.adaptive_threads else None
         threads = tuner.threads() if tuner is not None else most
@@ -370,8 +386,7 @@ class NativeStep:
         if B == 0 or T == 0:
             raise ValueError(f"a prompt to encode needs at least one row and one token, got shape {(B, T)}")
         cache.check_room(B, T, "prompt")
-        if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
-            raise TypeError("the native prefill needs a contiguous float32 KV cache on the CPU")
+        self._check_cache(cache)
         if position_ids is None:
             position_ids = torch.arange(past, past + T)  # (T,)
         elif tuple(position_ids.shape) not in ((T,), (1, T), (B, T)):
@@ -384,7 +399,7 @@ class NativeStep:
             if attention_mask.shape != (B, past + T):
                 raise ValueError(f"attention_mask must be (B, S) = ({B}, {past + T}) over the cached positions and "
                                  f"the prompt's, got shape {tuple(attention_mask.shape)}")
-            mask = attention_mask.to(torch.uint8).contiguous()  # (B, past + T)
+            mask = (attention_mask != 0).to(torch.uint8).contiguous()  # (B, past + T), as .bool()
         most = torch.get_num_threads()
         threads = thread_tuner(model, most).threads() if self.adaptive_threads else most
         M, C, W = B * T, self.n_embd, max(self.n_embd, self.ffn)
@@ -394,7 +409,8 @@ class NativeStep:
         hidden, logits = torch.empty(M, self.ffn, **f32), torch.empty(B, self.vocab_size, **f32)
         scores = torch.empty(threads, past + T, **f32)
         xq = torch.empty(M, W if ints else 1, dtype=torch.int8)  # (M, W): rounded only where a layer needs it
-        xq_scale, xq_sums = torch.empty(M if ints else 1), torch.empty(M, W // 32 if ints else 1, dtype=torch.int16)
+        xq_scale = torch.empty(M if ints else 1, dtype=torch.float32)  # (M,)
+        xq_sums = torch.empty(M, W // 32 if ints else 1, dtype=torch.int16)  # (M, W/32)
         xb = torch.empty(M, W if bf16 else 1, dtype=torch.int16)
         run = _Prefill(x.data_ptr(), logits.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), B, cache.k.size(1),
                        cache.max_length, past, T, _ptr(mask), ids.data_ptr(), positions.data_ptr(), qkv.data_ptr(),
@@ -414,15 +430,17 @@ class NativeStep:
         return bool(kinds & {_INT8, _INT4}), _BF16 in kinds and self._bf16_dot
 
 
-def layout(model: GPT) -> tuple[list[object], list[torch.Tensor]]:
-    """What a native step built for `model` depends on, and an alias (`detach()`) of each of its tensors.
+def layout(model: GPT) -> Optional[tuple[list[object], list[torch.Tensor]]]:
+    """What a native step built for `model` depends on, and an alias (`detach()`) of each of its tensors; None where
+    a tensor has no address to record (a sparse or not yet materialized one).
 
-    The first is a list: for every module, depth first, its identity, mode and whether it has forward hooks, then
-    where each of its parameters and buffers lies (address, dtype, shape, strides; None for an absent one); ahead of
-    those, the settings the step reads besides its tensors (the config's sizes and activation, each attention's
-    `use_sdpa`, the embedding's `max_norm`, hooks set for every module). A step is a function of these alone (it
-    reads weights in place and no value decides whether it applies), so two equal layouts are decoded by the same
-    step. Walking the modules' own dictionaries costs a fifth of building a step (docs/benchmarks.md)."""
+    The first is a list: for every module, depth first, its name in its parent, its type and identity, its mode and
+    whether it has forward hooks, then each of its parameters and buffers by name with where it lies (device,
+    address, dtype, shape, strides; None for an absent one); ahead of those, the settings the step reads besides its
+    tensors (the config's sizes and activation, each attention's `use_sdpa`, the embedding's `max_norm`, hooks set
+    for every module). Whether a step applies and what its structures hold follow from these alone (it reads
+    weights in place, and no value decides whether it applies), so two equal layouts are decoded by the same step.
+    Walking the modules' own dictionaries costs about a quarter of building a step (docs/benchmarks.md)."""
     cfg = model.config
     hooks = torch.nn.modules.module  # hooks registered for every module (register_module_forward_hook)
     found: list[object] = [cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.layer_norm_eps, cfg.activation,
@@ -431,22 +449,25 @@ def layout(model: GPT) -> tuple[list[object], list[torch.Tensor]]:
                            getattr(model.wte, "max_norm", None)]
     found += [getattr(b.attn, "use_sdpa", None) for b in model.h]
     aliases: list[torch.Tensor] = []
-    todo: list[Optional[nn.Module]] = [model]
-    while todo:
-        m = todo.pop()
-        if m is None:
-            found.append(None)
-            continue
-        found.append((id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks)))
-        for tensors in (m._parameters, m._buffers):
-            for t in tensors.values():
-                if t is None:
-                    found.append(None)
-                    continue
-                alias = t.detach()
-                aliases.append(alias)
-                found.append((alias.data_ptr(), alias.dtype, alias.shape, alias.stride()))
-        todo.extend(m._modules.values())
+    todo: list[tuple[str, Optional[nn.Module]]] = [("", model)]
+    try:
+        while todo:
+            name, m = todo.pop()
+            if m is None:
+                found.append((name, None))
+                continue
+            found.append((name, type(m), id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks)))
+            for tensors in (m._parameters, m._buffers):
+                for key, t in tensors.items():
+                    if t is None:
+                        found.append((key, None))
+                        continue
+                    alias = t.detach()
+                    aliases.append(alias)
+                    found.append((key, alias.device, alias.data_ptr(), alias.dtype, alias.shape, alias.stride()))
+            todo.extend(m._modules.items())
+    except (RuntimeError, ValueError):  # no data pointer: nothing to compare, so no step is reused
+        return None
     return found, aliases
 
 
@@ -460,15 +481,19 @@ def decode_step_for(model: GPT) -> Optional[NativeStep | FlatStep]:
 
     Building a native step walks every layer (a millisecond on GPT-2, a third of a short prompt's time on a small
     model), so the last one built for a model is kept, without the model's tensors, and handed out again, holding
-    this call's aliases, while the model's `layout` is the one it was built for."""
-    if native.library() is not None:
-        found, aliases = layout(model)
-        built = _BUILT.get(model)
-        if built is not None and built[0] == found:
-            return built[1].bound(model, aliases)
-        if NativeStep.applies(model):
-            step = NativeStep(model)
-            _BUILT[model] = (found, step.bound(None, []))
-            return step
-        _BUILT.pop(model, None)
+    this call's aliases, while the model's `layout` is the one it was built for. It is kept only where the layout
+    was the same before and after building (nothing changed the model meanwhile, as another thread could)."""
+    built = _BUILT.get(model)
+    if built is not None and native.library() is not None:  # built before: the library is loaded, this is a lookup
+        now = layout(model)
+        if now is not None and now[0] == built[0]:
+            return built[1].bound(model, now[1])
+        del _BUILT[model]
+    if NativeStep.applies(model):
+        before = layout(model)
+        step = NativeStep(model)
+        after = layout(model)
+        if before is not None and after is not None and before[0] == after[0]:
+            _BUILT[model] = (after[0], step.bound(None, []))
+        return step
     return FlatStep(model) if FlatStep.applies(model) else None
