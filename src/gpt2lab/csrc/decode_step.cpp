@@ -1193,14 +1193,13 @@ static inline __m128 dot4keys(const float* q, const float* k, int64_t D) {
 }
 
 // out[i0, i0 + 8 NV) = sum over the n columns of p[t] * inv * V[t, i0 + ...], held in NV registers while the columns
-// pass (a column of weight 0, masked, skipped).
+// pass.
 template <int NV>
 static void weigh_values(const float* p, float inv, const float* V, int64_t n, int64_t D, int64_t i0, float* out) {
     __m256 acc[NV];
     for (int j = 0; j < NV; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t t = 0; t < n; t++) {
-        if (p[t] == 0.0f) continue;
-        const __m256 w = _mm256_set1_ps(p[t] * inv);
+        const __m256 w = _mm256_set1_ps(p[t] * inv);  // a masked column's 0 adds nothing (no branch per column)
         const float* vt = V + t * D + i0;
         for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), acc[j]);
     }
@@ -1221,11 +1220,13 @@ static void attend(const float* q, const float* K, const float* V, int64_t n, in
         for (int64_t i = 0; i < D; i++) s += q[i] * K[t * D + i];
         scores[t] = s * scale;
     }
-    float mx = -INFINITY;
-    for (t = 0; t < n; t++) {
-        if (keep && !keep[t] && t != own) scores[t] = -INFINITY;
-        mx = fmaxf(mx, scores[t]);
-    }
+    if (keep)
+        for (t = 0; t < n; t++)
+            if (!keep[t] && t != own) scores[t] = -INFINITY;
+    __m256 vmax = _mm256_set1_ps(-INFINITY);  // eight maxima at a time: fmaxf's NaN rules make a slow chain
+    for (t = 0; t + 8 <= n; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(scores + t));
+    float mx = hmax(vmax);
+    for (; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
     if (mx == -INFINITY) {  // every column masked: SDPA would give NaN; the caller never asks for this row
         for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
         return;
