@@ -2,7 +2,8 @@
 
     python benchmarks/llama_cpp.py --converter SDIST/vendor/llama.cpp/convert_hf_to_gguf.py
                                    [--preset gpt2] [--threads 2] [--batches 1,8] [--rounds 2] [--repeats 3]
-                                   [--prefill 16,64,512 | --no-prefill] [--train-seconds 60] [--any-build]
+                                   [--context 16] [--prefill 16,64,512 | --no-prefill] [--train-seconds 60]
+                                   [--any-build]
     python benchmarks/llama_cpp.py --cmake-args
 
 llama.cpp runs through llama-cpp-python (0.3.36), a benchmark-only dependency built from its sdist. Build it for
@@ -26,8 +27,9 @@ no q4_0) with every tensor in q4_0 (`pure`), the tied embedding/head included, a
 gpt2lab runs the same export as `model.generate` on a freshly loaded model (the README's example) and prepared for
 inference in fp32, bf16, int8 and int4.
 
-Speed: greedy, decode-only tokens/s of 128 new tokens after a 16-token prompt, i.e. (128 - 1) / (time of 128 tokens
-- time of 1 token), times the rows, each time the best of `--repeats`. Batch 1 runs llama.cpp through
+Speed: greedy, decode-only tokens/s of 128 new tokens after a 16-token prompt (`--context N`: after N tokens, where
+each step also reads a long KV cache), i.e. (128 - 1) / (time of 128 tokens - time of 1 token), times the rows, each
+time the best of `--repeats`. Batch 1 runs llama.cpp through
 llama-cpp-python's `Llama.generate`; a batch of B rows (B different prompts) runs gpt2lab's `generate` on a (B, 16)
 prompt and llama.cpp through its own batch API (`llama_batch` with one sequence id per row, `llama_decode` of all B
 rows per step, greedy argmax of each row's logits), one context holding the B sequences. Rounds alternate the variants, each gpt2lab
@@ -101,6 +103,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="comma-separated batch sizes, rows decoded at once (default 1,8)")
     parser.add_argument("--rounds", type=_positive, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--repeats", type=_positive, default=3, help="timings per variant and round, best kept")
+    parser.add_argument("--context", type=_positive, default=PROMPT,
+                        help=f"prompt tokens before the timed decode (default {PROMPT}); the bound still counts the "
+                             "weights only, not the KV cache a long context adds to each step")
     parser.add_argument("--prefill", type=_lengths, default=None,
                         help="prompt lengths whose encoding is timed, one row (default 16,64,512, those the "
                              "preset holds)")
@@ -313,12 +318,14 @@ def gpt2lab_variant(name: str, model: object) -> Variant:
     return Variant(name, generate)
 
 
-def llama_variant(name: str, llama_cpp: ModuleType, gguf: Path, threads: int, rows: int = 1) -> Variant:
-    """llama.cpp on `gguf`: llama-cpp-python's `Llama.generate` for one row, its batch API for several."""
+def llama_variant(name: str, llama_cpp: ModuleType, gguf: Path, threads: int, rows: int = 1,
+                  prompt: int = PROMPT) -> Variant:
+    """llama.cpp on `gguf` for prompts of `prompt` tokens: llama-cpp-python's `Llama.generate` for one row, its
+    batch API for several."""
     if rows > 1:
-        batched = LlamaBatch(llama_cpp, gguf, threads, rows)
+        batched = LlamaBatch(llama_cpp, gguf, threads, rows, prompt)
         return Variant(name, batched.generate, gguf.stat().st_size)
-    llm = llama_cpp.Llama(str(gguf), n_ctx=PROMPT + TOKENS, n_batch=PROMPT + TOKENS, n_threads=threads,
+    llm = llama_cpp.Llama(str(gguf), n_ctx=prompt + TOKENS, n_batch=prompt + TOKENS, n_threads=threads,
                           n_threads_batch=threads, seed=0, verbose=False)
 
     def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -344,22 +351,22 @@ class LlamaBatch:
     context whose KV cache holds every row as its own sequence, the prompts in one `llama_decode`, then one
     `llama_decode` per step of a batch with one token per row, each row's next token the argmax of its logits."""
 
-    def __init__(self, llama_cpp: ModuleType, gguf: Path, threads: int, rows: int) -> None:
+    def __init__(self, llama_cpp: ModuleType, gguf: Path, threads: int, rows: int, prompt: int = PROMPT) -> None:
         self.lib, self.rows = llama_cpp, rows
         _quiet(llama_cpp)
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = rows * (PROMPT + TOKENS)
-        params.n_batch = params.n_ubatch = rows * PROMPT
+        params.n_ctx = rows * (prompt + TOKENS)
+        params.n_batch = params.n_ubatch = rows * prompt
         params.n_seq_max = rows
         params.n_threads = params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not make a context of {rows} sequences for {gguf}")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-        self.batch = llama_cpp.llama_batch_init(rows * PROMPT, 0, rows)
+        self.batch = llama_cpp.llama_batch_init(rows * prompt, 0, rows)
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (token, position, row, wants logits) entries."""
@@ -404,14 +411,15 @@ class LlamaBatch:
             lib.llama_model_free(self.model)
 
 
-def preset_config(name: str) -> object:
-    """The GPTConfig of preset `name`; ValueError naming the presets, or the positions the benchmark needs."""
+def preset_config(name: str, prompt: int = PROMPT) -> object:
+    """The GPTConfig of preset `name`; ValueError naming the presets, or the positions the benchmark needs for
+    `prompt` tokens and the new ones."""
     from gpt2lab import GPTConfig
 
     config = GPTConfig.preset(name)
-    if config.n_ctx < PROMPT + TOKENS:  # llama.cpp aborts on a position beyond its table
+    if config.n_ctx < prompt + TOKENS:  # llama.cpp aborts on a position beyond its table
         raise ValueError(f"--preset {name!r} holds {config.n_ctx} positions; the benchmark needs "
-                         f"{PROMPT + TOKENS} ({PROMPT} prompt + {TOKENS} new tokens)")
+                         f"{prompt + TOKENS} ({prompt} prompt + {TOKENS} new tokens)")
     return config
 
 
@@ -436,7 +444,7 @@ def make_files(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) -> t
 
 
 def build_variants(model_dir: Path, ggufs: dict[str, Path], llama_cpp: ModuleType, threads: int,
-                   rows: int) -> list[Variant]:
+                   rows: int, prompt: int = PROMPT) -> list[Variant]:
     """Every variant for batches of `rows`: the fresh model's `generate`, then each gpt2lab precision and its peer."""
     from gpt2lab import GPT
     from gpt2lab.generate import load_for_inference
@@ -444,7 +452,7 @@ def build_variants(model_dir: Path, ggufs: dict[str, Path], llama_cpp: ModuleTyp
     variants = [gpt2lab_variant("gpt2lab model.generate", GPT.from_pretrained(model_dir))]
     for ours, theirs in PAIRS:
         variants.append(gpt2lab_variant(f"gpt2lab {ours}", load_for_inference(str(model_dir), ours, model_class=GPT)[0]))
-        variants.append(llama_variant(f"llama.cpp {theirs}", llama_cpp, ggufs[theirs], threads, rows))
+        variants.append(llama_variant(f"llama.cpp {theirs}", llama_cpp, ggufs[theirs], threads, rows, prompt))
     return variants
 
 
@@ -652,7 +660,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import torch
 
     try:
-        config = preset_config(args.preset)
+        config = preset_config(args.preset, args.context)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
     lengths = args.prefill or tuple(n for n in PREFILL if n <= config.n_ctx)
@@ -668,13 +676,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, llama-cpp-python "
           f"{llama_cpp.__version__}; {args.preset}, {args.threads} threads, batches "
           f"{','.join(map(str, args.batches))}, greedy, {TOKENS} tokens after "
-          f"a {PROMPT}-token prompt, best of {args.repeats}, {args.rounds} interleaved rounds; load average "
+          f"a {args.context}-token prompt, best of {args.repeats}, {args.rounds} interleaved rounds; load average "
           f"{os.getloadavg()[0]:.1f}")
-    prompts = torch.randint(0, 50257, (max(args.batches), PROMPT), generator=torch.Generator().manual_seed(1))
+    prompts = torch.randint(0, 50257, (max(args.batches), args.context), generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, ggufs = make_files(args, llama_cpp, Path(tmp))
         for rows in args.batches:
-            variants = build_variants(model_dir, ggufs, llama_cpp, args.threads, rows)
+            variants = build_variants(model_dir, ggufs, llama_cpp, args.threads, rows, args.context)
             bandwidth = run_speed(variants, prompts[:rows].tolist(), args.rounds, args.repeats)
             report_speed(variants, bandwidth, rows)
             print(f"load average after the timed rounds: {os.getloadavg()[0]:.1f}", flush=True)

@@ -33,11 +33,11 @@ def test_docstring_examples(bench):
 def test_arguments_defaults_and_overrides(bench):
     args = bench.parse_args([])
     assert (args.preset, args.threads, args.rounds, args.repeats, args.converter) == ("gpt2", 2, 2, 3, None)
-    assert args.batches == (1, 8)
+    assert args.batches == (1, 8) and args.context == bench.PROMPT == 16
     args = bench.parse_args(["--threads", "1", "--preset", "mini", "--converter", "c.py", "--train-seconds", "0",
-                             "--batches", "4"])
+                             "--batches", "4", "--context", "768"])
     assert (args.threads, args.preset, args.converter, args.train_seconds) == (1, "mini", Path("c.py"), 0.0)
-    assert args.batches == (4,)
+    assert args.batches == (4,) and args.context == 768
 
 
 @pytest.mark.parametrize("value", ["0", "1,,8", "eight", "1,-2"])
@@ -119,6 +119,8 @@ def test_llama_cpp_batches_hold_each_row_as_its_own_sequence(bench, tmp_path):
     fake = FakeLlamaCpp()
     batched = bench.LlamaBatch(fake, tmp_path / "m.gguf", threads=2, rows=2)
     assert (fake.params.n_seq_max, fake.params.n_ctx, fake.params.n_threads) == (2, 2 * (bench.PROMPT + bench.TOKENS), 2)
+    bench.LlamaBatch(fake, tmp_path / "m.gguf", threads=2, rows=3, prompt=700)  # --context: room for 700 + 128
+    assert (fake.params.n_ctx, fake.params.n_batch) == (3 * (700 + bench.TOKENS), 3 * 700)
     out = batched.generate([[3, 4, 5], [7, 8, 9]], 3)
     assert out == [[6, 7, 8], [11, 13, 15]]  # row r: next = token + r + 1
     clear, prompt, *steps = fake.decodes
@@ -128,7 +130,7 @@ def test_llama_cpp_batches_hold_each_row_as_its_own_sequence(bench, tmp_path):
     assert steps == [[(6, 3, 0, True), (11, 3, 1, True)], [(7, 4, 0, True), (13, 4, 1, True)]]
 
 
-@pytest.mark.parametrize("flag", ["--threads", "--rounds", "--repeats"])
+@pytest.mark.parametrize("flag", ["--threads", "--rounds", "--repeats", "--context"])
 def test_arguments_refuse_counts_below_one(bench, flag, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args([flag, "0"])
@@ -251,6 +253,18 @@ def test_a_bad_preset_is_one_line_before_any_work(bench, monkeypatch, tmp_path, 
     with pytest.raises(SystemExit) as stop:
         bench.main(["--converter", str(converter), "--preset", preset])
     assert str(stop.value.code).startswith(expected) and "\n" not in str(stop.value.code)
+
+
+def test_a_context_longer_than_the_preset_holds_is_one_line_before_any_work(bench, monkeypatch, tmp_path):
+    converter = tmp_path / "convert_hf_to_gguf.py"
+    converter.write_text("")
+    fake = types.SimpleNamespace(llama_print_system_info=lambda: AVX2_BUILD.encode())
+    monkeypatch.setattr(bench, "read_cpuinfo", lambda: "flags : avx2 fma f16c\n")
+    monkeypatch.setattr(bench, "import_llama_cpp", lambda: fake)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--converter", str(converter), "--preset", "mini", "--context", "200"])
+    assert str(stop.value.code) == ("error: --preset 'mini' holds 256 positions; the benchmark needs 328 (200 prompt "
+                                    "+ 128 new tokens)")
 
 
 def test_cmake_args_option_prints_this_cpus_build_flags():

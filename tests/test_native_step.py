@@ -601,7 +601,7 @@ def test_decode_step_for_reuses_a_models_step_until_what_it_reads_changes(change
     assert again.model is model and len(again._keep) == len(layout(model)[1])
     kept = _BUILT[model][1]
     assert kept.model is None and kept._keep == [] and kept._scratch == {}  # no tensor, no model held
-    assert kept._checked_k is None and kept._checked_v is None
+    assert kept._checked is None
     before = layout(model)[0]
     done = LAYOUT_CHANGES[change](model)
     try:
@@ -1129,6 +1129,22 @@ def test_a_cache_of_another_shape_is_refused_before_the_kernel_writes_to_it():
     with pytest.raises(ValueError, match="KV cache must be"):
         step(torch.tensor([1]), small)
     assert small.length == 0
+
+
+@needs_kernel
+def test_a_step_keeps_no_cache_alive():
+    """The step remembers which cache it checked by weak reference: a finished decode's cache is freed."""
+    import gc
+    import weakref
+
+    model = model_for("tiny")
+    step = NativeStep(model)
+    cache = KVCache.for_model(model, 1, max_length=4)
+    step(step.prefill(torch.tensor([[1, 2]]), cache).argmax(-1), cache)
+    gone = weakref.ref(cache.k)
+    del cache
+    gc.collect()
+    assert gone() is None
 
 
 @needs_kernel

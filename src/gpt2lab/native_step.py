@@ -235,15 +235,14 @@ class NativeStep:
                              self._addr(model.ln_f, "bias"), self._linear(model.lm_head),
                              self._addr(model.wpe, "weight"), self.n_ctx)
         self._scratch: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
-        self._checked_k: Optional[torch.Tensor] = None  # the cache tensors `_check_cache` last passed
-        self._checked_v: Optional[torch.Tensor] = None
+        self._checked: Optional[tuple[weakref.ref, weakref.ref]] = None  # the cache `_check_cache` last passed
 
     def bound(self, model: Optional[GPT], keep: list[torch.Tensor]) -> NativeStep:
         """This step for `model` (or None: a step that holds no model), keeping `keep` alive in place of this step's
         own aliases: the same kernel structures, fresh scratch memory and the default thread choice. `keep` must
         hold every tensor the structures point into (`layout`'s aliases of a model whose layout is this step's)."""
         step = copy.copy(self)
-        step.model, step._keep, step._scratch, step._checked_k, step._checked_v = model, keep, {}, None, None
+        step.model, step._keep, step._scratch, step._checked = model, keep, {}, None
         step.adaptive_threads, step.threads_used = adaptive_threads_default(), None
         return step
 
@@ -288,8 +287,8 @@ class NativeStep:
     def _check_cache(self, cache: KVCache) -> None:
         """The kernel writes keys and values by its own arithmetic: the cache must be this model's shape, float32,
         contiguous, on the CPU (a cache of fewer layers or heads would be written past its end). Checked once per
-        pair of tensors: a decode's steps pass the same ones."""
-        if cache.k is self._checked_k and cache.v is self._checked_v:
+        pair of tensors (a decode's steps pass the same ones), remembered by weak reference (no cache kept alive)."""
+        if self._checked is not None and self._checked[0]() is cache.k and self._checked[1]() is cache.v:
             return
         if not (_plain_f32(cache.k) and _plain_f32(cache.v)):
             raise TypeError("the native decode step needs a contiguous float32 KV cache on the CPU")
@@ -298,7 +297,7 @@ class NativeStep:
         if cache.k.dim() != 5 or tuple(cache.k.shape) != want or cache.v.shape != cache.k.shape:
             raise ValueError(f"the KV cache must be (n_layer, B, n_head, max_length, head_dim) = {want} for this "
                              f"model, got keys {tuple(cache.k.shape)} and values {tuple(cache.v.shape)}")
-        self._checked_k, self._checked_v = cache.k, cache.v
+        self._checked = (weakref.ref(cache.k), weakref.ref(cache.v))
 
     def _out_of_range(self, ids: torch.Tensor, at: int | torch.Tensor, refused: int) -> IndexError:
         """The error for the kernel's refusal (1: a token id, 2: a position outside the model's), naming the value."""
