@@ -487,7 +487,7 @@ def decode_step_for(model: GPT) -> Optional[NativeStep | FlatStep]:
         now = layout(model)
         if now is not None and now[0] == built[0]:
             return built[1].bound(model, now[1])
-        del _BUILT[model]
+        _BUILT.pop(model, None)
     if NativeStep.applies(model):
         before = layout(model)
         step = NativeStep(model)
