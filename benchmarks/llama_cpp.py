@@ -31,7 +31,7 @@ Speed: greedy, decode-only tokens/s of 128 new tokens after a 16-token prompt (`
 each step also reads a long KV cache), i.e. (128 - 1) / (time of 128 tokens - time of 1 token), times the rows, each
 time the best of `--repeats`. Batch 1 runs llama.cpp through
 llama-cpp-python's `Llama.generate`; a batch of B rows (B different prompts) runs gpt2lab's `generate` on a (B, 16)
-prompt and llama.cpp through its own batch API (`llama_batch` with one sequence id per row, `llama_decode` of all B
+(or (B, N)) prompt and llama.cpp through its own batch API (`llama_batch` with one sequence id per row, `llama_decode` of all B
 rows per step, greedy argmax of each row's logits), one context holding the B sequences. Rounds alternate the variants, each gpt2lab
 precision next to its llama.cpp peer (the pairs in an order rotated each round), so a noisy machine hits both alike;
 the ratios gpt2lab / llama.cpp are taken within a round and printed as a range over rounds.
@@ -359,7 +359,8 @@ class LlamaBatch:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = rows * (prompt + TOKENS)
-        params.n_batch = params.n_ubatch = rows * prompt
+        params.n_batch = rows * prompt  # every prompt in one llama_decode, which splits it into micro-batches of
+        params.n_ubatch = min(rows * prompt, 512)  # 512 (a long context's scores for all rows at once would be GBs)
         params.n_seq_max = rows
         params.n_threads = params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
@@ -429,7 +430,7 @@ def make_files(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) -> t
 
     from gpt2lab import GPT, Tokenizer
 
-    config = preset_config(args.preset)
+    config = preset_config(args.preset, args.context)
     torch.manual_seed(0)
     model_dir = root / args.preset
     GPT(config).save_pretrained(model_dir, tokenizer=Tokenizer.gpt2())  # + GPT-2's vocab files

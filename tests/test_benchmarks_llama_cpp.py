@@ -119,8 +119,6 @@ def test_llama_cpp_batches_hold_each_row_as_its_own_sequence(bench, tmp_path):
     fake = FakeLlamaCpp()
     batched = bench.LlamaBatch(fake, tmp_path / "m.gguf", threads=2, rows=2)
     assert (fake.params.n_seq_max, fake.params.n_ctx, fake.params.n_threads) == (2, 2 * (bench.PROMPT + bench.TOKENS), 2)
-    bench.LlamaBatch(fake, tmp_path / "m.gguf", threads=2, rows=3, prompt=700)  # --context: room for 700 + 128
-    assert (fake.params.n_ctx, fake.params.n_batch) == (3 * (700 + bench.TOKENS), 3 * 700)
     out = batched.generate([[3, 4, 5], [7, 8, 9]], 3)
     assert out == [[6, 7, 8], [11, 13, 15]]  # row r: next = token + r + 1
     clear, prompt, *steps = fake.decodes
@@ -128,6 +126,21 @@ def test_llama_cpp_batches_hold_each_row_as_its_own_sequence(bench, tmp_path):
     assert prompt == [(3, 0, 0, False), (4, 1, 0, False), (5, 2, 0, True), (7, 0, 1, False), (8, 1, 1, False),
                       (9, 2, 1, True)]  # each row from position 0, logits only where the prompt ends
     assert steps == [[(6, 3, 0, True), (11, 3, 1, True)], [(7, 4, 0, True), (13, 4, 1, True)]]
+    bench.LlamaBatch(fake, tmp_path / "m.gguf", threads=2, rows=3, prompt=700)  # --context: room for 700 + 128
+    assert (fake.params.n_ctx, fake.params.n_batch, fake.params.n_ubatch) == (3 * (700 + bench.TOKENS), 3 * 700, 512)
+
+
+def test_one_row_of_llama_cpp_gets_room_for_the_context(bench, tmp_path):
+    made = {}
+
+    class Llama:
+        def __init__(self, path, **kwargs):
+            made.update(kwargs)
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    variant = bench.llama_variant("llama.cpp f32", types.SimpleNamespace(Llama=Llama), gguf, 2, 1, prompt=700)
+    assert (made["n_ctx"], made["n_batch"], variant.weight_bytes) == (700 + bench.TOKENS, 700 + bench.TOKENS, 4)
 
 
 @pytest.mark.parametrize("flag", ["--threads", "--rounds", "--repeats", "--context"])
