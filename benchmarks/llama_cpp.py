@@ -424,13 +424,14 @@ def preset_config(name: str, prompt: int = PROMPT) -> object:
     return config
 
 
-def make_files(args: argparse.Namespace, llama_cpp: ModuleType, root: Path) -> tuple[Path, dict[str, Path]]:
-    """Export one random model and make llama.cpp's files of it: the export's directory and {peer name: GGUF}."""
+def make_files(args: argparse.Namespace, config: object, llama_cpp: ModuleType,
+               root: Path) -> tuple[Path, dict[str, Path]]:
+    """Export one random model of `config` (the preset's, checked by `preset_config`) and make llama.cpp's files of
+    it: the export's directory and {peer name: GGUF}."""
     import torch
 
     from gpt2lab import GPT, Tokenizer
 
-    config = preset_config(args.preset, args.context)
     torch.manual_seed(0)
     model_dir = root / args.preset
     GPT(config).save_pretrained(model_dir, tokenizer=Tokenizer.gpt2())  # + GPT-2's vocab files
@@ -681,7 +682,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"{os.getloadavg()[0]:.1f}")
     prompts = torch.randint(0, 50257, (max(args.batches), args.context), generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, ggufs = make_files(args, llama_cpp, Path(tmp))
+        model_dir, ggufs = make_files(args, config, llama_cpp, Path(tmp))
         for rows in args.batches:
             variants = build_variants(model_dir, ggufs, llama_cpp, args.threads, rows, args.context)
             bandwidth = run_speed(variants, prompts[:rows].tolist(), args.rounds, args.repeats)

@@ -253,31 +253,31 @@ def test_refuses_to_time_a_build_that_leaves_out_the_cpus_extensions(bench, monk
         torch.set_num_threads(threads)
 
 
+def exit_message_of_main(bench, monkeypatch, tmp_path, args: list[str]) -> str:
+    """What `main(args)` exits with on an AVX2 machine whose llama.cpp build matches, before any file is made."""
+    converter = tmp_path / "convert_hf_to_gguf.py"
+    converter.write_text("")
+    fake = types.SimpleNamespace(llama_print_system_info=lambda: AVX2_BUILD.encode())
+    monkeypatch.setattr(bench, "read_cpuinfo", lambda: "flags : avx2 fma f16c\n")
+    monkeypatch.setattr(bench, "import_llama_cpp", lambda: fake)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--converter", str(converter), *args])
+    return str(stop.value.code)
+
+
 @pytest.mark.parametrize("preset, expected", [("nope", "error: unknown preset 'nope'; choose one of: gpt2, "),
                                               ("mini", "error: --preset 'mini' holds 256 positions; the "
                                                        "benchmark needs 1016")])
 def test_a_bad_preset_is_one_line_before_any_work(bench, monkeypatch, tmp_path, preset, expected):
     monkeypatch.setattr(bench, "TOKENS", 1000)  # every preset holds the default 144 positions
-    converter = tmp_path / "convert_hf_to_gguf.py"
-    converter.write_text("")
-    fake = types.SimpleNamespace(llama_print_system_info=lambda: AVX2_BUILD.encode())
-    monkeypatch.setattr(bench, "read_cpuinfo", lambda: "flags : avx2 fma f16c\n")
-    monkeypatch.setattr(bench, "import_llama_cpp", lambda: fake)
-    with pytest.raises(SystemExit) as stop:
-        bench.main(["--converter", str(converter), "--preset", preset])
-    assert str(stop.value.code).startswith(expected) and "\n" not in str(stop.value.code)
+    message = exit_message_of_main(bench, monkeypatch, tmp_path, ["--preset", preset])
+    assert message.startswith(expected) and "\n" not in message
 
 
 def test_a_context_longer_than_the_preset_holds_is_one_line_before_any_work(bench, monkeypatch, tmp_path):
-    converter = tmp_path / "convert_hf_to_gguf.py"
-    converter.write_text("")
-    fake = types.SimpleNamespace(llama_print_system_info=lambda: AVX2_BUILD.encode())
-    monkeypatch.setattr(bench, "read_cpuinfo", lambda: "flags : avx2 fma f16c\n")
-    monkeypatch.setattr(bench, "import_llama_cpp", lambda: fake)
-    with pytest.raises(SystemExit) as stop:
-        bench.main(["--converter", str(converter), "--preset", "mini", "--context", "200"])
-    assert str(stop.value.code) == ("error: --preset 'mini' holds 256 positions; the benchmark needs 328 (200 prompt "
-                                    "+ 128 new tokens)")
+    message = exit_message_of_main(bench, monkeypatch, tmp_path, ["--preset", "mini", "--context", "200"])
+    assert message == ("error: --preset 'mini' holds 256 positions; the benchmark needs 328 (200 prompt + 128 new "
+                       "tokens)")
 
 
 def test_cmake_args_option_prints_this_cpus_build_flags():

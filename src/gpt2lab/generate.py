@@ -154,7 +154,7 @@ class Decoder:
             positions = (window.cumsum(-1) - 1).clamp_(min=0)  # (B, W): real tokens count from 0, padding at 0
             self.next_pos = window.sum(-1, keepdim=True)  # (B, 1)
             mask = window
-        if self._native_prefill(window.numel()):  # a short prompt: the kernel's products
+        if self._native_prefill(window.numel()):  # a short prompt: one call of the kernel
             return self.fast_step.prefill(tokens, self.cache, positions, mask)
         logits = self.model(tokens, position_ids=positions, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)
         return logits[:, -1].float()  # (B, V)

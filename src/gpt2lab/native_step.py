@@ -129,10 +129,9 @@ def linear_kind(layer: nn.Module) -> Optional[int]:
     if (kind is None or w is None or w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
             or not _plain_f32(layer.bias)):
         return None
-    if kind == _INT8 and not _plain_f32(layer.scale):  # read in place, as every tensor the kernel reads
+    if kind in (_INT8, _INT4) and not _plain_f32(layer.scale):  # read in place, as every tensor the kernel reads
         return None
     if kind == _INT4 and not (layer.in_features % INT4_GROUP == 0 and layer.in_features <= INT4_MAX_WIDTH
-                              and _plain_f32(layer.scale)
                               and layer.group_scale.dtype == torch.int16 and layer.group_scale.is_contiguous()):
         return None
     return kind

@@ -1223,8 +1223,8 @@ static void attend(const float* q, const float* K, const float* V, int64_t n, in
     if (keep)
         for (t = 0; t < n; t++)
             if (!keep[t] && t != own) scores[t] = -INFINITY;
-    // eight maxima at a time (fmaxf's chain was a fifth of the time); max_ps returns its second operand where
-    // either is NaN, so with the running maximum second a NaN score is passed over, as fmaxf passes it
+    // eight maxima at a time (fmaxf's NaN rules make a chain of dependent calls); max_ps returns its second operand
+    // where either is NaN, so with the running maximum second a NaN score is passed over, as fmaxf passes it
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     for (t = 0; t + 8 <= n; t += 8) vmax = _mm256_max_ps(_mm256_loadu_ps(scores + t), vmax);
     float mx = hmax(vmax);
@@ -1469,9 +1469,8 @@ extern "C" int gpt2lab_prefill(const Model* model, const Prefill* prefill) {
         }
         int64_t b0, b1;
         share(B, tid, nth, &b0, &b1);  // each row's last token through the final LayerNorm into norm rows [0, B)
-        for (int64_t b = b0; b < b1; b++)
+        for (int64_t b = b0; b < b1; b++)  // project_rows' barrier after its rounding waits for these rows too
             layer_norm(P.x + (b * T + T - 1) * C, M.lnf_w, M.lnf_b, M.eps, 1, C, P.norm + b * C);
-        barrier_wait(meet, nth);
         project_rows(M.head, P.norm, q, B, P.logits, M.head.n, STORE, M.activation, meet, tid, nth);
     }
     return 0;
