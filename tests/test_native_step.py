@@ -178,7 +178,12 @@ def assert_float_step_exact(kind: str, config: GPTConfig, batch: int, steps: int
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape)) if p.dim() == 1 else p.mul_(4.0)
-    prompt, tokens = random_steps(config.vocab_size, batch, steps, seed=seed)
+    assert_step_exact_in(kind, model, *random_steps(config.vocab_size, batch, steps, seed=seed))
+
+
+def assert_step_exact_in(kind: str, model, prompt, tokens) -> None:
+    """The native step as exact as its reference allows: a float32 model against the modules, or (kind "bf16") the
+    model converted to bf16 against the arithmetic its build's bf16 products do."""
     if kind == "bf16":
         model = to_bf16(model)
         assert_bf16_as_exact_as_its_reference(model, prompt, tokens, bf16_reference(model))
@@ -491,13 +496,7 @@ def test_int8_weights_of_minus_128_keep_their_sign():
 @pytest.mark.parametrize("batch", [4, 5, 8, 9])
 def test_batches_that_take_the_two_by_four_kernel_equal_the_modules(kind, batch):
     model = model_for("wide")
-    prompt, tokens = random_steps(211, batch, 3, seed=12)
-    if kind == "bf16":
-        model = to_bf16(model)
-        assert_bf16_as_exact_as_its_reference(model, prompt, tokens, bf16_reference(model))
-        return
-    ref, fast, _, _ = both_paths(model, prompt, tokens)
-    assert_as_exact_as_the_modules(float64_logits(model, prompt, tokens), ref, fast)
+    assert_step_exact_in(kind, model, *random_steps(211, batch, 3, seed=12))
 
 
 @needs_kernel

@@ -320,7 +320,7 @@ class GPT(nn.Module):
         """The final, LayerNormed residual stream that the LM head reads: (B, T) ids -> (B, T, C). Same arguments as
         `forward`."""
         past = kv_cache.length if kv_cache is not None else 0
-        self._check_inputs(idx, past)
+        self.check_inputs(idx, past)
         T = idx.size(1)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)  # (T,)
@@ -343,8 +343,10 @@ class GPT(nn.Module):
             return linear_cross_entropy(h, self.lm_head.weight, targets, self.logits_workspace)
         return cross_entropy(self.lm_head(h), targets)
 
-    def _check_inputs(self, idx: torch.Tensor, past: int) -> None:
-        """Turn would-be index errors deep inside the embedding into messages that name the value and the limit."""
+    def check_inputs(self, idx: torch.Tensor, past: int = 0) -> None:
+        """Refuse `idx` (B, T) that the model cannot read after `past` cached tokens: not 2-D, not integer, past the
+        context, or an id outside the vocabulary. Public so that other paths over the same weights (the native
+        step) refuse what `forward` refuses with the same message, not an index error deep inside the embedding."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
         if idx.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):

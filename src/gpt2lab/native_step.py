@@ -378,7 +378,7 @@ class NativeStep:
         logits_to_keep=1)[:, -1]` summed in another order, and in bf16, int8 and int4 the step's arithmetic (see the
         module docstring), as for the tokens after the prompt."""
         model = self.model
-        model._check_inputs(idx, cache.length)  # (B, T) integer ids in range, or the model's own error
+        model.check_inputs(idx, cache.length)  # (B, T) integer ids in range, or the model's own error
         B, T = idx.shape
         past = cache.length
         if B == 0 or T == 0:
