@@ -129,7 +129,8 @@ class Int8Linear(_WeightOnlyLinear):
 class Int4Linear(_WeightOnlyLinear):
     """A drop-in for nn.Linear whose weight is int4 in groups of 32 along a row (`quantize_int.quantize_int4`: half
     a byte per weight, a 16-bit integer scale per group and a float scale per row). The native decode step
-    multiplies by it directly; this forward (prefill, and decoding without the native kernel) widens it to float32."""
+    multiplies by it directly (and encodes prompts up to native_step.PREFILL_ROWS tokens with it); this forward
+    (longer prompts, evaluation, decoding without the native kernel) widens it to float32."""
 
     def __init__(self, packed: torch.Tensor, group_scale: torch.Tensor, scale: torch.Tensor,
                  bias: Optional[torch.Tensor] = None) -> None:
@@ -429,8 +430,9 @@ def choose_kernels(dtype: str, features: CPUFeatures, threads: int, onednn: bool
     function: tests check the choice for every machine type on any machine.
 
     - With the native decode kernel built (`native`, gpt2lab.native), the layers it reads in place, whatever the
-      CPU: plain `nn.Linear` for fp32 (nothing to convert), `BF16Linear` for bf16, `Int8Linear` for int8. Its steps
-      outrun every layer below at batch 1 and 8; prefill goes through these layers' own forward.
+      CPU: plain `nn.Linear` for fp32 (nothing to convert), `BF16Linear` for bf16, `Int8Linear` for int8,
+      `Int4Linear` for int4. Its steps outrun every layer below at batch 1 and 8, and it encodes prompts up to
+      native_step.PREFILL_ROWS tokens; longer ones go through these layers' own forward.
 
     - fp32: row-block batched matmuls (`ChunkedLinear`) for the blocks and oneDNN for the head with several threads;
       with one thread or without oneDNN, MKL's GEMM on (K, N) copies of the wide weights (`TransposedLinear`).

@@ -15,8 +15,8 @@ bf16 one. Two kernels compute x · Wᵀ with W held in int8:
 
 int4 (`quantize_int4`, `quantize.Int4Linear`) halves the bytes again: llama.cpp's q4_0 groups of 32 weights, each
 group's scale an integer multiple of one float per row. Only the native decode kernel multiplies by int4 weights
-directly (activations rounded per row to int8, as for int8); other paths, and prefill, widen them to float32
-(`dequantize_int4`).
+directly (activations rounded per row to int8, as for int8), in decode steps and in prompts it encodes; other paths
+widen them to float32 (`dequantize_int4`).
 
 `choose_int8_kernel` and `activation_bits` are pure functions of the CPU's features (`gpt2lab.cpu.CPUFeatures`, read
 by gpt2lab.cpu) and of whether FBGEMM works in this torch, so each branch is tested with the features of another

@@ -4,8 +4,9 @@
 // that is the floor. Through PyTorch the step is ~300 small operations, each paying Python and dispatch overhead,
 // and the matrix-vector products go through GEMM kernels built for bigger matrices. Here the step is one function:
 // one OpenMP parallel region, the rows of each weight matrix split between the threads, every small operation
-// (bias, residual add, activation, writing keys and values into the cache) fused into the product that makes its
-// input, and the threads meeting only where one operation needs all of the previous one's output.
+// (bias, residual add, activation) fused into the product that makes its input, the new key and value written into
+// the cache by the attention that reads them, and the threads meeting only where one operation needs all of the
+// previous one's output.
 //
 // The arithmetic is GPT.forward's at T = 1 (tests compare the two): the token's row of the tied table (widened from
 // its precision) plus the position's, pre-LayerNorm blocks, fused QKV, causal attention over the KV cache, a
@@ -48,6 +49,7 @@
 #endif
 #endif
 #endif
+#include <cpuid.h>
 #include <linux/futex.h>
 #include <math.h>
 #include <omp.h>
@@ -1108,8 +1110,8 @@ static void linear_block(const Linear& L, const float* x, const QuantRows& Q, in
 
 // The rows of one product are split between the threads in chunks handed out as threads ask for them (OpenMP's
 // dynamic schedule): on a shared machine a thread that loses its core for a moment leaves its chunks to the others
-// instead of holding every thread at the next barrier. Chunks are a few dozen rows, so each is still one long
-// sequential read.
+// instead of holding every thread at the next barrier. Chunks are about an eighth of a thread's share (at least 16
+// rows), so each is still one long sequential read.
 static void linear_rows(const Linear& L, const float* x, const QuantRows& Q, int64_t B,
                         float* out, int64_t ld_out, Epilogue how, int32_t activation, int nth) {
     int64_t chunk = L.n / (8 * (int64_t)nth);  // about eight chunks per thread
@@ -1488,10 +1490,12 @@ extern "C" void gpt2lab_dequantize_int4(const uint8_t* packed, const int16_t* gr
 
 // Whether this CPU runs what this build was compiled for, asked of the CPU itself (CPUID, and the OS's saving of the
 // AVX-512 registers) rather than of /proc/cpuinfo: a build whose instructions would fault is not used
-// (gpt2lab/native.py falls back to the AVX2 build). An emulated build needs only AVX2.
+// (gpt2lab/native.py falls back to the AVX2 build). An emulated build needs only AVX2, FMA and F16C.
 extern "C" int gpt2lab_cpu_ok(void) {
     __builtin_cpu_init();
-    int ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    unsigned eax, ebx, ecx, edx;  // F16C from CPUID leaf 1 itself: not every compiler's __builtin_cpu_supports knows it
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+    int ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
 #if defined(USE_AVX512) && !defined(GPT2LAB_EMULATE_AVX512)
     ok = ok && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
