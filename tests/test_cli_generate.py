@@ -76,8 +76,13 @@ def test_cli_generate_missing_model_is_one_line(tmp_path, capsys):
 
 def test_cli_attention_writes_a_png(char_model_dir, capsys, tmp_path):
     out = tmp_path / "pics" / "attn.png"
-    code, text, err = run_cli(["attention", "--model", str(char_model_dir), "--prompt", "to be or not",
-                               "--layer", "1", "--head", "0", "--out", str(out)], capsys)
+    threads = torch.get_num_threads()
+    try:
+        code, text, err = run_cli(["attention", "--model", str(char_model_dir), "--prompt", "to be or not",
+                                   "--layer", "1", "--head", "0", "--out", str(out), "--threads", "1"], capsys)
+        assert torch.get_num_threads() == 1  # --threads as generate and eval take it
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["attn.png"]  # no temp file left behind
     code, _, err = run_cli(["attention", "--model", str(char_model_dir), "--prompt", "hi", "--head", "5",

@@ -74,7 +74,8 @@ def limit(text: str) -> int | float:
 
 POSITIVE = integer(1)
 THREADS = integer(1, MAX_THREADS)
-THREADS_HELP = f"torch threads, 1..{MAX_THREADS} (default: the cores other programs leave idle, at least 1)"
+THREADS_HELP = (f"torch threads, 1..{MAX_THREADS} (default: every core this process may use where the native "
+                "decode step tunes its own count, else the cores other programs leave idle, at least 1)")
 TEXT_FIELD_HELP = "the field holding the text in a .jsonl source (default: text)"
 MODEL_HELP = "a model directory or a hub name such as gpt2 (default: gpt2)"
 TOKENIZER_HELP = "tokenizer (default: the model directory's, else gpt2)"

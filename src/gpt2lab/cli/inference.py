@@ -240,6 +240,7 @@ def add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=nonempty, help="image file to write (.png, .svg or .pdf)")
     p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.set_defaults(run=_run_attention)
 
 
@@ -248,6 +249,7 @@ def _run_attention(args: argparse.Namespace) -> None:
 
     from gpt2lab.visualize import attention_weights, plot_attention, token_labels
 
+    set_threads(args.threads)
     model, tokenizer = _load_model(args.model, "fp32", args.tokenizer)
     ids = tokenizer.encode(args.prompt)
     if not ids:
