@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import HarnessFiles
 from gpt2lab.cli import EVAL_RESULTS_FORMAT, main
@@ -65,8 +66,13 @@ def test_prints_the_scores_simple_evaluate_gives_and_writes_the_results(
     written = json.loads(out.read_text(encoding="utf-8"))
     assert written["format"] == EVAL_RESULTS_FORMAT and written["results"] == direct
 
-    # again as JSON, replacing the results file it wrote
-    assert main([*command, "--json", "--overwrite", "--batch-size", "1"]) == 0
+    # again as JSON, replacing the results file it wrote, on the thread count given
+    threads = torch.get_num_threads()
+    try:
+        assert main([*command, "--json", "--overwrite", "--batch-size", "1", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1  # --threads reaches the adapter, which sets torch's count
+    finally:
+        torch.set_num_threads(threads)
     printed = json.loads(capsys.readouterr().out)
     assert printed["results"]["tiny_mc"]["acc,none"] == direct["tiny_mc"]["acc,none"]
     assert printed["results"]["tiny_roll"]["bits_per_byte,none"] == pytest.approx(

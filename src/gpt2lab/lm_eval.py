@@ -99,7 +99,7 @@ class HarnessModel(TemplateLM):
     """A gpt2lab model as lm-eval sees it.
 
     - pretrained: a model directory or hub name (as `gpt2lab generate --model`), or a `GPT` already in memory.
-    - dtype: fp32 (exact), bf16 or int8 weights, as `prepare_for_inference`.
+    - dtype: fp32 (exact), bf16, int8 or int4 weights, as `prepare_for_inference`.
     - batch_size: sequences per forward pass / per decode batch; "auto" picks our default.
     - tokenizer: a tokenizer spec, or a tokenizer object (default: the model directory's, else GPT-2's).
     - max_length: the context window scored (default and maximum: the model's n_ctx).

@@ -1,8 +1,8 @@
 """The quickstart recipe: prepare Shakespeare (char-level), train a small model for a few minutes on the CPU, and
 print samples from it.
 
-It uses two jobs, training and generation, so it sits at the faces' level beside cli/ (which runs it as
-`gpt2lab quickstart`), not inside either job.
+It uses two jobs, training and generation, so it sits in the api layer above them (docs/architecture.md), and
+cli/ runs it as `gpt2lab quickstart`.
 """
 
 from __future__ import annotations

@@ -185,8 +185,8 @@ def _run_eval_tasks(args: argparse.Namespace) -> None:
 
     from gpt2lab.lm_eval import HarnessModel
 
-    set_threads(args.threads)
-    harness = HarnessModel(args.model, dtype=args.dtype, batch_size=args.batch_size, tokenizer=args.tokenizer)
+    harness = HarnessModel(args.model, dtype=args.dtype, batch_size=args.batch_size, tokenizer=args.tokenizer,
+                           threads=args.threads)  # the adapter sets torch's count: given, or the CLI's default
     _check_vocabularies(args.model, harness.model, harness.tokenizer)
     task_manager = TaskManager(include_path=args.include_path)
     _check_task_names(args.task, task_manager)
