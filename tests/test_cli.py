@@ -95,6 +95,8 @@ def usage_error(argv: list[str], capsys) -> str:
     (["eval", "--data", "x.txt", "--batch-size", "0"], "--batch-size", ">= 1"),
     (["eval", "--data", "x.txt", "--threads", "0"], "--threads", "1..1024"),
     (["serve", "--threads", "0"], "--threads", "1..1024"),
+    (["serve", "--model", ""], "--model", "must not be empty"),
+    (["serve", "--tokenizer", ""], "--tokenizer", "must not be empty"),
     (["attention", "--prompt", "a", "--out", "a.png", "--threads", "0"], "--threads", "1..1024"),
     (["eval", "--data", ""], "--data", "must not be empty"),
     (["eval", "--data", "x.jsonl", "--text-field", ""], "--text-field", "must not be empty"),

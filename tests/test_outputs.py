@@ -20,7 +20,7 @@ from gpt2lab.checkpoint import MODEL_DIRECTORY, WEIGHTS_FILE, atomic_directory, 
 from gpt2lab.cli import main as cli_main
 from gpt2lab.config import TrainConfig
 from gpt2lab.data import META_FILE, prepare
-from gpt2lab.tokenizer import CharTokenizer
+from gpt2lab.tokenizer import CharTokenizer, train_bpe
 from gpt2lab.visualize import plot_attention
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 20
@@ -138,34 +138,66 @@ def test_an_empty_directory_is_written(tiny_model, tmp_path):
 
 
 # --------------------------------------------------------------------------------- tokenizer, image, run dir
-def test_tokenizer_files_are_replaced_only_with_overwrite(tmp_path, capsys):
-    (tmp_path / "vocab.json").write_text("{}")
+def test_tokenizer_files_are_replaced_only_with_overwrite_and_only_gpt2labs(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(TEXT)
     with pytest.raises(FileExistsError, match="vocab.json exists and is not a directory"):
+        (tmp_path / "vocab.json").write_text("{}")
         CharTokenizer.from_text("ab").save_pretrained(tmp_path / "vocab.json")
+    (tmp_path / "vocab.json").unlink()
     args = ["train-tokenizer", "--input", str(tmp_path / "corpus.txt"), "--vocab-size", "260", "--out", str(tmp_path)]
+    assert cli_main(args) == 0  # new files beside the corpus
+    ours = (tmp_path / "vocab.json").read_text()
     assert cli_main(args) == 1
-    assert "already holds vocab.json; pass --overwrite" in capsys.readouterr().err
-    assert (tmp_path / "vocab.json").read_text() == "{}"
-    assert cli_main(args + ["--overwrite"]) == 0
-    assert (tmp_path / "vocab.json").read_text() != "{}" and (tmp_path / "corpus.txt").read_text() == TEXT
+    assert "already holds vocab.json, merges.txt, tokenizer_config.json; pass --overwrite" in capsys.readouterr().err
+    assert cli_main(args + ["--vocab-size", "261", "--overwrite"]) == 0  # gpt2lab's own files: replaced
+    assert (tmp_path / "vocab.json").read_text() != ours and (tmp_path / "corpus.txt").read_text() == TEXT
     CharTokenizer.from_text("ab").save_pretrained(tmp_path)  # beside a BPE tokenizer: a new file, nothing replaced
-    with pytest.raises(FileExistsError, match="char_tokenizer.json"):
+    with pytest.raises(FileExistsError, match="char_tokenizer.json; pass --overwrite"):
         CharTokenizer.from_text("ab").save_pretrained(tmp_path)
+    CharTokenizer.from_text("abc").save_pretrained(tmp_path, overwrite=True)
 
 
-def test_attention_image_is_replaced_only_with_overwrite(tmp_path):
-    out = tmp_path / "attention.png"
+@pytest.mark.parametrize("foreign", [{"vocab.json": "{}"},  # a lone file of another tokenizer
+                                     {"tokenizer_config.json": '{"tokenizer_class": "GPT2Tokenizer"}'},
+                                     {"char_tokenizer.json": '{"chars": ["a"]}'}])
+def test_tokenizer_files_gpt2lab_did_not_write_are_never_replaced(tmp_path, capsys, foreign):
+    for name, text in foreign.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    args = ["train-tokenizer", "--input", str(tmp_path / "corpus.txt"), "--vocab-size", "260", "--out", str(tmp_path),
+            "--overwrite"]
+    name, text = next(iter(foreign.items()))
+    if name == "char_tokenizer.json":
+        with pytest.raises(FileExistsError, match="not a char tokenizer written by gpt2lab"):
+            CharTokenizer.from_text("ab").save_pretrained(tmp_path, overwrite=True)
+    else:
+        assert cli_main(args) == 1
+        assert "not a tokenizer written by gpt2lab, which never replaces" in capsys.readouterr().err
+        with pytest.raises(FileExistsError, match="not a tokenizer written by gpt2lab"):
+            train_bpe(TEXT, vocab_size=260).save_pretrained(tmp_path, overwrite=True)
+    assert (tmp_path / name).read_text() == text
+
+
+@pytest.mark.parametrize("kind", ["png", "svg", "pdf"])
+def test_attention_image_is_replaced_only_with_overwrite_and_only_gpt2labs(tmp_path, kind):
+    out = tmp_path / f"attention.{kind}"
     out.write_bytes(b"my picture")
     weights = torch.softmax(torch.randn(2, 3, 3), dim=-1)  # (H, T, T)
-    with pytest.raises(FileExistsError, match="attention.png already exists; pass --overwrite"):
-        plot_attention(weights, ["a", "b", "c"], out, layer=0)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=f"attention.{kind} exists and is not an attention picture written "
+                                                  "by gpt2lab"):
+            plot_attention(weights, ["a", "b", "c"], out, layer=0, overwrite=overwrite)
     assert out.read_bytes() == b"my picture"
     with pytest.raises(FileExistsError, match="is a directory"):
         plot_attention(weights, ["a", "b", "c"], tmp_path, layer=0, overwrite=True)
     pytest.importorskip("matplotlib", reason="drawing needs the plot extra")
-    plot_attention(weights, ["a", "b", "c"], out, layer=0, overwrite=True)
-    assert out.read_bytes().startswith(b"\x89PNG")
+    out.unlink()
+    plot_attention(weights, ["a", "b", "c"], out, layer=0)
+    first = out.read_bytes()
+    with pytest.raises(FileExistsError, match=f"attention.{kind} already exists; pass --overwrite"):
+        plot_attention(weights, ["a", "b", "c"], out, layer=0)
+    plot_attention(weights, ["a", "b", "c"], out, layer=1, overwrite=True)  # its own picture: replaced
+    assert out.read_bytes() != first
 
 
 def run_config(tmp_path: Path, out_dir: Path) -> TrainConfig:
@@ -286,7 +318,7 @@ def test_the_model_kind_recognises_only_gpt2lab_model_directories(tiny_model, tm
     assert MODEL_DIRECTORY.is_own(tmp_path / "ours") and not MODEL_DIRECTORY.is_own(tmp_path / "theirs")
 
 
-def test_cli_attention_refuses_an_existing_image_unless_overwrite(tmp_path, capsys):
+def test_cli_attention_replaces_only_its_own_image_and_only_with_overwrite(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="drawing needs the plot extra")
     tok = CharTokenizer.from_text("to be or not")
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=2, n_head=2, n_embd=16))
@@ -294,7 +326,12 @@ def test_cli_attention_refuses_an_existing_image_unless_overwrite(tmp_path, caps
     out = tmp_path / "attn.png"
     out.write_bytes(b"my picture")
     args = ["attention", "--model", str(tmp_path / "m"), "--prompt", "to be", "--out", str(out)]
+    for extra in ([], ["--overwrite"]):
+        assert cli_main(args + extra) == 1
+        assert "attn.png exists and is not an attention picture written by gpt2lab" in capsys.readouterr().err
+    assert out.read_bytes() == b"my picture"
+    out.unlink()
+    assert cli_main(args) == 0 and out.read_bytes().startswith(b"\x89PNG")
     assert cli_main(args) == 1
     assert "attn.png already exists; pass --overwrite" in capsys.readouterr().err
-    assert out.read_bytes() == b"my picture"
     assert cli_main(args + ["--overwrite"]) == 0 and out.read_bytes().startswith(b"\x89PNG")

@@ -139,13 +139,18 @@ def claim_directory(path: str | os.PathLike[str], kind: OutputKind, overwrite: b
                           "gpt2lab, which never replaces files it did not write; choose a new or empty directory")
 
 
-def claim_files(directory: str | os.PathLike[str], names: tuple[str, ...], overwrite: bool = False) -> Path:
+def claim_files(directory: str | os.PathLike[str], names: tuple[str, ...], overwrite: bool = False, *,
+                is_own: Callable[[Path], bool] | None = None, description: str = "files") -> Path:
     """Check that gpt2lab may add the files `names` to `directory` (which may hold others: a tokenizer's files sit
-    beside a model's weights); an existing one is replaced only with `overwrite`."""
+    beside a model's weights); existing ones are replaced only with `overwrite`, and with `is_own` only where
+    `is_own(directory)` proves them gpt2lab's `description` (others are refused even with `overwrite`)."""
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is not a directory; choose a directory for {', '.join(names)}")
     taken = [n for n in names if (d / n).exists() or (d / n).is_symlink()]
+    if taken and is_own is not None and not is_own(d):
+        raise FileExistsError(f"{d} already holds {', '.join(taken)}, not {description} written by gpt2lab, which "
+                              "never replaces files it did not write; choose another directory")
     if taken and not overwrite:
         raise FileExistsError(f"{d} already holds {', '.join(taken)}; pass --overwrite (overwrite=True) to replace "
                               "them, or choose another directory")
@@ -153,14 +158,14 @@ def claim_files(directory: str | os.PathLike[str], names: tuple[str, ...], overw
 
 
 def claim_file(path: str | os.PathLike[str], overwrite: bool = False, *,
-               is_own: Callable[[Path], bool] | None = None, description: str = "file") -> Path:
+               is_own: Callable[[Path], bool] | None = None, description: str = "a file") -> Path:
     """Check that gpt2lab may write the file `path`: a new path, or an existing file with `overwrite`. With `is_own`,
     an existing file must also prove to be gpt2lab's `description`; any other file is refused even with `overwrite`."""
     path = Path(path)
     if path.is_dir():
         raise FileExistsError(f"{path} is a directory; give a file path")
     if (path.exists() or path.is_symlink()) and is_own is not None and not is_own(path):
-        raise FileExistsError(f"{path} exists and is not a {description} written by gpt2lab, which never replaces "
+        raise FileExistsError(f"{path} exists and is not {description} written by gpt2lab, which never replaces "
                               "files it did not write; choose another path")
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, "

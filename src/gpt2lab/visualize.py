@@ -58,14 +58,29 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
     return labels
 
 
+IMAGE_MARK = "gpt2lab attention picture"  # in the image's metadata (PNG Software, SVG and PDF Creator)
+MAX_OWN_IMAGE_BYTES = 64 << 20  # a larger file is not one of ours; not read
+
+
+def own_image(path: Path) -> bool:
+    """Whether `path` is an attention picture gpt2lab drew: its metadata, stored as plain text in all three formats,
+    names IMAGE_MARK."""
+    try:
+        small = path.is_file() and path.stat().st_size <= MAX_OWN_IMAGE_BYTES
+        return small and IMAGE_MARK.encode() in path.read_bytes()
+    except OSError:
+        return False
+
+
 def plot_attention(weights: torch.Tensor, labels: Sequence[str], out: str | os.PathLike[str], *, layer: int,
                    heads: Optional[Sequence[int]] = None, title: str | None = None, overwrite: bool = False) -> Path:
     """Draw (H, T, T) weights as heatmaps (queries down, keys across) for `heads` (default: all) into `out`.
 
     The file type follows the extension (png, svg, pdf). Written to a temporary file first, then renamed; an
-    existing `out` is replaced only with `overwrite`.
+    existing `out` is replaced only with `overwrite`, and only if it is an attention picture gpt2lab drew (its
+    metadata names IMAGE_MARK); any other file is refused.
     """
-    out = claim_file(out, overwrite)
+    out = claim_file(out, overwrite, is_own=own_image, description="an attention picture")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +109,9 @@ def plot_attention(weights: torch.Tensor, labels: Sequence[str], out: str | os.P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     try:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=out.suffix.lstrip(".") or "png")
+        kind = out.suffix.lstrip(".").lower() or "png"
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=kind,
+                    metadata={"Software" if kind == "png" else "Creator": IMAGE_MARK})
         os.replace(tmp, out)
     finally:
         plt.close(fig)

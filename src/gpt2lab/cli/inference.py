@@ -178,7 +178,7 @@ def _run_eval_tasks(args: argparse.Namespace) -> None:
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise ValueError(f"--include-path {args.include_path!r} is not a directory of task YAML files")
     if args.output_path is not None:  # before the evaluation, which can take hours
-        claim_file(args.output_path, args.overwrite, is_own=_is_eval_results, description="results file")
+        claim_file(args.output_path, args.overwrite, is_own=_is_eval_results, description="a results file")
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table

@@ -5,24 +5,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2lab.cli.args import THREADS, THREADS_HELP, set_threads
+from gpt2lab.cli.args import THREADS, THREADS_HELP, nonempty, set_threads
 
 
 # --------------------------------------------------------------------------------------------------------------- serve
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground page at /")
-    p.add_argument("--model", default="gpt2", help="a model directory (config.json + model.safetensors + tokenizer "
+    p.add_argument("--model", default="gpt2", type=nonempty, help="a model directory (config.json + model.safetensors + tokenizer "
                    "files) or a hub name such as gpt2 (default: gpt2)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
     p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16, int8 or int4 (default: fp32)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: the "
                    "GPT2LAB_API_KEY environment variable, else no key)")
-    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the directory name)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model directory's, else gpt2)")
+    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the directory name, or the "
+                   "hub name as given)")
+    p.add_argument("--tokenizer", default=None, type=nonempty,
+                   help="tokenizer (default: the model directory's, else gpt2)")
     p.add_argument("--max-batch-size", type=int, default=None, help="completions decoded together (default: 8)")
-    p.add_argument("--batch-wait-ms", type=float, default=None, help="how long a lone request waits for company "
-                   "before its batch starts (default: 5)")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="how long the batcher waits for more rows "
+                   "while fewer than --max-batch-size wait (default: 5)")
     p.add_argument("--max-tokens", type=int, default=None, help="the largest max_tokens a request may ask for "
                    "(default: the model's context)")
     p.add_argument("--max-request-bytes", type=int, default=None, help="largest request body (default: 1000000)")

@@ -28,8 +28,10 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
 def _run_train_tokenizer(args: argparse.Namespace) -> None:
     from gpt2lab.files import claim_files
     from gpt2lab.tokenizer import BPE_FILES, train_bpe
+    from gpt2lab.tokenizer.formats import own_bpe_files
 
-    claim_files(args.out, BPE_FILES, args.overwrite)  # before the training, which can take minutes
+    # before the training, which can take minutes
+    claim_files(args.out, BPE_FILES, args.overwrite, is_own=own_bpe_files, description="a tokenizer")
     tok = train_bpe(files=args.input, vocab_size=args.vocab_size, special_tokens=args.special, progress=True)
     out = tok.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"saved {tok.vocab_size} ids ({len(tok.merges)} merges, specials {tok.special_tokens}) to {out}")

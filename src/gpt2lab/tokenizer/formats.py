@@ -28,7 +28,7 @@ from gpt2lab.download import (
     url_source,
     write_file_atomic,
 )
-from gpt2lab.files import claim_files
+from gpt2lab.files import claim_files, read_json_field
 from gpt2lab.tokenizer.byte_map import _from_visible, _to_visible
 from gpt2lab.tokenizer.merges import derive_merges
 from gpt2lab.tokenizer.pretokenize import EOT
@@ -46,6 +46,18 @@ BPE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")  # what Tokeni
 TOKENIZER_FILES = (*BPE_FILES, CHAR_FILE)  # every file a tokenizer of ours may write into a directory
 CHAR_FORMAT = "gpt2lab-char-tokenizer"
 CHAR_FORMAT_VERSION = 1
+BPE_MARK = {"format": "gpt2lab-bpe-tokenizer", "version": 1}  # in tokenizer_config.json: these files are ours
+
+
+def own_bpe_files(directory: Path) -> bool:
+    """Whether the BPE files in `directory` are gpt2lab's (its tokenizer_config.json carries BPE_MARK): only those
+    are replaced, with `overwrite`. Hugging Face ignores the extra key and keeps it when it saves them again."""
+    return read_json_field(directory / "tokenizer_config.json", "gpt2lab") == BPE_MARK
+
+
+def own_char_file(directory: Path) -> bool:
+    """Whether `directory`'s char_tokenizer.json is gpt2lab's (its format field)."""
+    return read_json_field(directory / CHAR_FILE, "format") == CHAR_FORMAT
 
 
 class TokenizerFiles(NamedTuple):
@@ -260,7 +272,7 @@ def write_hf_files(
     Each file is written atomically; other files in the directory are kept, and existing tokenizer files are
     replaced only with `overwrite`.
     """
-    d = claim_files(directory, BPE_FILES, overwrite)
+    d = claim_files(directory, BPE_FILES, overwrite, is_own=own_bpe_files, description="a tokenizer")
     visible = {_to_visible(token): i for i, token in sorted(vocab.items())}
     for special, i in special_tokens.items():
         if visible.get(special, i) != i:
@@ -284,6 +296,7 @@ def _hf_config(special_tokens: Mapping[str, int]) -> dict:
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,  # keep decode exact (no " ." -> "." rewriting)
         "errors": "replace",
+        "gpt2lab": BPE_MARK,
         "added_tokens_decoder": {
             str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                      "special": True}
