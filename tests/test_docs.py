@@ -1,10 +1,11 @@
-"""The documentation's examples work as written.
+"""The documentation's examples work as written, and the tests it cites exist.
 
 - Every Python block of README.md and docs/*.md runs in a fresh directory, or is listed in NOT_RUN with the reason.
   Names that a block takes from its surrounding prose (`model`, `tokenizer`, `ids`, files such as corpus.txt) are
   provided by SETUP; the code itself runs unchanged, except where SUBSTITUTE says otherwise and why.
 - Every `gpt2lab ...` command line, in code blocks and in inline code, parses with the real parser: examples parse
   outright, synopses (with [optional] parts, a|b choices or ...) name only real subcommands and flags.
+- Every test file and test (`tests/x.py::test_y`) a doc names as evidence exists.
 """
 
 from __future__ import annotations
@@ -191,3 +192,40 @@ def test_readme_lists_the_presets():
 
     line = next(l for l in (ROOT / "README.md").read_text(encoding="utf-8").splitlines() if l.startswith("Presets:"))
     assert set(re.findall(r"`([\w-]+)`", line)) == set(PRESETS)
+
+
+# ----------------------------------------------------------------------------------------- the tests the docs cite
+CITED_FILE = re.compile(r"\b(tests/[\w/]+\.py)\b")
+CITED_TEST = re.compile(r"(?:\b(tests/[\w/]+\.py))?::(test_\w+)")
+
+
+def cited_tests() -> list[tuple[str, str, str]]:
+    """(doc, test file, test name) for every `tests/x.py::test_y` a doc names; a bare `::test_y` belongs to the
+    file named last before it in the same doc."""
+    found = []
+    for doc in DOCS:
+        last = None
+        for m in re.finditer(rf"{CITED_TEST.pattern}|{CITED_FILE.pattern}", doc.read_text(encoding="utf-8")):
+            file_with_test, name, bare_file = m.group(1), m.group(2), m.group(3)
+            last = file_with_test or bare_file or last
+            if name:
+                found.append((doc.name, last, name))
+    return found
+
+
+def test_the_docs_cite_tests():
+    assert len(cited_tests()) > 20  # the pattern still finds them
+
+
+@pytest.mark.parametrize("doc", [d.name for d in DOCS])
+def test_every_test_file_a_doc_names_exists(doc):
+    text = next(d for d in DOCS if d.name == doc).read_text(encoding="utf-8")
+    missing = sorted({f for f in CITED_FILE.findall(text) if not (ROOT / f).is_file()})
+    assert not missing, f"{doc} names test files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc, file, name", cited_tests())
+def test_every_test_a_doc_names_exists(doc, file, name):
+    assert file is not None, f"{doc} names ::{name} before naming its file"
+    assert re.search(rf"^def {name}\(", (ROOT / file).read_text(encoding="utf-8"), re.M), \
+        f"{doc} names {file}::{name}, which that file does not define"
