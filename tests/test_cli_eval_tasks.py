@@ -157,3 +157,19 @@ def test_a_bad_dtype_is_one_line(harness_files: HarnessFiles, capsys: pytest.Cap
     err = one_line_error(["eval", "--model", str(harness_files.model_dir), "--task", "tiny_mc", "--dtype", "fp16"],
                          capsys)
     assert "unknown dtype 'fp16'" in err
+
+
+def test_a_task_lm_eval_cannot_run_is_one_line(harness_files: HarnessFiles, offline: None, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("lm_eval", reason="lm-eval is a test dependency: pip install -e '.[test]'")
+    model_dir, _ = harness_files
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    (tmp_path / "bad_template.yaml").write_text(  # the template names a field the documents lack
+        f"task: bad_template\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
+        'test_split: test\noutput_type: loglikelihood\ndoc_to_text: "{{question}}"\ndoc_to_target: " x"\n'
+        "metric_list:\n  - metric: acc\n")
+    assert main(["eval", "--model", str(model_dir), "--task", "bad_template", "--include-path", str(tmp_path)]) == 1
+    err = capsys.readouterr().err  # lm-eval's datasets may print progress before it
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == ("gpt2lab eval: error: lm-eval failed on --task bad_template: UndefinedError: "
+                                    "'question' is undefined")

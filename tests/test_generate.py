@@ -613,10 +613,41 @@ def test_stream_text_equals_generate_and_stops():
     stop = expected[2:4]
     cut = "".join(stream_text(model, tok, prompt, 20, stop=[stop], temperature=0))
     assert cut == expected[:expected.index(stop)]
+    assert "".join(stream_text(model, tok, prompt, 20, stop=stop, temperature=0)) == cut  # a string: one stop
     with pytest.raises(ValueError, match="n_ctx"):
         stream_text(model, tok, "x" * 65, 3)  # checked at the call, before any text is produced
     with pytest.raises(ValueError, match="temperature"):
         stream_text(model, tok, "x", 3, temperature=-1)
+
+
+class PaddedByteTokenizer(ByteTokenizer):
+    """ByteTokenizer for a model whose vocabulary is padded past it: ids 257.. do not decode (raise, as ours do)."""
+
+    vocab_size = 257
+
+    def decode_bytes(self, ids):
+        bad = [i for i in ids if i >= self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not in the vocabulary")
+        return super().decode_bytes(ids)
+
+
+def test_a_model_padded_past_its_tokenizer_never_picks_an_id_the_tokenizer_lacks():
+    model = make_model(GPTConfig(vocab_size=320, n_ctx=64, n_layer=2, n_head=2, n_embd=32), seed=3)
+    with torch.no_grad():
+        model.wte.weight[257:] *= 20.0  # the padded ids dominate the logits: unmasked, they would be chosen
+    tok = PaddedByteTokenizer()
+    assert generate(model, torch.tensor([[104, 105]]), 8, temperature=0)[0, 2:].max() >= 257  # the trap is set
+    for sampling in (dict(temperature=0), dict(temperature=1.0)):
+        text = "".join(stream_text(model, tok, "hi", 30, eos_token_id=None, **sampling))
+        assert isinstance(text, str)
+    steps = decode_steps(model, [[104, 105]] * 3, 30, SamplingParams(temperature=1.0), vocab_limit=257,
+                         top_logprobs=2)
+    tokens = [e.token for step in steps for e in step if e is not None]
+    assert len(tokens) == 90 and max(tokens) < 257
+    for bad in (0, 321):
+        with pytest.raises(ValueError, match="vocab_limit"):
+            decode_steps(model, [[1]], 1, SamplingParams(), vocab_limit=bad)
 
 
 def test_token_events_carry_alternatives_only_when_asked_and_are_frozen():

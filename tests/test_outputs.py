@@ -188,8 +188,9 @@ def test_attention_image_is_replaced_only_with_overwrite_and_only_gpt2labs(tmp_p
                                                   "by gpt2lab"):
             plot_attention(weights, ["a", "b", "c"], out, layer=0, overwrite=overwrite)
     assert out.read_bytes() == b"my picture"
+    (tmp_path / f"pictures.{kind}").mkdir()
     with pytest.raises(FileExistsError, match="is a directory"):
-        plot_attention(weights, ["a", "b", "c"], tmp_path, layer=0, overwrite=True)
+        plot_attention(weights, ["a", "b", "c"], tmp_path / f"pictures.{kind}", layer=0, overwrite=True)
     pytest.importorskip("matplotlib", reason="drawing needs the plot extra")
     out.unlink()
     plot_attention(weights, ["a", "b", "c"], out, layer=0)

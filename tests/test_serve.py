@@ -242,7 +242,7 @@ def test_token_id_prompts_are_accepted(client, model, tokenizer):
     assert by_ids.choices[0].text == by_text.choices[0].text
 
 
-def test_seed_makes_sampling_reproducible_and_choices_differ(client):
+def test_seed_makes_sampling_reproducible_and_choices_differ(client, server):
     kwargs = dict(model=MODEL_ID, prompt="Random", max_tokens=10, temperature=1.0, n=3, seed=42)
     first = [c.text for c in client.completions.create(**kwargs).choices]
     second = [c.text for c in client.completions.create(**kwargs).choices]
@@ -250,6 +250,9 @@ def test_seed_makes_sampling_reproducible_and_choices_differ(client):
     assert len(set(first)) > 1
     other = [c.text for c in client.completions.create(**{**kwargs, "seed": 43}).choices]
     assert other != first
+    for bad in (-1, 2**63):  # torch keeps 63 bits of a seed: outside 0..2**63-1 two seeds would share a stream
+        reply = post(server, {**kwargs, "seed": bad})
+        assert reply.status_code == 400 and "seed" in reply.json()["error"]["message"]
 
 
 def test_stop_string_cuts_text_plain_and_streamed(client, tokenizer):

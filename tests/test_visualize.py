@@ -25,3 +25,18 @@ def test_attention_weights_match_transformers(tmp_path):
         assert torch.allclose(ours, theirs[layer][0], atol=1e-5)
     with pytest.raises(ValueError, match="layer"):
         attention_weights(model, idx, 3)
+
+
+def test_the_command_line_takes_the_formats_plot_attention_writes(tmp_path):
+    from gpt2lab.cli.args import IMAGE_SUFFIXES
+    from gpt2lab.visualize import IMAGE_KINDS, image_kind, plot_attention
+
+    assert IMAGE_SUFFIXES == tuple(f".{k}" for k in IMAGE_KINDS)
+    weights = torch.softmax(torch.randn(1, 2, 2), dim=-1)
+    for bad in ("a.jpg", "a", "a.png.tmp"):
+        with pytest.raises(ValueError, match=r"\.png, \.svg, \.pdf"):
+            image_kind(bad)
+        with pytest.raises(ValueError, match=r"\.png, \.svg, \.pdf"):
+            plot_attention(weights, ["a", "b"], tmp_path / bad, layer=0)
+    assert list(tmp_path.iterdir()) == []
+    assert image_kind("A.PNG") == "png"

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+MAX_SEED = 2**63 - 1  # torch's CPU generator keeps 63 bits of a seed: s and s + 2**63 would give one stream
+
 
 def integer(name: str, value: Any, low: Optional[int] = None, high: Optional[int] = None, *, note: str = "") -> int:
     """`value` if it is an int in [low, high] (a missing bound: no limit); bool is refused, though Python counts it

@@ -327,7 +327,7 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
                  sampling: SamplingParams | list[SamplingParams], eos_token_id: int | None = None,
                  generators: list[torch.Generator | None] | None = None, top_logprobs: int = 0,
                  should_stop: Callable[[int], bool] | None = None, make_step: StepFactory | None = None,
-                 logprobs: bool = True) -> Iterator[list[Optional[TokenEvent]]]:
+                 logprobs: bool = True, vocab_limit: int | None = None) -> Iterator[list[Optional[TokenEvent]]]:
     """Decode all prompts together (one left-padded batch, one KV cache), yielding one list per step.
 
     Each list has one entry per prompt: a `TokenEvent`, or None for a row that has already finished. A row's last
@@ -337,6 +337,8 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
     they cost nothing afterwards. Log-probabilities are log-softmax of the raw logits, before any sampling filter;
     `logprobs=False` leaves them out (each event's logprob is NaN) for callers that read only the tokens.
     `make_step` picks the one-token decode step for the model (see `default_step`, which it defaults to).
+    `vocab_limit`: ids at or above it are never chosen, for a model whose vocabulary is padded past its tokenizer's
+    (nanoGPT's 50304 for GPT-2's 50257): their logits are -inf before sampling and log-probabilities.
 
     Nothing is decoded until the first `next()`; `generate` runs the same loop.
     """
@@ -347,6 +349,8 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
     gens = _per_row("generators", generators if generators is not None else None, n, lambda g: g)
     eos_token_id = _check_token("eos_token_id", eos_token_id, V)
     checks.integer("top_logprobs", top_logprobs, low=0)
+    if vocab_limit is not None:
+        checks.integer("vocab_limit", vocab_limit, 1, V, note="the ids that may be chosen")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; start it with at least one token (GPT-2 uses <|endoftext|>)")
@@ -354,13 +358,13 @@ def decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int | lis
     _check_make_step(make_step)
     idx, mask = _left_pad(prompts, model.ln_f.weight.device)
     return _run_decode(model, idx, mask, limits, params, gens, eos_token_id, min(top_logprobs, V), should_stop,
-                       make_step, logprobs)
+                       make_step, logprobs, None if vocab_limit == V else vocab_limit)
 
 
 def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits: list[int],
                 params: list[SamplingParams], gens: list, eos_token_id: int | None, top_logprobs: int,
                 should_stop: Callable[[int], bool] | None, make_step: StepFactory | None = None,
-                logprobs: bool = True) -> Iterator[list[Optional[TokenEvent]]]:
+                logprobs: bool = True, vocab_limit: int | None = None) -> Iterator[list[Optional[TokenEvent]]]:
     """The decode loop behind `decode_steps` and `generate`: idx (B, T) left-padded token ids, mask (B, T) 1 for real
     tokens (None: no padding), and per-row limits, settings and generators, already checked. Without `logprobs`
     (`generate`, which returns tokens only) the events' logprob is NaN: the log-softmax over the whole vocabulary
@@ -395,6 +399,8 @@ def _run_decode(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, limits
                     decoder.retire(keep)
                     logits, rows = logits[keep], [rows[i] for i in alive]
                     seen = seen[keep] if seen is not None else None
+            if vocab_limit is not None:  # ids past the tokenizer's vocabulary: never chosen
+                logits[:, vocab_limit:] = -math.inf
             tokens = _choose_rows(logits, [params[r] for r in rows], [gens[r] for r in rows], seen)  # (B,)
             if logprobs or top_logprobs:
                 log_p = torch.log_softmax(logits, dim=-1)  # (B, V)
@@ -511,7 +517,7 @@ def prompt_logprobs(model: GPT, ids: Sequence[int], top_logprobs: int = 0) -> li
 
 
 # --------------------------------------------------------------------------------------------------- streaming
-def stream_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, *, stop: list[str] | None = None,
+def stream_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, *, stop: str | list[str] | None = None,
                 eos_token_id: int | None = -1, generator: torch.Generator | None = None,
                 **sampling: Any) -> Iterator[str]:
     """Generate a continuation of `prompt` and yield it as text pieces, as soon as each is certain.
@@ -526,7 +532,7 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, *,
     Arguments are checked (and the prompt encoded) at the call; decoding starts at the first `next()`.
     """
     params = SamplingParams(**sampling)
-    stops = [s for s in (stop or []) if s]
+    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]  # a string is one stop string
     if eos_token_id == -1:
         eos_token_id = getattr(tokenizer, "eot_token", None)
     ids = tokenizer.encode(prompt, allowed_special="all") if prompt else []
@@ -538,8 +544,15 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, *,
     if len(ids) > n_ctx:
         raise ValueError(f"the prompt is {len(ids)} tokens long, more than the model's context n_ctx={n_ctx}")
     steps = decode_steps(model, [ids], max_new_tokens, params, eos_token_id=eos_token_id, generators=[generator],
-                         logprobs=False)
+                         logprobs=False, vocab_limit=vocab_limit_for(model, tokenizer))
     return _stream(steps, tokenizer, eos_token_id, stops)
+
+
+def vocab_limit_for(model: GPT, tokenizer: Any) -> Optional[int]:
+    """The `vocab_limit` of text generation with `tokenizer`: its vocabulary size where the model's is larger (ids
+    the tokenizer cannot decode are never chosen), else None."""
+    size = getattr(tokenizer, "vocab_size", None)
+    return size if isinstance(size, int) and 0 < size < model.config.vocab_size else None
 
 
 def _stream(steps: Iterator[list[Optional[TokenEvent]]], tokenizer: Any, eos_token_id: Optional[int],

@@ -38,7 +38,7 @@ except ImportError as e:  # the optional `eval` extra is not installed
 
 from gpt2lab import checks
 from gpt2lab.cpu import default_threads
-from gpt2lab.generate import decode_steps
+from gpt2lab.generate import decode_steps, vocab_limit_for
 from gpt2lab.inference import INFERENCE_DTYPES, load_tokenizer_for, prepare_for_inference
 from gpt2lab.sampling import SamplingParams
 from gpt2lab.model import GPT
@@ -255,7 +255,8 @@ class HarnessModel(TemplateLM):
         out = [bytearray() for _ in prompts]
         done = [False] * len(prompts)
         steps = decode_steps(self.model, prompts, max_new, sampling, eos_token_id=self.eot_token_id,
-                             should_stop=lambda row: done[row], logprobs=False)
+                             should_stop=lambda row: done[row], logprobs=False,
+                             vocab_limit=vocab_limit_for(self.model, self.tokenizer))
         for events in steps:
             for row, event in enumerate(events):
                 if event is None or event.token == self.eot_token_id:

@@ -58,8 +58,18 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
     return labels
 
 
+IMAGE_KINDS = ("png", "svg", "pdf")  # the formats whose metadata carries IMAGE_MARK as plain text
 IMAGE_MARK = "gpt2lab attention picture"  # in the image's metadata (PNG Software, SVG and PDF Creator)
 MAX_OWN_IMAGE_BYTES = 64 << 20  # a larger file is not one of ours; not read
+
+
+def image_kind(path: str | os.PathLike[str]) -> str:
+    """The format a picture at `path` is written in, from its extension: png, svg or pdf; anything else is refused."""
+    kind = Path(path).suffix.lstrip(".").lower()
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"the picture's file type comes from its extension, one of .{', .'.join(IMAGE_KINDS)}; "
+                         f"got {str(path)!r}")
+    return kind
 
 
 def own_image(path: Path) -> bool:
@@ -80,6 +90,7 @@ def plot_attention(weights: torch.Tensor, labels: Sequence[str], out: str | os.P
     existing `out` is replaced only with `overwrite`, and only if it is an attention picture gpt2lab drew (its
     metadata names IMAGE_MARK); any other file is refused.
     """
+    kind = image_kind(out)
     out = claim_file(out, overwrite, is_own=own_image, description="an attention picture")
     import matplotlib
 
@@ -109,7 +120,6 @@ def plot_attention(weights: torch.Tensor, labels: Sequence[str], out: str | os.P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     try:
-        kind = out.suffix.lstrip(".").lower() or "png"
         fig.savefig(tmp, dpi=150, bbox_inches="tight", format=kind,
                     metadata={"Software" if kind == "png" else "Creator": IMAGE_MARK})
         os.replace(tmp, out)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Callable, NoReturn
+
+from gpt2lab.checks import MAX_SEED  # noqa: F401  (0..MAX_SEED: the seeds whose streams differ; for --seed)
 
 MAX_THREADS = 1024  # torch stores the thread count in a C int; far more threads than cores only slows it down
 MAX_NEW_TOKENS = 1_000_000  # the decoder holds a token buffer this long
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 def integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -56,6 +58,17 @@ def nonempty(text: str) -> str:
     (the current directory, a default)."""
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf")  # visualize.IMAGE_KINDS, without importing torch to parse a command line
+
+
+def image_file(text: str) -> str:
+    """An argparse type for a picture to write: a path ending in .png, .svg or .pdf (the format follows it)."""
+    if Path(text).suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"must end in {', '.join(IMAGE_SUFFIXES)} (the picture's format), got "
+                                         f"{text!r}")
     return text
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.cli.args import (MAX_NEW_TOKENS, MAX_SEED, MODEL_HELP, POSITIVE, TEXT_FIELD_HELP, THREADS, THREADS_HELP,
-                              TOKENIZER_HELP, integer, limit, nonempty, number, set_threads)
+                              TOKENIZER_HELP, image_file, integer, limit, nonempty, number,
+                              set_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -190,8 +191,12 @@ def _run_eval_tasks(args: argparse.Namespace) -> None:
     _check_vocabularies(args.model, harness.model, harness.tokenizer)
     task_manager = TaskManager(include_path=args.include_path)
     _check_task_names(args.task, task_manager)
-    results = lm_eval.simple_evaluate(model=harness, tasks=args.task, num_fewshot=args.num_fewshot,
-                                      limit=args.limit, task_manager=task_manager, log_samples=False)
+    try:
+        results = lm_eval.simple_evaluate(model=harness, tasks=args.task, num_fewshot=args.num_fewshot,
+                                          limit=args.limit, task_manager=task_manager, log_samples=False)
+    except Exception as e:  # a task file's template or data that lm-eval cannot use: one line, as for any bad input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"lm-eval failed on --task {' '.join(args.task)}: {type(e).__name__}: {first}") from e
     dumped = json.dumps({"format": EVAL_RESULTS_FORMAT, **results}, indent=2, default=handle_non_serializable,
                         ensure_ascii=False)
     if args.output_path is not None:
@@ -237,7 +242,7 @@ def add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=integer(0), default=0, help="layer index, from 0 (default: 0)")
     p.add_argument("--head", type=integer(0), default=None,
                    help="head index, from 0 (default: every head of the layer)")
-    p.add_argument("--out", required=True, type=nonempty, help="image file to write (.png, .svg or .pdf)")
+    p.add_argument("--out", required=True, type=image_file, help="image file to write (.png, .svg or .pdf)")
     p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)

@@ -28,6 +28,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
     raise ImportError(f"serving needs starlette and uvicorn ({e}); "
                       "install them with: pip install 'gpt2lab[serve]'") from e
 
+from gpt2lab import checks
+from gpt2lab.generate import vocab_limit_for
 from gpt2lab.serve.batcher import BatchWorker, Row
 from gpt2lab.serve.choices import ChoiceText, Delta, TokenInfo, logprobs_object, score_prompt, token_text
 from gpt2lab.serve.config import ServerConfig
@@ -111,7 +113,7 @@ class CompletionServer:
         self.n_ctx = model.config.n_ctx
         self.created = int(time.time())
         self.worker = BatchWorker(model, tokenizer.eot_token, config.max_batch_size, config.batch_wait_ms,
-                                  config.max_pending)
+                                  config.max_pending, vocab_limit_for(model, tokenizer))
         self.token_bytes = max_token_bytes(tokenizer)
         self._names: dict[int, str] = {}
 
@@ -204,9 +206,9 @@ class CompletionServer:
             generator = None
             if req.seed is not None and not req.sampling.greedy:
                 # A seeded choice has its own generator, so it gives the same text whatever else shares its batch;
-                # choice i of n uses seed + i, so the n choices differ. Unseeded rows share torch's default
-                # generator, which lets decode_steps sample the whole batch in one call.
-                generator = torch.Generator(device=device).manual_seed((req.seed + index) % 2**63)
+                # choice i of n uses seed + i (past MAX_SEED it wraps to 0), so the n choices differ. Unseeded rows
+                # share torch's default generator, which lets decode_steps sample the whole batch in one call.
+                generator = torch.Generator(device=device).manual_seed((req.seed + index) % (checks.MAX_SEED + 1))
             return Row(prompt=req.prompts[index // req.n], max_new_tokens=req.max_tokens, sampling=req.sampling,
                        generator=generator, top_logprobs=req.logprobs or 0,
                        text=ChoiceText(self.tokenizer, req.stop, self._token_name), deliver=deliver,

@@ -59,9 +59,10 @@ class BatchWorker:
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int | None, max_batch_size: int, batch_wait_ms: float,
-                 max_pending: int) -> None:
+                 max_pending: int, vocab_limit: int | None = None) -> None:
         self.model = model
         self.eos_token_id = eos_token_id
+        self.vocab_limit = vocab_limit  # ids the tokenizer can decode (a padded model's others are never chosen)
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000
         self.max_pending = max_pending
@@ -180,7 +181,7 @@ class BatchWorker:
                                  [r.max_new_tokens - len(r.tokens) for r in rows], [r.sampling for r in rows],
                                  eos_token_id=self.eos_token_id, generators=[r.generator for r in rows],
                                  top_logprobs=max(r.top_logprobs for r in rows), should_stop=lambda i: rows[i].done,
-                                 logprobs=any(r.logprobs for r in rows))
+                                 logprobs=any(r.logprobs for r in rows), vocab_limit=self.vocab_limit)
             for events in steps:
                 for row, event in zip(rows, events):
                     if event is not None and not row.done:

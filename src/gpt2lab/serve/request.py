@@ -248,7 +248,7 @@ def parse_completion_request(body: Any, tokenizer: Any, n_ctx: int, config: Serv
         raise _invalid("n", f"{len(prompts)} prompt(s) × n={n} asks for {len(prompts) * n} completions; "
                             f"this server allows at most {config.max_choices} per request")
     logprobs = _get_int(body, "logprobs", None, 0, config.max_logprobs)
-    seed = _get_int(body, "seed", None, -(2**63), 2**63 - 1)
+    seed = _get_int(body, "seed", None, 0, checks.MAX_SEED)
     stream, echo = _get_bool(body, "stream"), _get_bool(body, "echo")
     include_usage = _get_stream_options(body, stream)
     stop = _get_stop(body, config.max_stop, config.max_stop_length, tokenizer)
