@@ -180,3 +180,18 @@ def test_export_refuses_a_model_converted_for_inference(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="cannot export"):
         converted.save_pretrained(tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_config_json_names_the_tokenizers_end_of_text_as_bos_and_eos(tmp_path):
+    from gpt2lab.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("to be or not")
+    small = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=8, n_layer=1, n_head=1, n_embd=8))
+    small.save_pretrained(tmp_path / "char", tokenizer=tok)
+    data = json.loads((tmp_path / "char" / CONFIG_FILE).read_text())
+    assert data["bos_token_id"] == data["eos_token_id"] == tok.eot_token  # not GPT-2's 50256, past this vocabulary
+    small.save_pretrained(tmp_path / "bare")  # no tokenizer, and 50256 is past the vocabulary: none
+    assert json.loads((tmp_path / "bare" / CONFIG_FILE).read_text())["eos_token_id"] is None
+    assert config_to_hf(GPTConfig(vocab_size=50257, n_layer=1, n_head=1, n_embd=8))["eos_token_id"] == 50256
+    transformers = pytest.importorskip("transformers")
+    assert transformers.GPT2Config.from_pretrained(tmp_path / "char").eos_token_id == tok.eot_token

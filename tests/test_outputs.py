@@ -151,10 +151,16 @@ def test_tokenizer_files_are_replaced_only_with_overwrite_and_only_gpt2labs(tmp_
     assert "already holds vocab.json, merges.txt, tokenizer_config.json; pass --overwrite" in capsys.readouterr().err
     assert cli_main(args + ["--vocab-size", "261", "--overwrite"]) == 0  # gpt2lab's own files: replaced
     assert (tmp_path / "vocab.json").read_text() != ours and (tmp_path / "corpus.txt").read_text() == TEXT
-    CharTokenizer.from_text("ab").save_pretrained(tmp_path)  # beside a BPE tokenizer: a new file, nothing replaced
+    with pytest.raises(FileExistsError, match="another tokenizer .vocab.json, merges.txt, tokenizer_config.json.; "
+                                              "keep one tokenizer per directory"):
+        CharTokenizer.from_text("ab").save_pretrained(tmp_path)  # beside a BPE tokenizer, it would break loading
+    assert not (tmp_path / "char_tokenizer.json").exists()
+    CharTokenizer.from_text("ab").save_pretrained(tmp_path / "char")
     with pytest.raises(FileExistsError, match="char_tokenizer.json; pass --overwrite"):
-        CharTokenizer.from_text("ab").save_pretrained(tmp_path)
-    CharTokenizer.from_text("abc").save_pretrained(tmp_path, overwrite=True)
+        CharTokenizer.from_text("ab").save_pretrained(tmp_path / "char")
+    CharTokenizer.from_text("abc").save_pretrained(tmp_path / "char", overwrite=True)
+    assert cli_main([*args[:-1], str(tmp_path / "char")]) == 1
+    assert "another tokenizer (char_tokenizer.json)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("foreign", [{"vocab.json": "{}"},  # a lone file of another tokenizer
@@ -277,8 +283,8 @@ from gpt2lab import GPT, GPTConfig
 
 real = C.write_model_files
 
-def write_then_hang(model, directory):
-    real(model, directory)
+def write_then_hang(model, directory, tokenizer=None):
+    real(model, directory, tokenizer)
     if model.wte.weight[0, 0].item() == 2.0:  # the second save: weights written; signal the test, wait for the kill
         open(sys.argv[2], "w").close()
         time.sleep(120)
@@ -336,3 +342,25 @@ def test_cli_attention_replaces_only_its_own_image_and_only_with_overwrite(tmp_p
     assert cli_main(args) == 1
     assert "attn.png already exists; pass --overwrite" in capsys.readouterr().err
     assert cli_main(args + ["--overwrite"]) == 0 and out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_files_named_like_gpt2labs_are_kept_unless_their_content_is(tmp_path):
+    """`prepare --overwrite` drops the old preparation's shards, not a user's file that only shares their name."""
+    (tmp_path / "small.txt").write_text(TEXT)
+    out = tmp_path / "data"
+    prepare(str(tmp_path / "small.txt"), out, tokenizer="char", progress=False)
+    (out / "train_005.bin").write_text("my precious notes")
+    (out / "val_042.bin").write_text("more")
+    prepare(str(tmp_path / "small.txt"), out, tokenizer="char", progress=False, overwrite=True)
+    assert (out / "train_005.bin").read_text() == "my precious notes" and (out / "val_042.bin").read_text() == "more"
+
+
+@pytest.mark.parametrize("name, content", [("log.jsonl", '{"my": "precious experiment record"}\n'),
+                                           ("loss.png", "my own picture")])
+def test_a_run_never_takes_a_users_log_or_plot_for_its_own(tmp_path, name, content):
+    out_dir = tmp_path / "myexp"
+    out_dir.mkdir()
+    (out_dir / name).write_text(content)
+    with pytest.raises(FileExistsError, match="not empty"):
+        T.train(run_config(tmp_path, out_dir), progress=False)
+    assert (out_dir / name).read_text() == content

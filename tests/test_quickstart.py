@@ -48,6 +48,15 @@ def test_quickstart_end_to_end(shakespeare_cache, tmp_path, monkeypatch, capsys)
     idx = torch.tensor([tok.encode("ROMEO:\nWhat light")])
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
+    again = ["quickstart", "--minutes", "0.02", "--out", str(out), "--data-dir", str(data_dir), "--samples", "0",
+             "--no-progress"]
+    before = (out / "last" / "model.safetensors").read_bytes()
+    assert cli_main(again) == 1  # an earlier run is not replaced silently
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "pass --overwrite" in err
+    assert (out / "last" / "model.safetensors").read_bytes() == before
+    assert cli_main([*again, "--overwrite"]) == 0
+    assert load_train_config(out / "config.toml").max_minutes == 0.02
 
 
 def test_ensure_prepared_redoes_a_damaged_preparation_of_its_own_and_refuses_another(tmp_path):

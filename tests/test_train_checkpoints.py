@@ -73,9 +73,9 @@ from gpt2lab.config import load_train_config
 calls = []
 real = checkpoints.write_model_files
 
-def write_then_hang(model, directory):
+def write_then_hang(model, directory, tokenizer=None):
     calls.append(directory)
-    real(model, directory)
+    real(model, directory, tokenizer)
     if len(calls) == 2:  # the second checkpoint: weights written, state not yet; signal the test and wait for the kill
         open(sys.argv[2], "w").close()
         time.sleep(120)

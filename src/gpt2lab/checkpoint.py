@@ -35,6 +35,7 @@ from gpt2lab.model_files import (LOADABLE_DTYPES, MAX_CONFIG_BYTES, PICKLE_WEIGH
                                  WEIGHTS_INDEX_FILE, TensorSpec, check_hf_fields, layout_of, model_subdirectories,
                                  read_json_file, read_layout, read_tensors, weight_files)
 from gpt2lab.tokenizer import TOKENIZER_FILES
+from gpt2lab.tokenizer.formats import own_tokenizer_file
 
 CONFIG_FILE = "config.json"
 
@@ -63,8 +64,13 @@ LAYER_NAME = re.compile(r"transformer\.h\.(\d+)\.")
 
 
 # --------------------------------------------------------------------------------------------------------- config
-def config_to_hf(config: GPTConfig) -> dict[str, Any]:
-    """GPTConfig -> a `config.json` dict that `transformers.GPT2Config` reads."""
+GPT2_EOT = 50256  # GPT-2's <|endoftext|>, its bos and eos
+
+
+def config_to_hf(config: GPTConfig, eot: int | None = GPT2_EOT) -> dict[str, Any]:
+    """GPTConfig -> a `config.json` dict that `transformers.GPT2Config` reads. `eot`: the tokenizer's end-of-text id,
+    written as bos and eos (transformers' generate stops there); None, or an id past the vocabulary, writes null."""
+    eot = eot if eot is not None and 0 <= eot < config.vocab_size else None
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -85,8 +91,8 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "torch_dtype": "float32",
         "gpt2lab": {"pos_encoding": config.pos_encoding, "bias": config.bias, "activation": config.activation},
     }
@@ -423,7 +429,8 @@ def _is_model_directory(directory: Path) -> bool:
 
 
 MODEL_DIRECTORY = OutputKind("gpt2lab model directory", _is_model_directory,
-                             (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES))
+                             (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES),
+                             lambda p: p.name not in TOKENIZER_FILES or own_tokenizer_file(p))
 
 
 def atomic_directory(destination: str | os.PathLike[str], kind: OutputKind = MODEL_DIRECTORY,
@@ -433,11 +440,12 @@ def atomic_directory(destination: str | os.PathLike[str], kind: OutputKind = MOD
     return files.atomic_directory(destination, kind, overwrite)
 
 
-def write_model_files(model: GPT, directory: str | os.PathLike[str]) -> None:
+def write_model_files(model: GPT, directory: str | os.PathLike[str], tokenizer: Any = None) -> None:
     """Write config.json and model.safetensors into an existing directory (non-atomic; use inside
-    `atomic_directory`)."""
+    `atomic_directory`). The config's bos/eos are the tokenizer's end-of-text id (without a tokenizer, GPT-2's)."""
     d = Path(directory)
-    (d / CONFIG_FILE).write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n", encoding="utf-8")
+    eot = getattr(tokenizer, "eot_token", None) if tokenizer is not None else GPT2_EOT
+    (d / CONFIG_FILE).write_text(json.dumps(config_to_hf(model.config, eot), indent=2) + "\n", encoding="utf-8")
     save_file(export_state_dict(model), str(d / WEIGHTS_FILE), metadata={"format": "pt", "producer": "gpt2lab"})
 
 
@@ -448,7 +456,7 @@ def save_model(model: GPT, directory: str | os.PathLike[str], tokenizer: Any = N
     gpt2lab does not write are kept.
     """
     with atomic_directory(directory, MODEL_DIRECTORY, overwrite) as tmp:
-        write_model_files(model, tmp)
+        write_model_files(model, tmp, tokenizer)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(directory)

@@ -33,6 +33,7 @@ import torch
 
 from gpt2lab import checks, download, files
 from gpt2lab.tokenizer import TOKENIZER_FILES, CharTokenizer, load_tokenizer, split_text, tokenizer_pool
+from gpt2lab.tokenizer.formats import own_tokenizer_file
 
 FORMAT = "gpt2lab-tokens"
 FORMAT_VERSION = 1
@@ -356,8 +357,23 @@ def _is_prepared_data(directory: Path) -> bool:
     return files.read_json_field(directory / META_FILE, "format") == FORMAT
 
 
+def _is_own_data_file(path: Path) -> bool:
+    """A file of a prepared data directory that `prepare` wrote: a shard starts with MAGIC, meta.json carries the
+    format tag, tokenizer files their mark."""
+    if path.name == META_FILE:
+        return _is_prepared_data(path.parent)
+    if path.name in TOKENIZER_FILES:
+        return own_tokenizer_file(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 PREPARED_DATA = files.OutputKind("prepared data directory", _is_prepared_data,
-                                 (META_FILE, "train_[0-9][0-9][0-9]*.bin", "val_[0-9][0-9][0-9]*.bin", *TOKENIZER_FILES))
+                                 (META_FILE, "train_[0-9][0-9][0-9]*.bin", "val_[0-9][0-9][0-9]*.bin", *TOKENIZER_FILES),
+                                 _is_own_data_file)
 
 
 def prepare(source: str, out_dir: str | os.PathLike[str], tokenizer: str = "gpt2", val_fraction: float = 0.1,

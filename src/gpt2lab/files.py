@@ -103,15 +103,20 @@ def read_versioned_json(path: str | os.PathLike, fmt: str, version: int) -> dict
 # ------------------------------------------------------------------------------------------- the rule for outputs
 @dataclass(frozen=True)
 class OutputKind:
-    """A kind of directory gpt2lab writes: a name for messages, the test that proves a directory is one, and the
-    glob patterns of the files gpt2lab puts there (an old one is dropped when the directory is replaced)."""
+    """A kind of directory gpt2lab writes: a name for messages, the test that proves a directory is one, the glob
+    patterns of the files gpt2lab puts there (an old one is dropped when the directory is replaced), and
+    `own_file(path)`, which must also say yes of such a file before it is dropped: a name alone proves nothing
+    (a user's `train_005.bin` beside prepared data is kept)."""
 
     description: str
     is_own: Callable[[Path], bool]
     own_files: tuple[str, ...] = ()
+    own_file: Callable[[Path], bool] | None = None
 
-    def owns(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.own_files)
+    def owns(self, path: Path) -> bool:
+        """Whether the file `path` is one this kind writes: its name matches, and `own_file` (if any) agrees."""
+        named = any(fnmatch.fnmatchcase(path.name, pattern) for pattern in self.own_files)
+        return named and (self.own_file is None or self.own_file(path))
 
 
 # ------------------------------------------------------------------------------------------------------- the rule
@@ -269,7 +274,7 @@ def _merge_back(aside: Path, dest: Path, kind: OutputKind) -> None:
     for entry in sorted(aside.iterdir()):
         target = dest / entry.name
         with contextlib.suppress(FileNotFoundError):
-            if target.exists() or target.is_symlink() or kind.owns(entry.name):
+            if target.exists() or target.is_symlink() or kind.owns(entry):
                 if entry.is_file() or entry.is_symlink():
                     entry.unlink()
             else:

@@ -82,15 +82,20 @@ def sample_texts(model: GPT, tokenizer: Any, prompts: list[str], max_new_tokens:
 
 def quickstart(minutes: float = QUICKSTART.max_minutes, out_dir: str = QUICKSTART.out_dir,
                data_dir: str = QUICKSTART.data_dir, samples: int = 3, progress: bool = True,
-               echo: Any = print) -> tuple[RunResult, list[str]]:
+               echo: Any = print, overwrite: bool = False) -> tuple[RunResult, list[str]]:
     """Prepare the complete works of Shakespeare (char-level), train the quickstart model for `minutes`, and
-    return the run and a few samples from the best checkpoint (also echoed)."""
+    return the run and a few samples from the best checkpoint (also echoed). An earlier run in `out_dir` is
+    replaced only with `overwrite` (checked before any work)."""
+    earlier = find_checkpoint(Path(out_dir)) if Path(out_dir).is_dir() else None
+    if earlier is not None and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a run (checkpoint {earlier}); pass --overwrite "
+                              "(overwrite=True) to train the quickstart there again, or choose another --out")
     echo(f"[1/3] preparing {QUICKSTART_SOURCE!r} ({QUICKSTART_TOKENIZER} tokens) in {data_dir}")
     ensure_prepared(QUICKSTART_SOURCE, QUICKSTART_TOKENIZER, data_dir, progress=progress)
     config = dataclasses.replace(QUICKSTART, out_dir=str(out_dir), data_dir=str(data_dir), max_minutes=float(minutes))
     echo(f"[2/3] training a {config.model.n_layer}-layer, {config.model.n_embd}-wide model for {minutes:g} min "
          f"into {out_dir}")
-    result = train(config, overwrite=True, progress=progress)
+    result = train(config, overwrite=overwrite, progress=progress)
     s = result.state
     echo(f"      {s.step} steps, {s.tokens:,} tokens in {s.elapsed_s:.0f} s; val loss {s.last_val_loss:.4f} "
          f"({s.last_val_bpb:.3f} bits/byte), train loss {s.last_train_loss:.4f}")

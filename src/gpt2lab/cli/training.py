@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from gpt2lab.cli.args import MAX_THREADS, POSITIVE, TEXT_FIELD_HELP, integer, nonempty, number
 
@@ -28,10 +29,11 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
 def _run_train_tokenizer(args: argparse.Namespace) -> None:
     from gpt2lab.files import claim_files
     from gpt2lab.tokenizer import BPE_FILES, train_bpe
-    from gpt2lab.tokenizer.formats import own_bpe_files
+    from gpt2lab.tokenizer.formats import own_bpe_files, refuse_another_tokenizer
 
     # before the training, which can take minutes
     claim_files(args.out, BPE_FILES, args.overwrite, is_own=own_bpe_files, description="a tokenizer")
+    refuse_another_tokenizer(Path(args.out), "bpe")
     tok = train_bpe(files=args.input, vocab_size=args.vocab_size, special_tokens=args.special, progress=True)
     out = tok.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"saved {tok.vocab_size} ids ({len(tok.merges)} merges, specials {tok.special_tokens}) to {out}")
@@ -132,6 +134,7 @@ def add_quickstart(sub: argparse._SubParsersAction) -> None:
                    help="prepared data directory (default: data/shakespeare-char)")
     p.add_argument("--samples", type=integer(0), default=3, help="samples to print at the end, >= 0 (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.set_defaults(run=_run_quickstart)
 
 
@@ -142,6 +145,7 @@ def _run_quickstart(args: argparse.Namespace) -> None:
     minutes = QUICKSTART.max_minutes if args.minutes is None else args.minutes
     try:
         quickstart(minutes=minutes, out_dir=args.out or QUICKSTART.out_dir,
-                   data_dir=args.data_dir or QUICKSTART.data_dir, samples=args.samples, progress=not args.no_progress)
+                   data_dir=args.data_dir or QUICKSTART.data_dir, samples=args.samples, progress=not args.no_progress,
+                   overwrite=args.overwrite)
     except TrainingInterrupted as e:
         raise _interrupted_exit(e) from None

@@ -10,7 +10,8 @@ from pathlib import Path
 from gpt2lab.download import read_versioned_json, write_file_atomic
 from gpt2lab.files import claim_files
 from gpt2lab.tokenizer.base import _TokenizerBase
-from gpt2lab.tokenizer.formats import CHAR_FILE, CHAR_FORMAT, CHAR_FORMAT_VERSION, own_char_file
+from gpt2lab.tokenizer.formats import (CHAR_FILE, CHAR_FORMAT, CHAR_FORMAT_VERSION, own_char_file,
+                                       refuse_another_tokenizer)
 from gpt2lab.tokenizer.pretokenize import EOT, _check_specials, _check_text
 
 
@@ -77,6 +78,7 @@ class CharTokenizer(_TokenizerBase):
         """Write `char_tokenizer.json` to `directory` atomically, keeping the directory's other files; an existing
         one is replaced only with `overwrite`."""
         d = claim_files(directory, (CHAR_FILE,), overwrite, is_own=own_char_file, description="a char tokenizer")
+        refuse_another_tokenizer(d, "char")
         d.mkdir(parents=True, exist_ok=True)
         data = {"format": CHAR_FORMAT, "version": CHAR_FORMAT_VERSION, "chars": self.chars,
                 "special_tokens": self.special_tokens}  # fmt: skip

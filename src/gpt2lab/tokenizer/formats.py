@@ -60,6 +60,24 @@ def own_char_file(directory: Path) -> bool:
     return read_json_field(directory / CHAR_FILE, "format") == CHAR_FORMAT
 
 
+def refuse_another_tokenizer(directory: Path, writing: str) -> None:
+    """Refuse to write a tokenizer ("bpe" or "char") into `directory` beside one of the other kind, or beside a
+    `tokenizer.json` that would go stale: a directory holds one tokenizer, as load_tokenizer requires."""
+    others = [CHAR_FILE] if writing == "bpe" else [*BPE_FILES]
+    others.append("tokenizer.json")
+    present = [n for n in others if (directory / n).exists() or (directory / n).is_symlink()]
+    if present:
+        raise FileExistsError(f"{directory} already holds another tokenizer ({', '.join(present)}); keep one "
+                              "tokenizer per directory: choose another directory")
+
+
+def own_tokenizer_file(path: Path) -> bool:
+    """Whether `path`, one of TOKENIZER_FILES, is gpt2lab's (as own_bpe_files or own_char_file say of its set)."""
+    if path.name == CHAR_FILE:
+        return own_char_file(path.parent)
+    return path.name in BPE_FILES and own_bpe_files(path.parent)
+
+
 class TokenizerFiles(NamedTuple):
     """A BPE tokenizer as read from files; `where(k)` names the line or entry of merge k, for error messages."""
 
@@ -273,6 +291,7 @@ def write_hf_files(
     replaced only with `overwrite`.
     """
     d = claim_files(directory, BPE_FILES, overwrite, is_own=own_bpe_files, description="a tokenizer")
+    refuse_another_tokenizer(d, "bpe")
     visible = {_to_visible(token): i for i, token in sorted(vocab.items())}
     for special, i in special_tokens.items():
         if visible.get(special, i) != i:

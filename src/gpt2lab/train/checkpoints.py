@@ -97,7 +97,7 @@ def save_checkpoint(directory: Path, model: GPT, tokenizer: Any, config: TrainCo
     """
     try:
         with atomic_directory(directory) as tmp:
-            write_model_files(model, tmp)
+            write_model_files(model, tmp, tokenizer)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if optimizer_state is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from gpt2lab.config import TrainConfig, apply_overrides, load_train_config
 from gpt2lab.files import OutputKind, claim_directory, remove_abandoned
 from gpt2lab.train.checkpoints import BEST, LAST, STATE_FILE, find_checkpoint, read_state_file
-from gpt2lab.train.run_log import LOG_FILE, PLOT_FILE
+from gpt2lab.train.run_log import LOG_FILE, PLOT_FILE, is_own_log, is_own_plot
 
 CONFIG_FILE = "config.toml"
 
@@ -23,10 +23,15 @@ RUN_FILES = (CONFIG_FILE, LOG_FILE, PLOT_FILE, LAST, BEST, f".{PLOT_FILE}.tmp", 
 
 
 def _holds_only_run_files(out_dir: Path) -> bool:
-    """True when `out_dir` holds nothing but what a run writes before its first checkpoint. A config.toml counts
-    as the run's only beside its log.jsonl (a run writes the log first): a user may keep their own run file there."""
+    """True when `out_dir` holds nothing but what a run writes before its first checkpoint, proven by content, not
+    name: a log.jsonl of step records, a loss.png with the run's mark. A config.toml counts as the run's only beside
+    its log.jsonl (a run writes the log first): a user may keep their own run file there."""
     entries = [p.name for p in out_dir.iterdir()]
     known = all(any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES) for name in entries)
+    if LOG_FILE in entries and not is_own_log(out_dir / LOG_FILE):
+        return False
+    if PLOT_FILE in entries and not is_own_plot(out_dir / PLOT_FILE):
+        return False
     return known and (CONFIG_FILE not in entries or LOG_FILE in entries)
 
 

@@ -15,6 +15,36 @@ LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
 
 
+PLOT_MARK = "gpt2lab run loss plot"  # in loss.png's metadata: the plot is the run's (is_own_plot)
+
+
+def is_own_plot(path: Path) -> bool:
+    """Whether `path` is a loss plot a run drew (its PNG metadata names PLOT_MARK)."""
+    try:
+        return path.stat().st_size < (16 << 20) and PLOT_MARK.encode() in path.read_bytes()
+    except OSError:
+        return False
+
+
+def is_own_log(path: Path) -> bool:
+    """Whether `path` is a run's log.jsonl: every line a JSON object with an integer "step" (the last may be cut
+    off by a kill)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                continue
+            return False
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            return False
+    return True
+
+
 def json_line(record: dict[str, Any]) -> str:
     """One line of strict JSON: non-finite numbers become null, since `NaN` and `Infinity` are not JSON and would
     break every reader of the log but Python's.
@@ -71,7 +101,7 @@ class RunLog:
         ax.legend()
         fig.tight_layout()
         tmp = self.plot_path.with_name(f".{self.plot_path.name}.tmp")
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={"Software": PLOT_MARK})
         plt.close(fig)
         os.replace(tmp, self.plot_path)
 
