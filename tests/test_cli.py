@@ -96,6 +96,9 @@ def usage_error(argv: list[str], capsys) -> str:
     (["eval", "--data", "x.txt", "--threads", "0"], "--threads", "1..1024"),
     (["serve", "--threads", "0"], "--threads", "1..1024"),
     (["serve", "--model", ""], "--model", "must not be empty"),
+    (["serve", "--dtype", "fp16"], "--dtype", "'fp32', 'bf16', 'int8', 'int4'"),
+    (["generate", "--dtype", "fp16"], "--dtype", "'fp32', 'bf16', 'int8', 'int4'"),
+    (["eval", "--data", "x.txt", "--dtype", "int3"], "--dtype", "'fp32', 'bf16', 'int8', 'int4'"),
     (["serve", "--tokenizer", ""], "--tokenizer", "must not be empty"),
     (["attention", "--prompt", "a", "--out", "a.png", "--threads", "0"], "--threads", "1..1024"),
     (["attention", "--prompt", "a", "--out", "a.jpg"], "--out", ".png, .svg, .pdf"),
@@ -215,3 +218,10 @@ def test_near_zero_temperature_and_top_p_are_accepted():
     args = build_parser().parse_args(["generate", "--temperature", "1e-300", "--top-p", "5e-324",
                                       "--repetition-penalty", "0.01"])
     assert (args.temperature, args.top_p, args.repetition_penalty) == (1e-300, 5e-324, 0.01)
+
+
+def test_the_command_line_offers_the_inference_dtypes_there_are():
+    from gpt2lab.cli.args import INFERENCE_DTYPES
+    from gpt2lab.inference import INFERENCE_DTYPES as LOADED
+
+    assert INFERENCE_DTYPES == LOADED

@@ -677,3 +677,14 @@ def test_generate_skips_the_log_softmax_that_decode_steps_reports(monkeypatch):
     assert torch.equal(generate(model, prompt, 4, temperature=0), expected)
     quiet = [e[0] for e in decode_steps(model, [[1, 2, 3]], 4, SamplingParams(temperature=0), logprobs=False)]
     assert [e.token for e in quiet] == [e.token for e in events] and all(e.logprob != e.logprob for e in quiet)  # NaN
+
+
+def test_generate_refuses_float_ids_and_right_padding():
+    model = make_model(CONFIGS["tiny"], seed=1)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(TypeError, match="integer token ids"):
+        generate(model, ids.float() + 0.7, 2)  # would have run as ids 1, 2, 3
+    for mask in ([[1, 1, 0]], [[0, 0, 0]]):  # right-padded, or no token at all
+        with pytest.raises(ValueError, match="pad prompts on the left"):
+            generate(model, ids, 2, attention_mask=torch.tensor(mask))
+    assert generate(model, ids, 2, temperature=0, attention_mask=torch.tensor([[0, 1, 1]])).shape == (1, 5)

@@ -457,8 +457,13 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     _check_make_step(make_step)
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must be a (B, T) tensor of token ids with T >= 1, got {getattr(idx, 'shape', idx)!r}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")  # a float would be truncated
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(idx.shape):
         raise ValueError(f"attention_mask must have the shape of idx {tuple(idx.shape)}, got {tuple(attention_mask.shape)}")
+    if attention_mask is not None and not bool((attention_mask[:, -1] != 0).all()):
+        raise ValueError("attention_mask must end every row with a real token (1): pad prompts on the left, where "
+                         "the next token goes after the last column")
     B, T = idx.shape
     idx = idx.to(device=model.ln_f.weight.device, dtype=torch.long)
     if attention_mask is not None:

@@ -61,6 +61,8 @@ def nonempty(text: str) -> str:
     return text
 
 
+INFERENCE_DTYPES = ("fp32", "bf16", "int8", "int4")  # inference.INFERENCE_DTYPES, without importing torch to parse
+DTYPE_HELP = "inference precision: fp32, bf16, int8 or int4 (default: fp32)"
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")  # visualize.IMAGE_KINDS, without importing torch to parse a command line
 
 

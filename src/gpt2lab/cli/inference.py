@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.cli.args import (MAX_NEW_TOKENS, MAX_SEED, MODEL_HELP, POSITIVE, TEXT_FIELD_HELP, THREADS, THREADS_HELP,
-                              TOKENIZER_HELP, image_file, integer, limit, nonempty, number,
-                              set_threads)
+                              TOKENIZER_HELP, DTYPE_HELP, INFERENCE_DTYPES, image_file, integer, limit,
+                              nonempty, number, set_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -56,7 +56,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples to generate (default: 1)")
     p.add_argument("--stop", action="append", default=[], type=nonempty, metavar="STR",
                    help="end a sample at this text (repeatable; the stop text is not printed)")
-    p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16, int8 or int4 (default: fp32)")
+    p.add_argument("--dtype", default="fp32", choices=INFERENCE_DTYPES, help=DTYPE_HELP)
     p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
     p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
@@ -116,7 +116,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                       f"hellaswag lambada_openai, or ones from --include-path (needs {EVAL_INSTALL})")
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="windows (--data) or sequences (--task) per "
                    f"forward pass; more use more memory (default: {EVAL_BATCH_SIZE}, or the adapter's with --task)")
-    p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16, int8 or int4 (default: fp32)")
+    p.add_argument("--dtype", default="fp32", choices=INFERENCE_DTYPES, help=DTYPE_HELP)
     p.add_argument("--tokenizer", default=None, type=nonempty, help=TOKENIZER_HELP)
     p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2lab.cli.args import THREADS, THREADS_HELP, nonempty, set_threads
+from gpt2lab.cli.args import DTYPE_HELP, INFERENCE_DTYPES, THREADS, THREADS_HELP, nonempty, set_threads
 
 
 # --------------------------------------------------------------------------------------------------------------- serve
@@ -15,7 +15,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    "files) or a hub name such as gpt2 (default: gpt2)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
-    p.add_argument("--dtype", default="fp32", help="inference precision: fp32, bf16, int8 or int4 (default: fp32)")
+    p.add_argument("--dtype", default="fp32", choices=INFERENCE_DTYPES, help=DTYPE_HELP)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: the "
                    "GPT2LAB_API_KEY environment variable, else no key)")
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the directory name, or the "
