@@ -225,3 +225,10 @@ def test_the_command_line_offers_the_inference_dtypes_there_are():
     from gpt2lab.inference import INFERENCE_DTYPES as LOADED
 
     assert INFERENCE_DTYPES == LOADED
+
+
+@pytest.mark.parametrize("extra, named", [(["--overwrite"], "--overwrite"), (["--init-from", "gpt2"], "--init-from")])
+def test_resume_refuses_the_flags_that_start_a_run_again(tmp_path, capsys, extra, named):
+    assert main(["train", "--resume", str(tmp_path), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume continues a run" in err and named in err

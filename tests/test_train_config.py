@@ -40,6 +40,11 @@ def test_config_file_overrides_and_errors(tmp_path):
     path.write_text("lr = = 1")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_train_config(path)
+    path.write_text('model = "tiny"\n')  # a string where the model table goes, then a field of it set
+    with pytest.raises(ValueError, match="--set model.n_layer: 'model' must be a table"):
+        load_train_config(path, ["model.n_layer=1"])
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        load_train_config(tmp_path)
 
 
 def test_shipped_configs_load_and_quickstart_matches_its_file():

@@ -32,3 +32,13 @@ def test_resume_without_config_toml_uses_the_checkpoints_config(char_data, tmp_p
     assert TrainConfig.from_dict(saved) == dataclasses.replace(cfg, max_steps=3)  # the whole run config is kept
     with pytest.raises(FileNotFoundError, match="neither config.toml nor a checkpoint"):
         T.load_run_config(tmp_path / "elsewhere")
+
+
+def test_a_damaged_checkpoint_directory_is_refused_before_any_training(char_data, tmp_path):
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=100, checkpoint_interval=1)
+    T.train(cfg, progress=False)
+    (tmp_path / "run" / "last" / "config.json").write_text("{")  # damaged by hand
+    more = dataclasses.replace(cfg, max_steps=4)
+    with pytest.raises(FileExistsError, match="last is not a gpt2lab model directory"):
+        T.train(more, resume=True, progress=False)
+    assert (tmp_path / "run" / "last" / "config.json").read_text() == "{"

@@ -330,6 +330,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
             out.setdefault("model", {})
             if isinstance(out["model"], GPTConfig):
                 out["model"] = out["model"].to_dict()
+            if not isinstance(out["model"], dict):
+                raise ValueError(f"--set {key}: 'model' must be a table of GPTConfig fields (model.preset = "
+                                 f"\"tiny\" picks a preset), got {out['model']!r}")
             out["model"][key.removeprefix("model.")] = value
         elif "." in key:
             raise ValueError(f"unknown training config key {key!r}; only model.<field> may be dotted")
@@ -343,6 +346,8 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Ite
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise IsADirectoryError(f"training config {str(p)!r} is a directory; give a .toml run file")
         if not p.is_file():
             raise FileNotFoundError(f"training config {str(p)!r} does not exist")
         try:

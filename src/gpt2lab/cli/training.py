@@ -92,6 +92,9 @@ def _run_train(args: argparse.Namespace) -> None:
     from gpt2lab.config import load_train_config
     from gpt2lab.train import TrainingInterrupted, load_run_config, train
 
+    if args.resume is not None and (args.overwrite or args.init_from is not None):
+        other = "--overwrite (start the run again)" if args.overwrite else "--init-from (start from another model)"
+        raise ValueError(f"--resume continues a run from its checkpoint and {other} does not; pass one of them")
     overrides = list(args.overrides)
     run_dir = args.resume if isinstance(args.resume, str) else None  # a bare --resume is True: the config's out_dir
     if run_dir:  # a run directory: its saved config, unless --config is given

@@ -10,6 +10,7 @@ import fnmatch
 import os
 from pathlib import Path
 
+from gpt2lab.checkpoint import MODEL_DIRECTORY
 from gpt2lab.config import TrainConfig, apply_overrides, load_train_config
 from gpt2lab.files import OutputKind, claim_directory, remove_abandoned
 from gpt2lab.train.checkpoints import BEST, LAST, STATE_FILE, find_checkpoint, read_state_file
@@ -54,6 +55,12 @@ def checkpoint_to_resume(config: TrainConfig, resume: bool, overwrite: bool) -> 
                               "--overwrite to start again, or choose another out_dir")
     if ckpt is None:  # what is there holds no checkpoint, so it may go only if a run wrote it
         claim_directory(out_dir, RUN_DIRECTORY, overwrite=True)
+    for name in (LAST, BEST):  # each checkpoint will replace these: find out now, not after the training
+        d = out_dir / name
+        if d.is_dir() and any(d.iterdir()) and not MODEL_DIRECTORY.is_own(d):
+            raise FileExistsError(f"{d} is not a gpt2lab model directory (its config.json or model.safetensors is "
+                                  "missing or not gpt2lab's), so the run could not replace it at its checkpoints; "
+                                  "repair or move it first")
     return ckpt if resume else None
 
 
