@@ -42,3 +42,27 @@ def test_a_damaged_checkpoint_directory_is_refused_before_any_training(char_data
     with pytest.raises(FileExistsError, match="last is not a gpt2lab model directory"):
         T.train(more, resume=True, progress=False)
     assert (tmp_path / "run" / "last" / "config.json").read_text() == "{"
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_while_the_first_runs(char_data, tmp_path):
+    import fcntl
+    import os
+
+    from gpt2lab.train.run_dir import LOCK_FILE, run_lock
+
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=2)
+    with run_lock(tmp_path / "run"):  # as another run holds it (flock locks per open file, so this process counts)
+        with open(tmp_path / "run" / LOCK_FILE, encoding="utf-8") as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert f.read().strip() == str(os.getpid())
+        with pytest.raises(FileExistsError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+            T.train(cfg, progress=False)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]  # nothing else written
+    T.train(cfg, progress=False)  # the lock is gone with its holder
+    T.train(cfg, resume=True, progress=False)
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with run_lock(tmp_path / "theirs"):  # a directory of other files gets no lock file
+        pass
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["notes.txt"]

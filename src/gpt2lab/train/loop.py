@@ -30,7 +30,7 @@ from gpt2lab.train.batches import check_data_fits
 from gpt2lab.train.checkpoints import BEST, LAST, RunState, restore_checkpoint, rng_tensors, save_checkpoint
 from gpt2lab.train.flops import flops_per_token, peak_flops
 from gpt2lab.train.optim import learning_rate, make_optimizer, optimizer_tensors, set_learning_rate
-from gpt2lab.train.run_dir import CONFIG_FILE, checkpoint_to_resume
+from gpt2lab.train.run_dir import CONFIG_FILE, checkpoint_to_resume, run_lock
 from gpt2lab.train.run_log import RunLog
 from gpt2lab.train.runtime import Runtime, backend_settings, runtime_from_env
 from gpt2lab.train.step import TrainingLoss, bits_per_byte, evaluate, optimizer_step
@@ -76,10 +76,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if fresh_optimizer and not resume:
         raise ValueError("fresh_optimizer (--fresh-optimizer) only applies when resuming a run (--resume)")
     runtime = runtime or runtime_from_env(config.device)
-    ckpt = checkpoint_to_resume(config, resume, overwrite)
-    threads = config.threads or max(1, (os.cpu_count() or 1) // runtime.local_world_size)
-    with backend_settings(runtime.device, threads):  # thread count, TF32: restored when the run ends
-        return _run(config, runtime, ckpt, threads, fresh_optimizer, progress)
+    lock = run_lock(Path(config.out_dir)) if runtime.is_main else contextlib.nullcontext()
+    with lock:  # no other process runs in out_dir until this run ends
+        ckpt = checkpoint_to_resume(config, resume, overwrite)
+        threads = config.threads or max(1, (os.cpu_count() or 1) // runtime.local_world_size)
+        with backend_settings(runtime.device, threads):  # thread count, TF32: restored when the run ends
+            return _run(config, runtime, ckpt, threads, fresh_optimizer, progress)
 
 
 def _run(config: TrainConfig, runtime: Runtime, ckpt: Path | None, threads: int, fresh_optimizer: bool,

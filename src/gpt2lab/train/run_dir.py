@@ -6,9 +6,16 @@ other files; a run can always be resumed from its checkpoint alone, since each o
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 from pathlib import Path
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 from gpt2lab.checkpoint import MODEL_DIRECTORY
 from gpt2lab.config import TrainConfig, apply_overrides, load_train_config
@@ -17,10 +24,11 @@ from gpt2lab.train.checkpoints import BEST, LAST, STATE_FILE, find_checkpoint, r
 from gpt2lab.train.run_log import LOG_FILE, PLOT_FILE, is_own_log, is_own_plot
 
 CONFIG_FILE = "config.toml"
+LOCK_FILE = ".gpt2lab-run.lock"  # held (flock) by the process that runs in out_dir; holds its pid
 
 
-RUN_FILES = (CONFIG_FILE, LOG_FILE, PLOT_FILE, LAST, BEST, f".{PLOT_FILE}.tmp", f".{LAST}.*", f".{BEST}.*",
-             f".{LOG_FILE}.*", f".{CONFIG_FILE}.*")  # what a run writes into out_dir, temp files included
+RUN_FILES = (CONFIG_FILE, LOG_FILE, PLOT_FILE, LAST, BEST, LOCK_FILE, f".{PLOT_FILE}.tmp", f".{LAST}.*",
+             f".{BEST}.*", f".{LOG_FILE}.*", f".{CONFIG_FILE}.*")  # what a run writes into out_dir, temp files included
 
 
 def _holds_only_run_files(out_dir: Path) -> bool:
@@ -37,6 +45,52 @@ def _holds_only_run_files(out_dir: Path) -> bool:
 
 
 RUN_DIRECTORY = OutputKind("run directory", _holds_only_run_files, RUN_FILES)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir` while a run uses it: another process that starts a run there is refused (two runs in one
+    directory would truncate each other's log and replace each other's checkpoints). An advisory lock (flock) on
+    out_dir/.gpt2lab-run.lock, which the OS drops when the process ends, however it ends. The lock file is written
+    only into a new or empty directory or a run directory; any other directory is left to `checkpoint_to_resume`'s
+    refusal. Where flock is missing (not POSIX), runs are not locked."""
+    if fcntl is None or (out_dir.exists() and not _may_hold_a_run(out_dir)):
+        yield
+        return
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _held(out_dir / LOCK_FILE):
+            yield
+    finally:  # a run refused before it wrote anything leaves no directory behind
+        if created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                (out_dir / LOCK_FILE).unlink()
+                out_dir.rmdir()
+
+
+@contextlib.contextmanager
+def _held(path: Path) -> Iterator[None]:
+    """flock `path` (created if missing) for as long as the context lasts, writing this process's pid into it."""
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise FileExistsError(f"{path.parent} is in use by another run (pid {pid}); wait for it to end, or "
+                                  "choose another out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def _may_hold_a_run(out_dir: Path) -> bool:
+    """Whether a run may put its lock file into the existing `out_dir`: empty, or a run directory."""
+    return out_dir.is_dir() and (not any(out_dir.iterdir()) or find_checkpoint(out_dir) is not None
+                                 or _holds_only_run_files(out_dir))
 
 
 def checkpoint_to_resume(config: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
