@@ -96,6 +96,8 @@ def usage_error(argv: list[str], capsys) -> str:
     (["eval", "--data", "x.txt", "--threads", "0"], "--threads", "1..1024"),
     (["serve", "--threads", "0"], "--threads", "1..1024"),
     (["serve", "--model", ""], "--model", "must not be empty"),
+    (["prepare", "x.txt", "--val-fraction", "1"], "--val-fraction", "in [0, 1)"),
+    (["train-tokenizer", "--input", "x.txt", "--vocab-size", "10", "--out", "t"], "--vocab-size", ">= 257"),
     (["serve", "--dtype", "fp16"], "--dtype", "'fp32', 'bf16', 'int8', 'int4'"),
     (["generate", "--dtype", "fp16"], "--dtype", "'fp32', 'bf16', 'int8', 'int4'"),
     (["eval", "--data", "x.txt", "--dtype", "int3"], "--dtype", "'fp32', 'bf16', 'int8', 'int4'"),
@@ -107,11 +109,11 @@ def usage_error(argv: list[str], capsys) -> str:
     (["eval", "--data", ""], "--data", "must not be empty"),
     (["eval", "--data", "x.jsonl", "--text-field", ""], "--text-field", "must not be empty"),
     (["tokenize", "hi", "--tokenizer", ""], "--tokenizer", "must not be empty"),
-    (["train-tokenizer", "--input", "a.txt", "--vocab-size", "0", "--out", "t"], "--vocab-size", ">= 1"),
+    (["train-tokenizer", "--input", "a.txt", "--vocab-size", "0", "--out", "t"], "--vocab-size", ">= 257"),
     (["train-tokenizer", "--input", "a.txt", "--vocab-size", "300", "--out", ""], "--out", "must not be empty"),
     (["prepare", "", "--out", "d"], "source", "must not be empty"),
     (["prepare", "a.txt", "--out", ""], "--out", "must not be empty"),
-    (["prepare", "a.txt", "--val-fraction", "nan"], "--val-fraction", "[0, 1]"),
+    (["prepare", "a.txt", "--val-fraction", "nan"], "--val-fraction", "[0, 1)"),
     (["prepare", "a.txt", "--workers", "99999999999999999999"], "--workers", "0..1024"),
     (["attention", "--prompt", "a", "--out", "a.png", "--layer", "-1"], "--layer", ">= 0"),
     (["quickstart", "--minutes", "0"], "--minutes", "a finite number > 0"),
@@ -232,3 +234,19 @@ def test_resume_refuses_the_flags_that_start_a_run_again(tmp_path, capsys, extra
     assert main(["train", "--resume", str(tmp_path), *extra]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--resume continues a run" in err and named in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "--model", "m", "--prompt-file", "{tmp}/missing.txt"], "--prompt-file {tmp}/missing.txt: no such file"),
+    (["generate", "--model", "m", "--prompt-file", "{tmp}"], "--prompt-file {tmp}: a directory"),
+    (["generate", "--model", "m", "--prompt-file", "{tmp}/latin1.txt"], "--prompt-file {tmp}/latin1.txt: not UTF-8"),
+    (["tokenize", "--file", "{tmp}/missing.txt"], "--file {tmp}/missing.txt: no such file"),
+    (["train-tokenizer", "--input", "{tmp}/missing.txt", "--vocab-size", "300", "--out", "{tmp}/t"],
+     "--input {tmp}/missing.txt: no such file"),
+])
+def test_a_text_file_that_cannot_be_read_is_one_line_naming_the_flag(tmp_path, capsys, argv, says):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says.replace("{tmp}", str(tmp_path)) in err and "Errno" not in err
+    assert not (tmp_path / "t").exists()

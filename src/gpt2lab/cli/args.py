@@ -33,11 +33,12 @@ def integer(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def number(low: float, high: float = math.inf, *, zero: bool = False, above: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number in [low, high] ((low, high] when `above` is set), or exactly 0 as well when
-    `zero` is set."""
-    opening = "(" if above else "["
-    bounds = f"{'>' if above else '>='} {low:g}" if high == math.inf else f"in {opening}{low:g}, {high:g}]"
+def number(low: float, high: float = math.inf, *, zero: bool = False, above: bool = False,
+           below: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, ... when `above` is set, ..., high) when `below` is),
+    or exactly 0 as well when `zero` is set."""
+    opening, closing = "(" if above else "[", ")" if below else "]"
+    bounds = f"{'>' if above else '>='} {low:g}" if high == math.inf else f"in {opening}{low:g}, {high:g}{closing}"
     allowed = f"0 or a finite number {bounds}" if zero else f"a finite number {bounds}"
 
     def parse(text: str) -> float:
@@ -45,7 +46,7 @@ def number(low: float, high: float = math.inf, *, zero: bool = False, above: boo
             value = float(text)
         except ValueError:
             value = math.nan
-        inside = (low < value if above else low <= value) and value <= high
+        inside = (low < value if above else low <= value) and (value < high if below else value <= high)
         if not (math.isfinite(value) and (inside or (zero and value == 0))):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
         return value
@@ -72,6 +73,21 @@ def image_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"must end in {', '.join(IMAGE_SUFFIXES)} (the picture's format), got "
                                          f"{text!r}")
     return text
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """The UTF-8 text of the file `path` given with `flag`; a missing, unreadable or non-UTF-8 file is a ValueError
+    naming the flag and the file (one line on stderr), not the OS's errno text."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{flag} {path}: a directory, not a text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
 
 
 def limit(text: str) -> int | float:

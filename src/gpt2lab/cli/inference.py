@@ -11,7 +11,7 @@ from typing import Any
 
 from gpt2lab.cli.args import (MAX_NEW_TOKENS, MAX_SEED, MODEL_HELP, POSITIVE, TEXT_FIELD_HELP, THREADS, THREADS_HELP,
                               TOKENIZER_HELP, DTYPE_HELP, INFERENCE_DTYPES, image_file, integer, limit,
-                              nonempty, number, set_threads)
+                              nonempty, number, read_text_file, set_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -69,8 +69,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file == "-" or (args.prompt_file is None and not sys.stdin.isatty()):
         return sys.stdin.read()
     if args.prompt_file is not None:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
+        return read_text_file(args.prompt_file, "--prompt-file")
     return ""  # unconditional: generation starts from <|endoftext|>
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2lab.cli.args import POSITIVE, THREADS, THREADS_HELP, nonempty
+from gpt2lab.cli.args import POSITIVE, THREADS, THREADS_HELP, nonempty, read_text_file
 
 
 # ----------------------------------------------------------------------------------------------------------------- info
@@ -39,13 +39,11 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tokenize(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from gpt2lab.tokenizer import load_tokenizer
 
     if (args.text is None) == (args.file is None):
         raise ValueError("give the text either as an argument or with --file, not both and not neither")
-    text = args.text if args.file is None else Path(args.file).read_text(encoding="utf-8")
+    text = args.text if args.file is None else read_text_file(args.file, "--file")
     tok = load_tokenizer(args.tokenizer)
     ids = tok.encode(text, allowed_special="all" if args.special else ())
     if not args.show:

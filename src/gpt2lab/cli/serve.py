@@ -11,15 +11,15 @@ from gpt2lab.cli.args import DTYPE_HELP, INFERENCE_DTYPES, THREADS, THREADS_HELP
 # --------------------------------------------------------------------------------------------------------------- serve
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground page at /")
-    p.add_argument("--model", default="gpt2", type=nonempty, help="a model directory (config.json + model.safetensors + tokenizer "
-                   "files) or a hub name such as gpt2 (default: gpt2)")
+    p.add_argument("--model", default="gpt2", type=nonempty, help="a model directory (config.json + "
+                   "model.safetensors + tokenizer files) or a hub name such as gpt2 (default: gpt2)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
     p.add_argument("--dtype", default="fp32", choices=INFERENCE_DTYPES, help=DTYPE_HELP)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: the "
                    "GPT2LAB_API_KEY environment variable, else no key)")
-    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the directory name, or the "
-                   "hub name as given)")
+    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the directory "
+                   "name, or the hub name as given)")
     p.add_argument("--tokenizer", default=None, type=nonempty,
                    help="tokenizer (default: the model directory's, else gpt2)")
     p.add_argument("--max-batch-size", type=int, default=None, help="completions decoded together (default: 8)")

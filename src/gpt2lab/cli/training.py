@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from gpt2lab.cli.args import MAX_THREADS, POSITIVE, TEXT_FIELD_HELP, integer, nonempty, number
+from gpt2lab.cli.args import MAX_THREADS, TEXT_FIELD_HELP, integer, nonempty, number
 
 
 # ----------------------------------------------------------------------------------------------------- train-tokenizer
@@ -16,7 +16,7 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
     p.add_argument("--input", nargs="+", required=True, type=nonempty, metavar="FILE",
                    help="UTF-8 text files to learn from")
-    p.add_argument("--vocab-size", type=POSITIVE, required=True,
+    p.add_argument("--vocab-size", type=integer(257), required=True,
                    help="ids in the result: 256 bytes + merges + specials")
     p.add_argument("--out", required=True, type=nonempty,
                    help="directory for vocab.json, merges.txt, tokenizer_config.json")
@@ -32,6 +32,10 @@ def _run_train_tokenizer(args: argparse.Namespace) -> None:
     from gpt2lab.tokenizer.formats import own_bpe_files, refuse_another_tokenizer
 
     # before the training, which can take minutes
+    for path in args.input:
+        if not Path(path).is_file():
+            why = "a directory, not a text file" if Path(path).is_dir() else "no such file"
+            raise ValueError(f"--input {path}: {why}")
     claim_files(args.out, BPE_FILES, args.overwrite, is_own=own_bpe_files, description="a tokenizer")
     refuse_another_tokenizer(Path(args.out), "bpe")
     tok = train_bpe(files=args.input, vocab_size=args.vocab_size, special_tokens=args.special, progress=True)
@@ -47,7 +51,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default="gpt2", type=nonempty,
                    help="gpt2, char, or a tokenizer directory (default: gpt2)")
     p.add_argument("--out", default=None, type=nonempty, help="output directory (default: data/<source>-<tokenizer>)")
-    p.add_argument("--val-fraction", type=number(0, 1), default=0.1,
+    p.add_argument("--val-fraction", type=number(0, 1, below=True), default=0.1,
                    help="tail of each document kept for validation, in [0, 1) (default: 0.1)")
     p.add_argument("--workers", type=integer(0, MAX_THREADS), default=0,
                    help=f"encoding processes, 0..{MAX_THREADS} (default 0: one per CPU core)")
