@@ -139,8 +139,17 @@ def test_prepare_jsonl_and_errors(tmp_path):
     assert meta["splits"]["train"]["documents"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string field 'text'; found 'body'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string field 'text'; found the "
+                                         r"fields 'body'"):
         prepare(str(bad), tmp_path / "o2", tokenizer="char", progress=False)
+    bad.write_text(json.dumps({"text": 5}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*; found 'text' holds int 5"):
+        prepare(str(bad), tmp_path / "o2", tokenizer="char", progress=False)
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*; found a JSON list"):
+        prepare(str(bad), tmp_path / "o2", tokenizer="char", progress=False)
+    with pytest.raises(ValueError, match=r"unknown tokenizer 'nope'.*prepare also takes 'char'"):
+        prepare(str(src), tmp_path / "o4", tokenizer="nope", progress=False)
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: not valid JSON"):
         prepare(str(bad), tmp_path / "o3", tokenizer="char", progress=False)

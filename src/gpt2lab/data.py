@@ -198,8 +198,13 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{n}: expected an object with a string field {text_field!r}; found {keys}")
+                if isinstance(record, dict) and text_field in record:
+                    found = f"{text_field!r} holds {type(record[text_field]).__name__} {record[text_field]!r:.40}"
+                elif isinstance(record, dict):
+                    found = f"the fields {', '.join(map(repr, record)) or 'none'}"
+                else:
+                    found = f"a JSON {type(record).__name__}"
+                raise ValueError(f"{path}:{n}: expected an object with a string field {text_field!r}; found {found}")
             yield Document(record[text_field], f"{path}:{n}")
 
 
@@ -349,7 +354,12 @@ def make_tokenizer(spec: str, source: str, text_field: str = "text") -> Any:
         for doc in iter_documents(source, text_field):
             chars.update(doc.text)
         return CharTokenizer(sorted(chars))
-    return load_tokenizer(spec)
+    try:
+        return load_tokenizer(spec)
+    except ValueError as e:
+        if str(e).startswith("unknown tokenizer"):  # prepare takes 'char' too, which load_tokenizer does not
+            raise ValueError(f"{e} (prepare also takes 'char')") from None
+        raise
 
 
 def _is_prepared_data(directory: Path) -> bool:
