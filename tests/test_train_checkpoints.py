@@ -144,3 +144,25 @@ def test_resume_without_optimizer_state_needs_fresh_optimizer(char_data, tmp_pat
                      "--no-progress"]) == 0
     state, _, tensors = T.read_training_state(tmp_path / "run" / "last")
     assert state.step == 3 and any(k.startswith("optim.") for k in tensors)
+
+
+@pytest.mark.parametrize("change, message", [({"step": "abc"}, "step must be an integer >= 0, got 'abc'"),
+                                             ({"step": -5}, "step must be an integer >= 0, got -5"),
+                                             ({"micro_batches": None}, "micro_batches must be an integer"),
+                                             ({"elapsed_s": "x"}, "elapsed_s must be a finite number")])
+def test_a_checkpoints_state_file_is_checked_field_by_field(char_data, tmp_path, change, message):
+    import json
+
+    cfg = tiny_run(char_data, tmp_path / "run", max_steps=2, eval_interval=100, checkpoint_interval=1)
+    T.train(cfg, progress=False)
+    path = tmp_path / "run" / "last" / "training_state.json"
+    payload = json.loads(path.read_text())
+    good = dict(payload["state"])
+    payload["state"].update(change)
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=f"training_state.json: {message}"):
+        T.read_training_state(tmp_path / "run" / "last")
+    payload["state"] = {k: v for k, v in good.items() if k != "micro_batches"}
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="has no 'micro_batches', which resuming needs"):
+        T.read_training_state(tmp_path / "run" / "last")

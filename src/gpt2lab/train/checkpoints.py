@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2lab import checks
 from gpt2lab.checkpoint import atomic_directory, import_state_dict, read_weights, write_model_files
 from gpt2lab.config import TrainConfig
 from gpt2lab.download import read_versioned_json
@@ -54,12 +55,22 @@ class RunState:
                 for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunState":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for k, v in data.items():
-            if k in known:
-                values[k] = v if v is not None else (float("inf") if k == "best_val_loss" else float("nan"))
+    def from_dict(cls, data: dict[str, Any], source: str = STATE_FILE) -> "RunState":
+        """The state a training_state.json holds, each field checked: the counts are integers >= 0 (all three must
+        be there: the data position decides which batches come next), the rest numbers or null (no value yet)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: 'state' must be an object, got {type(data).__name__}")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            v = data.get(f.name)
+            if f.type in (int, "int"):
+                if f.name not in data:
+                    raise ValueError(f"{source}: the state has no {f.name!r}, which resuming needs")
+                values[f.name] = checks.integer(f"{source}: {f.name}", v, 0)
+            elif v is None:
+                values[f.name] = float("inf") if f.name == "best_val_loss" else float("nan")
+            else:
+                values[f.name] = checks.number(f"{source}: {f.name}", v, 0.0)
         return cls(**values)
 
 
@@ -145,7 +156,8 @@ def read_training_state(directory: Path) -> tuple[RunState, dict[str, Any], dict
             tensors = load_file(str(directory / OPTIMIZER_FILE))
         except Exception as e:  # safetensors raises its own error type for truncated files
             raise ValueError(f"{directory / OPTIMIZER_FILE}: not a readable safetensors file ({e})") from None
-    return RunState.from_dict(payload.get("state", {})), payload.get("config", {}), tensors
+    state = RunState.from_dict(payload.get("state", {}), str(directory / STATE_FILE))
+    return state, payload.get("config", {}), tensors
 
 
 def restore_checkpoint(ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer, runtime: Runtime,
