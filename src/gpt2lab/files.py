@@ -188,6 +188,15 @@ def read_json_field(path: Path, key: str) -> object:
     return data.get(key) if isinstance(data, dict) else None
 
 
+def holds_mark(path: Path, mark: str, max_bytes: int = 64 << 20) -> bool:
+    """Whether the file `path` contains `mark` (the plain-text metadata gpt2lab writes into its pictures), read only
+    when it is a file of at most `max_bytes`: the `is_own` test of outputs that cannot carry a JSON signature."""
+    try:
+        return path.is_file() and path.stat().st_size <= max_bytes and mark.encode() in path.read_bytes()
+    except OSError:
+        return False
+
+
 def _clip(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 

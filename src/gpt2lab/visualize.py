@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from gpt2lab import checks
-from gpt2lab.files import claim_file
+from gpt2lab.files import claim_file, holds_mark
 from gpt2lab.model import explicit_attention_weights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,7 +60,6 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
 
 IMAGE_KINDS = ("png", "svg", "pdf")  # the formats whose metadata carries IMAGE_MARK as plain text
 IMAGE_MARK = "gpt2lab attention picture"  # in the image's metadata (PNG Software, SVG and PDF Creator)
-MAX_OWN_IMAGE_BYTES = 64 << 20  # a larger file is not one of ours; not read
 
 
 def image_kind(path: str | os.PathLike[str]) -> str:
@@ -75,11 +74,7 @@ def image_kind(path: str | os.PathLike[str]) -> str:
 def own_image(path: Path) -> bool:
     """Whether `path` is an attention picture gpt2lab drew: its metadata, stored as plain text in all three formats,
     names IMAGE_MARK."""
-    try:
-        small = path.is_file() and path.stat().st_size <= MAX_OWN_IMAGE_BYTES
-        return small and IMAGE_MARK.encode() in path.read_bytes()
-    except OSError:
-        return False
+    return holds_mark(path, IMAGE_MARK)
 
 
 def plot_attention(weights: torch.Tensor, labels: Sequence[str], out: str | os.PathLike[str], *, layer: int,

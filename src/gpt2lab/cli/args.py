@@ -11,8 +11,6 @@ import math
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from gpt2lab.checks import MAX_SEED  # noqa: F401  (0..MAX_SEED: the seeds whose streams differ; for --seed)
-
 MAX_THREADS = 1024  # torch stores the thread count in a C int; far more threads than cores only slows it down
 MAX_NEW_TOKENS = 1_000_000  # the decoder holds a token buffer this long
 

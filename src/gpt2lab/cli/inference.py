@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.cli.args import (MAX_NEW_TOKENS, MAX_SEED, MODEL_HELP, POSITIVE, TEXT_FIELD_HELP, THREADS, THREADS_HELP,
+from gpt2lab.checks import MAX_SEED
+from gpt2lab.cli.args import (MAX_NEW_TOKENS, MODEL_HELP, POSITIVE, TEXT_FIELD_HELP, THREADS, THREADS_HELP,
                               TOKENIZER_HELP, DTYPE_HELP, INFERENCE_DTYPES, image_file, integer, limit,
                               nonempty, number, read_text_file, set_threads)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gpt2lab.download import write_file_atomic
+from gpt2lab.files import holds_mark
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
@@ -20,10 +21,7 @@ PLOT_MARK = "gpt2lab run loss plot"  # in loss.png's metadata: the plot is the r
 
 def is_own_plot(path: Path) -> bool:
     """Whether `path` is a loss plot a run drew (its PNG metadata names PLOT_MARK)."""
-    try:
-        return path.stat().st_size < (16 << 20) and PLOT_MARK.encode() in path.read_bytes()
-    except OSError:
-        return False
+    return holds_mark(path, PLOT_MARK)
 
 
 def is_own_log(path: Path) -> bool:
